@@ -1,0 +1,362 @@
+"""The Python API behind the ``dhf`` command line.
+
+>>> from deephash_faiss import api
+>>> model, history = api.train_model("images/", "model.pt", backbone="smallcnn", bits=48, epochs=2)
+>>> api.build_index("images/", "dhf-index", model_path="model.pt")
+>>> s = api.open_index("dhf-index")
+>>> codes, feats, _ = s.encode(["query.jpg"])
+>>> s.search("hds", codes, feats, k=10).results[0].ids
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import ImageList, load_images, probe_load_size, scan_images
+from .errors import DhfError
+from .index import BinaryIndex, IndexSpec
+from .model import BACKBONES, build_model, file_sha256, load_model, resolve_device
+from .search import Searcher
+from .store import (FORMAT, FORMAT_VERSION, MANIFEST, now_iso, read_manifest, read_shard, write_manifest,
+                    write_shard)
+from .train import TrainConfig, fit
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def train_model(
+    data_dir: str,
+    out: str,
+    backbone: str = "efficientnet_lite0",
+    bits: int = 48,
+    weights: str | None = "default",
+    device: str = "auto",
+    input_size: int | None = None,
+    load_size: int | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+    log: Log = _quiet,
+    **train_kwargs: Any,
+):
+    """Fine-tune a hashing model on a folder with one subfolder per class.
+
+    Args:
+        data_dir: labelled image folder.
+        out: checkpoint path (written after every epoch, atomically).
+        backbone, bits, weights, input_size, load_size: see :func:`deephash_faiss.model.build_model`
+            (``load_size`` default: the images' own size, capped at the input size).
+        resume: continue an interrupted run from its checkpoint.
+        train_kwargs: fields of :class:`deephash_faiss.train.TrainConfig`.
+    Returns:
+        (model, history).
+    """
+    images = scan_images(data_dir)
+    if not images.labelled or len(images.classes) < 2:
+        raise DhfError(f"{data_dir} needs one subfolder per class (at least two) to train on")
+    cfg = TrainConfig(**train_kwargs)
+    cfg.check()
+    dev = resolve_device(device)
+    if resume:
+        model = load_model(resume)
+        if model.config.class_names != images.classes:
+            raise DhfError(f"{resume} was trained on other classes than {data_dir}")
+    else:
+        if backbone not in BACKBONES:
+            raise DhfError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+        isize = input_size or BACKBONES[backbone].input_size
+        lsize = load_size or probe_load_size(images.paths, isize)
+        model = build_model(backbone, bits, images.classes, weights, isize, lsize, seed=cfg.seed)
+    log(f"training {model.config.backbone} ({model.config.bits} bits, {len(images.classes)} classes) on "
+        f"{len(images)} images from {data_dir}, decoded at {model.config.load_size}px, input "
+        f"{model.config.input_size}px, device {dev}")
+    arr, pos, bad = load_images(images.paths, model.config.load_size, progress=progress, desc="decode")
+    for i, reason in bad:
+        log(f"skipped {images.paths[i]}: {reason}")
+    history = fit(model, arr, images.labels[pos], cfg, dev, checkpoint_path=out, resume=resume, progress=progress)
+    return model, history
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    count: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    shards_written: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0
+    trained: bool = False
+
+
+def _job_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"{model_sha}\n{shard_size}\n{feature_dtype}\n".encode())
+    for p in paths:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def encode_shards(
+    model,
+    paths: list[str],
+    labels: np.ndarray,
+    part_dir: str,
+    shard_size: int,
+    batch_size: int,
+    device,
+    feature_dtype: str,
+    progress: bool = True,
+    shard_range: range | None = None,
+) -> tuple[int, int]:
+    """Encode ``paths`` into ``part_dir/part-NNNNN.h5`` (+ ``.skip.json``), resumably.
+
+    Shard ``s`` holds the decodable images among positions ``[s * shard_size, (s+1) * shard_size)``;
+    a shard already on disk (complete: files are only ever renamed into place) is reused.
+    Its ``ids`` are positions in ``paths`` until :func:`finalize_build` numbers the rows.
+    Returns (shards written, shards reused).
+    """
+    from tqdm.auto import tqdm
+
+    from .extract import encode_paths
+
+    os.makedirs(part_dir, exist_ok=True)
+    nshards = (len(paths) + shard_size - 1) // shard_size
+    todo = shard_range if shard_range is not None else range(nshards)
+    written = reused = 0
+    with tqdm(total=sum(min(shard_size, len(paths) - s * shard_size) for s in todo), desc="encode", unit="img",
+              disable=not progress) as bar:
+        for s in todo:
+            lo, hi = s * shard_size, min(len(paths), (s + 1) * shard_size)
+            shard_path = os.path.join(part_dir, f"part-{s:05d}.h5")
+            skip_path = os.path.join(part_dir, f"part-{s:05d}.skip.json")
+            if os.path.exists(shard_path) and os.path.exists(skip_path):
+                reused += 1
+                bar.update(hi - lo)
+                continue
+            sub = paths[lo:hi]
+            codes, feats, pos, bad = [], [], [], []
+            for p, c, f, b in encode_paths(model, sub, device, batch_size, feature_dtype):
+                pos.append(p + lo)
+                codes.append(c)
+                feats.append(f)
+                bad.extend((i + lo, r) for i, r in b)
+                bar.update(len(p) + len(b))
+            pos_a = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+            codes_a = np.concatenate(codes) if codes else np.zeros((0, model.config.bits // 8), np.uint8)
+            feats_a = (np.concatenate(feats) if feats
+                       else np.zeros((0, model.config.feature_dim), feature_dtype))
+            from .store import atomic_write_bytes
+
+            atomic_write_bytes(skip_path, json.dumps([[paths[i], r] for i, r in bad]).encode())
+            write_shard(shard_path, codes_a, feats_a, pos_a, [paths[i] for i in pos_a], labels[pos_a])
+            written += 1
+    return written, reused
+
+
+def _unique(dirpath: str, stem: str, ext: str, tag: str) -> str:
+    name = f"{stem}{ext}"
+    if os.path.exists(os.path.join(dirpath, name)):
+        name = f"{stem}-{tag}{ext}"
+    return name
+
+
+def finalize_build(
+    index_dir: str,
+    part_dir: str,
+    nshards: int,
+    model_path: str,
+    model_cfg,
+    spec: IndexSpec,
+    feature_dtype: str,
+    classes: list[str],
+    source: str,
+    scan_skipped: list[tuple[str, str]],
+    tag: str,
+) -> dict[str, Any]:
+    """Number the rows, move shards and model into ``index_dir``, build the code index,
+    and commit by writing the manifest (the one atomic step). Returns the manifest."""
+    import h5py
+
+    shard_dir = os.path.join(index_dir, "shards")
+    os.makedirs(shard_dir, exist_ok=True)
+    old = None
+    if os.path.exists(os.path.join(index_dir, MANIFEST)):
+        try:
+            old = read_manifest(index_dir)
+        except DhfError:
+            old = None
+    shards, codes, skipped = [], [], list(scan_skipped)
+    start = 0
+    for s in range(nshards):
+        src = os.path.join(part_dir, f"part-{s:05d}.h5")
+        with open(os.path.join(part_dir, f"part-{s:05d}.skip.json")) as f:
+            skipped.extend((p, r) for p, r in json.load(f))
+        with h5py.File(src, "r+") as f:
+            rows = len(f["codes"])
+            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
+            codes.append(f["codes"][()])
+        name = _unique(shard_dir, f"part-{s:05d}", ".h5", tag)
+        dst = os.path.join(shard_dir, name)
+        os.replace(src, dst)
+        shards.append({"file": name, "rows": rows, "start": start, "sha256": file_sha256(dst)})
+        start += rows
+    all_codes = np.concatenate(codes) if codes else np.zeros((0, model_cfg.bits // 8), np.uint8)
+    index = BinaryIndex.build(all_codes, spec)
+    index_name = _unique(index_dir, "codes", ".index", tag)
+    tmp_index = os.path.join(index_dir, f".tmp-{index_name}")
+    index.save(tmp_index)
+    os.replace(tmp_index, os.path.join(index_dir, index_name))
+    model_sha = file_sha256(model_path)
+    model_name = "model.pt"
+    mp = os.path.join(index_dir, model_name)
+    if not (os.path.exists(mp) and file_sha256(mp) == model_sha):
+        model_name = _unique(index_dir, "model", ".pt", model_sha[:12])
+        tmp_model = os.path.join(index_dir, f".tmp-{model_name}")
+        shutil.copyfile(model_path, tmp_model)
+        os.replace(tmp_model, os.path.join(index_dir, model_name))
+    skip_name = "skipped.tsv"
+    from .store import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(index_dir, skip_name),
+                       "".join(f"{p}\t{r}\n" for p, r in skipped).encode("utf-8", "surrogateescape"))
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "created": now_iso(),
+        "source": os.path.abspath(source),
+        "model": {"file": model_name, "sha256": model_sha, "backbone": model_cfg.backbone,
+                  "input_size": model_cfg.input_size, "load_size": model_cfg.load_size},
+        "bits": model_cfg.bits,
+        "bit_order": "little (faiss): bit j in byte j//8 at position j%8",
+        "feature_dim": model_cfg.feature_dim,
+        "feature_dtype": feature_dtype,
+        "count": start,
+        "classes": classes,
+        "shards": shards,
+        "index": {**spec.to_dict(model_cfg.bits), "file": index_name},
+        "skipped": len(skipped),
+        "skipped_file": skip_name,
+        "deleted": [],
+    }
+    write_manifest(index_dir, manifest)
+    _collect_garbage(index_dir, manifest, old)
+    return manifest
+
+
+def manifest_files(m: dict[str, Any]) -> set[str]:
+    """Files (relative to the index dir) that a manifest refers to."""
+    files = {m["model"]["file"], m["index"]["file"], m.get("skipped_file", "skipped.tsv")}
+    files |= {os.path.join("shards", s["file"]) for s in m["shards"]}
+    return files
+
+
+def _collect_garbage(index_dir: str, new: dict[str, Any], old: dict[str, Any] | None) -> None:
+    """Remove files of generations before ``old``: readers that opened ``old`` keep working."""
+    keep = manifest_files(new) | (manifest_files(old) if old else set()) | {MANIFEST}
+    for rel in list(os.listdir(index_dir)) + [os.path.join("shards", f) for f in
+                                              os.listdir(os.path.join(index_dir, "shards"))]:
+        p = os.path.join(index_dir, rel)
+        if rel in keep or os.path.isdir(p) or os.path.basename(rel).startswith("."):
+            continue
+        if rel.endswith((".h5", ".index", ".pt")):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def build_index(
+    images_dir: str,
+    index_dir: str = "dhf-index",
+    model_path: str | None = None,
+    spec: IndexSpec | None = None,
+    batch_size: int = 128,
+    shard_size: int = 50_000,
+    feature_dtype: str = "float32",
+    device: str = "auto",
+    progress: bool = True,
+    log: Log = _quiet,
+    train_options: dict[str, Any] | None = None,
+) -> BuildReport:
+    """Encode every image under ``images_dir`` and write an index directory.
+
+    Without ``model_path``, a folder with class subfolders is used to fine-tune a model
+    first (``train_options`` go to :func:`train_model`); the model is saved in the index.
+    An interrupted build is resumed by running the same call again: complete shards are
+    kept in ``index_dir/.partial-<key>/``. An existing index in ``index_dir`` stays
+    intact and searchable until the new manifest replaces it.
+    """
+    t0 = time.perf_counter()
+    spec = spec or IndexSpec()
+    if feature_dtype not in ("float32", "float16"):
+        raise DhfError("--feature-dtype must be float32 or float16")
+    if shard_size < 1 or batch_size < 1:
+        raise DhfError("--shard-size and --batch-size must be at least 1")
+    images = scan_images(images_dir)
+    if len(images) == 0:
+        raise DhfError(f"no images found under {images_dir}")
+    os.makedirs(index_dir, exist_ok=True)
+    trained = False
+    if model_path is None:
+        if not images.labelled or len(images.classes) < 2:
+            raise DhfError(
+                f"no --model given and {images_dir} has no class subfolders to train one on; "
+                f"pass --model MODEL.pt (from `dhf train`) or arrange the images as CLASS/IMAGE"
+            )
+        model_path = os.path.join(index_dir, ".trained-model.pt")
+        opts = dict(train_options or {})
+        log(f"no --model given: fine-tuning a model on the {len(images.classes)} classes of {images_dir} first")
+        train_model(images_dir, model_path, progress=progress, log=log, **opts)
+        trained = True
+    model = load_model(model_path)
+    spec.check(model.config.bits)
+    dev = resolve_device(device)
+    model.to(dev)
+    key = _job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype)
+    part_dir = os.path.join(index_dir, f".partial-{key[:16]}")
+    nshards = (len(images) + shard_size - 1) // shard_size
+    log(f"encoding {len(images)} images in {nshards} shard(s) with {model.config.backbone} "
+        f"({model.config.bits} bits) on {dev}")
+    written, reused = encode_shards(model, images.paths, images.labels, part_dir, shard_size, batch_size, dev,
+                                    feature_dtype, progress)
+    if reused:
+        log(f"resumed: reused {reused} complete shard(s) from an interrupted build")
+    manifest = finalize_build(index_dir, part_dir, nshards, model_path, model.config, spec, feature_dtype,
+                              images.classes, images_dir, images.skipped, key[:8])
+    shutil.rmtree(part_dir, ignore_errors=True)
+    if trained:
+        os.unlink(model_path)
+    skipped = [tuple(line.split("\t", 1)) for line in
+               open(os.path.join(index_dir, manifest["skipped_file"]), encoding="utf-8",
+                    errors="surrogateescape").read().splitlines()]
+    return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained)
+
+
+def open_index(index_dir: str, device: str = "auto", features_in_memory: bool = False) -> Searcher:
+    """Open an index directory for searching (see :class:`deephash_faiss.search.Searcher`)."""
+    return Searcher(index_dir, device=device, features_in_memory=features_in_memory)
+
+
+def index_info(index_dir: str) -> dict[str, Any]:
+    """The manifest plus sizes on disk."""
+    m = read_manifest(index_dir)
+    sizes = {}
+    for rel in sorted(manifest_files(m)):
+        p = os.path.join(index_dir, rel)
+        sizes[rel] = os.path.getsize(p) if os.path.exists(p) else None
+    return {"manifest": m, "sizes": sizes, "total_bytes": sum(v or 0 for v in sizes.values())}
+
+
+def shard_rows(index_dir: str, shard_file: str) -> dict[str, Any]:
+    return read_shard(os.path.join(index_dir, "shards", shard_file))

@@ -1,0 +1,278 @@
+"""Finding and decoding images.
+
+An image collection is a folder. If its top level has subfolders, each subfolder is a
+class (label = index of the sorted subfolder name) and every image below it, at any
+depth, belongs to it; images directly in the root are unlabelled (label -1). Without
+subfolders every image is unlabelled.
+
+Every image is decoded the same way for training, indexing and querying: PIL decode,
+converted to 8-bit RGB, shorter side resized to ``load_size`` and centre-cropped to a
+``load_size`` x ``load_size`` square. The model then resizes that square to its input
+size on the device (:meth:`deephash_faiss.model.HashNet.preprocess`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import DhfError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be used; ``str(err)`` is the one-line reason."""
+
+
+@dataclass
+class ImageList:
+    """Images found under a root folder.
+
+    Attributes:
+        root: the folder that was scanned.
+        paths: image file paths, sorted, length n.
+        labels: int32 [n], class index or -1 when unlabelled.
+        classes: class names; ``labels`` index into it.
+        skipped: ``(path, reason)`` for entries that are not usable files
+            (broken links, unreadable directories).
+    """
+
+    root: str
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes) and bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(top: str, skipped: list[tuple[str, str]]) -> list[str]:
+    found = []
+
+    def onerror(err: OSError) -> None:
+        skipped.append((str(err.filename), f"cannot read directory: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=onerror, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not is_image_name(name):
+                continue
+            path = os.path.join(dirpath, name)
+            if not os.path.exists(path):
+                skipped.append((path, "broken symbolic link"))
+                continue
+            if not os.path.isfile(path):
+                skipped.append((path, "not a regular file"))
+                continue
+            found.append(path)
+    return found
+
+
+def scan_images(root: str | os.PathLike) -> ImageList:
+    """Find images under ``root`` (recursively), labelled by top-level subfolder.
+
+    Raises:
+        DhfError: ``root`` does not exist or is not a directory.
+    """
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise DhfError(f"no such folder: {root}")
+    if not os.path.isdir(root):
+        raise DhfError(f"not a folder: {root}")
+    skipped: list[tuple[str, str]] = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as err:
+        raise DhfError(f"cannot read folder {root}: {err.strerror}") from None
+    paths: list[str] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    for entry in entries:
+        if entry.is_file() and is_image_name(entry.name):
+            paths.append(entry.path)
+            labels.append(-1)
+        elif entry.is_symlink() and not os.path.exists(entry.path) and is_image_name(entry.name):
+            skipped.append((entry.path, "broken symbolic link"))
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            found = _walk_images(entry.path, skipped)
+            if found:
+                label = len(classes)
+                classes.append(entry.name)
+                paths.extend(found)
+                labels.extend([label] * len(found))
+    return ImageList(root, paths, np.asarray(labels, dtype=np.int32), classes, skipped)
+
+
+def scan_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
+    """Expand query arguments (files or folders) into a list of image paths.
+
+    Raises:
+        DhfError: an item does not exist, or a folder holds no images.
+    """
+    out: list[str] = []
+    for item in items:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = scan_images(item).paths
+            if not found:
+                raise DhfError(f"no images found in folder {item}")
+            out.extend(found)
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise DhfError(f"no such file: {item}")
+    return out
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode one image to uint8 [size, size, 3] RGB (shorter side resized, centre crop).
+
+    Raises:
+        ImageDecodeError: the file is missing, empty, truncated, not an image, too large
+            (PIL's decompression-bomb limit) or otherwise unusable.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageDecodeError("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.mode == "RGB" and img.format == "JPEG":
+                    img.draft("RGB", (size, size))
+                img.load()
+                img = _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(f"image too large (decompression bomb limit): {err}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image PIL can read") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageDecodeError(f"cannot decode: {err}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError("image has no pixels")
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.shape != (size, size, 3):
+        raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def _to_rgb(img):
+    """Convert any PIL mode (CMYK, palette, alpha, 16-bit, float) to 8-bit RGB."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def probe_load_size(paths: Sequence[str], max_size: int, sample: int = 16) -> int:
+    """Pick the square size to decode to: the largest shorter side among the first
+    ``sample`` readable images, capped at ``max_size`` (the model's input size)."""
+    from PIL import Image
+
+    best = 0
+    for path in paths[:sample]:
+        try:
+            with Image.open(path) as img:
+                best = max(best, min(img.size))
+        except Exception:  # noqa: BLE001 - unreadable files are dealt with at decode time
+            continue
+    return int(min(max_size, best)) if best else int(max_size)
+
+
+def default_workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 1)))
+
+
+def iter_decoded(
+    paths: Sequence[str], size: int, batch_size: int, workers: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+    """Decode images in batches with a thread pool, in order.
+
+    Yields:
+        (images uint8 [b, size, size, 3], positions int64 [b] into ``paths`` of the
+        images that decoded, bad [(position, reason)] of those that did not).
+    """
+    workers = workers or default_workers()
+
+    def one(i: int):
+        try:
+            return i, decode_image(paths[i], size), None
+        except ImageDecodeError as err:
+            return i, None, str(err)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(paths), batch_size):
+            stop = min(len(paths), start + batch_size)
+            results = list(pool.map(one, range(start, stop)))
+            good = [(i, a) for i, a, _ in results if a is not None]
+            bad = [(i, r) for i, a, r in results if a is None]
+            imgs = (
+                np.stack([a for _, a in good])
+                if good
+                else np.zeros((0, size, size, 3), np.uint8)
+            )
+            yield imgs, np.asarray([i for i, _ in good], dtype=np.int64), bad
+
+
+def load_images(
+    paths: Sequence[str], size: int, workers: int | None = None, progress: bool = False, desc: str = "decode"
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Decode all ``paths`` into memory.
+
+    Returns:
+        (images uint8 [n_ok, size, size, 3], positions int64 [n_ok], bad [(position, reason)]).
+    """
+    from tqdm.auto import tqdm
+
+    chunks, pos, bad = [], [], []
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for imgs, p, b in iter_decoded(paths, size, 512, workers):
+            chunks.append(imgs)
+            pos.append(p)
+            bad.extend(b)
+            bar.update(len(p) + len(b))
+    if not chunks:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), bad
+    return np.concatenate(chunks), np.concatenate(pos), bad

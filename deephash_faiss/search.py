@@ -1,0 +1,288 @@
+"""BCS, HDS and ES over an index directory.
+
+* **BCS** (binary code search): Hamming k-NN over the codes, ties by id.
+* **HDS** (Hamming distance search + rerank, the paper's coarse-to-fine search): the pool
+  is every database code at Hamming distance < ``radius`` from the query, nearest first,
+  capped at ``max_candidates``; if that holds fewer than k images it is topped up with
+  the Hamming k-NN. The pool is ranked by squared L2 on fc7 and the top k returned.
+* **ES** (exhaustive search): exact L2 k-NN over all fc7 features.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DhfError
+from .index import BinaryIndex, IndexSpec
+from .rerank import exhaustive_knn, exhaustive_knn_torch, pick_backend, rank_pool, rank_pools_torch
+from .store import FeatureStore, read_manifest
+
+MODES = ("bcs", "hds", "es")
+DEFAULT_RADIUS = 3
+DEFAULT_MAX_CANDIDATES = 10_000
+
+
+@dataclass
+class QueryResult:
+    """One query's results, best first.
+
+    ids int64 [k'], hamming int32 [k'] (Hamming distance to the query's code), distance
+    float32 [k'] (squared L2 on fc7; NaN in BCS mode), candidates (HDS pool size or the
+    number of rows scanned), truncated (HDS pool hit ``max_candidates``).
+    """
+
+    ids: np.ndarray
+    hamming: np.ndarray
+    distance: np.ndarray
+    candidates: int
+    truncated: bool = False
+
+
+@dataclass
+class SearchBatch:
+    mode: str
+    results: list[QueryResult]
+    timing_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _popcount_rows(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Hamming distances of one query uint8 [B] to codes uint8 [n, B] -> int32 [n]."""
+    x = np.bitwise_xor(codes, q[None])
+    return np.unpackbits(x, axis=1).sum(1, dtype=np.int32) if len(x) else np.zeros(0, np.int32)
+
+
+class Searcher:
+    """Search an index directory.
+
+    Args:
+        index_dir: a directory written by :func:`deephash_faiss.api.build_index`.
+        device: "auto", "cpu" or "cuda": where queries are encoded and L2 is computed.
+        features_in_memory: load all features into RAM (or GPU memory on CUDA) at start;
+            otherwise they are memory-mapped from the shards and gathered per query.
+    """
+
+    def __init__(self, index_dir: str, device: str = "auto", features_in_memory: bool = False):
+        from .model import resolve_device
+
+        self.index_dir = index_dir
+        self.manifest = read_manifest(index_dir)
+        self.bits = int(self.manifest["bits"])
+        self.device = resolve_device(device)
+        self.store = FeatureStore(index_dir, self.manifest)
+        spec = IndexSpec.from_dict(self.manifest["index"])
+        self.index = BinaryIndex.load(os.path.join(index_dir, self.manifest["index"]["file"]), spec)
+        if self.index.ntotal != self.store.count:
+            raise DhfError(
+                f"{index_dir}: code index holds {self.index.ntotal} codes, the manifest {self.store.count}"
+            )
+        if self.index.bits != self.bits:
+            raise DhfError(f"{index_dir}: code index has {self.index.bits} bits, the manifest {self.bits}")
+        deleted = self.manifest.get("deleted")
+        if deleted:
+            mask = np.zeros(self.store.count, bool)
+            mask[np.asarray(deleted, dtype=np.int64)] = True
+            self.index.deleted = mask
+        self._codes: np.ndarray | None = None
+        self._model = None
+        self._gpu_feats = None
+        self.backend = pick_backend(str(self.device))
+        if features_in_memory:
+            self.store.load_features()
+            if self.device.type == "cuda":
+                self._gpu_features()
+
+    # -- metadata -----------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return self.store.count
+
+    def live_count(self) -> int:
+        d = self.index.deleted
+        return self.count - (int(d.sum()) if d is not None else 0)
+
+    def codes(self) -> np.ndarray:
+        if self._codes is None:
+            self._codes = self.store.codes()
+        return self._codes
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .model import load_model
+
+            path = os.path.join(self.index_dir, self.manifest["model"]["file"])
+            model = load_model(path, self.device)
+            if model.config.bits != self.bits:
+                raise DhfError(f"model has {model.config.bits} bits, the index {self.bits}")
+            self._model = model
+        return self._model
+
+    def set_model(self, model) -> None:
+        """Use another model for queries (it must produce the index's bits and feature size)."""
+        if model.config.bits != self.bits:
+            raise DhfError(f"model has {model.config.bits}-bit codes but the index has {self.bits}-bit codes")
+        if model.config.feature_dim != self.store.dim:
+            raise DhfError(f"model has {model.config.feature_dim}-d features but the index {self.store.dim}-d")
+        self._model = model.to(self.device).eval()
+
+    # -- encoding -----------------------------------------------------------------------
+    def encode(self, paths: Sequence[str], batch_size: int = 128):
+        """Encode query images: (codes uint8 [m, B], features float32 [m, D], bad [(pos, reason)])."""
+        from .extract import encode_paths
+
+        codes, feats, pos, bad = [], [], [], []
+        for p, c, f, b in encode_paths(self.model, list(paths), self.device, batch_size):
+            pos.append(p)
+            codes.append(c)
+            feats.append(f)
+            bad.extend(b)
+        if bad:
+            i, reason = bad[0]
+            raise DhfError(f"cannot use query {paths[i]}: {reason}")
+        return np.concatenate(codes), np.concatenate(feats).astype(np.float32), bad
+
+    # -- modes --------------------------------------------------------------------------
+    def _check(self, k: int, radius: int | None = None, max_candidates: int | None = None) -> None:
+        if k < 1:
+            raise DhfError("k must be at least 1")
+        if radius is not None and radius < 0:
+            raise DhfError("radius must be >= 0")
+        if max_candidates is not None and max_candidates < 1:
+            raise DhfError("max-candidates must be at least 1")
+        if self.live_count() == 0:
+            raise DhfError("the index is empty")
+
+    def bcs(self, qcodes: np.ndarray, k: int) -> SearchBatch:
+        """Hamming k-NN. qcodes uint8 [m, B]."""
+        self._check(k)
+        t0 = time.perf_counter()
+        D, I = self.index.search(qcodes, min(k, self.live_count()))
+        ms = (time.perf_counter() - t0) * 1e3
+        res = []
+        for d, i in zip(D, I):
+            ok = i >= 0
+            res.append(QueryResult(i[ok], d[ok], np.full(ok.sum(), np.nan, np.float32), self.live_count()))
+        return SearchBatch("bcs", res, ms)
+
+    def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
+        """HDS candidate pools: list of (ids int64 [p], hamming int32 [p], truncated)."""
+        lims, D, I = self.index.range_search(qcodes, radius, max_candidates)
+        out = []
+        need_topup = [i for i in range(len(qcodes)) if lims[i + 1] - lims[i] < k]
+        top = {}
+        if need_topup:
+            kk = min(k, self.live_count())
+            Dk, Ik = self.index.search(qcodes[need_topup], kk)
+            top = {q: (Dk[j], Ik[j]) for j, q in enumerate(need_topup)}
+        for i in range(len(qcodes)):
+            ids, ham = I[lims[i]:lims[i + 1]], D[lims[i]:lims[i + 1]]
+            truncated = max_candidates is not None and len(ids) >= max_candidates
+            if i in top:
+                d2, i2 = top[i]
+                ok = i2 >= 0
+                extra = ~np.isin(i2[ok], ids)
+                ids = np.concatenate([ids, i2[ok][extra]])
+                ham = np.concatenate([ham, d2[ok][extra]])
+            out.append((ids, ham.astype(np.int32), truncated))
+        return out
+
+    def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = DEFAULT_RADIUS,
+            max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> SearchBatch:
+        """Pool by Hamming radius, rank the pool by L2 on fc7. qfeats float32 [m, D]."""
+        self._check(k, radius, max_candidates)
+        t0 = time.perf_counter()
+        pools = self.pools(qcodes, k, radius, max_candidates)
+        t1 = time.perf_counter()
+        if self.backend == "torch":
+            import torch
+
+            q = torch.as_tensor(np.asarray(qfeats, np.float32), device=self.device)
+            feats = [self._gather_device(ids) for ids, _, _ in pools]
+            ranked = rank_pools_torch(q, feats, k)
+        else:
+            ranked = [rank_pool(qfeats[i], self.store.gather(ids), k) for i, (ids, _, _) in enumerate(pools)]
+        res = []
+        for (ids, ham, trunc), (order, dist) in zip(pools, ranked):
+            res.append(QueryResult(ids[order], ham[order], dist, len(ids), trunc))
+        t2 = time.perf_counter()
+        return SearchBatch("hds", res, (t2 - t0) * 1e3, {"pool_ms": (t1 - t0) * 1e3, "rerank_ms": (t2 - t1) * 1e3})
+
+    def es(self, qfeats: np.ndarray, qcodes: np.ndarray | None, k: int) -> SearchBatch:
+        """Exhaustive L2 k-NN on fc7. qfeats float32 [m, D]."""
+        self._check(k)
+        kk = min(k, self.live_count())
+        n_del = self.count - self.live_count()
+        t0 = time.perf_counter()
+        if self.backend == "torch":
+            import torch
+
+            xb = self._gpu_features()
+            q = torch.as_tensor(np.asarray(qfeats, np.float32), device=self.device)
+            D, I = exhaustive_knn_torch(q, xb, kk + n_del)
+            D, I = D.cpu().numpy(), I.cpu().numpy()
+        else:
+            D, I = exhaustive_knn(qfeats, self.store.iter_feature_shards(), kk + n_del)
+        ms = (time.perf_counter() - t0) * 1e3
+        res = []
+        codes = self.codes()
+        for qi, (d, i) in enumerate(zip(D, I)):
+            ok = i >= 0
+            if self.index.deleted is not None:
+                ok &= ~self.index.deleted[np.maximum(i, 0)]
+            d, i = d[ok][:kk], i[ok][:kk]
+            ham = _popcount_rows(qcodes[qi], codes[i]) if qcodes is not None else np.zeros(len(i), np.int32)
+            res.append(QueryResult(i, ham, d.astype(np.float32), self.live_count()))
+        return SearchBatch("es", res, ms)
+
+    def search(self, mode: str, qcodes: np.ndarray, qfeats: np.ndarray, k: int = 10,
+               radius: int = DEFAULT_RADIUS, max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> SearchBatch:
+        """Dispatch to :meth:`bcs`, :meth:`hds` or :meth:`es`."""
+        if mode == "bcs":
+            return self.bcs(qcodes, k)
+        if mode == "hds":
+            return self.hds(qcodes, qfeats, k, radius, max_candidates)
+        if mode == "es":
+            return self.es(qfeats, qcodes, k)
+        raise DhfError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+    # -- GPU feature cache -------------------------------------------------------------
+    def _gpu_features(self):
+        if self._gpu_feats is None:
+            import torch
+
+            feats = self.store.load_features()
+            self._gpu_feats = torch.as_tensor(feats, device=self.device)
+        return self._gpu_feats
+
+    def _gather_device(self, ids: np.ndarray):
+        import torch
+
+        if self._gpu_feats is not None or self.device.type == "cuda":
+            return self._gpu_features()[torch.as_tensor(ids, device=self.device)]
+        return torch.as_tensor(self.store.gather(ids))
+
+
+def results_to_records(batch: SearchBatch, searcher: Searcher) -> list[list[dict[str, Any]]]:
+    """Per query, a list of {rank, id, path, label, hamming, distance} dicts."""
+    paths, labels, classes = searcher.store.paths(), searcher.store.labels(), searcher.manifest.get("classes", [])
+    out = []
+    for r in batch.results:
+        rows = []
+        for rank, (i, h, d) in enumerate(zip(r.ids, r.hamming, r.distance), 1):
+            lab = int(labels[i])
+            rows.append({
+                "rank": rank,
+                "id": int(i),
+                "path": paths[i],
+                "label": classes[lab] if 0 <= lab < len(classes) else None,
+                "hamming": int(h),
+                "distance": None if np.isnan(d) else float(d),
+            })
+        out.append(rows)
+    return out

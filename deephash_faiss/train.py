@@ -1,0 +1,256 @@
+"""Fine-tuning a :class:`~deephash_faiss.model.HashNet` with softmax loss.
+
+As the paper: SGD with momentum 0.9 and weight decay 5e-4, the new layers (H and the
+classifier) at 10x the base learning rate. Images are held in memory as uint8
+[N, S, S, 3] (decoded once at the model's ``load_size``); augmentation (random crop
+with reflection padding, horizontal flip), resizing and normalisation run on the
+training device, batch by batch. bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DhfError
+from .model import HashNet, read_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. ``lr`` is the backbone's; new layers get ``lr * new_layer_lr_mult``."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    new_layer_lr_mult: float = 10.0
+    optimizer: str = "sgd"  # "sgd" (the paper's) or "adamw"
+    schedule: str = "cosine"  # "cosine", "step" (x0.1 at 50% and 75%), "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    hflip: bool = True
+    crop_pad: float = 0.125  # random-crop padding as a fraction of the image side
+    val_fraction: float = 0.1
+    seed: int = 0
+    amp: bool = True
+    eval_batch_size: int = 512
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise DhfError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise DhfError("--batch-size must be at least 1")
+        if not self.lr > 0:
+            raise DhfError("--lr must be positive")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise DhfError(f"unknown optimizer {self.optimizer!r} (sgd or adamw)")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise DhfError(f"unknown schedule {self.schedule!r} (cosine, step or constant)")
+        if not 0 <= self.val_fraction < 1:
+            raise DhfError("--val-fraction must be in [0, 1)")
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split: (train positions int64, validation positions int64)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+
+
+def augment_batch(x: torch.Tensor, pad_frac: float, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with reflection padding and optional horizontal flip.
+
+    Args:
+        x: uint8 [B, S, S, 3] on the training device.
+    Returns:
+        uint8 [B, S, S, 3].
+    """
+    b, s = x.shape[0], x.shape[1]
+    pad = int(round(s * pad_frac))
+    dev = x.device
+    if pad > 0:
+        xp = F.pad(x.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect")
+        xp = xp.permute(0, 2, 3, 1)  # [B, S+2p, S+2p, 3]
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device="cpu").to(dev)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device="cpu").to(dev)
+        ar = torch.arange(s, device=dev)
+        iy = (oy[:, None] + ar[None]).view(b, s, 1)
+        ix = (ox[:, None] + ar[None]).view(b, 1, s)
+        x = xp[torch.arange(b, device=dev).view(b, 1, 1), iy, ix].to(torch.uint8)
+    if hflip:
+        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(2), x)
+    return x
+
+
+def _lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """Multiplier of the base LR at a fraction ``progress`` in [0, 1] of training."""
+    warm = cfg.warmup_epochs / cfg.epochs if cfg.epochs else 0.0
+    if warm > 0 and progress < warm:
+        return max(progress / warm, 1e-3)
+    if cfg.schedule == "cosine":
+        p = (progress - warm) / max(1e-9, 1 - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    if cfg.schedule == "step":
+        return 0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0
+    return 1.0
+
+
+def make_optimizer(model: HashNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"params": model.backbone_parameters(), "lr": cfg.lr, "base_lr": cfg.lr},
+        {"params": model.new_parameters(), "lr": cfg.lr * cfg.new_layer_lr_mult,
+         "base_lr": cfg.lr * cfg.new_layer_lr_mult},
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def predict_logits(model: HashNet, images, device: torch.device, batch_size: int = 512, amp: bool = True) -> torch.Tensor:
+    """Logits float32 [N, C] for uint8 images [N, S, S, 3] (numpy or tensor)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        xb = torch.as_tensor(images[start:start + batch_size]).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            _, _, logits = model(model.preprocess(xb).contiguous(memory_format=torch.channels_last))
+        out.append(logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.config.num_classes)
+
+
+def fit(
+    model: HashNet,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+    checkpoint_path: str | None = None,
+    resume: str | None = None,
+    val_images: np.ndarray | None = None,
+    val_labels: np.ndarray | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Fine-tune ``model`` in place.
+
+    Args:
+        images: uint8 [N, S, S, 3], S = ``model.config.load_size``.
+        labels: int [N] in [0, num_classes).
+        cfg: the training settings.
+        device: where to train (AMP bf16 on CUDA when ``cfg.amp``).
+        checkpoint_path: saved after every epoch (atomic), with the optimizer state.
+        resume: a checkpoint written by an interrupted ``fit`` to continue from.
+        val_images, val_labels: a validation set; default: ``cfg.val_fraction`` of the
+            training images, held out (stratified).
+    Returns:
+        History: one dict per epoch with loss, train accuracy, validation accuracy, seconds.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(images) != len(labels):
+        raise DhfError("images and labels differ in length")
+    if len(images) == 0:
+        raise DhfError("no training images")
+    if labels.min() < 0 or labels.max() >= model.config.num_classes:
+        raise DhfError("labels out of range of the model's classes")
+    torch.manual_seed(cfg.seed)
+    if val_images is None and cfg.val_fraction > 0:
+        tr, va = split_validation(labels, cfg.val_fraction, cfg.seed)
+        val_images, val_labels = images[va], labels[va]
+        images, labels = images[tr], labels[tr]
+    model.to(device).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    start_epoch, history = 0, []
+    if resume:
+        state = read_checkpoint(resume).get("train_state")
+        if not state:
+            raise DhfError(f"{resume} holds no training state to resume from")
+        obj = read_checkpoint(resume)
+        model.load_state_dict(obj["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
+    # Keep the uint8 images on the GPU when they fit comfortably; else stream from RAM.
+    on_dev = device.type == "cuda" and images.nbytes < 16e9
+    data = torch.from_numpy(np.ascontiguousarray(images))
+    if on_dev:
+        data = data.to(device)
+    ydata = torch.from_numpy(labels).to(data.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(data)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    amp = cfg.amp and device.type == "cuda"
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=gen).to(data.device)
+        t0 = time.perf_counter()
+        tot_loss = torch.zeros((), device=device)
+        tot_correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        for step in bar:
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(idx) < 2 and step > 0:
+                continue  # BatchNorm needs two samples
+            xb = data[idx].to(device, non_blocking=True)
+            yb = ydata[idx].to(device, non_blocking=True)
+            if cfg.augment:
+                xb = augment_batch(xb, cfg.crop_pad, cfg.hflip, gen)
+            factor = _lr_factor(cfg, (epoch * steps_per_epoch + step) / total_steps)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            x = model.preprocess(xb).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                _, _, logits = model(x)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += loss.detach() * len(idx)
+            tot_correct += (logits.argmax(1) == yb).sum()
+            seen += len(idx)
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        rec = {
+            "epoch": epoch + 1,
+            "loss": float(tot_loss.item() / max(1, seen)),
+            "train_acc": float(tot_correct.item() / max(1, seen)),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if val_images is not None and len(val_images):
+            pred = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.amp).argmax(1).numpy()
+            rec["val_acc"] = float((pred == np.asarray(val_labels)).mean())
+        history.append(rec)
+        if progress:
+            msg = f"epoch {rec['epoch']}/{cfg.epochs}: loss {rec['loss']:.4f} train acc {rec['train_acc']:.4f}"
+            if "val_acc" in rec:
+                msg += f" val acc {rec['val_acc']:.4f}"
+            tqdm.write(msg + f" ({rec['seconds']:.1f} s)")
+        if checkpoint_path:
+            save_checkpoint(model, checkpoint_path,
+                            train_state={"epoch": epoch, "optimizer": opt.state_dict(), "history": history,
+                                         "config": asdict(cfg)},
+                            metrics=rec)
+    model.eval()
+    return history

@@ -256,7 +256,9 @@ def finalize_build(
 
 def manifest_files(m: dict[str, Any]) -> set[str]:
     """Files (relative to the index dir) that a manifest refers to."""
-    files = {m["model"]["file"], m["index"]["file"], m.get("skipped_file", "skipped.tsv")}
+    files = {m["index"]["file"], m.get("skipped_file", "skipped.tsv")}
+    if m["model"].get("file"):
+        files.add(m["model"]["file"])
     files |= {os.path.join("shards", s["file"]) for s in m["shards"]}
     return files
 
@@ -341,6 +343,59 @@ def build_index(
                open(os.path.join(index_dir, manifest["skipped_file"]), encoding="utf-8",
                     errors="surrogateescape").read().splitlines()]
     return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained)
+
+
+def index_from_arrays(
+    index_dir: str,
+    codes: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray | None = None,
+    paths: list[str] | None = None,
+    spec: IndexSpec | None = None,
+    shard_size: int = 1_000_000,
+    classes: list[str] | None = None,
+    model_path: str | None = None,
+) -> dict[str, Any]:
+    """Write an index directory straight from arrays (synthetic data, benchmarks, tests).
+
+    Args:
+        codes: uint8 [n, B]; features: float32/float16 [n, D]; labels: int32 [n] (default -1);
+        paths: n strings (default ``"row-<id>"``); model_path: optional model to store
+            (without one, the index can be searched by codes/features but not by images).
+    Returns:
+        The manifest.
+    """
+    from .store import atomic_write_bytes
+
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n = len(codes)
+    labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    paths = [f"row-{i}" for i in range(n)] if paths is None else list(paths)
+    spec = spec or IndexSpec()
+    bits = codes.shape[1] * 8
+    os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
+    shards = []
+    for s, lo in enumerate(range(0, max(n, 1), shard_size)):
+        hi = min(n, lo + shard_size)
+        info = write_shard(os.path.join(index_dir, "shards", f"part-{s:05d}.h5"), codes[lo:hi], features[lo:hi],
+                           np.arange(lo, hi, dtype=np.int64), paths[lo:hi], labels[lo:hi])
+        shards.append({**info, "start": lo})
+    idx = BinaryIndex.build(codes, spec)
+    idx.save(os.path.join(index_dir, "codes.index"))
+    atomic_write_bytes(os.path.join(index_dir, "skipped.tsv"), b"")
+    model = {"file": None, "sha256": None, "backbone": None}
+    if model_path:
+        shutil.copyfile(model_path, os.path.join(index_dir, "model.pt"))
+        model = {"file": "model.pt", "sha256": file_sha256(model_path), "backbone": load_model(model_path).config.backbone}
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "created": now_iso(), "source": "arrays",
+        "model": model, "bits": bits, "bit_order": "little (faiss): bit j in byte j//8 at position j%8",
+        "feature_dim": int(features.shape[1]), "feature_dtype": str(np.dtype(features.dtype)), "count": n,
+        "classes": list(classes or []), "shards": shards, "index": {**spec.to_dict(bits), "file": "codes.index"},
+        "skipped": 0, "skipped_file": "skipped.tsv", "deleted": [],
+    }
+    write_manifest(index_dir, manifest)
+    return manifest
 
 
 def open_index(index_dir: str, device: str = "auto", features_in_memory: bool = False) -> Searcher:

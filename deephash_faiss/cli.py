@@ -273,7 +273,8 @@ def info(index_dir, as_json):
     mb = inf["total_bytes"] / 2**20
     click.echo(f"index      {index_dir}  (format {m['format']} v{m['version']}, created {m['created']})")
     click.echo(f"images     {m['count']} ({len(m.get('deleted', []))} deleted, {m.get('skipped', 0)} skipped at build)")
-    click.echo(f"model      {m['model']['backbone']}  {m['model']['file']}  sha256 {m['model']['sha256'][:16]}…")
+    click.echo(f"model      {m['model'].get('backbone')}  {m['model'].get('file')}  "
+               f"sha256 {(m['model'].get('sha256') or '-')[:16]}…")
     click.echo(f"codes      {m['bits']} bits, {m['index']['type']} index {m['index']}")
     click.echo(f"features   {m['feature_dim']}-d {m['feature_dtype']} in {len(m['shards'])} shard(s)")
     click.echo(f"classes    {len(m.get('classes', []))}: {', '.join(m.get('classes', [])[:10])}"

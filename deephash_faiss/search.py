@@ -116,6 +116,8 @@ class Searcher:
         if self._model is None:
             from .model import load_model
 
+            if not self.manifest["model"].get("file"):
+                raise DhfError(f"{self.index_dir} has no model: it was built from arrays; search it by codes")
             path = os.path.join(self.index_dir, self.manifest["model"]["file"])
             model = load_model(path, self.device)
             if model.config.bits != self.bits:

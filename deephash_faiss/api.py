@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -99,12 +100,27 @@ class BuildReport:
     trained: bool = False
 
 
-def _job_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str) -> str:
+def _job_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str, extra: str = "") -> str:
+    """Identifies a resumable encoding job; ``extra`` adds e.g. file stamps or the base generation."""
     h = hashlib.sha256()
     h.update(f"{model_sha}\n{shard_size}\n{feature_dtype}\n".encode())
     for p in paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    if extra:
+        h.update(extra.encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def file_stamps(paths: list[str]) -> str:
+    """(size, mtime) of every file: a partial shard is not reused once its images changed."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append("-")
+    return "\n".join(out)
 
 
 def encode_shards(
@@ -159,8 +175,10 @@ def encode_shards(
             from .store import atomic_write_bytes
 
             atomic_write_bytes(skip_path, json.dumps([[paths[i], r] for i, r in bad]).encode())
+            crash_point(f"mid-shard-{s}")
             write_shard(shard_path, codes_a, feats_a, pos_a, [paths[i] for i in pos_a], labels[pos_a])
             written += 1
+            crash_point(f"shard-{s}")
     return written, reused
 
 
@@ -169,6 +187,198 @@ def _unique(dirpath: str, stem: str, ext: str, tag: str) -> str:
     if os.path.exists(os.path.join(dirpath, name)):
         name = f"{stem}-{tag}{ext}"
     return name
+
+
+# ---------------------------------------------------------------- crash safety
+#
+# Files of an index generation are never overwritten: every commit (build, add, remove,
+# compact) takes a generation number above any found in the directory and names its new
+# files with it (generation 1 keeps the plain names part-00000.h5, codes.index,
+# skipped.tsv). The partial directory is only read by finalize (shards are copied, not
+# moved), so a crash at any point before the manifest rename leaves the old index intact
+# and the partial shards reusable; the rerun simply finalizes again. Orphans of a crashed
+# attempt are removed by the next commit's garbage collection.
+
+CRASH_ENV = "DHF_TEST_CRASH_AT"
+_GEN_RE = re.compile(r"-g(\d+)\.(?:h5|index|tsv)$")
+
+
+def crash_point(name: str) -> None:
+    """Test hook: ``DHF_TEST_CRASH_AT=<name>`` SIGKILLs this process here (like ``kill -9``).
+
+    Points: ``shard-<s>`` (shard s written to the partial dir), ``mid-shard-<s>`` (its skip
+    list written, its HDF5 file not yet), ``finalize-shard-<s>`` (shard s copied into the
+    index), ``before-manifest`` (all files written, manifest not yet renamed),
+    ``after-manifest`` (committed, before garbage collection and partial-dir cleanup).
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class IndexLock:
+    """An exclusive writer lock on ``INDEX/.lock`` (flock; released by the OS if the process dies)."""
+
+    def __init__(self, index_dir: str):
+        self.path = os.path.join(index_dir, ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "IndexLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            pass
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise DhfError(f"another dhf command is writing {os.path.dirname(self.path)} (lock held); "
+                           f"wait for it to finish") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def current_manifest(index_dir: str) -> dict[str, Any] | None:
+    """The committed manifest, None when there is none or it is unreadable; an index of a
+    newer format is refused (a build must not overwrite what it cannot read)."""
+    if not os.path.exists(os.path.join(index_dir, MANIFEST)):
+        return None
+    try:
+        return read_manifest(index_dir)
+    except DhfError as err:
+        if "format version" in str(err):
+            raise DhfError(f"{err}; refusing to overwrite it") from None
+        return None
+
+
+def next_generation(index_dir: str, old: dict[str, Any] | None) -> int:
+    """A generation number above the current manifest's and above any file in the directory."""
+    gen = int(old.get("generation", 1)) if old else 0
+    names = os.listdir(index_dir) if os.path.isdir(index_dir) else []
+    sd = os.path.join(index_dir, "shards")
+    names += os.listdir(sd) if os.path.isdir(sd) else []
+    for n in names:
+        m = _GEN_RE.search(n)
+        if m:
+            gen = max(gen, int(m.group(1)))
+        elif n.endswith((".h5", ".index", ".tsv")) and not n.startswith("."):
+            gen = max(gen, 1)
+    return gen + 1
+
+
+def gen_name(stem: str, ext: str, gen: int) -> str:
+    return f"{stem}{ext}" if gen <= 1 else f"{stem}-g{gen}{ext}"
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def tsv_field(text: str) -> str:
+    """A path or reason as one TSV field: backslash, tab and newline escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def read_skip_report(index_dir: str, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(path, reason)] from the manifest's skip report (escapes undone)."""
+    p = os.path.join(index_dir, manifest.get("skipped_file", "skipped.tsv"))
+    if not os.path.exists(p):
+        return []
+    with open(p, encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().split("\n")
+    out = []
+    for line in lines:
+        if line:
+            path, _, reason = line.partition("\t")
+            out.append((_untsv(path), _untsv(reason)))
+    return out
+
+
+def _untsv(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), text)
+
+
+def write_skip_report(index_dir: str, name: str, skipped: list[tuple[str, str]]) -> None:
+    from .data import one_line
+    from .store import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(index_dir, name), "".join(
+        f"{tsv_field(p)}\t{tsv_field(one_line(r))}\n" for p, r in skipped).encode("utf-8", "surrogateescape"))
+
+
+def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen: int, name_offset: int = 0):
+    """Copy partial shards into ``index_dir/shards`` under generation-``gen`` names with
+    global row ids from ``start``. The partial shards are not modified.
+
+    Returns (shard entries, list of code arrays, skipped [(path, reason)], next start).
+    """
+    import h5py
+
+    shard_dir = os.path.join(index_dir, "shards")
+    os.makedirs(shard_dir, exist_ok=True)
+    shards, codes, skipped = [], [], []
+    for s in shard_numbers:
+        src = os.path.join(part_dir, f"part-{s:05d}.h5")
+        with open(os.path.join(part_dir, f"part-{s:05d}.skip.json")) as f:
+            skipped.extend((p, r) for p, r in json.load(f))
+        name = gen_name(f"part-{s + name_offset:05d}", ".h5", gen)
+        dst = os.path.join(shard_dir, name)
+        tmp = os.path.join(shard_dir, f".tmp-{name}")
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "r+") as f:
+            rows = len(f["codes"])
+            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
+            codes.append(f["codes"][()])
+        _fsync_file(tmp)
+        sha = file_sha256(tmp)
+        os.replace(tmp, dst)
+        crash_point(f"finalize-shard-{s}")
+        shards.append({"file": name, "rows": rows, "start": start, "sha256": sha})
+        start += rows
+    return shards, codes, skipped, start
+
+
+def save_code_index(index_dir: str, index: BinaryIndex, gen: int) -> dict[str, str]:
+    """Write the FAISS code index under a generation name; returns {"file", "sha256"}."""
+    name = gen_name("codes", ".index", gen)
+    tmp = os.path.join(index_dir, f".tmp-{name}")
+    index.save(tmp)
+    _fsync_file(tmp)
+    sha = file_sha256(tmp)
+    os.replace(tmp, os.path.join(index_dir, name))
+    return {"file": name, "sha256": sha}
+
+
+def store_model(index_dir: str, model_path: str) -> tuple[str, str]:
+    """Copy the model into the index (content-addressed; reused when present). Returns (file, sha256)."""
+    model_sha = file_sha256(model_path)
+    for name in ("model.pt", f"model-{model_sha[:12]}.pt"):
+        mp = os.path.join(index_dir, name)
+        if os.path.exists(mp) and file_sha256(mp) == model_sha:
+            return name, model_sha
+    name = "model.pt" if not os.path.exists(os.path.join(index_dir, "model.pt")) else f"model-{model_sha[:12]}.pt"
+    tmp = os.path.join(index_dir, f".tmp-{name}")
+    shutil.copyfile(model_path, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, os.path.join(index_dir, name))
+    return name, model_sha
+
+
+def commit_manifest(index_dir: str, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
+    """The one atomic step: rename the new manifest into place, then collect garbage."""
+    crash_point("before-manifest")
+    write_manifest(index_dir, manifest)
+    crash_point("after-manifest")
+    _collect_garbage(index_dir, manifest, old)
 
 
 def finalize_build(
@@ -182,57 +392,30 @@ def finalize_build(
     classes: list[str],
     source: str,
     scan_skipped: list[tuple[str, str]],
-    tag: str,
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Number the rows, move shards and model into ``index_dir``, build the code index,
-    and commit by writing the manifest (the one atomic step). Returns the manifest."""
-    import h5py
+    """Number the rows, copy shards and model into ``index_dir``, build the code index,
+    and commit by writing the manifest (the one atomic step). Returns the manifest.
 
-    shard_dir = os.path.join(index_dir, "shards")
-    os.makedirs(shard_dir, exist_ok=True)
-    old = None
-    if os.path.exists(os.path.join(index_dir, MANIFEST)):
-        try:
-            old = read_manifest(index_dir)
-        except DhfError:
-            old = None
-    shards, codes, skipped = [], [], list(scan_skipped)
-    start = 0
-    for s in range(nshards):
-        src = os.path.join(part_dir, f"part-{s:05d}.h5")
-        with open(os.path.join(part_dir, f"part-{s:05d}.skip.json")) as f:
-            skipped.extend((p, r) for p, r in json.load(f))
-        with h5py.File(src, "r+") as f:
-            rows = len(f["codes"])
-            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
-            codes.append(f["codes"][()])
-        name = _unique(shard_dir, f"part-{s:05d}", ".h5", tag)
-        dst = os.path.join(shard_dir, name)
-        os.replace(src, dst)
-        shards.append({"file": name, "rows": rows, "start": start, "sha256": file_sha256(dst)})
-        start += rows
+    Crash-safe: the partial shards are copied, never moved or modified, and new files get
+    names of a fresh generation, so a crash anywhere leaves the previous index intact and
+    a rerun finalizes again from the same partial shards. ``tag`` is unused (kept for
+    callers of the earlier signature).
+    """
+    os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
+    old = current_manifest(index_dir)
+    gen = next_generation(index_dir, old)
+    shards, codes, skipped, count = publish_shards(index_dir, part_dir, range(nshards), 0, gen)
+    skipped = list(scan_skipped) + skipped
     all_codes = np.concatenate(codes) if codes else np.zeros((0, model_cfg.bits // 8), np.uint8)
-    index = BinaryIndex.build(all_codes, spec)
-    index_name = _unique(index_dir, "codes", ".index", tag)
-    tmp_index = os.path.join(index_dir, f".tmp-{index_name}")
-    index.save(tmp_index)
-    os.replace(tmp_index, os.path.join(index_dir, index_name))
-    model_sha = file_sha256(model_path)
-    model_name = "model.pt"
-    mp = os.path.join(index_dir, model_name)
-    if not (os.path.exists(mp) and file_sha256(mp) == model_sha):
-        model_name = _unique(index_dir, "model", ".pt", model_sha[:12])
-        tmp_model = os.path.join(index_dir, f".tmp-{model_name}")
-        shutil.copyfile(model_path, tmp_model)
-        os.replace(tmp_model, os.path.join(index_dir, model_name))
-    skip_name = "skipped.tsv"
-    from .store import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(index_dir, skip_name),
-                       "".join(f"{p}\t{r}\n" for p, r in skipped).encode("utf-8", "surrogateescape"))
+    index_entry = save_code_index(index_dir, BinaryIndex.build(all_codes, spec), gen)
+    model_name, model_sha = store_model(index_dir, model_path)
+    skip_name = gen_name("skipped", ".tsv", gen)
+    write_skip_report(index_dir, skip_name, skipped)
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        "generation": gen,
         "created": now_iso(),
         "source": os.path.abspath(source),
         "model": {"file": model_name, "sha256": model_sha, "backbone": model_cfg.backbone,
@@ -241,16 +424,15 @@ def finalize_build(
         "bit_order": "little (faiss): bit j in byte j//8 at position j%8",
         "feature_dim": model_cfg.feature_dim,
         "feature_dtype": feature_dtype,
-        "count": start,
+        "count": count,
         "classes": classes,
         "shards": shards,
-        "index": {**spec.to_dict(model_cfg.bits), "file": index_name},
+        "index": {**spec.to_dict(model_cfg.bits), **index_entry},
         "skipped": len(skipped),
         "skipped_file": skip_name,
         "deleted": [],
     }
-    write_manifest(index_dir, manifest)
-    _collect_garbage(index_dir, manifest, old)
+    commit_manifest(index_dir, manifest, old)
     return manifest
 
 
@@ -263,19 +445,25 @@ def manifest_files(m: dict[str, Any]) -> set[str]:
     return files
 
 
+_OWN_FILE_RE = re.compile(r"^(?:part-\d+.*\.h5|codes.*\.index|skipped.*\.tsv|model.*\.pt|\.tmp-.*)$")
+
+
 def _collect_garbage(index_dir: str, new: dict[str, Any], old: dict[str, Any] | None) -> None:
-    """Remove files of generations before ``old``: readers that opened ``old`` keep working."""
+    """Remove files of generations before ``old`` and leftovers of crashed attempts
+    (``.tmp-*``): readers that opened ``old`` keep working. Only names dhf writes are
+    touched. Call with the writer lock held (or from the only writer)."""
     keep = manifest_files(new) | (manifest_files(old) if old else set()) | {MANIFEST}
-    for rel in list(os.listdir(index_dir)) + [os.path.join("shards", f) for f in
-                                              os.listdir(os.path.join(index_dir, "shards"))]:
+    shard_dir = os.path.join(index_dir, "shards")
+    rels = list(os.listdir(index_dir)) + ([os.path.join("shards", f) for f in os.listdir(shard_dir)]
+                                          if os.path.isdir(shard_dir) else [])
+    for rel in rels:
         p = os.path.join(index_dir, rel)
-        if rel in keep or os.path.isdir(p) or os.path.basename(rel).startswith("."):
+        if rel in keep or os.path.isdir(p) or not _OWN_FILE_RE.match(os.path.basename(rel)):
             continue
-        if rel.endswith((".h5", ".index", ".pt")):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def build_index(
@@ -309,6 +497,14 @@ def build_index(
     if len(images) == 0:
         raise DhfError(f"no images found under {images_dir}")
     os.makedirs(index_dir, exist_ok=True)
+    with IndexLock(index_dir):
+        current_manifest(index_dir)  # refuses to overwrite an index of a newer format
+        return _build_locked(images, images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype,
+                             device, progress, log, train_options, t0)
+
+
+def _build_locked(images, images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, device,
+                  progress, log, train_options, t0) -> BuildReport:
     trained = False
     if model_path is None:
         if not images.labelled or len(images.classes) < 2:
@@ -325,7 +521,7 @@ def build_index(
     spec.check(model.config.bits)
     dev = resolve_device(device)
     model.to(dev)
-    key = _job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype)
+    key = _job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, file_stamps(images.paths))
     part_dir = os.path.join(index_dir, f".partial-{key[:16]}")
     nshards = (len(images) + shard_size - 1) // shard_size
     log(f"encoding {len(images)} images in {nshards} shard(s) with {model.config.backbone} "
@@ -339,9 +535,7 @@ def build_index(
     shutil.rmtree(part_dir, ignore_errors=True)
     if trained:
         os.unlink(model_path)
-    skipped = [tuple(line.split("\t", 1)) for line in
-               open(os.path.join(index_dir, manifest["skipped_file"]), encoding="utf-8",
-                    errors="surrogateescape").read().splitlines()]
+    skipped = read_skip_report(index_dir, manifest)
     return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained)
 
 

@@ -14,6 +14,7 @@ import time
 import traceback
 
 import click
+import numpy as np
 
 from . import __version__
 from .errors import DhfError
@@ -171,11 +172,14 @@ def _index_options(f):
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--shard-size", default=50_000, show_default=True, type=int, help="Images per HDF5 shard.")
 @click.option("--feature-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Encode on Ray workers: a cluster at ADDRESS (HOST:PORT), or a local Ray without one.")
+@click.option("--workers", default=None, type=int, help="Ray workers (default: one per CPU of the cluster).")
 @_train_options
 @_device_opt
 @_quiet_opt
 def build_index(images, model_path, out, index_type, hash_bits, nhash, nflip, batch_size, shard_size,
-                feature_dtype, device, quiet, **kw):
+                feature_dtype, ray_address, workers, device, quiet, **kw):
     """Encode every image under IMAGES (recursively) into an index directory.
 
     Bad images are skipped and listed in OUT/skipped.tsv. An interrupted build resumes
@@ -187,8 +191,16 @@ def build_index(images, model_path, out, index_type, hash_bits, nhash, nflip, ba
 
     train_opts = _collect_train(kw)
     spec = IndexSpec(kind=index_type, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
-    rep = api.build_index(images, out, model_path, spec, batch_size, shard_size, feature_dtype, device,
-                          progress=not quiet, log=_log, train_options=train_opts)
+    if ray_address is not None or workers is not None:
+        from .distributed import build_index_ray
+
+        rep = build_index_ray(images, out, model_path, spec, batch_size, shard_size, feature_dtype,
+                              address=None if ray_address in (None, "local") else ray_address, num_workers=workers,
+                              num_gpus_per_worker=1 if device == "cuda" else 0, progress=not quiet, log=_log,
+                              train_options=train_opts)
+    else:
+        rep = api.build_index(images, out, model_path, spec, batch_size, shard_size, feature_dtype, device,
+                              progress=not quiet, log=_log, train_options=train_opts)
     click.echo(f"indexed {rep.count} images into {out} in {rep.seconds:.1f} s "
                f"({rep.shards_written} shard(s) written, {rep.shards_reused} reused); "
                f"skipped {len(rep.skipped)} bad file(s)" + (f", see {out}/skipped.tsv" if rep.skipped else ""))
@@ -256,6 +268,90 @@ def search(queries, index_dir, mode, k, radius, max_candidates, model_path, as_j
             click.echo(f"{row['rank']:>4}  {row['hamming']:>3}  {dist:>10}  {str(row['label']):<12}  {row['path']}")
 
 
+# ---------------------------------------------------------------- shard
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("-n", "n", required=True, type=int, help="Number of shards.")
+@click.option("-o", "--out", "out", required=True, help="Folder for OUT/shard-000 ... (must be new or empty).")
+def shard(index_dir, n, out):
+    """Split INDEX_DIR into N index directories of consecutive rows for sharded search.
+
+    Each shard is a complete index; its manifest's id_offset maps its ids to global ids.
+    Search them together with deephash_faiss.distributed.ShardedSearcher (one Ray actor per
+    shard, results merged to equal the unsharded index's).
+    """
+    from .distributed import split_index
+
+    t0 = time.perf_counter()
+    dirs = split_index(index_dir, out, n, log=_log)
+    click.echo(f"split {index_dir} into {len(dirs)} shard(s) under {out} in {time.perf_counter() - t0:.1f} s")
+
+
+# ---------------------------------------------------------------- maintenance (maintain.py)
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.argument("images", type=click.Path(file_okay=False))
+@click.option("--model", "model_path", default=None,
+              help="Must be the index's model (same sha256); default: the model stored in the index.")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--shard-size", default=50_000, show_default=True, type=int, help="Images per new HDF5 shard.")
+@_device_opt
+@_quiet_opt
+def add(index_dir, images, model_path, batch_size, shard_size, device, quiet):
+    """Append the images under IMAGES to the index in INDEX_DIR.
+
+    Paths already in the index are not indexed again (listed as "already indexed" in the
+    skip report). Searches running meanwhile see the old or the new index, never a mix.
+    An interrupted add resumes when run again.
+    """
+    from .maintain import add_images
+
+    rep = add_images(index_dir, images, model_path, batch_size, shard_size, device, progress=not quiet, log=_log)
+    click.echo(f"added {rep.added} image(s) to {index_dir}, now {rep.count} rows "
+               f"({rep.shards_written} shard(s) written, {rep.shards_reused} reused); "
+               f"{len(rep.already)} already indexed; skipped {len(rep.skipped)} bad file(s)"
+               + (f", see the skip report in {index_dir}" if rep.skipped else ""))
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--paths", "paths", multiple=True, help="Image path as indexed (repeatable).")
+@click.option("--ids", "ids", multiple=True, type=int, help="Row id (repeatable).")
+def remove(index_dir, paths, ids):
+    """Mark rows deleted: no search returns them (ids stay; `dhf compact` drops them)."""
+    from .maintain import remove as do_remove
+
+    rep = do_remove(index_dir, list(paths), list(ids))
+    click.echo(f"removed {len(rep.removed)} row(s) from {index_dir}; {rep.live} live")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+def compact(index_dir):
+    """Rewrite the index without deleted rows (ids are renumbered)."""
+    from .maintain import compact as do_compact
+
+    rep = do_compact(index_dir)
+    click.echo(f"compacted {index_dir}: dropped {rep.dropped} deleted row(s), {rep.count} rows")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+def verify(index_dir):
+    """Check checksums, row counts, the code index and the model; exit 1 on problems."""
+    from .maintain import verify as do_verify
+
+    problems = do_verify(index_dir)
+    if problems:
+        for p in problems:
+            click.echo(f"PROBLEM: {p}")
+        click.echo(f"{len(problems)} problem(s) in {index_dir}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {index_dir}")
+
+
 # ---------------------------------------------------------------- info
 
 @main.command()
@@ -284,6 +380,76 @@ def info(index_dir, as_json):
         click.echo(f"  {rel:<40} {'MISSING' if size is None else f'{size / 2**20:.2f} MiB'}")
 
 
+# ---------------------------------------------------------------- evaluate
+
+@main.command()
+@click.option("--index", "index_dir", default="dhf-index", show_default=True, help="Index directory (the database).")
+@click.option("--queries", "query_dir", required=True, type=click.Path(file_okay=False),
+              help="Labelled query images (one subfolder per class, names as in the index).")
+@click.option("--mode", default="all", show_default=True, type=click.Choice(["bcs", "hds", "es", "all"]))
+@click.option("--top-k", default=1000, show_default=True, type=int, help="K of mAP@K.")
+@click.option("--radius", default=3, show_default=True, type=int, help="HDS pool: Hamming distance < RADIUS.")
+@click.option("--max-candidates", default=10_000, show_default=True, type=int, help="HDS pool cap.")
+@click.option("--json", "json_out", default=None, help="Write all metrics to this JSON file (plots beside it).")
+@click.option("--no-plots", is_flag=True, help="Skip the matplotlib plots.")
+@_device_opt
+@_quiet_opt
+def evaluate(index_dir, query_dir, mode, top_k, radius, max_candidates, json_out, no_plots, device, quiet):
+    """Measure retrieval quality: every query image against the whole index.
+
+    Metrics as the paper's official code: mAP@K over a stable Hamming ranking (ties keep
+    database order; AP divided by the relevant items found in the top K), P@k for
+    k = 100..1000, full-database mAP, precision within Hamming radius 2; the same for
+    the HDS and ES rankings; mean query time per mode.
+    """
+    from . import api
+    from .data import scan_images
+    from .evaluate import evaluate_arrays, time_modes, write_plots
+
+    if top_k < 1:
+        raise DhfError("--top-k must be at least 1")
+    modes = ["bcs", "hds", "es"] if mode == "all" else [mode]
+    s = api.open_index(index_dir, device=device, features_in_memory=True)
+    q = scan_images(query_dir)
+    if not q.labelled:
+        raise DhfError(f"{query_dir} needs one subfolder per class to evaluate")
+    names = s.manifest.get("classes", [])
+    lut = np.array([names.index(c) if c in names else -1 for c in q.classes], dtype=np.int32)
+    q_labels = lut[q.labels]
+    if (q_labels < 0).all():
+        raise DhfError(f"none of the query classes of {query_dir} is a class of the index")
+    t0 = time.perf_counter()
+    codes, feats, _ = s.encode(q.paths)
+    enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ks = [k for k in range(100, 1001, 100) if k <= s.count] or [min(10, s.count)]
+    res = evaluate_arrays(s.codes(), s.store.load_features(), s.store.labels(), codes, feats, q_labels, modes,
+                          top_k=min(top_k, s.count), ks=ks, hds_radius=radius, max_candidates=max_candidates,
+                          device=str(s.device), progress=not quiet)
+    res["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    res["query_ms"] = time_modes(s, codes, feats, modes, k=min(100, s.count), radius=radius,
+                                 max_candidates=max_candidates)
+    res.update(index=index_dir, queries=query_dir, n_queries=len(codes), n_database=s.count, bits=s.bits,
+               encode_seconds=round(enc, 3), top_k=min(top_k, s.count))
+    for m in modes:
+        r = res[m]
+        extra = f"  P@r2 {r['precision_radius']:.4f}" if "precision_radius" in r else ""
+        full = f"  mAP(full) {r['map_full']:.4f}" if r.get("map_full") is not None else ""
+        click.echo(f"{m.upper():<4} mAP@{res['top_k']} {r['map_at_k']:.4f}{full}  "
+                   f"P@{ks[0]} {r['precision_at_k'][ks[0]]:.4f}{extra}  {res['query_ms'][m]:.3f} ms/query")
+    click.echo(f"{len(codes)} queries x {s.count} images; metrics in {res['eval_seconds']:.1f} s")
+    if json_out:
+        import os
+
+        from .store import atomic_write_bytes
+
+        atomic_write_bytes(json_out, json.dumps(res, indent=2, default=float).encode())
+        if not no_plots:
+            files = write_plots(res, os.path.join(os.path.dirname(os.path.abspath(json_out))),
+                                f"{os.path.basename(index_dir)}: {s.bits}-bit codes")
+            click.echo("wrote " + ", ".join([json_out] + files))
+
+
 # ---------------------------------------------------------------- demo
 
 @main.command()
@@ -302,6 +468,33 @@ def demo(out, epochs, bits, device, quiet):
     from .demo import run_demo
 
     run_demo(out, epochs=epochs, bits=bits, device=device, progress=not quiet, echo=click.echo)
+
+
+# ---------------------------------------------------------------- serve
+
+@main.command()
+@click.option("--index", "index_dir", default="dhf-index", show_default=True, help="Index directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@_device_opt
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=float, help="Largest query upload (413 above).")
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float,
+              help="Seconds a search may take before the request gets 504.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(index_dir, host, port, device, max_upload_mb, timeout_s, log_level):
+    """Serve an index over HTTP: a search page at /, the JSON API at /search, docs at /docs.
+
+    The model, codes and features load once at start; searches run one at a time on a
+    dedicated thread. Needs the serve extra: pip install 'deephash-faiss[serve]'.
+    """
+    from . import serve as serve_mod
+
+    if max_upload_mb <= 0:
+        raise DhfError("--max-upload-mb must be positive")
+    if timeout_s <= 0:
+        raise DhfError("--timeout must be positive")
+    serve_mod.run(index_dir, host, port, device, int(max_upload_mb * 2**20), timeout_s, log_level, on_ready=_log)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ size on the device (:meth:`deephash_faiss.model.HashNet.preprocess`).
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -71,18 +72,32 @@ def _walk_images(top: str, skipped: list[tuple[str, str]]) -> list[str]:
 
     for dirpath, dirnames, filenames in os.walk(top, onerror=onerror, followlinks=False):
         dirnames.sort()
+        for name in dirnames:  # reported, never followed (a link to a parent would loop)
+            if os.path.islink(os.path.join(dirpath, name)):
+                skipped.append((os.path.join(dirpath, name), "symbolic link to a directory: not followed"))
         for name in sorted(filenames):
             if not is_image_name(name):
                 continue
             path = os.path.join(dirpath, name)
             if not os.path.exists(path):
-                skipped.append((path, "broken symbolic link"))
+                skipped.append((path, _bad_link_reason(path)))
                 continue
             if not os.path.isfile(path):
                 skipped.append((path, "not a regular file"))
                 continue
             found.append(path)
     return found
+
+
+def _bad_link_reason(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if isinstance(err, PermissionError):
+            return "permission denied"
+    return "broken symbolic link"
 
 
 def scan_images(root: str | os.PathLike) -> ImageList:
@@ -109,7 +124,9 @@ def scan_images(root: str | os.PathLike) -> ImageList:
             paths.append(entry.path)
             labels.append(-1)
         elif entry.is_symlink() and not os.path.exists(entry.path) and is_image_name(entry.name):
-            skipped.append((entry.path, "broken symbolic link"))
+            skipped.append((entry.path, _bad_link_reason(entry.path)))
+        elif entry.is_symlink() and entry.is_dir():
+            skipped.append((entry.path, "symbolic link to a directory: not followed"))
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             found = _walk_images(entry.path, skipped)
@@ -151,19 +168,25 @@ def decode_image(path: str, size: int) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
+    _quiet_bomb_warnings()
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.mode == "RGB" and img.format == "JPEG":
-                    img.draft("RGB", (size, size))
-                img.load()
-                img = _to_rgb(img)
+        with Image.open(path) as img:
+            # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse explicitly
+            # (warnings.catch_warnings is not thread-safe, decoding runs in threads)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.size[0] * img.size[1] > limit:
+                raise ImageDecodeError(f"image too large (decompression bomb limit): {img.size[0]}x{img.size[1]} "
+                                       f"pixels exceeds PIL's limit of {limit}")
+            if img.mode == "RGB" and img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img.load()
+            img = _to_rgb(img)
+        arr = _square(img, size)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image too large (decompression bomb limit): {err}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image PIL can read") from None
@@ -171,13 +194,51 @@ def decode_image(path: str, size: int) -> np.ndarray:
         raise ImageDecodeError("permission denied") from None
     except FileNotFoundError:
         raise ImageDecodeError("file not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageDecodeError(f"cannot decode: {err}") from None
+    except MemoryError:
+        raise ImageDecodeError("out of memory decoding this image") from None
+    except Exception as err:  # noqa: BLE001 - crafted files raise anything (struct.error, IndexError...)
+        raise ImageDecodeError(one_line(f"cannot decode: {err}" if isinstance(err, (OSError, ValueError, SyntaxError,
+                                        EOFError)) else f"cannot decode: {type(err).__name__}: {err}")) from None
+    if arr.shape != (size, size, 3):
+        raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (tabs, newlines and runs of spaces collapsed), at most ``limit`` chars."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+_BOMB_WARNINGS_QUIET = False
+
+
+def _quiet_bomb_warnings() -> None:
+    """PIL's DecompressionBombWarning is replaced by our own check: silence it once (process-wide)."""
+    global _BOMB_WARNINGS_QUIET
+    if not _BOMB_WARNINGS_QUIET:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _BOMB_WARNINGS_QUIET = True
+
+
+def _square(img, size: int) -> np.ndarray:
+    """Shorter side resized to ``size``, centre crop -> uint8 [size, size, 3]."""
+    from PIL import Image
+
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageDecodeError("image has no pixels")
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if max(nw, nh) > 16 * size:
+        # extreme aspect ratio (e.g. 100000 x 1): resizing the whole strip would need
+        # nw * size pixels; resize only the centre square (same result up to edge taps)
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+        return np.asarray(img, dtype=np.uint8)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
@@ -211,6 +272,7 @@ def probe_load_size(paths: Sequence[str], max_size: int, sample: int = 16) -> in
     ``sample`` readable images, capped at ``max_size`` (the model's input size)."""
     from PIL import Image
 
+    _quiet_bomb_warnings()
     best = 0
     for path in paths[:sample]:
         try:

@@ -14,6 +14,14 @@ Index types (``kind``):
 
 Search results are always ordered by (Hamming distance, database id), so ties are
 deterministic and equal a stable sort of the distances.
+
+Padding: FAISS has specialised Hamming kernels for 4, 8, 16, 20, 32 and 64-byte codes;
+other widths (e.g. 48-bit = 6-byte codes) take a generic, several times slower path
+(benchmarks/bench_search.py, docs/benchmarks.md). :class:`BinaryIndex` therefore stores
+codes zero-padded to the next fast width (:func:`padded_nbytes`; 6 -> 8 bytes) and pads
+queries the same way. Zero bytes add 0 to every XOR popcount, so distances, ids and
+order are unchanged. ``BinaryIndex.bits`` stays the logical width; the FAISS index
+(and the saved ``codes.index``) has ``padded_nbytes * 8`` bits.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import numpy as np
 from .errors import DhfError
 
 INDEX_KINDS = ("flat", "hash", "multihash")
+_FAST_NBYTES = (4, 8, 16, 20, 32, 64)  # FAISS HammingComputer specialisations
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -48,6 +57,27 @@ def pack_codes(h: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 def unpack_codes(codes: np.ndarray) -> np.ndarray:
     """uint8 [n, nbytes] -> uint8 {0, 1} [n, nbytes * 8] (inverse of :func:`pack_codes`)."""
     return np.unpackbits(np.asarray(codes, dtype=np.uint8), axis=1, bitorder="little")
+
+
+def padded_nbytes(nbytes: int) -> int:
+    """Code width (bytes) that BinaryIndex stores ``nbytes``-byte codes at: the next width
+    with a FAISS fast Hamming kernel (4, 8, 16, 20, 32, 64), else a multiple of 8."""
+    nbytes = int(nbytes)
+    if nbytes in _FAST_NBYTES:
+        return nbytes
+    for w in _FAST_NBYTES:
+        if w > nbytes:
+            return w
+    return -(-nbytes // 8) * 8
+
+
+def pad_codes(codes: np.ndarray, nbytes: int) -> np.ndarray:
+    """Zero-pad uint8 codes [n, b] on the right to [n, nbytes] (no copy if already that wide)."""
+    if codes.shape[1] == nbytes:
+        return codes
+    out = np.zeros((codes.shape[0], nbytes), np.uint8)
+    out[:, :codes.shape[1]] = codes
+    return out
 
 
 def hamming_numpy(q: np.ndarray, db: np.ndarray) -> np.ndarray:
@@ -99,18 +129,20 @@ class IndexSpec:
                    nflip=int(d.get("nflip", 2)))
 
 
-def make_faiss_index(bits: int, spec: IndexSpec):
-    """An empty FAISS binary index for ``bits``-bit codes."""
+def make_faiss_index(bits: int, spec: IndexSpec, stored_bits: int | None = None):
+    """An empty FAISS binary index for ``bits``-bit codes (stored as ``stored_bits`` >= bits,
+    zero-padded; hash bits are taken from the first ``bits`` bits either way)."""
     import faiss
 
     spec.check(bits)
+    d = int(stored_bits or bits)
     if spec.kind == "flat":
-        return faiss.IndexBinaryFlat(bits)
+        return faiss.IndexBinaryFlat(d)
     b = spec.resolved_hash_bits(bits)
     if spec.kind == "hash":
-        idx = faiss.IndexBinaryHash(bits, b)
+        idx = faiss.IndexBinaryHash(d, b)
     else:
-        idx = faiss.IndexBinaryMultiHash(bits, spec.nhash, b)
+        idx = faiss.IndexBinaryMultiHash(d, spec.nhash, b)
     idx.nflip = spec.nflip
     return idx
 
@@ -125,17 +157,21 @@ class BinaryIndex:
     def __init__(self, faiss_index, spec: IndexSpec, bits: int):
         self.index = faiss_index
         self.spec = spec
-        self.bits = int(bits)
+        self.bits = int(bits)  # logical code width; the FAISS index may be zero-padded wider
         self.nbytes = self.bits // 8
+        self.stored_nbytes = int(faiss_index.code_size)
+        if self.stored_nbytes < self.nbytes:
+            raise DhfError(f"code index has {self.stored_nbytes * 8} bits, fewer than {self.bits}")
         self.deleted: np.ndarray | None = None
 
     @classmethod
-    def build(cls, codes: np.ndarray, spec: IndexSpec | None = None) -> "BinaryIndex":
-        """Index uint8 codes [n, nbytes]."""
+    def build(cls, codes: np.ndarray, spec: IndexSpec | None = None, pad: bool = True) -> "BinaryIndex":
+        """Index uint8 codes [n, nbytes] (``pad``: store them zero-padded to a fast width)."""
         codes = _as_codes(codes)
         spec = spec or IndexSpec()
         bits = codes.shape[1] * 8
-        idx = cls(make_faiss_index(bits, spec), spec, bits)
+        stored = padded_nbytes(codes.shape[1]) * 8 if pad else bits
+        idx = cls(make_faiss_index(bits, spec, stored), spec, bits)
         idx.add(codes)
         return idx
 
@@ -145,7 +181,7 @@ class BinaryIndex:
         if codes.shape[1] != self.nbytes:
             raise DhfError(f"codes have {codes.shape[1] * 8} bits, the index {self.bits}")
         if len(codes):
-            self.index.add(codes)
+            self.index.add(pad_codes(codes, self.stored_nbytes))
 
     @property
     def ntotal(self) -> int:
@@ -157,7 +193,10 @@ class BinaryIndex:
         faiss.write_index_binary(self.index, path)
 
     @classmethod
-    def load(cls, path: str, spec: IndexSpec) -> "BinaryIndex":
+    def load(cls, path: str, spec: IndexSpec, bits: int | None = None) -> "BinaryIndex":
+        """Read ``codes.index``. ``bits``: the logical code width (the manifest's); the file
+        may hold the codes zero-padded wider. An unpadded flat index of a slow width is
+        re-padded in memory (a copy of the codes)."""
         import faiss
 
         if not os.path.exists(path):
@@ -166,13 +205,22 @@ class BinaryIndex:
             idx = faiss.read_index_binary(path)
         except RuntimeError as err:
             raise DhfError(f"cannot read code index {path}: {str(err).splitlines()[0][:160]}") from None
-        return cls(idx, spec, idx.d)
+        bits = int(bits or idx.d)
+        if idx.d < bits:
+            raise DhfError(f"code index {path} has {idx.d} bits, expected {bits}")
+        if isinstance(idx, faiss.IndexBinaryFlat) and idx.d == bits and padded_nbytes(bits // 8) * 8 != bits:
+            codes = faiss.vector_to_array(idx.xb).reshape(-1, bits // 8)
+            padded = faiss.IndexBinaryFlat(padded_nbytes(bits // 8) * 8)
+            if len(codes):
+                padded.add(pad_codes(codes, padded.code_size))
+            idx = padded
+        return cls(idx, spec, bits)
 
     def _check_queries(self, q: np.ndarray) -> np.ndarray:
         q = _as_codes(q)
         if q.shape[1] != self.nbytes:
             raise DhfError(f"query codes have {q.shape[1] * 8} bits, the index {self.bits}")
-        return q
+        return pad_codes(q, self.stored_nbytes)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Hamming k-NN (BCS).
@@ -225,18 +273,42 @@ def sort_and_cap(lims, D, I, max_candidates=None, deleted=None):
     """
     m = len(lims) - 1
     qid = np.repeat(np.arange(m, dtype=np.int64), np.diff(lims))
-    keep = np.ones(len(I), bool)
     if deleted is not None and len(I):
-        keep &= ~deleted[I]
-    order = np.lexsort((I, D, qid))
-    order = order[keep[order]]
-    qid, D, I = qid[order], D[order], I[order]
+        keep = ~deleted[I]
+        qid, D, I = qid[keep], D[keep], I[keep]
+    if max_candidates is not None and len(I) > m * max_candidates and int(D.min()) >= 0:
+        # Huge pools (supervised codes): keep per query only the distances up to the one
+        # where the cap is reached, before sorting (the nearest max_candidates are in there)
+        dspan = int(D.max()) + 1
+        hist = np.bincount(qid * dspan + D, minlength=m * dspan).reshape(m, dspan)
+        reach = hist.cumsum(1) >= max_candidates
+        thr = np.where(reach.any(1), reach.argmax(1), dspan - 1)
+        keep = D <= thr[qid]
+        qid, D, I = qid[keep], D[keep], I[keep]
     counts = np.bincount(qid, minlength=m)
+    if len(I):
+        # One int64 key (query | distance | id), bit-packed; sorting the keys themselves
+        # (numpy's SIMD sort) and unpacking with shifts is ~5-10x faster than a 3-key
+        # lexsort. Ids are unique within a query, so the order is the same.
+        dbits = max(1, int(D.max()).bit_length())
+        ibits = max(1, int(I.max()).bit_length())
+        qbits = max(1, m.bit_length())
+        if qbits + dbits + ibits <= 63 and int(D.min()) >= 0 and int(I.min()) >= 0:
+            key = qid << (dbits + ibits)
+            key |= D.astype(np.int64) << ibits
+            key |= I
+            key.sort()
+            I = key & ((1 << ibits) - 1)
+            key >>= ibits
+            D = (key & ((1 << dbits) - 1)).astype(np.int32)
+        else:
+            order = np.lexsort((I, D, qid))
+            D, I = D[order], I[order]
     if max_candidates is not None and len(I):
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         rank = np.arange(len(I)) - np.repeat(starts, counts)
         sel = rank < max_candidates
-        qid, D, I = qid[sel], D[sel], I[sel]
+        D, I = D[sel], I[sel]
         counts = np.minimum(counts, max_candidates)
     lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return lims, D, I

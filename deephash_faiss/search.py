@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DhfError
 from .index import BinaryIndex, IndexSpec
-from .rerank import exhaustive_knn, exhaustive_knn_torch, pick_backend, rank_pool, rank_pools_torch
+from .rerank import exhaustive_knn, exhaustive_knn_torch, pick_backend, rank_pool, rank_pools_cpu, rank_pools_torch  # noqa: F401
 from .store import FeatureStore, read_manifest
 
 MODES = ("bcs", "hds", "es")
@@ -76,7 +76,7 @@ class Searcher:
         self.device = resolve_device(device)
         self.store = FeatureStore(index_dir, self.manifest)
         spec = IndexSpec.from_dict(self.manifest["index"])
-        self.index = BinaryIndex.load(os.path.join(index_dir, self.manifest["index"]["file"]), spec)
+        self.index = BinaryIndex.load(os.path.join(index_dir, self.manifest["index"]["file"]), spec, self.bits)
         if self.index.ntotal != self.store.count:
             raise DhfError(
                 f"{index_dir}: code index holds {self.index.ntotal} codes, the manifest {self.store.count}"
@@ -122,6 +122,9 @@ class Searcher:
             model = load_model(path, self.device)
             if model.config.bits != self.bits:
                 raise DhfError(f"model has {model.config.bits} bits, the index {self.bits}")
+            if model.config.feature_dim != self.store.dim:
+                raise DhfError(f"model has {model.config.feature_dim}-d features but the index "
+                               f"{self.store.dim}-d")
             self._model = model
         return self._model
 
@@ -204,11 +207,14 @@ class Searcher:
         if self.backend == "torch":
             import torch
 
+            from .rerank import rank_pools_torch_ids
+
             q = torch.as_tensor(np.asarray(qfeats, np.float32), device=self.device)
-            feats = [self._gather_device(ids) for ids, _, _ in pools]
-            ranked = rank_pools_torch(q, feats, k)
+            ranked = rank_pools_torch_ids(q, self._gpu_features(), [ids for ids, _, _ in pools], k)
         else:
-            ranked = [rank_pool(qfeats[i], self.store.gather(ids), k) for i, (ids, _, _) in enumerate(pools)]
+            # per-pool sorted gathers + blocked dot products (one union gather + GEMM when
+            # the batch's pools overlap heavily): rerank.rank_pools_cpu
+            ranked = rank_pools_cpu(qfeats, [ids for ids, _, _ in pools], self.store.gather, k)
         res = []
         for (ids, ham, trunc), (order, dist) in zip(pools, ranked):
             res.append(QueryResult(ids[order], ham[order], dist, len(ids), trunc))

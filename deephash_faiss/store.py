@@ -19,6 +19,7 @@ and swaps the manifest in one rename: readers see the old or the new index, neve
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tempfile
 import time
@@ -175,6 +176,7 @@ class FeatureStore:
         self._paths: list[str] | None = None
         self._labels: np.ndarray | None = None
         self._features: np.ndarray | None = None
+        self.prefetch = True  # gather: MADV_WILLNEED the requested rows before copying them
 
     # -- whole columns ------------------------------------------------------------------
     def _column(self, name: str) -> list[np.ndarray]:
@@ -248,7 +250,37 @@ class FeatureStore:
         if not ok or shape[0] == 0:
             return None
         s.memmap = np.memmap(s.file, dtype=dtype, mode="r", offset=offset, shape=shape)
+        mm = getattr(s.memmap, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            # scattered rows: no kernel readahead around each fault (it read ~30x more than
+            # needed on cold gathers); _prefetch asks for exactly the rows instead
+            try:
+                mm.madvise(mmap.MADV_RANDOM)
+            except OSError:
+                pass
         return s.memmap
+
+    @staticmethod
+    def _prefetch(mm: np.memmap, local: np.ndarray) -> None:
+        """MADV_WILLNEED for the pages of rows ``local`` (sorted): the kernel reads them
+        in parallel instead of one blocking page fault per row on a cold page cache."""
+        raw = getattr(mm, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        page = mmap.PAGESIZE
+        base = mm.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 starts inside the mapping
+        row = mm.strides[0]
+        a = (base + local * row) // page * page
+        b = base + (local + 1) * row
+        # merge rows whose page ranges touch: one madvise per run
+        brk = np.flatnonzero(a[1:] > b[:-1]) + 1
+        starts, ends = a[np.concatenate([[0], brk])], b[np.concatenate([brk - 1, [len(b) - 1]])]
+        size = len(raw)
+        try:
+            for st, en in zip(starts.tolist(), ends.tolist()):
+                raw.madvise(mmap.MADV_WILLNEED, st, min(en, size) - st)
+        except (OSError, ValueError):
+            pass
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Feature rows for ``ids`` (int64 [m], any order, repeats allowed) -> [m, D] in that order."""
@@ -271,6 +303,8 @@ class FeatureStore:
             local = sorted_ids[a:b] - s.start
             mm = self._mapped(s)
             if mm is not None:
+                if self.prefetch and b - a >= 32:
+                    self._prefetch(mm, local)
                 out[order[a:b]] = mm[local]
             else:  # chunked/compressed datasets: h5py read of sorted unique rows
                 import h5py

@@ -146,6 +146,7 @@ def fit(
     val_images: np.ndarray | None = None,
     val_labels: np.ndarray | None = None,
     progress: bool = True,
+    log=None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place.
 
@@ -242,11 +243,11 @@ def fit(
             pred = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.amp).argmax(1).numpy()
             rec["val_acc"] = float((pred == np.asarray(val_labels)).mean())
         history.append(rec)
-        if progress:
+        if progress or log:
             msg = f"epoch {rec['epoch']}/{cfg.epochs}: loss {rec['loss']:.4f} train acc {rec['train_acc']:.4f}"
             if "val_acc" in rec:
                 msg += f" val acc {rec['val_acc']:.4f}"
-            tqdm.write(msg + f" ({rec['seconds']:.1f} s)")
+            (log or tqdm.write)(msg + f" ({rec['seconds']:.1f} s)")
         if checkpoint_path:
             save_checkpoint(model, checkpoint_path,
                             train_state={"epoch": epoch, "optimizer": opt.state_dict(), "history": history,

@@ -1,0 +1,750 @@
+"""Ray: extraction over many workers (and GPUs), and sharded search with fan-out and merge.
+
+Nothing here is a home-made cluster: scheduling, placement, restarts and retries are
+Ray's. ``ray`` is imported lazily (``pip install deephash-faiss[ray]``).
+
+**Build** (:func:`build_index_ray`). The image list is cut into the same shards as the
+single-process build (``shard_size`` images each). Each Ray actor loads the model once
+and encodes whole shards with :func:`deephash_faiss.api.encode_shards` (``shard_range``
+of one shard) into the same ``<index>/.partial-<key>/`` directory the local build uses,
+so a Ray build and a local build resume each other. Shards are renamed into place when
+complete and skipped when present, so a task that Ray retries after a worker died (actors
+are created with ``max_restarts`` / ``max_task_retries``) never writes a shard twice. The
+driver then calls :func:`deephash_faiss.api.finalize_build` (row numbering, code index,
+manifest). Workers read the images and write the shards through the file system: on a
+multi-node cluster, the images, the model and the index directory must be on a shared
+file system mounted at the same path everywhere (workers ``chdir`` to the driver's cwd, so
+relative paths work as on the driver). On CPU the result is bit for bit the local build's.
+
+**Sharded search** (:func:`split_index`, :class:`ShardedSearcher`). An index is split into
+``n`` index directories of consecutive rows; each is a valid dhf index whose manifest
+records ``id_offset`` (its first global id). A :class:`ShardedSearcher` holds one Ray actor
+per shard (``scheduling_strategy="SPREAD"``: on a cluster, on different nodes), fans each
+query batch out and merges. The merged results equal the unsharded index's:
+
+* BCS: each shard returns its k nearest by (Hamming, id); the driver keeps the k smallest
+  (Hamming, global id) pairs.
+* HDS: round 1, each shard returns its radius pool capped at ``max_candidates`` (nearest
+  first) as (Hamming, global id) pairs, plus its Hamming k-NN when its pool is shorter than
+  k. The driver merges the pools by (Hamming, global id) and applies the *global* cap
+  (the unsharded pool is the ``max_candidates`` nearest of the whole database: a shard's
+  own cap can never cut one of those), and tops a pool shorter than k up with the merged
+  k-NN, exactly as :meth:`deephash_faiss.search.Searcher.pools`. Round 2, the rerank,
+  two placements (``rerank=``):
+
+  - ``"driver"`` (default, exact): the driver fetches the final pools' feature rows from the
+    shards (one sorted gather per shard per batch) and ranks them with the same function as
+    the unsharded :meth:`Searcher.hds`: ids, Hamming and L2 values bit for bit equal.
+  - ``"shards"`` (scalable): each shard ranks its part of the final pool by L2 (one GEMM:
+    values independent of the other rows in the call) and returns its k best; the driver
+    merges by (L2, position in the pool), the position being (Hamming, global id) order --
+    the unsharded stable sort. Only ids and distances cross the network. Equal to the
+    unsharded result except where two distances are within float rounding: the unsharded CPU
+    rerank picks GEMM or GEMV by how much a batch's pools overlap, and GEMV rounds
+    differently (1 ulp).
+* ES: each shard returns its exact L2 k-NN; the driver merges by (L2, global id).
+
+ES caveat: for a batch of *one* query, ``faiss.knn`` takes a single-query kernel whose
+rounding depends on how the database is cut into blocks, so ES distances may differ in the
+last bit from the unsharded index (and neighbours within an ulp may swap); batches of two
+or more queries are exact (tested). Everything here is about the CPU backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import DhfError
+
+Log = Callable[[str], None]
+
+FAIL_ONCE_ENV = "DHF_RAY_FAIL_ONCE"  # testing hook: a marker path; a worker dies once after its first shard
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise DhfError("Ray is not installed: pip install 'deephash-faiss[ray]'") from None
+    return ray
+
+
+def init_ray(address: str | None = None, log: Log = _quiet, **kwargs) -> bool:
+    """Connect to Ray; returns True when this call started/connected it (and should shut it down).
+
+    ``address`` None: reuse an initialised session, else let Ray connect to a running local
+    instance or start one; otherwise ``"HOST:PORT"`` (or ``"auto"``) of a running cluster.
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    opts = dict(kwargs)
+    opts.setdefault("include_dashboard", False)
+    opts.setdefault("log_to_driver", True)
+    if address is None:
+        # Ray would dial the cluster named in /tmp/ray/ray_current_cluster (and wait a long
+        # time if it is gone, e.g. after its processes were killed): start a local one then
+        if not os.environ.get("RAY_ADDRESS") and not _current_cluster_alive():
+            ray.init(address="local", **opts)
+        else:
+            ray.init(**opts)
+    else:
+        opts.pop("num_cpus", None)
+        opts.pop("num_gpus", None)
+        ray.init(address=address, **opts)
+    res = ray.cluster_resources()
+    log(f"ray: {len([n for n in ray.nodes() if n.get('Alive')])} node(s), {res.get('CPU', 0):g} CPU(s), "
+        f"{res.get('GPU', 0):g} GPU(s)" + (f" at {address}" if address else " (local)"))
+    return True
+
+
+def _current_cluster_alive(timeout: float = 2.0) -> bool:
+    """Whether the cluster Ray recorded in ``/tmp/ray/ray_current_cluster`` accepts connections."""
+    import socket
+    import tempfile
+
+    path = os.path.join(os.environ.get("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "ray")),
+                        "ray_current_cluster")
+    try:
+        with open(path) as f:
+            host, _, port = f.read().strip().rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------- build
+
+class _EncoderActor:
+    """One Ray actor: loads the model once, encodes whole shards (``api.encode_shards``)."""
+
+    def __init__(self, model_path: str, paths: list[str], labels: np.ndarray, cwd: str, num_threads: int,
+                 device: str, fail_once_marker: str | None = None):
+        import torch
+
+        from .model import load_model
+
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
+        self.model = load_model(model_path, self.device)
+        self.paths = paths
+        self.labels = np.asarray(labels)
+        self.fail_once_marker = fail_once_marker
+        self.num_threads = torch.get_num_threads()
+
+    def encode(self, part_dir: str, shard: int, shard_size: int, batch_size: int, feature_dtype: str):
+        from .api import encode_shards
+
+        t0 = time.perf_counter()
+        written, reused = encode_shards(self.model, self.paths, self.labels, part_dir, shard_size, batch_size,
+                                        self.device, feature_dtype, progress=False,
+                                        shard_range=range(shard, shard + 1))
+        marker = self.fail_once_marker
+        if marker and written and not os.path.exists(marker):
+            with open(marker, "w") as f:  # die once, after the shard is in place, before replying
+                f.write(f"{os.getpid()} shard {shard}\n")
+            os._exit(1)
+        return {"shard": shard, "written": written, "reused": reused, "seconds": time.perf_counter() - t0,
+                "pid": os.getpid(), "node": _node_ip(), "threads": self.num_threads}
+
+
+def _node_ip() -> str:
+    """``IP/node-id prefix`` of the Ray node this runs on (several raylets may share an IP)."""
+    try:
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def build_index_ray(
+    images_dir: str,
+    index_dir: str = "dhf-index",
+    model_path: str | None = None,
+    spec=None,
+    batch_size: int = 128,
+    shard_size: int = 50_000,
+    feature_dtype: str = "float32",
+    address: str | None = None,
+    num_workers: int | None = None,
+    num_gpus_per_worker: float = 0,
+    num_cpus_per_worker: float = 1,
+    max_retries: int = 3,
+    progress: bool = True,
+    log: Log = _quiet,
+    train_options: dict[str, Any] | None = None,
+):
+    """:func:`deephash_faiss.api.build_index` with the encoding spread over Ray actors.
+
+    Args:
+        address: a running Ray cluster ("HOST:PORT" or "auto"); None: the current session,
+            a running local instance, or a new local one.
+        num_workers: actors (default: cluster CPUs // ``num_cpus_per_worker``, or GPUs //
+            ``num_gpus_per_worker`` when GPUs are asked for; never more than the shards).
+        num_gpus_per_worker: > 0 encodes on CUDA in each actor.
+        num_cpus_per_worker: CPUs reserved per actor; its torch thread count.
+        max_retries: actor restarts and task retries after a worker dies.
+    Returns:
+        :class:`deephash_faiss.api.BuildReport`.
+    """
+    from tqdm.auto import tqdm
+
+    from . import api
+    from .data import scan_images
+    from .index import IndexSpec
+    from .model import file_sha256, load_model
+
+    t0 = time.perf_counter()
+    spec = spec or IndexSpec()
+    if feature_dtype not in ("float32", "float16"):
+        raise DhfError("--feature-dtype must be float32 or float16")
+    if shard_size < 1 or batch_size < 1:
+        raise DhfError("--shard-size and --batch-size must be at least 1")
+    if num_workers is not None and num_workers < 1:
+        raise DhfError("--workers must be at least 1")
+    images = scan_images(images_dir)
+    if len(images) == 0:
+        raise DhfError(f"no images found under {images_dir}")
+    os.makedirs(index_dir, exist_ok=True)
+    trained = False
+    if model_path is None:
+        if not images.labelled or len(images.classes) < 2:
+            raise DhfError(f"no --model given and {images_dir} has no class subfolders to train one on; "
+                           f"pass --model MODEL.pt (from `dhf train`)")
+        model_path = os.path.join(index_dir, ".trained-model.pt")
+        log("no --model given: fine-tuning a model on this machine first (training is not distributed)")
+        api.train_model(images_dir, model_path, progress=progress, log=log, **dict(train_options or {}))
+        trained = True
+    model = load_model(model_path)  # config and a check that it loads, before any worker starts
+    spec.check(model.config.bits)
+    key = api._job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype)
+    part_dir = os.path.abspath(os.path.join(index_dir, f".partial-{key[:16]}"))
+    os.makedirs(part_dir, exist_ok=True)
+    nshards = (len(images) + shard_size - 1) // shard_size
+
+    def complete(s: int) -> bool:
+        return (os.path.exists(os.path.join(part_dir, f"part-{s:05d}.h5"))
+                and os.path.exists(os.path.join(part_dir, f"part-{s:05d}.skip.json")))
+
+    todo = [s for s in range(nshards) if not complete(s)]
+    reused = nshards - len(todo)
+    written = 0
+    if reused:
+        log(f"resumed: {reused} of {nshards} shard(s) already complete")
+    ray = _ray()
+    owns = init_ray(address, log=log) if todo else False
+    try:
+        if todo:
+            res = ray.cluster_resources()
+            if num_gpus_per_worker > 0:
+                if res.get("GPU", 0) < num_gpus_per_worker:
+                    raise DhfError(f"the Ray cluster has {res.get('GPU', 0):g} GPU(s); asked for "
+                                   f"{num_gpus_per_worker:g} per worker")
+                auto = int(res.get("GPU", 0) // num_gpus_per_worker)
+            else:
+                auto = int(res.get("CPU", 1) // max(num_cpus_per_worker, 1e-9))
+            nw = max(1, min(num_workers or auto or 1, len(todo)))
+            device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+            threads = max(1, int(round(num_cpus_per_worker)))
+            Actor = ray.remote(_EncoderActor).options(
+                num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
+                max_restarts=max_retries, max_task_retries=max_retries)
+            paths_ref = ray.put(list(images.paths))
+            labels_ref = ray.put(np.asarray(images.labels))
+            fail = os.environ.get(FAIL_ONCE_ENV) or None
+            actors = [Actor.remote(os.path.abspath(model_path), paths_ref, labels_ref, os.getcwd(), threads,
+                                   device, fail) for _ in range(nw)]
+            log(f"encoding {len(images)} images in {nshards} shard(s) ({len(todo)} to do) with "
+                f"{model.config.backbone} ({model.config.bits} bits) on {nw} Ray worker(s), "
+                f"{num_cpus_per_worker:g} CPU / {num_gpus_per_worker:g} GPU each")
+            queue = deque(todo)
+            pending: dict[Any, tuple[int, int]] = {}
+
+            def submit(a: int) -> None:
+                s = queue.popleft()
+                ref = actors[a].encode.remote(part_dir, s, shard_size, batch_size, feature_dtype)
+                pending[ref] = (s, a)
+
+            for _ in range(2):  # two in flight per actor: the next shard is queued while one runs
+                for a in range(nw):
+                    if queue:
+                        submit(a)
+            nodes: dict[str, int] = {}
+            with tqdm(total=len(todo), desc="encode shards", unit="shard", disable=not progress) as bar:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    s, a = pending.pop(done[0])
+                    try:
+                        out = ray.get(done[0])
+                    except ray.exceptions.RayError as err:
+                        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                        raise DhfError(f"Ray worker failed on shard {s} after {max_retries} retries: {msg}; "
+                                       f"complete shards are kept, run the same command again to resume") from None
+                    written += out["written"]
+                    reused += out["reused"]
+                    nodes[out["node"]] = nodes.get(out["node"], 0) + 1
+                    bar.update(1)
+                    if queue:
+                        submit(a)
+            log(f"shards per node: {json.dumps(nodes)}")
+            for a in actors:
+                ray.kill(a)
+    finally:
+        if owns:
+            ray.shutdown()
+    missing = [s for s in range(nshards) if not complete(s)]
+    if missing:
+        raise DhfError(f"shards {missing[:5]} missing after the Ray build; run the same command again")
+    manifest = api.finalize_build(index_dir, part_dir, nshards, model_path, model.config, spec, feature_dtype,
+                                  images.classes, images_dir, images.skipped, key[:8])
+    shutil.rmtree(part_dir, ignore_errors=True)
+    if trained:
+        os.unlink(model_path)
+    skipped = [tuple(line.split("\t", 1)) for line in
+               open(os.path.join(index_dir, manifest["skipped_file"]), encoding="utf-8",
+                    errors="surrogateescape").read().splitlines()]
+    return api.BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0,
+                           trained)
+
+
+# ---------------------------------------------------------------------------------- split
+
+def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list[str]:
+    """Split an index into ``n`` index directories ``out_dir/shard-000`` ... of consecutive rows.
+
+    Each is a complete dhf index (manifest, model, code index of the same type, HDF5 shards)
+    whose rows have local ids 0..rows-1; its manifest's ``id_offset`` is the global id of
+    its first row (global id = local id + id_offset) and ``split`` records the source.
+    Deleted ids carry over. Memory: one source shard's rows at a time.
+    """
+    import h5py
+
+    from .index import BinaryIndex, IndexSpec
+    from .store import FeatureStore, _decode_path, atomic_write_bytes, read_manifest, write_manifest, write_shard
+
+    m = read_manifest(index_dir)
+    store = FeatureStore(index_dir, m)
+    count = store.count
+    if n < 1:
+        raise DhfError("-n must be at least 1")
+    if n > max(1, count):
+        raise DhfError(f"cannot split {count} images into {n} shards")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise DhfError(f"{out_dir} exists and is not empty")
+    spec = IndexSpec.from_dict(m["index"])
+    deleted = np.asarray(m.get("deleted") or [], dtype=np.int64)
+    bounds = [int(round(i * count / n)) for i in range(n + 1)]
+    model_src = os.path.join(index_dir, m["model"]["file"])
+    out = []
+    for i in range(n):
+        lo, hi = bounds[i], bounds[i + 1]
+        d = os.path.join(out_dir, f"shard-{i:03d}")
+        os.makedirs(os.path.join(d, "shards"), exist_ok=True)
+        shards, codes = [], []
+        for sv in store.shards:
+            a, b = max(lo, sv.start), min(hi, sv.start + sv.rows)
+            if a >= b:
+                continue
+            with h5py.File(sv.file, "r") as f:
+                sl = slice(a - sv.start, b - sv.start)
+                c, feats, labels = f["codes"][sl], f["features"][sl], f["labels"][sl]
+                paths = [_decode_path(p) for p in f["paths"][sl]]
+            name = f"part-{len(shards):05d}.h5"
+            info = write_shard(os.path.join(d, "shards", name), c, feats, np.arange(a - lo, b - lo, dtype=np.int64),
+                               paths, labels)
+            shards.append({**info, "start": a - lo})
+            codes.append(c)
+        nb = int(m["bits"]) // 8
+        all_codes = np.concatenate(codes) if codes else np.zeros((0, nb), np.uint8)
+        index = BinaryIndex.build(all_codes, spec)
+        tmp = os.path.join(d, ".tmp-codes.index")
+        index.save(tmp)
+        os.replace(tmp, os.path.join(d, "codes.index"))
+        tmp = os.path.join(d, ".tmp-model.pt")
+        shutil.copyfile(model_src, tmp)
+        os.replace(tmp, os.path.join(d, "model.pt"))
+        atomic_write_bytes(os.path.join(d, "skipped.tsv"), b"")
+        local_del = deleted[(deleted >= lo) & (deleted < hi)] - lo
+        man = {**m, "created": m.get("created"), "count": hi - lo, "shards": shards,
+               "model": {**m["model"], "file": "model.pt"},
+               "index": {**m["index"], "file": "codes.index"},
+               "skipped": 0, "skipped_file": "skipped.tsv", "deleted": [int(x) for x in local_del],
+               "id_offset": lo,
+               "split": {"source": os.path.abspath(index_dir), "part": i, "parts": n, "total_count": count}}
+        write_manifest(d, man)
+        log(f"{d}: ids {lo}..{hi - 1} ({hi - lo} rows)")
+        out.append(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------- merge
+
+def merge_knn(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard k-NN lists of one query: [(dist [k_i], global ids [k_i])] -> the k
+    smallest (dist, id) pairs, in that order. Ids < 0 (padding) are dropped."""
+    D = np.concatenate([np.asarray(p[0]) for p in parts]) if parts else np.zeros(0)
+    I = np.concatenate([np.asarray(p[1], np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+    ok = I >= 0
+    D, I = D[ok], I[ok]
+    order = np.lexsort((I, D))[:k]
+    return D[order], I[order]
+
+
+def merge_knn_batch(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batched :func:`merge_knn`: parts [(D [m, k_i], I [m, k_i] global)] -> (D [m, k], I [m, k]),
+    ordered by (dist, id); short rows are padded with id -1 (and the dtype's max distance)."""
+    D = np.concatenate([p[0] for p in parts], axis=1)
+    I = np.concatenate([np.asarray(p[1], np.int64) for p in parts], axis=1)
+    big = np.iinfo(D.dtype).max if np.issubdtype(D.dtype, np.integer) else np.inf
+    D = np.where(I >= 0, D, big)
+    # rows with id -1 go last: sort by (pad flag, dist, id)
+    order = np.lexsort((I, D, I < 0), axis=1)[:, :k]
+    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    if D.shape[1] < k:
+        pad = k - D.shape[1]
+        D = np.hstack([D, np.full((len(D), pad), big, D.dtype)])
+        I = np.hstack([I, np.full((len(I), pad), -1, np.int64)])
+    return D, I
+
+
+# ---------------------------------------------------------------------------------- search
+
+class ShardWorker:
+    """One shard of a sharded index: a :class:`~deephash_faiss.search.Searcher` plus its id
+    offset. Runs in-process or as a Ray actor; every id it returns is global."""
+
+    def __init__(self, index_dir: str, device: str = "cpu", features_in_memory: bool = False,
+                 num_threads: int | None = None):
+        from .search import Searcher
+
+        if num_threads:
+            import faiss
+            import torch
+
+            torch.set_num_threads(int(num_threads))
+            faiss.omp_set_num_threads(int(num_threads))
+        self.searcher = Searcher(index_dir, device=device, features_in_memory=features_in_memory)
+        self.offset = int(self.searcher.manifest.get("id_offset", 0))
+
+    def info(self) -> dict[str, Any]:
+        m = self.searcher.manifest
+        return {"dir": self.searcher.index_dir, "count": self.searcher.count, "live": self.searcher.live_count(),
+                "offset": self.offset, "bits": self.searcher.bits, "feature_dim": int(m["feature_dim"]),
+                "model_sha256": m["model"]["sha256"], "node": _node_ip(), "pid": os.getpid()}
+
+    def knn(self, qcodes: np.ndarray, k: int):
+        """Hamming k-NN: (D int32 [m, k'], global ids int64 [m, k']), by (Hamming, id)."""
+        live = self.searcher.live_count()
+        if live == 0:
+            return np.zeros((len(qcodes), 0), np.int32), np.zeros((len(qcodes), 0), np.int64)
+        D, I = self.searcher.index.search(qcodes, min(k, live))
+        return D, np.where(I >= 0, I + self.offset, -1)
+
+    def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
+        """HDS round 1: (lims, hamming, global ids) of the radius pools capped at max_candidates,
+        and {query: (D, I)} Hamming k-NN for the queries whose pool here is shorter than k."""
+        s = self.searcher
+        lims, D, I = s.index.range_search(qcodes, radius, max_candidates)
+        need = [i for i in range(len(qcodes)) if lims[i + 1] - lims[i] < k]
+        knn = {}
+        if need and s.live_count():
+            Dk, Ik = self.knn(qcodes[need], k)
+            knn = {q: (Dk[j], Ik[j]) for j, q in enumerate(need)}
+        return lims, D, I + self.offset, knn
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Feature rows for global ids (HDS ``rerank="driver"``)."""
+        return self.searcher.store.gather(np.asarray(ids, np.int64) - self.offset)
+
+    def rerank(self, qfeats: np.ndarray, cands: list[np.ndarray], k: int):
+        """HDS round 2 (``rerank="shards"``): rank each query's candidates (global ids, in pool
+        order) by squared L2, ``|x|^2 - 2 q.x + |q|^2`` with the dot products from one GEMM
+        (its values do not depend on which other rows are in the call). Returns per query
+        (positions into its candidate list, distances float32), k best, ties by position."""
+        s = self.searcher
+        out = []
+        q = np.ascontiguousarray(qfeats, dtype=np.float32)
+        qn = np.einsum("ij,ij->i", q, q)
+        for i, c in enumerate(cands):
+            if len(c) == 0:
+                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+                continue
+            x = np.ascontiguousarray(s.store.gather(np.asarray(c, np.int64) - self.offset), dtype=np.float32)
+            d = np.einsum("ij,ij->i", x, x) - 2 * (q[i:i + 1] @ x.T)[0] + qn[i]
+            np.maximum(d, 0, out=d)
+            order = np.argsort(d, kind="stable")[:k]
+            out.append((order.astype(np.int64), d[order].astype(np.float32)))
+        return out
+
+    def es(self, qfeats: np.ndarray, qcodes: np.ndarray | None, k: int):
+        """Exact L2 k-NN: per query (global ids, hamming, distances), by (L2, id)."""
+        s = self.searcher
+        live = s.live_count()
+        if live == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))] * len(qfeats)
+        b = s.es(qfeats, qcodes, min(k, live))
+        return [(r.ids + self.offset, r.hamming, r.distance) for r in b.results]
+
+
+class ShardedSearcher:
+    """Search shards written by :func:`split_index` as one index.
+
+    Args:
+        shard_dirs: the shard index directories (any order; sorted by ``id_offset``).
+        use_ray: one Ray actor per shard (``scheduling_strategy="SPREAD"``), calls fanned out
+            in parallel; False: the same fan-out in-process, one shard after another.
+        address: Ray cluster address (see :func:`init_ray`); ignored without Ray.
+        num_cpus_per_shard: CPUs reserved per actor (default: min(1, cluster CPUs / shards)).
+        rerank: HDS rerank placement, "driver" (exact) or "shards" (see :meth:`hds`).
+    Results are :class:`~deephash_faiss.search.SearchBatch` objects with global ids, equal
+    to the unsharded index's (see the module docstring for the merge semantics).
+    """
+
+    def __init__(self, shard_dirs: Sequence[str], use_ray: bool = True, device: str = "cpu",
+                 features_in_memory: bool = False, address: str | None = None,
+                 num_cpus_per_shard: float | None = None, rerank: str = "driver"):
+        self.rerank_mode = rerank
+        if not shard_dirs:
+            raise DhfError("no shard directories given")
+        self.use_ray = use_ray
+        self._owns_ray = False
+        if use_ray:
+            ray = _ray()
+            self._owns_ray = init_ray(address)
+            n = len(shard_dirs)
+            cpus = num_cpus_per_shard
+            if cpus is None:
+                cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / n)
+            threads = max(1, int(cpus))
+            Actor = ray.remote(ShardWorker).options(num_cpus=cpus, scheduling_strategy="SPREAD",
+                                                    max_restarts=1, max_task_retries=1)
+            self.workers = [Actor.remote(os.path.abspath(d), device, features_in_memory, threads)
+                            for d in shard_dirs]
+        else:
+            self.workers = [ShardWorker(d, device, features_in_memory) for d in shard_dirs]
+        infos = self._call("info")
+        order = np.argsort([i["offset"] for i in infos], kind="stable")
+        self.workers = [self.workers[i] for i in order]
+        self.infos = [infos[i] for i in order]
+        self._check()
+        self.offsets = np.array([i["offset"] for i in self.infos], np.int64)
+        self.bits = self.infos[0]["bits"]
+        self.count = int(sum(i["count"] for i in self.infos))
+        self.shard_dirs = [i["dir"] for i in self.infos]
+        self._model = None
+
+    def _check(self) -> None:
+        first = self.infos[0]
+        expect = 0
+        for inf in self.infos:
+            for key in ("bits", "feature_dim", "model_sha256"):
+                if inf[key] != first[key]:
+                    raise DhfError(f"shard {inf['dir']} has another {key} than {first['dir']}")
+            if inf["offset"] != expect:
+                raise DhfError(f"shard {inf['dir']} starts at id {inf['offset']}, expected {expect} "
+                               f"(a shard is missing or repeated)")
+            expect += inf["count"]
+
+    def _call(self, method: str, *args, per_shard: Sequence[tuple] | None = None) -> list:
+        """Call ``method`` on every shard (same args, or ``per_shard[i]``) and gather the replies."""
+        argv = per_shard if per_shard is not None else [args] * len(self.workers)
+        if self.use_ray:
+            ray = _ray()
+            return ray.get([getattr(w, method).remote(*a) for w, a in zip(self.workers, argv)])
+        return [getattr(w, method)(*a) for w, a in zip(self.workers, argv)]
+
+    def live_count(self) -> int:
+        return int(sum(i["live"] for i in self.infos))
+
+    def _checked(self, k: int, radius: int | None = None, max_candidates: int | None = None) -> None:
+        if k < 1:
+            raise DhfError("k must be at least 1")
+        if radius is not None and radius < 0:
+            raise DhfError("radius must be >= 0")
+        if max_candidates is not None and max_candidates < 1:
+            raise DhfError("max-candidates must be at least 1")
+        if self.live_count() == 0:
+            raise DhfError("the index is empty")
+
+    # -- encoding (on the driver, with the shards' common model) ------------------------
+    def encode(self, paths: Sequence[str], batch_size: int = 128, device: str = "cpu"):
+        from .extract import encode_paths
+        from .model import load_model, resolve_device
+        from .store import read_manifest
+
+        dev = resolve_device(device)
+        if self._model is None:
+            m = read_manifest(self.shard_dirs[0])
+            self._model = load_model(os.path.join(self.shard_dirs[0], m["model"]["file"]), dev)
+        codes, feats, bad = [], [], []
+        for _, c, f, b in encode_paths(self._model, list(paths), dev, batch_size):
+            codes.append(c)
+            feats.append(f)
+            bad.extend(b)
+        if bad:
+            raise DhfError(f"cannot use query {paths[bad[0][0]]}: {bad[0][1]}")
+        return np.concatenate(codes), np.concatenate(feats).astype(np.float32), bad
+
+    # -- modes --------------------------------------------------------------------------
+    def bcs(self, qcodes: np.ndarray, k: int):
+        from .search import QueryResult, SearchBatch
+
+        self._checked(k)
+        t0 = time.perf_counter()
+        kk = min(k, self.live_count())
+        parts = self._call("knn", qcodes, kk)
+        res = []
+        for qi in range(len(qcodes)):
+            D, I = merge_knn([(d[qi], i[qi]) for d, i in parts], kk)
+            res.append(QueryResult(I, D.astype(np.int32), np.full(len(I), np.nan, np.float32), self.live_count()))
+        return SearchBatch("bcs", res, (time.perf_counter() - t0) * 1e3, {"shards": len(self.workers)})
+
+    def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
+        """The global HDS pools, equal to :meth:`Searcher.pools`: list of (ids, hamming, truncated)."""
+        parts = self._call("pools", qcodes, k, radius, max_candidates)
+        kk = min(k, self.live_count())
+        out = []
+        for qi in range(len(qcodes)):
+            D = np.concatenate([p[1][p[0][qi]:p[0][qi + 1]] for p in parts]).astype(np.int32)
+            I = np.concatenate([p[2][p[0][qi]:p[0][qi + 1]] for p in parts]).astype(np.int64)
+            order = np.lexsort((I, D))
+            if max_candidates is not None:
+                order = order[:max_candidates]
+            ids, ham = I[order], D[order]
+            truncated = max_candidates is not None and len(ids) >= max_candidates
+            if len(ids) < k:
+                # every shard's pool is then shorter than k, so every shard sent its k-NN
+                d2, i2 = merge_knn([p[3][qi] for p in parts if qi in p[3]], kk)
+                extra = ~np.isin(i2, ids)
+                ids = np.concatenate([ids, i2[extra]])
+                ham = np.concatenate([ham, d2[extra].astype(np.int32)])
+            out.append((ids, ham, truncated))
+        return out
+
+    def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = 3,
+            max_candidates: int | None = 10_000, rerank: str | None = None):
+        """HDS over the shards. ``rerank`` (default: the constructor's):
+
+        * ``"driver"`` -- exact: the final pools' feature rows are fetched from the shards
+          (one sorted gather per shard for the batch's union) and ranked on the driver by the
+          same code as :meth:`Searcher.hds`, so ids, Hamming and L2 values are bit for bit the
+          unsharded ones. Moves |union of pools| x D feature values per batch.
+        * ``"shards"`` -- scalable: each shard ranks its part of the pools and returns its k
+          best (ids and distances only); the driver merges by (L2, position in the pool).
+          Same pools, same ids except where two distances are within float rounding (the
+          unsharded CPU rerank picks GEMM or GEMV by batch overlap; they round differently).
+        """
+        from .search import QueryResult, SearchBatch
+
+        mode = rerank or self.rerank_mode
+        if mode not in ("driver", "shards"):
+            raise DhfError(f"unknown rerank mode {mode!r} (driver or shards)")
+        self._checked(k, radius, max_candidates)
+        t0 = time.perf_counter()
+        pools = self.pools(qcodes, k, radius, max_candidates)
+        t1 = time.perf_counter()
+        nsh = len(self.workers)
+        if mode == "driver":
+            ranked = self._rerank_on_driver(qfeats, [ids for ids, _, _ in pools], k)
+            res = [QueryResult(ids[o], ham[o].astype(np.int32), d, len(ids), trunc)
+                   for (ids, ham, trunc), (o, d) in zip(pools, ranked)]
+            t2 = time.perf_counter()
+            return SearchBatch("hds", res, (t2 - t0) * 1e3, {"pool_ms": (t1 - t0) * 1e3,
+                                                             "rerank_ms": (t2 - t1) * 1e3, "shards": nsh})
+        # which pool positions go to which shard
+        per_shard_pos = [[None] * len(pools) for _ in range(nsh)]
+        for qi, (ids, _, _) in enumerate(pools):
+            sh = np.searchsorted(self.offsets, ids, side="right") - 1
+            for s in range(nsh):
+                per_shard_pos[s][qi] = np.flatnonzero(sh == s)
+        args = [(qfeats, [pools[qi][0][per_shard_pos[s][qi]] for qi in range(len(pools))], k) for s in range(nsh)]
+        ranked = self._call("rerank", per_shard=args)
+        res = []
+        for qi, (ids, ham, trunc) in enumerate(pools):
+            pos = np.concatenate([per_shard_pos[s][qi][ranked[s][qi][0]] for s in range(nsh)]).astype(np.int64)
+            dist = np.concatenate([ranked[s][qi][1] for s in range(nsh)]).astype(np.float32)
+            order = np.lexsort((pos, dist))[:k]  # (L2, position in the pool) = the unsharded stable sort
+            pos, dist = pos[order], dist[order]
+            res.append(QueryResult(ids[pos], ham[pos].astype(np.int32), dist, len(ids), trunc))
+        t2 = time.perf_counter()
+        return SearchBatch("hds", res, (t2 - t0) * 1e3,
+                           {"pool_ms": (t1 - t0) * 1e3, "rerank_ms": (t2 - t1) * 1e3, "shards": nsh})
+
+    def _rerank_on_driver(self, qfeats: np.ndarray, ids_list: list[np.ndarray], k: int):
+        from .rerank import rank_pool
+
+        allids = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int64)
+        union = np.unique(allids)
+        sh = np.searchsorted(self.offsets, union, side="right") - 1
+        parts = self._call("gather", per_shard=[(union[sh == s],) for s in range(len(self.workers))])
+        rows = np.concatenate(parts) if len(union) else np.zeros((0, 1), np.float32)
+
+        def gather(ids):
+            return rows[np.searchsorted(union, np.asarray(ids, np.int64))]
+
+        try:  # the unsharded Searcher's CPU rerank (batched), when this version has it
+            from .rerank import rank_pools_cpu
+        except ImportError:  # pragma: no cover
+            return [rank_pool(qfeats[i], gather(ids), k) for i, ids in enumerate(ids_list)]
+        return rank_pools_cpu(qfeats, ids_list, gather, k)
+
+    def es(self, qfeats: np.ndarray, qcodes: np.ndarray | None, k: int):
+        from .search import QueryResult, SearchBatch
+
+        self._checked(k)
+        t0 = time.perf_counter()
+        kk = min(k, self.live_count())
+        parts = self._call("es", qfeats, qcodes, kk)
+        res = []
+        for qi in range(len(qfeats)):
+            ids = np.concatenate([p[qi][0] for p in parts]).astype(np.int64)
+            ham = np.concatenate([p[qi][1] for p in parts]).astype(np.int32)
+            dist = np.concatenate([p[qi][2] for p in parts]).astype(np.float32)
+            order = np.lexsort((ids, dist))[:kk]
+            res.append(QueryResult(ids[order], ham[order], dist[order], self.live_count()))
+        return SearchBatch("es", res, (time.perf_counter() - t0) * 1e3, {"shards": len(self.workers)})
+
+    def search(self, mode: str, qcodes: np.ndarray, qfeats: np.ndarray, k: int = 10, radius: int = 3,
+               max_candidates: int | None = 10_000):
+        if mode == "bcs":
+            return self.bcs(qcodes, k)
+        if mode == "hds":
+            return self.hds(qcodes, qfeats, k, radius, max_candidates)
+        if mode == "es":
+            return self.es(qfeats, qcodes, k)
+        raise DhfError(f"unknown mode {mode!r}; choose from bcs, hds, es")
+
+    def close(self) -> None:
+        if self.use_ray:
+            ray = _ray()
+            for w in self.workers:
+                try:
+                    ray.kill(w)
+                except Exception:  # noqa: BLE001
+                    pass
+            if self._owns_ray:
+                ray.shutdown()
+        self.workers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,411 @@
+"""The HTTP service (deephash_faiss.serve) over a tiny generated index, through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # starlette's TestClient warns about httpx versions
+    from fastapi.testclient import TestClient
+
+from serve_helpers import build_tiny_index, write_query  # noqa: E402
+
+MODES = ("bcs", "hds", "es")
+UPLOAD_LIMIT = 200_000
+
+
+@pytest.fixture(scope="session")
+def serve_index(tmp_path_factory):
+    """A 60-image, 3-class, 16-bit smallcnn index (shared with test_browser.py)."""
+    return build_tiny_index(str(tmp_path_factory.getbasetemp() / "dhf-serve"))
+
+
+@pytest.fixture(scope="module")
+def searcher(serve_index):
+    from deephash_faiss import api
+
+    return api.open_index(serve_index, device="cpu", features_in_memory=True)
+
+
+@pytest.fixture(scope="module")
+def app(serve_index):
+    from deephash_faiss.serve import create_app
+
+    return create_app(serve_index, device="cpu", max_upload_bytes=UPLOAD_LIMIT, request_timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def queries(tmp_path_factory):
+    d = tmp_path_factory.mktemp("queries")
+    return {
+        "png": write_query(str(d / "circle.png"), 0),
+        "jpg": write_query(str(d / "stripes.jpg"), 1, seed=7),
+        "gif": write_query(str(d / "checks.gif"), 2, seed=9),
+    }
+
+
+def _upload(client, path, **params):
+    with open(path, "rb") as f:
+        return client.post("/search", files={"image": (os.path.basename(path), f.read(), "image/png")},
+                           data={k: str(v) for k, v in params.items()})
+
+
+def _assert_same(rows, batch):
+    r = batch.results[0]
+    assert [row["id"] for row in rows] == r.ids.tolist()
+    assert [row["hamming"] for row in rows] == r.hamming.tolist()
+    for row, d in zip(rows, r.distance):
+        if np.isnan(d):
+            assert row["distance"] is None
+        else:
+            assert row["distance"] == pytest.approx(float(d), rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------- search
+
+@pytest.mark.parametrize("mode", MODES)
+def test_search_by_upload_matches_searcher(client, searcher, queries, mode):
+    for kind in ("png", "jpg"):
+        resp = _upload(client, queries[kind], mode=mode, k=7, radius=4, max_candidates=50)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        codes, feats, _ = searcher.encode([queries[kind]])
+        batch = searcher.search(mode, codes, feats, 7, 4, 50)
+        assert len(body["results"]) == 7
+        _assert_same(body["results"], batch)
+        assert body["candidates"] == batch.results[0].candidates
+        assert body["truncated"] == batch.results[0].truncated
+        assert body["query"] == os.path.basename(queries[kind]) and body["query_id"] is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_search_by_id_matches_searcher(client, searcher, mode):
+    qid = 25
+    resp = client.post("/search", json={"id": qid, "mode": mode, "k": 12, "radius": 2, "max_candidates": 30})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    ids = np.array([qid])
+    batch = searcher.search(mode, searcher.codes()[ids], searcher.store.gather(ids).astype(np.float32), 12, 2, 30)
+    _assert_same(body["results"], batch)
+    assert body["query_id"] == qid and body["query"] == searcher.store.paths()[qid]
+    if mode != "bcs":
+        assert body["results"][0]["id"] == qid and body["results"][0]["distance"] == pytest.approx(0, abs=1e-4)
+
+
+def test_search_params_from_query_string(client, searcher):
+    body = client.post("/search?mode=bcs&k=3", json={"id": 4}).json()
+    assert body["mode"] == "bcs" and len(body["results"]) == 3
+
+
+def test_json_shape_matches_cli(client, serve_index, queries):
+    from click.testing import CliRunner
+
+    from deephash_faiss.cli import main
+
+    out = CliRunner().invoke(main, ["search", "--query", queries["png"], "--index", serve_index, "--mode", "hds",
+                                    "-k", "5", "--json", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    cli = json.loads(out.output)
+    body = _upload(client, queries["png"], mode="hds", k=5).json()
+    assert set(cli) <= set(body)
+    for key in ("mode", "query", "results", "timing_ms", "candidates", "truncated"):
+        assert key in body
+    assert body["mode"] == cli["mode"] and body["candidates"] == cli["candidates"]
+    assert body["truncated"] == cli["truncated"]
+    assert isinstance(body["timing_ms"], float) and body["timing_ms"] >= 0
+    for api_row, cli_row in zip(body["results"], cli["results"], strict=True):
+        assert set(api_row) == set(cli_row) | {"thumbnail_url", "image_url"}
+        for key in ("rank", "id", "path", "label", "hamming"):
+            assert api_row[key] == cli_row[key]
+        assert api_row["distance"] == pytest.approx(cli_row["distance"], rel=1e-4, abs=1e-5)
+        assert api_row["thumbnail_url"] == f"/images/{api_row['id']}?thumb=1"
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
+
+
+def test_upload_of_other_formats(client, queries):
+    resp = _upload(client, queries["gif"], mode="es", k=3)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["results"]) == 3
+
+
+# ---------------------------------------------------------------- images
+
+def test_thumbnail_and_full_image(client, searcher):
+    from PIL import Image
+
+    resp = client.get("/images/0?thumb=1")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    thumb = Image.open(io.BytesIO(resp.content))
+    assert max(thumb.size) <= 128 and thumb.mode == "RGB"
+    resp = client.get("/images/59")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    with open(searcher.store.paths()[59], "rb") as f:
+        assert resp.content == f.read()
+
+
+@pytest.mark.parametrize("url", [
+    "/images/../../etc/passwd", "/images/%2e%2e", "/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/images/..%2f..%2fetc%2fpasswd", "/images/0%2f..%2f..%2fetc%2fpasswd", "/images//etc/passwd",
+    "/images/-1", "/images/60", "/images/99999999", "/images/99999999999999999999999999",
+    "/images/1e3", "/images/0x1", "/images/%00", "/static/../manifest.json",
+    "/static/%2e%2e/serve.py", "/images/-1?thumb=1", "/images/60?thumb=1",
+])
+def test_image_traversal_and_bad_ids(client, url):
+    resp = client.get(url)
+    assert resp.status_code in (404, 422), (url, resp.status_code)
+    assert b"root:" not in resp.content and b"import" not in resp.content
+
+
+def test_deleted_ids_are_not_served(serve_index):
+    from deephash_faiss import api
+    from deephash_faiss.serve import create_app
+
+    s = api.open_index(serve_index, device="cpu", features_in_memory=True)
+    mask = np.zeros(s.count, bool)
+    mask[3] = True
+    s.index.deleted = mask
+    with TestClient(create_app(serve_index, searcher=s)) as c:
+        assert c.get("/images/3").status_code == 404
+        assert c.get("/images/4").status_code == 200
+        assert c.post("/search", json={"id": 3}).status_code == 422
+        assert c.get("/info").json()["live_count"] == 59
+        body = c.post("/search", json={"id": 4, "mode": "es", "k": 59}).json()
+        assert 3 not in [r["id"] for r in body["results"]]
+
+
+# ---------------------------------------------------------------- limits
+
+def test_upload_too_large_is_413(client):
+    big = np.random.default_rng(0).integers(0, 256, UPLOAD_LIMIT + 1000, dtype=np.uint8).tobytes()
+    resp = client.post("/search", files={"image": ("big.png", big, "image/png")})
+    assert resp.status_code == 413
+    assert "too large" in resp.json()["detail"]
+
+
+def test_upload_too_large_without_content_length_is_413(client):
+    boundary = "dhfboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def chunks():
+        yield head
+        for _ in range(10):
+            yield b"\0" * 50_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    resp = client.post("/search", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert resp.status_code == 413
+
+
+def test_json_body_too_large_is_413(client):
+    resp = client.post("/search", content=b"{\"id\": 1, \"pad\": \"" + b"x" * 100_000 + b"\"}",
+                       headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+
+
+def test_non_image_upload_is_415(client):
+    resp = client.post("/search", files={"image": ("notes.txt", b"these are not pixels", "text/plain")})
+    assert resp.status_code == 415
+    assert "not a usable image" in resp.json()["detail"]
+    resp = client.post("/search", files={"image": ("empty.png", b"", "image/png")})
+    assert resp.status_code == 415
+    # a PNG header and then garbage: truncated
+    resp = client.post("/search", files={"image": ("cut.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png")})
+    assert resp.status_code == 415
+
+
+def test_bad_requests(client):
+    assert client.post("/search", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
+    assert client.post("/search", data={"mode": "hds"}).status_code == 422  # no image field
+    assert client.post("/search", data={"image": "a string"}).status_code == 422
+    assert client.post("/search", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/search", json=[1, 2]).status_code == 422
+    assert client.post("/search", json={"mode": "hds"}).status_code == 422  # no id
+    for bad_id in (-1, 60, 10**30, "x", 1.5, True):
+        resp = client.post("/search", json={"id": bad_id})
+        assert resp.status_code == 422, bad_id
+        assert isinstance(resp.json()["detail"], str)
+
+
+@pytest.mark.parametrize("params, ok", [
+    ({"k": 0}, False), ({"k": -3}, False), ({"k": 60}, True), ({"k": 61}, False), ({"k": 1000}, False),
+    ({"k": "ten"}, False), ({"k": 2.5}, False), ({"radius": -1}, False), ({"radius": 0}, True),
+    ({"radius": 16}, True), ({"radius": 17}, False), ({"max_candidates": 0}, False),
+    ({"max_candidates": 1}, True), ({"mode": "fast"}, False), ({"mode": "ES"}, True),
+])
+def test_parameter_bounds(client, params, ok):
+    resp = client.post("/search", json={"id": 10, "mode": "hds", **params})
+    assert resp.status_code == (200 if ok else 422), (params, resp.text)
+    if not ok:
+        assert isinstance(resp.json()["detail"], str) and len(resp.json()["detail"]) < 200
+    # the same bounds apply to form fields of an upload
+    if not ok and "k" in params:
+        form = client.post("/search", files={"image": ("q.png", _png_bytes(), "image/png")},
+                           data={k: str(v) for k, v in params.items()})
+        assert form.status_code == 422
+
+
+def _png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 30), (200, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_timeout_is_504(serve_index, searcher):
+    from deephash_faiss.serve import create_app
+
+    app = create_app(serve_index, searcher=searcher, request_timeout_s=0.2)
+    engine = app.state.engine
+    real = engine.search
+
+    def slow(*a, **kw):
+        time.sleep(0.6)
+        return real(*a, **kw)
+
+    engine.search = slow
+    with TestClient(app) as c:
+        t0 = time.perf_counter()
+        resp = c.post("/search", json={"id": 1})
+        assert resp.status_code == 504 and "longer than 0.2 s" in resp.json()["detail"]
+        assert time.perf_counter() - t0 < 0.55
+        engine.search = real
+        time.sleep(0.5)  # let the abandoned search finish on the worker
+        assert c.post("/search", json={"id": 1}).status_code == 200
+
+
+def test_busy_is_503(serve_index, searcher):
+    import threading
+
+    from deephash_faiss.serve import create_app
+
+    app = create_app(serve_index, searcher=searcher, max_pending=1, request_timeout_s=5)
+    engine = app.state.engine
+    gate = threading.Event()
+    real = engine.search
+
+    def held(*a, **kw):
+        gate.wait(5)
+        return real(*a, **kw)
+
+    engine.search = held
+    with TestClient(app) as c:
+        results = {}
+        t = threading.Thread(target=lambda: results.setdefault("first", c.post("/search", json={"id": 1})))
+        t.start()
+        deadline = time.monotonic() + 5
+        while engine._pending < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = c.post("/search", json={"id": 2})
+        gate.set()
+        t.join(10)
+        assert second.status_code == 503
+        assert results["first"].status_code == 200
+
+
+def test_create_app_rejects_bad_settings(serve_index, searcher, tmp_path):
+    from deephash_faiss.errors import DhfError
+    from deephash_faiss.serve import create_app
+
+    with pytest.raises(DhfError):
+        create_app(serve_index, searcher=searcher, max_upload_bytes=0)
+    with pytest.raises(DhfError, match="no such index"):
+        create_app(str(tmp_path / "nothing"))
+
+
+# ---------------------------------------------------------------- metadata and page
+
+def test_healthz(client):
+    assert client.get("/healthz").json() == {"status": "ok", "count": 60, "live_count": 60}
+
+
+def test_info(client):
+    info = client.get("/info").json()
+    assert info["count"] == 60 and info["bits"] == 16
+    assert info["model"]["backbone"] == "smallcnn" and info["feature_dim"] == 512
+    assert sorted(info["classes"]) == ["checks", "circles", "stripes"]
+    assert info["index"]["type"] == "flat"
+    assert info["limits"] == {"k_max": 60, "radius_max": 16, "max_candidates_min": 1}
+
+
+def test_docs_and_openapi(client):
+    resp = client.get("/docs")
+    assert resp.status_code == 200 and "swagger" in resp.text.lower()
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/images/{image_id}", "/healthz", "/info"} <= set(spec["paths"])
+    content = spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(content)
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for needle in ('id="drop"', 'name="mode"', 'id="k"', 'id="radius"', 'id="grid"', "/static/app.js"):
+        assert needle in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert "text/css" in client.get("/static/style.css").headers["content-type"]
+
+
+def test_cli_serve_help_and_bad_index(tmp_path):
+    from click.testing import CliRunner
+
+    from deephash_faiss.cli import main
+
+    out = CliRunner().invoke(main, ["serve", "--help"])
+    assert out.exit_code == 0 and "--max-upload-mb" in out.output
+    out = CliRunner().invoke(main, ["serve", "--index", str(tmp_path / "missing"), "--device", "cpu"])
+    assert out.exit_code == 1 and "Error: no such index directory" in out.output
+
+
+# ---------------------------------------------------------------- decoding uploads
+
+def test_decode_image_bytes_equals_decode_image(tmp_path):
+    from PIL import Image
+
+    from deephash_faiss.data import decode_image
+    from deephash_faiss.serve import decode_image_bytes
+
+    rng = np.random.default_rng(3)
+    cases = {
+        "wide.png": Image.fromarray(rng.integers(0, 256, (30, 70, 3), dtype=np.uint8)),
+        "tall.jpg": Image.fromarray(rng.integers(0, 256, (90, 41, 3), dtype=np.uint8)),
+        "big.jpg": Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)),
+        "alpha.png": Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "RGBA"),
+        "grey.png": Image.fromarray(rng.integers(0, 256, (33, 33), dtype=np.uint8), "L"),
+        "palette.gif": Image.fromarray(rng.integers(0, 256, (50, 20, 3), dtype=np.uint8)).convert("P"),
+        "tiny.bmp": Image.fromarray(rng.integers(0, 256, (5, 9, 3), dtype=np.uint8)),
+    }
+    for name, img in cases.items():
+        p = str(tmp_path / name)
+        img.save(p)
+        with open(p, "rb") as f:
+            got = decode_image_bytes(f.read(), 32)
+        want = decode_image(p, 32)
+        assert got.shape == (32, 32, 3) and got.dtype == np.uint8 and got.flags.writeable
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_decompression_bomb_upload_is_413(client, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    resp = client.post("/search", files={"image": ("huge.png", _png_bytes(), "image/png")})
+    assert resp.status_code == 413
+    assert "decompression bomb" in resp.json()["detail"]

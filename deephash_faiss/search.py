@@ -57,6 +57,39 @@ def _popcount_rows(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.unpackbits(x, axis=1).sum(1, dtype=np.int32) if len(x) else np.zeros(0, np.int32)
 
 
+class GpuCodeIndex:
+    """The database codes on a torch device (:class:`deephash_faiss.gpu.GpuBinaryIndex`:
+    Triton int8 tensor-core kernels on CUDA), with :class:`BinaryIndex`'s semantics:
+    (distance, id) order, strict radius, the cap, and the owner's ``deleted`` mask.
+    Exact whatever the index type on disk (flat, hash or multihash)."""
+
+    def __init__(self, codes: np.ndarray, owner: BinaryIndex, device):
+        from .gpu import GpuBinaryIndex
+
+        self.owner = owner
+        self.gpu = GpuBinaryIndex(codes, device=device)
+
+    def search(self, q: np.ndarray, k: int):
+        from .index import _finish_knn
+
+        deleted = self.owner.deleted
+        n_del = int(deleted.sum()) if deleted is not None else 0
+        kk = min(self.gpu.ntotal, k + n_del)
+        D, I = self.gpu.search(np.ascontiguousarray(q, dtype=np.uint8), kk)
+        return _finish_knn(np.asarray(D, np.int32), np.asarray(I, np.int64), k, deleted)
+
+    def range_search(self, q: np.ndarray, radius: int, max_candidates: int | None = None):
+        from .index import sort_and_cap
+
+        if radius < 0:
+            raise DhfError("radius must be >= 0")
+        deleted = self.owner.deleted
+        cap = max_candidates if deleted is None or not deleted.any() else None
+        lims, D, I = self.gpu.range_search(np.ascontiguousarray(q, dtype=np.uint8), int(radius), cap)
+        return sort_and_cap(np.asarray(lims, np.int64), np.asarray(D, np.int32), np.asarray(I, np.int64),
+                            max_candidates, deleted)
+
+
 class Searcher:
     """Search an index directory.
 
@@ -65,9 +98,12 @@ class Searcher:
         device: "auto", "cpu" or "cuda": where queries are encoded and L2 is computed.
         features_in_memory: load all features into RAM (or GPU memory on CUDA) at start;
             otherwise they are memory-mapped from the shards and gathered per query.
+        code_backend: "auto" (the GPU kernels of :mod:`deephash_faiss.gpu` when ``device``
+            is CUDA, else the FAISS index), "faiss" or "gpu" (the torch path, also on CPU).
     """
 
-    def __init__(self, index_dir: str, device: str = "auto", features_in_memory: bool = False):
+    def __init__(self, index_dir: str, device: str = "auto", features_in_memory: bool = False,
+                 code_backend: str = "auto"):
         from .model import resolve_device
 
         self.index_dir = index_dir
@@ -92,6 +128,13 @@ class Searcher:
         self._model = None
         self._gpu_feats = None
         self.backend = pick_backend(str(self.device))
+        if code_backend not in ("auto", "faiss", "gpu"):
+            raise DhfError(f"unknown code backend {code_backend!r} (auto, faiss or gpu)")
+        if code_backend == "auto":
+            code_backend = "gpu" if self.device.type == "cuda" else "faiss"
+        self.code_backend = code_backend
+        self._codes_index = (GpuCodeIndex(self.codes(), self.index, self.device) if code_backend == "gpu"
+                             else self.index)
         if features_in_memory:
             self.store.load_features()
             if self.device.type == "cuda":
@@ -167,7 +210,7 @@ class Searcher:
         """Hamming k-NN. qcodes uint8 [m, B]."""
         self._check(k)
         t0 = time.perf_counter()
-        D, I = self.index.search(qcodes, min(k, self.live_count()))
+        D, I = self._codes_index.search(qcodes, min(k, self.live_count()))
         ms = (time.perf_counter() - t0) * 1e3
         res = []
         for d, i in zip(D, I):
@@ -177,13 +220,13 @@ class Searcher:
 
     def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
         """HDS candidate pools: list of (ids int64 [p], hamming int32 [p], truncated)."""
-        lims, D, I = self.index.range_search(qcodes, radius, max_candidates)
+        lims, D, I = self._codes_index.range_search(qcodes, radius, max_candidates)
         out = []
         need_topup = [i for i in range(len(qcodes)) if lims[i + 1] - lims[i] < k]
         top = {}
         if need_topup:
             kk = min(k, self.live_count())
-            Dk, Ik = self.index.search(qcodes[need_topup], kk)
+            Dk, Ik = self._codes_index.search(qcodes[need_topup], kk)
             top = {q: (Dk[j], Ik[j]) for j, q in enumerate(need_topup)}
         for i in range(len(qcodes)):
             ids, ham = I[lims[i]:lims[i + 1]], D[lims[i]:lims[i + 1]]

@@ -126,3 +126,24 @@ def test_bad_arguments(synth_index):
         s.bcs(np.zeros((1, 4), np.uint8), 5)
     with pytest.raises(DhfError, match="has no model"):
         s.encode(["x.png"])
+
+
+def test_gpu_code_backend_equals_faiss(synth_index):
+    """The torch/Triton code path (here its CPU fallback) returns what the FAISS index does."""
+    d, codes, feats, _ = synth_index
+    a = api.open_index(d, device="cpu")
+    from deephash_faiss.search import Searcher
+
+    b = Searcher(d, device="cpu", code_backend="gpu")
+    assert b.code_backend == "gpu" and a.code_backend == "faiss"
+    for s in (a, b):
+        mask = np.zeros(s.count, bool)
+        mask[[0, 7, 14, 100]] = True  # deleted rows are hidden on both paths
+        s.index.deleted = mask
+    ra, rb = a.bcs(codes[:20], 30).results, b.bcs(codes[:20], 30).results
+    assert all(x.ids.tolist() == y.ids.tolist() and x.hamming.tolist() == y.hamming.tolist() for x, y in zip(ra, rb))
+    for radius, cap in ((2, None), (4, 25)):
+        ha = a.hds(codes[:20], feats[:20], 10, radius, cap).results
+        hb = b.hds(codes[:20], feats[:20], 10, radius, cap).results
+        assert all(x.ids.tolist() == y.ids.tolist() and x.candidates == y.candidates for x, y in zip(ha, hb))
+        assert all(0 not in x.ids.tolist() and 7 not in x.ids.tolist() for x in hb)

@@ -179,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--mh-b", type=int, default=24)
     ap.add_argument("--mh-nflip", type=int, default=1)
     ap.add_argument("--kinds", nargs="+", default=["flat", "hash", "multihash"])
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (L2 via torch)")
+    ap.add_argument("--device", default="cpu", help="cpu (faiss) or cuda (L2 via torch; cpu:0 = torch on CPU)")
     ap.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--codes-only", action="store_true", help="BCS only (no features)")
     ap.add_argument("--no-raw", action="store_true", help="skip raw faiss flat indexes (memory)")
@@ -197,7 +197,7 @@ def main(argv=None):
     log = lambda *s: print(f"[{time.perf_counter() - t_start:7.1f}s rss {rss_gb():5.1f}G]", *s, flush=True)  # noqa: E731
 
     fdt = np.float16 if a.feature_dtype == "float16" else np.float32
-    use_torch = not a.device.startswith("cpu")
+    use_torch = a.device != "cpu"  # "cuda", "cuda:1"; "cpu:0" runs the torch path on CPU (testing)
     kinds = list(a.kinds)
     specs = {"flat": IndexSpec("flat"),
              "hash": IndexSpec("hash", hash_bits=a.hash_b, nflip=a.hash_nflip),
@@ -227,10 +227,8 @@ def main(argv=None):
         del codes_all
     else:
         syn = Synth(a.bits, 0 if a.codes_only else a.dim, a.classes, a.flips, a.noise, a.seed)
-        pidx = {kd: BinaryIndex.__new__(BinaryIndex) for kd in kinds}
-        for kd in kinds:  # empty product indexes, filled chunk by chunk
-            empty = BinaryIndex.build(np.zeros((0, a.bits // 8), np.uint8), specs[kd])
-            pidx[kd] = empty
+        # empty product indexes, filled chunk by chunk
+        pidx = {kd: BinaryIndex.build(np.zeros((0, a.bits // 8), np.uint8), specs[kd]) for kd in kinds}
         raw = {}
         pb = padded_nbytes(a.bits // 8)
         if not a.no_raw:

@@ -56,7 +56,8 @@ def fmt(x, nd=3):
 
 def markdown(results):
     """Markdown tables of every bench_search JSON in ``results`` (for docs/benchmarks.md)."""
-    files = sorted(glob.glob(os.path.join(results, "*.json")))
+    files = sorted(f for pat in ("search_*.json", "f16_*.json", "codes_*.json")
+                   for f in glob.glob(os.path.join(results, pat)))
     runs = []
     for p in files:
         with open(p) as f:
@@ -162,41 +163,52 @@ def main(argv=None):
     runs = load(a.results)
     f32 = [r for r in runs if r.get("feature_dtype") in (None, "float32")]
     f16 = [r for r in runs if r.get("feature_dtype") == "float16"]
-    modes = [
-        ("BCS flat (product, 48->64 padded)", lambda r: r["bcs"]["product_flat"]["batch_ms_per_query"], "o-"),
-        ("BCS raw faiss IndexBinaryFlat(48)", lambda r: r["bcs"]["faiss_flat"]["batch_ms_per_query"], "x--"),
-        ("BCS hash k-NN (approx.)", lambda r: r["bcs"]["product_hash"]["batch_ms_per_query"], "s-"),
-        ("radius<3 pool, flat", lambda r: r["radius"]["3"]["flat"]["ms_per_query"], "^:"),
-        ("radius<3 pool, hash (exact)", lambda r: r["radius"]["3"]["hash"]["ms_per_query"], "v:"),
-        ("HDS r<3, cap 1,000", lambda r: r["hds"]["1000"]["batch_ms_per_query"], "D-"),
-        ("HDS r<3, cap 10,000", lambda r: r["hds"]["10000"]["batch_ms_per_query"], "d-"),
-        ("ES faiss.knn (batch)", lambda r: r["es"]["batch_ms_per_query"], "P-"),
-        ("ES faiss.knn (1 query)", lambda r: r["es"]["single_ms"], "*--"),
-    ]
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for name, get, style in modes:
-        xs, ys, labels = series(f32, get)
-        if not xs:
-            continue
-        ax.plot(xs, ys, style, label=name)
-        if name.startswith("ES faiss.knn (batch)") or name.startswith("BCS flat"):
-            for x, y, lab in zip(xs, ys, labels):
-                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for name, get, style in modes:
-        if "HDS" in name or "ES" in name:
-            xs, ys, _ = series(f16, get)
+    panels = {
+        "BCS k-NN (k=100)": [
+            ("flat, product (48->64 padded)", lambda r: r["bcs"]["product_flat"]["batch_ms_per_query"], "o-", False),
+            ("raw faiss IndexBinaryFlat(48)", lambda r: r["bcs"]["faiss_flat"]["batch_ms_per_query"], "x--", False),
+            ("hash k-NN (approx.)", lambda r: r["bcs"]["product_hash"]["batch_ms_per_query"], "s-", False),
+            ("flat, 1 query", lambda r: r["bcs"]["product_flat"]["single_ms"], "o:", False),
+        ],
+        "Radius pooling, distance < 3": [
+            ("flat", lambda r: r["radius"]["3"]["flat"]["ms_per_query"], "^-", False),
+            ("hash b=16 nflip=2 (exact)", lambda r: r["radius"]["3"]["hash"]["ms_per_query"], "v-", False),
+        ],
+        "HDS (r<3 pool + L2 rerank)": [
+            ("cap 1,000", lambda r: r["hds"]["1000"]["batch_ms_per_query"], "D-", True),
+            ("cap 10,000", lambda r: r["hds"]["10000"]["batch_ms_per_query"], "d--", True),
+        ],
+        "ES (exact L2, faiss.knn)": [
+            ("batch", lambda r: r["es"]["batch_ms_per_query"], "P-", True),
+            ("1 query", lambda r: r["es"]["single_ms"], "*--", True),
+        ],
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for ax, (title, modes) in zip(axes.flat, panels.items()):
+        for name, get, style, by_dim in modes:
+            if not by_dim:
+                xs, ys, _ = series(f32, get)
+                if xs:
+                    ax.plot(xs, ys, style, label=name)
+                continue
+            for dim in sorted({r.get("dim") for r in f32 if r.get("dim")}):
+                xs, ys, _ = series([r for r in f32 if r.get("dim") == dim], get)
+                if xs:
+                    ax.plot(xs, ys, style, label=f"{name}, {dim}-d")
+            xs, ys, labels = series(f16, get)
             if xs:
-                ax.plot(xs, ys, style[0], mfc="none", ms=10, label=name + " [float16 features]")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("database size N")
-    ax.set_ylabel("ms per query (batch of queries; median of repeats)")
-    ax.set_title("CPU search time vs N (48-bit codes, 2 cores)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+                ax.plot(xs, ys, style[0], mfc="none", ms=10, label=f"{name}, {labels[0]} float16")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("database size N")
+        ax.set_ylabel("ms per query (batch; median)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("CPU search time vs N (48-bit codes, 100 classes, 2 shared cores)")
     fig.tight_layout()
     p1 = os.path.join(a.results, f"{a.prefix}_time.png")
-    fig.savefig(p1, dpi=120)
+    fig.savefig(p1, dpi=110)
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, get, style in [

@@ -466,6 +466,20 @@ def _collect_garbage(index_dir: str, new: dict[str, Any], old: dict[str, Any] | 
             pass
 
 
+def prepare_build(images_dir: str, index_dir: str, spec: IndexSpec | None, feature_dtype: str, shard_size: int,
+                  batch_size: int) -> tuple[IndexSpec, ImageList]:
+    """Check build arguments, scan the images and create ``index_dir``: (spec, images)."""
+    if feature_dtype not in ("float32", "float16"):
+        raise DhfError("--feature-dtype must be float32 or float16")
+    if shard_size < 1 or batch_size < 1:
+        raise DhfError("--shard-size and --batch-size must be at least 1")
+    images = scan_images(images_dir)
+    if len(images) == 0:
+        raise DhfError(f"no images found under {images_dir}")
+    os.makedirs(index_dir, exist_ok=True)
+    return spec or IndexSpec(), images
+
+
 def build_index(
     images_dir: str,
     index_dir: str = "dhf-index",
@@ -488,15 +502,7 @@ def build_index(
     intact and searchable until the new manifest replaces it.
     """
     t0 = time.perf_counter()
-    spec = spec or IndexSpec()
-    if feature_dtype not in ("float32", "float16"):
-        raise DhfError("--feature-dtype must be float32 or float16")
-    if shard_size < 1 or batch_size < 1:
-        raise DhfError("--shard-size and --batch-size must be at least 1")
-    images = scan_images(images_dir)
-    if len(images) == 0:
-        raise DhfError(f"no images found under {images_dir}")
-    os.makedirs(index_dir, exist_ok=True)
+    spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
     with IndexLock(index_dir):
         current_manifest(index_dir)  # refuses to overwrite an index of a newer format
         return _build_locked(images, images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype,

@@ -159,26 +159,44 @@ def scan_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode one image to uint8 [size, size, 3] RGB (shorter side resized, centre crop).
+def check_pixels(img) -> None:
+    """Refuse an opened PIL image over PIL's decompression-bomb limit.
+
+    PIL only warns between 1x and 2x ``MAX_IMAGE_PIXELS``; this refuses explicitly
+    (``warnings.catch_warnings`` is not thread-safe, and decoding runs in threads).
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.size[0] * img.size[1] > limit:
+        raise ImageDecodeError(f"image too large (decompression bomb limit): {img.size[0]}x{img.size[1]} "
+                               f"pixels exceeds PIL's limit of {limit}")
+
+
+def decode_image(source: str | bytes, size: int) -> np.ndarray:
+    """Decode one image (a file path, or the encoded bytes of an upload) to uint8
+    [size, size, 3] RGB: 8-bit RGB, shorter side resized to ``size`` (bilinear), centre crop.
 
     Raises:
         ImageDecodeError: the file is missing, empty, truncated, not an image, too large
             (PIL's decompression-bomb limit) or otherwise unusable.
     """
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     _quiet_bomb_warnings()
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageDecodeError("empty file")
-        with Image.open(path) as img:
-            # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse explicitly
-            # (warnings.catch_warnings is not thread-safe, decoding runs in threads)
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and img.size[0] * img.size[1] > limit:
-                raise ImageDecodeError(f"image too large (decompression bomb limit): {img.size[0]}x{img.size[1]} "
-                                       f"pixels exceeds PIL's limit of {limit}")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if not len(source):
+                raise ImageDecodeError("empty file")
+            opened = io.BytesIO(source)
+        else:
+            if os.path.getsize(source) == 0:
+                raise ImageDecodeError("empty file")
+            opened = source
+        with Image.open(opened) as img:
+            check_pixels(img)
             if img.mode == "RGB" and img.format == "JPEG":
                 img.draft("RGB", (size, size))
             img.load()

@@ -207,22 +207,12 @@ def build_index_ray(
     from tqdm.auto import tqdm
 
     from . import api
-    from .data import scan_images
-    from .index import IndexSpec
     from .model import file_sha256, load_model
 
     t0 = time.perf_counter()
-    spec = spec or IndexSpec()
-    if feature_dtype not in ("float32", "float16"):
-        raise DhfError("--feature-dtype must be float32 or float16")
-    if shard_size < 1 or batch_size < 1:
-        raise DhfError("--shard-size and --batch-size must be at least 1")
     if num_workers is not None and num_workers < 1:
         raise DhfError("--workers must be at least 1")
-    images = scan_images(images_dir)
-    if len(images) == 0:
-        raise DhfError(f"no images found under {images_dir}")
-    os.makedirs(index_dir, exist_ok=True)
+    spec, images = api.prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
     trained = False
     if model_path is None:
         if not images.labelled or len(images.classes) < 2:
@@ -574,14 +564,9 @@ class ShardedSearcher:
         return int(sum(i["live"] for i in self.infos))
 
     def _checked(self, k: int, radius: int | None = None, max_candidates: int | None = None) -> None:
-        if k < 1:
-            raise DhfError("k must be at least 1")
-        if radius is not None and radius < 0:
-            raise DhfError("radius must be >= 0")
-        if max_candidates is not None and max_candidates < 1:
-            raise DhfError("max-candidates must be at least 1")
-        if self.live_count() == 0:
-            raise DhfError("the index is empty")
+        from .search import check_search_args
+
+        check_search_args(k, radius, max_candidates, self.live_count())
 
     # -- encoding (on the driver, with the shards' common model) ------------------------
     def encode(self, paths: Sequence[str], batch_size: int = 128, device: str = "cpu"):

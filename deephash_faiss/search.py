@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DhfError
 from .index import BinaryIndex, IndexSpec
-from .rerank import exhaustive_knn, exhaustive_knn_torch, pick_backend, rank_pool, rank_pools_cpu, rank_pools_torch  # noqa: F401
+from .rerank import exhaustive_knn, exhaustive_knn_torch, pick_backend, rank_pools_cpu
 from .store import FeatureStore, read_manifest
 
 MODES = ("bcs", "hds", "es")
@@ -55,6 +55,18 @@ def _popcount_rows(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Hamming distances of one query uint8 [B] to codes uint8 [n, B] -> int32 [n]."""
     x = np.bitwise_xor(codes, q[None])
     return np.unpackbits(x, axis=1).sum(1, dtype=np.int32) if len(x) else np.zeros(0, np.int32)
+
+
+def check_search_args(k: int, radius: int | None, max_candidates: int | None, live: int) -> None:
+    """Raise :class:`DhfError` for k < 1, radius < 0, max_candidates < 1 or an empty index."""
+    if k < 1:
+        raise DhfError("k must be at least 1")
+    if radius is not None and radius < 0:
+        raise DhfError("radius must be >= 0")
+    if max_candidates is not None and max_candidates < 1:
+        raise DhfError("max-candidates must be at least 1")
+    if live == 0:
+        raise DhfError("the index is empty")
 
 
 class GpuCodeIndex:
@@ -197,14 +209,7 @@ class Searcher:
 
     # -- modes --------------------------------------------------------------------------
     def _check(self, k: int, radius: int | None = None, max_candidates: int | None = None) -> None:
-        if k < 1:
-            raise DhfError("k must be at least 1")
-        if radius is not None and radius < 0:
-            raise DhfError("radius must be >= 0")
-        if max_candidates is not None and max_candidates < 1:
-            raise DhfError("max-candidates must be at least 1")
-        if self.live_count() == 0:
-            raise DhfError("the index is empty")
+        check_search_args(k, radius, max_candidates, self.live_count())
 
     def bcs(self, qcodes: np.ndarray, k: int) -> SearchBatch:
         """Hamming k-NN. qcodes uint8 [m, B]."""

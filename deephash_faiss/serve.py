@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from .data import ImageDecodeError, _to_rgb
+from .data import ImageDecodeError, _to_rgb, check_pixels, decode_image
 from .errors import DhfError
 from .search import DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, results_to_records
 
@@ -63,72 +63,10 @@ _WEB_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "W
 
 # ---------------------------------------------------------------- decoding uploads
 
-def _square_local(img, size: int) -> np.ndarray:
-    """Shorter side resized to ``size`` (bilinear), centre crop -> uint8 [size, size, 3]."""
-    from PIL import Image
-
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise ImageDecodeError("image has no pixels")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-try:  # the very resize + crop that indexing uses
-    from .data import _square
-except ImportError:  # pragma: no cover - older data.py
-    _square = _square_local
-
-
-def _check_pixels(img) -> None:
-    """Refuse images over PIL's decompression-bomb limit (a thread-safe check, no warnings filter)."""
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and img.size[0] * img.size[1] > limit:
-        raise ImageDecodeError(f"image too large (decompression bomb limit): {img.size[0]}x{img.size[1]} "
-                               f"pixels exceeds PIL's limit of {limit}")
-
-
 def decode_image_bytes(data: bytes, size: int) -> np.ndarray:
-    """Decode an encoded image (bytes) to uint8 [size, size, 3] RGB exactly as
-    :func:`deephash_faiss.data.decode_image` decodes a file: 8-bit RGB, shorter side
-    resized to ``size`` (bilinear), centre crop.
-
-    Raises:
-        ImageDecodeError: empty, not an image, truncated, or over PIL's decompression-bomb limit.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise ImageDecodeError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            _check_pixels(img)
-            if img.mode == "RGB" and img.format == "JPEG":
-                img.draft("RGB", (size, size))
-            img.load()
-            img = _to_rgb(img)
-        arr = _square(img, size)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"image too large (decompression bomb limit): {err}") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image PIL can read") from None
-    except MemoryError:
-        raise ImageDecodeError("out of memory decoding this image") from None
-    except Exception as err:  # noqa: BLE001 - crafted files raise anything (struct.error, IndexError...)
-        msg = " ".join(f"cannot decode: {err}".split()) if isinstance(err, (OSError, ValueError, SyntaxError, EOFError)) \
-            else " ".join(f"cannot decode: {type(err).__name__}: {err}".split())
-        raise ImageDecodeError(msg[:300]) from None
-    if arr.shape != (size, size, 3):
-        raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
-    return np.array(arr, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
+    """Decode an upload (encoded bytes) to uint8 [size, size, 3] exactly as indexing decodes
+    a file (:func:`deephash_faiss.data.decode_image`); a writable copy."""
+    return np.array(decode_image(data, size), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------- the engine
@@ -230,7 +168,7 @@ class SearchEngine:
         from PIL import Image
 
         with Image.open(self.image_path(image_id)) as img:
-            _check_pixels(img)
+            check_pixels(img)
             img.draft("RGB", (THUMB_PX, THUMB_PX))
             img = _to_rgb(img)
             img.thumbnail((THUMB_PX, THUMB_PX), Image.LANCZOS)
@@ -252,7 +190,7 @@ class SearchEngine:
             media = _WEB_FORMATS.get(img.format or "")
             if media:
                 return None, media, path
-            _check_pixels(img)
+            check_pixels(img)
             img = _to_rgb(img)
             buf = io.BytesIO()
             img.save(buf, "PNG")

@@ -1,15 +1,13 @@
 """Model builders, the latent layer, checkpoints and weight loading."""
 
-import os
 import time
 import urllib.error
 
-import numpy as np
 import pytest
 import torch
 
 from deephash_faiss import DhfError
-from deephash_faiss.model import BACKBONES, HashNet, build_model, load_model, read_checkpoint, save_checkpoint
+from deephash_faiss.model import BACKBONES, build_model, load_model, read_checkpoint, save_checkpoint
 
 
 def test_hashnet_shapes_and_code_threshold():

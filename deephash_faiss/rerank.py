@@ -28,8 +28,27 @@ def faiss_has_gpu() -> bool:
 
 
 def pick_backend(device: str) -> str:
-    """The rerank backend for a device: torch on CUDA, faiss on CPU."""
-    return "torch" if str(device).startswith("cuda") else "faiss"
+    """The L2 backend for a device: on CUDA "faiss-gpu" when a GPU build of faiss is
+    importable (used for ES) else "torch"; "faiss" on CPU. HDS pools are always ranked with
+    torch on CUDA (gather-then-compute: faiss-gpu ignores id filters)."""
+    if str(device).startswith("cuda"):
+        return "faiss-gpu" if faiss_has_gpu() else "torch"
+    return "faiss"
+
+
+_GPU_RESOURCES = None
+
+
+def _faiss_knn(xq: np.ndarray, xb: np.ndarray, k: int, use_gpu: bool):
+    """faiss's flat L2 k-NN: ``faiss.knn`` on CPU, ``faiss.knn_gpu`` (faiss-gpu) on the GPU."""
+    import faiss
+
+    if not use_gpu:
+        return faiss.knn(xq, xb, k)
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return faiss.knn_gpu(_GPU_RESOURCES, xq, xb, k)
 
 
 def rank_pool(q: np.ndarray, feats: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +249,9 @@ def rank_pools_torch(q, feats_list, k: int | None = None):
     return out
 
 
-def exhaustive_knn(xq: np.ndarray, shards, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """ES on CPU: exact L2 k-NN over feature shards with faiss, merged by (distance, id).
+def exhaustive_knn(xq: np.ndarray, shards, k: int, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """ES with faiss: exact L2 k-NN over feature shards, merged by (distance, id)
+    (``use_gpu``: faiss-gpu's ``knn_gpu``, shard by shard).
 
     Args:
         xq: float32 [m, D].
@@ -240,8 +260,6 @@ def exhaustive_knn(xq: np.ndarray, shards, k: int) -> tuple[np.ndarray, np.ndarr
     Returns:
         (squared distances float32 [m, k], ids int64 [m, k]); -1 ids pad a short database.
     """
-    import faiss
-
     if k < 1:
         raise DhfError("k must be at least 1")
     xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -253,7 +271,7 @@ def exhaustive_knn(xq: np.ndarray, shards, k: int) -> tuple[np.ndarray, np.ndarr
             continue
         xb = np.ascontiguousarray(feats, dtype=np.float32)
         kk = min(k, len(xb))
-        D, I = faiss.knn(xq, xb, kk)
+        D, I = _faiss_knn(xq, xb, kk, use_gpu)
         best_d = np.hstack([best_d, D])
         best_i = np.hstack([best_i, I.astype(np.int64) + start])
         order = np.lexsort((best_i, best_d), axis=1)[:, :k]

@@ -275,7 +275,9 @@ class Searcher:
         kk = min(k, self.live_count())
         n_del = self.count - self.live_count()
         t0 = time.perf_counter()
-        if self.backend == "torch":
+        if self.backend == "faiss-gpu":
+            D, I = exhaustive_knn(qfeats, self.store.iter_feature_shards(), kk + n_del, use_gpu=True)
+        elif self.backend == "torch":
             import torch
 
             xb = self._gpu_features()

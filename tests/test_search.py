@@ -147,3 +147,42 @@ def test_gpu_code_backend_equals_faiss(synth_index):
         hb = b.hds(codes[:20], feats[:20], 10, radius, cap).results
         assert all(x.ids.tolist() == y.ids.tolist() and x.candidates == y.candidates for x, y in zip(ha, hb))
         assert all(0 not in x.ids.tolist() and 7 not in x.ids.tolist() for x in hb)
+
+
+def test_faiss_gpu_backend_dispatch(monkeypatch):
+    """ES goes through faiss.knn_gpu when faiss-gpu is importable (simulated here)."""
+    import faiss
+
+    from deephash_faiss import rerank
+
+    calls = []
+
+    def fake_knn_gpu(res, xq, xb, k):
+        calls.append(k)
+        return faiss.knn(xq, xb, k)
+
+    monkeypatch.setattr(faiss, "knn_gpu", fake_knn_gpu, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(rerank, "_GPU_RESOURCES", None)
+    rng = np.random.default_rng(0)
+    xb = rng.normal(size=(500, 8)).astype(np.float32)
+    xq = rng.normal(size=(4, 8)).astype(np.float32)
+    shards = [(0, xb[:200]), (200, xb[200:])]
+    D1, I1 = rerank.exhaustive_knn(xq, shards, 10, use_gpu=True)
+    D0, I0 = rerank.exhaustive_knn(xq, shards, 10)
+    assert calls and I1.tolist() == I0.tolist()
+    monkeypatch.setattr(rerank, "faiss_has_gpu", lambda: True)
+    assert rerank.pick_backend("cuda") == "faiss-gpu" and rerank.pick_backend("cpu") == "faiss"
+
+
+@pytest.mark.skipif(not __import__("deephash_faiss.rerank", fromlist=["x"]).faiss_has_gpu(),
+                    reason="faiss-gpu with a GPU is not available here")
+def test_faiss_gpu_es_equals_cpu():  # runs where faiss-gpu and a GPU are present
+    from deephash_faiss import rerank
+
+    rng = np.random.default_rng(1)
+    xb = rng.normal(size=(2000, 32)).astype(np.float32)
+    xq = rng.normal(size=(16, 32)).astype(np.float32)
+    D1, I1 = rerank.exhaustive_knn(xq, [(0, xb)], 20, use_gpu=True)
+    D0, I0 = rerank.exhaustive_knn(xq, [(0, xb)], 20)
+    assert I1.tolist() == I0.tolist()

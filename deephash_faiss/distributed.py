@@ -708,13 +708,10 @@ class ShardedSearcher:
 
     def search(self, mode: str, qcodes: np.ndarray, qfeats: np.ndarray, k: int = 10, radius: int = 3,
                max_candidates: int | None = 10_000):
-        if mode == "bcs":
-            return self.bcs(qcodes, k)
-        if mode == "hds":
-            return self.hds(qcodes, qfeats, k, radius, max_candidates)
-        if mode == "es":
-            return self.es(qfeats, qcodes, k)
-        raise DhfError(f"unknown mode {mode!r}; choose from bcs, hds, es")
+        """Dispatch to :meth:`bcs`, :meth:`hds` or :meth:`es` (as :meth:`Searcher.search`)."""
+        from .search import dispatch_mode
+
+        return dispatch_mode(self, mode, qcodes, qfeats, k, radius, max_candidates)
 
     def close(self) -> None:
         if self.use_ray:

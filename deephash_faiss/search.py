@@ -57,6 +57,18 @@ def _popcount_rows(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.unpackbits(x, axis=1).sum(1, dtype=np.int32) if len(x) else np.zeros(0, np.int32)
 
 
+def dispatch_mode(searcher, mode: str, qcodes, qfeats, k: int, radius: int, max_candidates: int | None):
+    """Run ``mode`` ("bcs", "hds" or "es") on any object with ``bcs``/``hds``/``es`` methods
+    (:class:`Searcher`, :class:`deephash_faiss.distributed.ShardedSearcher`)."""
+    if mode == "bcs":
+        return searcher.bcs(qcodes, k)
+    if mode == "hds":
+        return searcher.hds(qcodes, qfeats, k, radius, max_candidates)
+    if mode == "es":
+        return searcher.es(qfeats, qcodes, k)
+    raise DhfError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
 def check_search_args(k: int, radius: int | None, max_candidates: int | None, live: int) -> None:
     """Raise :class:`DhfError` for k < 1, radius < 0, max_candidates < 1 or an empty index."""
     if k < 1:
@@ -301,13 +313,7 @@ class Searcher:
     def search(self, mode: str, qcodes: np.ndarray, qfeats: np.ndarray, k: int = 10,
                radius: int = DEFAULT_RADIUS, max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> SearchBatch:
         """Dispatch to :meth:`bcs`, :meth:`hds` or :meth:`es`."""
-        if mode == "bcs":
-            return self.bcs(qcodes, k)
-        if mode == "hds":
-            return self.hds(qcodes, qfeats, k, radius, max_candidates)
-        if mode == "es":
-            return self.es(qfeats, qcodes, k)
-        raise DhfError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        return dispatch_mode(self, mode, qcodes, qfeats, k, radius, max_candidates)
 
     # -- GPU feature cache -------------------------------------------------------------
     def _gpu_features(self):

@@ -294,7 +294,8 @@ def bench_l2(args, dev, res):
 
 
 def sweep(args, dev, res):
-    """Time the selection kernel for several launch configurations."""
+    """Time the selection kernel (one counting pass, and a whole k-NN search) for several
+    launch configurations at --sweep-n random codes; keeps the fastest counting pass."""
     nbytes = args.bits // 8
     n = int(float(args.sweep_n))
     db = make_codes(n, nbytes, dev, "random", seed=1)
@@ -302,10 +303,11 @@ def sweep(args, dev, res):
     base = gpu.GpuBinaryIndex(db, device=dev)
     qp = base._queries(q)[0]
     kk = args.k
-    s_key = (base._estimate_t(qp, kk) + 1) * n
+    s_key = base._estimate_key(qp, kk, max(base.capacity, 8 * kk))
     configs = [
-        (64, 64, 4, 4, 8), (64, 64, 4, 3, 8), (64, 32, 4, 4, 8), (128, 32, 4, 4, 8),
-        (64, 128, 4, 4, 8), (32, 64, 4, 4, 8), (64, 64, 4, 4, 16),
+        (64, 64, 4, 4, 8), (64, 64, 4, 3, 8), (64, 64, 4, 2, 8), (64, 128, 4, 4, 8),
+        (64, 128, 8, 3, 8), (128, 64, 8, 4, 8), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+        (64, 64, 4, 4, 4), (64, 64, 4, 4, 16), (32, 64, 4, 4, 8),
     ]
     out = []
     for bm, bn, w, st, pps in configs:
@@ -313,25 +315,38 @@ def sweep(args, dev, res):
         try:
             t = cuda_time(lambda: base._launch(qp, s_key, False), repeat=5)
             tk = cuda_time(lambda: base.search(q, kk), repeat=3)
-            row = {"config": base.config, "count_pass_ms": t * 1e3, "search_ms": tk * 1e3,
-                   "qps": args.queries / tk}
+            row = {"n": n, "config": dict(base.config), "count_pass_ms": t * 1e3,
+                   "search_ms": tk * 1e3, "qps": args.queries / tk}
         except Exception as e:  # noqa: BLE001
-            row = {"config": base.config, "error": repr(e)[:300]}
+            row = {"config": dict(base.config), "error": repr(e)[:300]}
         out.append(row)
         print(json.dumps(row), flush=True)
     res["sweep"] = out
-    good = [r for r in out if "search_ms" in r]
+    good = [r for r in out if "count_pass_ms" in r]
     if good:
-        best = min(good, key=lambda r: r["search_ms"])
+        best = min(good, key=lambda r: r["count_pass_ms"])
         gpu.DEFAULT_CONFIG.update(best["config"])
         res["chosen_config"] = best["config"]
     del base, db
     torch.cuda.empty_cache()
 
 
+ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity)
+    (1 << 16, 30.0, 8, 16384), (1 << 16, 10.0, 8, 16384), (1 << 16, 30.0, 4, 16384),
+    (1 << 18, 30.0, 8, 16384), (1 << 14, 30.0, 8, 16384), (1 << 16, 30.0, 8, 8192),
+    (1 << 16, 60.0, 16, 32768), (1 << 16, 3.0, 3, 16384),
+]
+
+
+def _set_estimate(idx, S, f, jm, cap):
+    idx.sample_size, idx.target_factor, idx.min_rank, idx.capacity = S, f, jm, cap
+    idx._sample_cache = None
+
+
 def tune(args, dev, res):
-    """Threshold-estimate settings (sample size, target factor, min rank) at the largest n,
-    plus a time breakdown of one search; applies the fastest settings to later runs."""
+    """Threshold-estimate settings (sample size, target factor, min rank, capacity) at the
+    largest n for each kind, plus a time breakdown of one search at the first grid row;
+    applies the fastest settings (summed over kinds) to the later runs."""
     nbytes = args.bits // 8
     n = int(float(args.n[-1]))
     out = []
@@ -341,46 +356,56 @@ def tune(args, dev, res):
         idx = gpu.GpuBinaryIndex(db, device=dev)
         qp = idx._queries(q)[0]
         kk = args.k
-        for S, f, jm in [(1 << 16, 3.0, 2), (1 << 16, 3.0, 3), (1 << 16, 1.5, 1), (1 << 18, 3.0, 2),
-                         (1 << 18, 6.0, 3), (1 << 20, 3.0, 3), (1 << 14, 3.0, 1)]:
-            idx.sample_size, idx.target_factor, idx.min_rank = S, f, jm
+        for S, f, jm, cap in ESTIMATE_GRID:
+            _set_estimate(idx, S, f, jm, cap)
             t = cuda_time(lambda: idx.search(q, kk), repeat=3)
-            te = cuda_time(lambda: idx._estimate_t(qp, kk), repeat=3)
-            row = {"kind": kind, "n": n, "S": S, "f": f, "jmin": jm, "search_ms": t * 1e3,
-                   "estimate_ms": te * 1e3, "passes": idx.last_stats.get("passes")}
+            C = max(cap, 8 * kk)
+            te = cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3)
+            row = {"kind": kind, "n": n, "S": S, "f": f, "jmin": jm, "capacity": cap,
+                   "search_ms": t * 1e3, "qps": args.queries / t, "estimate_ms": te * 1e3,
+                   "passes": idx.last_stats.get("passes")}
             out.append(row)
             print(json.dumps(row), flush=True)
-        # breakdown at the default settings
-        idx.sample_size, idx.target_factor, idx.min_rank = 1 << 16, 3.0, 2
-        s_key = (idx._estimate_t(qp, kk) + 1) * n
-        C = idx.capacity
+        # breakdown at the first grid row
+        S, f, jm, cap = ESTIMATE_GRID[0]
+        _set_estimate(idx, S, f, jm, cap)
+        C = max(cap, 8 * kk)
+        s_key = idx._estimate_key(qp, kk, C)
         buf = torch.full((qp.shape[0], C), 2**63 - 1, dtype=torch.int64, device=dev)
         ro = torch.arange(qp.shape[0], device=dev, dtype=torch.int64) * C
         co = torch.full((qp.shape[0],), C, dtype=torch.int32, device=dev)
         te = cuda_time(lambda: idx._launch(qp, s_key, True, out=buf, row_off=ro, cap_out=co),
                        repeat=3)
+        cnt = idx._launch(qp, s_key, False)
+        used = int(cnt.max())
         tc = cuda_time(lambda: idx._launch(qp, s_key, False), repeat=3)
         tn = cuda_time(lambda: idx._launch(qp, torch.zeros_like(s_key), False), repeat=3)
-        tk = cuda_time(lambda: torch.topk(buf, kk, 1, largest=False), repeat=3)
-        row = {"kind": kind, "n": n, "emit_pass_ms": te * 1e3, "count_pass_ms": tc * 1e3,
-               "no_hit_pass_ms": tn * 1e3, "final_topk_ms": tk * 1e3}
+        tk = cuda_time(lambda: torch.topk(buf[:, :used], kk, 1, largest=False), repeat=3)
+        tq = cuda_time(lambda: idx._queries(q), repeat=3)
+        ttot = cuda_time(lambda: idx.search(q, kk), repeat=3)
+        row = {"kind": kind, "n": n, "estimate": list(ESTIMATE_GRID[0]), "search_ms": ttot * 1e3,
+               "unpack_queries_ms": tq * 1e3,
+               "estimate_ms": cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3) * 1e3,
+               "emit_pass_ms": te * 1e3, "count_pass_ms": tc * 1e3, "no_hit_pass_ms": tn * 1e3,
+               "final_topk_ms": tk * 1e3, "selected_mean": float(cnt.float().mean()),
+               "selected_max": used, "selected_min": int(cnt.min())}
         out.append(row)
         print(json.dumps(row), flush=True)
         del idx, db, q, buf
         torch.cuda.empty_cache()
     res["tune"] = out
-    rows = [r for r in out if "search_ms" in r]
+    rows = [r for r in out if "S" in r]
     best = {}
     for r in rows:
-        key = (r["S"], r["f"], r["jmin"])
+        key = (r["S"], r["f"], r["jmin"], r["capacity"])
         best[key] = best.get(key, 0.0) + r["search_ms"]
-    S, f, jm = min(best, key=best.get)
-    res["chosen_estimate"] = {"sample_size": S, "target_factor": f, "min_rank": jm}
+    S, f, jm, cap = min(best, key=best.get)
+    res["chosen_estimate"] = {"sample_size": S, "target_factor": f, "min_rank": jm, "capacity": cap}
     _orig_init = gpu.GpuBinaryIndex.__init__
 
     def _init(self, *a, **kw):
         _orig_init(self, *a, **kw)
-        self.sample_size, self.target_factor, self.min_rank = S, f, jm
+        _set_estimate(self, S, f, jm, cap)
     gpu.GpuBinaryIndex.__init__ = _init
 
 
@@ -398,7 +423,7 @@ def main(argv=None):
     p.add_argument("--l2-n", default="1e6")
     p.add_argument("--l2-dims", type=int, nargs="*", default=[4096, 1024])
     p.add_argument("--sweep", action="store_true", help="try kernel launch configs first")
-    p.add_argument("--sweep-n", default="1e7")
+    p.add_argument("--sweep-n", default="1e8")
     p.add_argument("--tune", action="store_true", help="tune the threshold estimate at max n")
     p.add_argument("--ties-n", default="2e6")
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: hamming ties l2")

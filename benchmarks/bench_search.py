@@ -17,8 +17,13 @@ Timed (same queries in every mode; one warm-up call, then the median of --repeat
   hds      range_search(radius, max_candidates) + Hamming top-up + rank_pools_cpu
            (the functions Searcher.hds uses), caps 1,000 and 10,000, pool sizes
   es       faiss.knn (IndexFlatL2 kernel, BLAS for batches) over all features
-With --device cuda, ES uses rerank.exhaustive_knn_torch and HDS rerank uses
-rerank.rank_pools_torch on features held on the GPU (the Hamming part stays faiss-cpu).
+With --device cuda everything runs on the GPU through the product's own functions, as
+Searcher(device="cuda") runs them: BCS and radius pooling through search.GpuCodeIndex
+(gpu.GpuBinaryIndex, Triton kernels), HDS = search.hamming_pools + rerank.rank_pools_torch_ids
+(gpu.l2_rerank) on features held on the GPU, ES = gpu.l2_knn (flat L2); features are drawn
+on the GPU from the same distribution; times include the host<->device copies of queries
+and results; BCS is checked against the CPU flat index, ES against float64.
+(--device cpu:0 runs that torch path on CPU, for testing.)
 With --codes-only, only BCS (flat) runs (for 1e8 codes).
 """
 from __future__ import annotations
@@ -196,8 +201,9 @@ def main(argv=None):
     t_start = time.perf_counter()
     log = lambda *s: print(f"[{time.perf_counter() - t_start:7.1f}s rss {rss_gb():5.1f}G]", *s, flush=True)  # noqa: E731
 
+    if a.device != "cpu":  # "cuda", "cuda:1"; "cpu:0" runs the torch path on CPU (testing)
+        return run_torch(a, out, log)
     fdt = np.float16 if a.feature_dtype == "float16" else np.float32
-    use_torch = a.device != "cpu"  # "cuda", "cuda:1"; "cpu:0" runs the torch path on CPU (testing)
     kinds = list(a.kinds)
     specs = {"flat": IndexSpec("flat"),
              "hash": IndexSpec("hash", hash_bits=a.hash_b, nflip=a.hash_nflip),
@@ -348,29 +354,16 @@ def main(argv=None):
     # ---- ES -------------------------------------------------------------------------
     me = min(a.es_queries, m)
     xq = np.ascontiguousarray(qfeats[:me], np.float32)
-    if use_torch:
-        import torch
-        from deephash_faiss.rerank import exhaustive_knn_torch, rank_pools_torch
-        dev = torch.device(a.device)
-        xb_t = torch.as_tensor(xb, device=dev)
-        xq_t = torch.as_tensor(xq, device=dev)
-        sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    xb32 = xb if xb.dtype == np.float32 else None
 
-        def es_run(lo=0, hi=me):
-            r = exhaustive_knn_torch(xq_t[lo:hi], xb_t, k)
-            sync()
-            return r
-    else:
-        xb32 = xb if xb.dtype == np.float32 else None
-
-        def es_run(lo=0, hi=me):
-            base = xb32 if xb32 is not None else np.ascontiguousarray(xb, np.float32)
-            return faiss.knn(xq[lo:hi], base, k)
+    def es_run(lo=0, hi=me):
+        base = xb32 if xb32 is not None else np.ascontiguousarray(xb, np.float32)
+        return faiss.knn(xq[lo:hi], base, k)
     te = timeit(es_run, max(1, a.repeat - 1))
     nsing = min(3, me)
     tes = single_ms(lambda i: es_run(i, i + 1), nsing)
     out["es"] = {"batch_ms_per_query": te / me * 1e3, "qps": me / te, "single_ms": tes,
-                 "batch": me, "backend": "torch" if use_torch else "faiss.knn"}
+                 "batch": me, "backend": "faiss.knn"}
     out["es_ms_per_query"] = out["es"]["batch_ms_per_query"]
     out["es_single_ms"] = tes
     log("es", out["es"])
@@ -392,12 +385,7 @@ def main(argv=None):
                 extra = Ik[j][(Ik[j] >= 0) & ~np.isin(Ik[j], pools[i])]
                 pools[i] = np.concatenate([pools[i], extra])
         t1_ = time.perf_counter()
-        if use_torch:
-            feats = [xb_t[torch.as_tensor(p, device=dev)] for p in pools]
-            res = rank_pools_torch(torch.as_tensor(qfeats[lo:hi], device=dev), feats, k)
-            sync()
-        else:
-            res = rank_pools_cpu(qfeats[lo:hi], pools, gather, k)
+        res = rank_pools_cpu(qfeats[lo:hi], pools, gather, k)
         t2_ = time.perf_counter()
         return pools, res, t1_ - t0_, t2_ - t1_
 
@@ -412,8 +400,6 @@ def main(argv=None):
         single = single_ms(lambda i: hds_run(cap, i, i + 1), a.single)
         # agreement of HDS top-k with ES top-k on the ES queries
         Des, Ies = es_run()
-        if use_torch:
-            Ies = Ies.cpu().numpy()
         ov = float(np.mean([len(np.intersect1d(pools[i][res[i][0]], Ies[i])) / k for i in range(me)]))
         hds[str(cap)] = {"batch_ms_per_query": tt / m * 1e3, "pool_ms_per_query": tp / m * 1e3,
                          "rerank_ms_per_query": tr / m * 1e3, "qps": m / tt, "single_ms": single,
@@ -439,6 +425,166 @@ def main(argv=None):
     out["speedup_single_bcs_vs_es"] = out["es_single_ms"] / out["bcs_single_ms"]
     mem["peak_rss_gb"] = peak_rss_gb()
     out["memory"] = mem
+    return finish(out, a)
+
+
+def run_torch(a, out, log):
+    """Everything on a torch device (the product's GPU search path); see the module doc."""
+    import types
+
+    import torch
+
+    from deephash_faiss import gpu
+    from deephash_faiss.rerank import rank_pools_torch_ids
+    from deephash_faiss.search import GpuCodeIndex, hamming_pools
+
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n, m, k = int(a.n), a.queries, a.k
+
+    def gtime(fn, repeat):
+        fn()
+        sync()
+        ts = []
+        for _ in range(repeat):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    def gsingle(fn, count):
+        fn(0)
+        ts = []
+        for i in range(count):
+            sync()
+            t = time.perf_counter()
+            fn(i)
+            sync()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e3
+
+    # ---- data: codes from Synth (numpy), features drawn on the device ------------------
+    t0 = time.perf_counter()
+    syn = Synth(a.bits, 0, a.classes, a.flips, a.noise, a.seed)
+    rng = np.random.default_rng(a.seed + 1)
+    means = torch.as_tensor(rng.standard_normal((a.classes, a.dim), dtype=np.float32), device=dev)
+    tdt = torch.float16 if a.feature_dtype == "float16" else torch.float32
+    lab = syn.rng.integers(0, a.classes, n)
+    codes = syn.codes(lab)
+    g = torch.Generator(device=dev)
+    g.manual_seed(a.seed)
+
+    def draw(labels):
+        lt = torch.as_tensor(labels, device=dev)
+        x = torch.randn((len(labels), a.dim), generator=g, device=dev)
+        return x.mul_(a.noise).add_(means[lt])
+
+    xb = torch.empty((n, a.dim), dtype=tdt, device=dev)
+    step = max(1, (1 << 28) // a.dim)
+    for s0 in range(0, n, step):
+        xb[s0:s0 + step] = draw(lab[s0:s0 + step]).to(tdt)
+    qlab = syn.rng.integers(0, a.classes, m)
+    qcodes = syn.codes(qlab)
+    qf = draw(qlab)  # float32 queries, as Searcher passes them
+    cidx = GpuCodeIndex(codes, types.SimpleNamespace(deleted=None), dev)
+    sync()
+    out.update(n=n, bits=a.bits, dim=a.dim, device=a.device, feature_dtype=a.feature_dtype,
+               queries=m, k=k, synthetic={"classes": a.classes, "max_flips": a.flips, "noise": a.noise},
+               build_s=round(time.perf_counter() - t0, 2), padded_bits=cidx.gpu.kp,
+               kernel={"triton": cidx.gpu.use_triton, "config": cidx.gpu.config,
+                       "sample_size": cidx.gpu.sample_size, "target_factor": cidx.gpu.target_factor,
+                       "min_rank": cidx.gpu.min_rank, "capacity": cidx.gpu.capacity})
+    if dev.type == "cuda":
+        out["machine"]["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    log("built", out["build_s"], "s")
+    # ---- BCS ------------------------------------------------------------------------
+    tb = gtime(lambda: cidx.search(qcodes, k), max(3, a.repeat))
+    tbs = gsingle(lambda i: cidx.search(qcodes[i:i + 1], k), a.single)
+    D, I = cidx.search(qcodes, k)
+    from deephash_faiss.index import BinaryIndex, IndexSpec
+    nchk = min(m, 64)
+    Dr, Ir = BinaryIndex.build(codes, IndexSpec("flat")).search(qcodes[:nchk], k)
+    out["bcs"] = {"product_gpu": {"batch_ms_per_query": tb / m * 1e3, "qps": m / tb, "single_ms": tbs,
+                                  "same_result_as_cpu_flat": bool(np.array_equal(D[:nchk], Dr)
+                                                                  and np.array_equal(I[:nchk], Ir)),
+                                  "passes": cidx.gpu.last_stats.get("passes")}}
+    out["bcs_ms_per_query"], out["bcs_single_ms"] = tb / m * 1e3, tbs
+    log("bcs", out["bcs"])
+    # ---- radius pooling -------------------------------------------------------------
+    rad = {}
+    for r_ in (1, 2, 3, 4):
+        t = gtime(lambda: cidx.range_search(qcodes, r_), max(1, a.repeat - 1))
+        lims, _, _ = cidx.range_search(qcodes, r_)
+        rad[str(r_)] = {"flat": {"ms_per_query": t / m * 1e3, "mean_pool": float(lims[-1] / m),
+                                 "max_pool": int(np.diff(lims).max())}}
+        log("radius", r_, rad[str(r_)])
+    out["radius"] = rad
+    # ---- ES -------------------------------------------------------------------------
+    me = min(a.es_queries, m)
+
+    def es_run(lo=0, hi=me):
+        Dg, Ig = gpu.l2_knn(qf[lo:hi], xb, k)
+        return Dg.cpu().numpy(), Ig.cpu().numpy()
+
+    te = gtime(es_run, max(1, a.repeat - 1))
+    tes = gsingle(lambda i: es_run(i, i + 1), min(5, me))
+    Des, Ies = es_run()
+    sub = min(8, me)  # exactness: float64 on a few queries
+    q64 = qf[:sub].double()
+    ref = torch.cat([(xc * xc).sum(1)[None] - 2 * q64 @ xc.T + (q64 * q64).sum(1)[:, None]
+                     for xc in (xb[s0:s0 + 32768].double() for s0 in range(0, n, 32768))], 1)
+    rv, ri = torch.topk(ref, k, 1, largest=False)
+    out["es"] = {"batch_ms_per_query": te / me * 1e3, "qps": me / te, "single_ms": tes, "batch": me,
+                 "backend": "gpu.l2_knn", "recall_vs_fp64": float(np.mean(
+                     [len(np.intersect1d(Ies[i], ri[i].cpu().numpy())) / k for i in range(sub)]))}
+    del ref
+    out["es_ms_per_query"], out["es_single_ms"] = te / me * 1e3, tes
+    log("es", out["es"])
+    # ---- HDS ------------------------------------------------------------------------
+    hds = {}
+
+    def hds_run(cap, lo, hi):
+        t0_ = time.perf_counter()
+        pools = hamming_pools(cidx, qcodes[lo:hi], k, a.radius, cap, n)
+        t1_ = time.perf_counter()
+        res = rank_pools_torch_ids(qf[lo:hi], xb, [p[0] for p in pools], k)
+        return pools, res, t1_ - t0_, time.perf_counter() - t1_
+
+    for cap in a.caps:
+        hds_run(cap, 0, min(m, 50))
+        ts_ = []
+        for _ in range(a.repeat):
+            sync()
+            pools, res, tp, tr = hds_run(cap, 0, m)
+            ts_.append((tp + tr, tp, tr))
+        tt, tp, tr = sorted(ts_)[len(ts_) // 2]
+        sizes = np.array([len(p[0]) for p in pools])
+        single = gsingle(lambda i: hds_run(cap, i, i + 1), a.single)
+        ov = float(np.mean([len(np.intersect1d(pools[i][0][res[i][0]], Ies[i])) / k for i in range(me)]))
+        hds[str(cap)] = {"batch_ms_per_query": tt / m * 1e3, "pool_ms_per_query": tp / m * 1e3,
+                         "rerank_ms_per_query": tr / m * 1e3, "qps": m / tt, "single_ms": single,
+                         "pool_mean": float(sizes.mean()), "pool_median": float(np.median(sizes)),
+                         "pool_max": int(sizes.max()), "truncated_frac": float(np.mean(sizes >= cap)),
+                         "overlap_with_es_topk": ov}
+        log("hds cap", cap, hds[str(cap)])
+    out["hds"] = hds
+    out["hds_params"] = {"radius": a.radius, "pool_index": "gpu flat (exact)",
+                         "uncapped_pool_mean": rad[str(a.radius)]["flat"]["mean_pool"],
+                         "uncapped_pool_max": rad[str(a.radius)]["flat"]["max_pool"]}
+    main_cap = str(min(a.caps))
+    out["hds_ms_per_query"] = hds[main_cap]["batch_ms_per_query"]
+    out["hds_cap_for_headline"] = int(main_cap)
+    out["speedup_bcs_vs_es"] = out["es_ms_per_query"] / out["bcs_ms_per_query"]
+    out["speedup_hds_vs_es"] = out["es_ms_per_query"] / out["hds_ms_per_query"]
+    out["speedup_hds_vs_es_by_cap"] = {c: out["es_ms_per_query"] / v["batch_ms_per_query"] for c, v in hds.items()}
+    out["speedup_single_bcs_vs_es"] = out["es_single_ms"] / out["bcs_single_ms"]
+    out["speedup_single_hds_vs_es"] = out["es_single_ms"] / hds[main_cap]["single_ms"]
+    out["memory"] = {"codes_gb": n * a.bits / 8 / 2**30, "features_gb": xb.numel() * xb.element_size() / 2**30,
+                     "peak_rss_gb": peak_rss_gb()}
+    if dev.type == "cuda":
+        out["memory"]["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return finish(out, a)
 
 

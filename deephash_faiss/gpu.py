@@ -251,12 +251,17 @@ class GpuBinaryIndex:
         self.config = dict(base, **(config or {}))
         self.ntotal = 0
         self._x = torch.zeros((0, self.kp), dtype=torch.int8, device=dev)
-        # threshold estimate from a strided sample (settings measured on the H200 run;
-        # `bench_gpu.py --tune` compares smaller samples, untried at the time of writing)
-        self.sample_size = 1 << 20 if dev.type == "cuda" else 1 << 16
-        self.target_factor = 3.0  # aim at about this many times k selected codes
-        self.min_rank = 3  # ... but at least this sample rank (noise floor)
-        self.capacity = 16384  # per-query buffer for the k-NN selection
+        # Threshold estimate from a strided sample of at least `sample_size` rows (settings
+        # picked by `bench_gpu.py --tune` on the H200, see docs/benchmarks.md): aim at
+        # `target_factor * k` selected codes (at most capacity / 4), and use a sample large
+        # enough that the aimed-at rank in it is >= `min_rank` (relative noise about
+        # 1 / sqrt(min_rank)); `capacity` is the per-query result buffer (>= 8 k).
+        self.sample_size = 1 << 16
+        self.target_factor = 30.0
+        self.min_rank = 8
+        self.capacity = 16384
+        self.small_n = 1 << 15 if dev.type == "cuda" else 0  # exact torch path below this
+        self._sample_cache = None
         self.last_stats: dict = {}
         if codes is not None:
             self.add(codes)
@@ -278,11 +283,13 @@ class GpuBinaryIndex:
             lo = self.ntotal + s
             _unpack_pm1(part, self.kp, out=self._x[lo: lo + part.shape[0]])
         self.ntotal = n_new
+        self._sample_cache = None
 
     def reset(self) -> None:
         """Remove all codes."""
         self.ntotal = 0
         self._x = torch.zeros((0, self.kp), dtype=torch.int8, device=self.device)
+        self._sample_cache = None
 
     def _queries(self, q: ArrayLike) -> Tuple[torch.Tensor, bool]:
         numpy_out = isinstance(q, np.ndarray)
@@ -317,7 +324,7 @@ class GpuBinaryIndex:
         out = torch.full((m, k), _KEY_MAX, dtype=torch.int64, device=self.device)
         if m == 0 or n == 0:
             return out
-        if self.use_triton:
+        if self.use_triton and n > self.small_n:
             keys = self._knn_keys_triton(qp, k)
         else:
             keys = self._knn_keys_torch(qp, k)
@@ -396,44 +403,70 @@ class GpuBinaryIndex:
             BITS=self.bits, KP=self.kp, BM=bm, BN=bn, EMIT=bool(emit), USE_CAP=use_cap, **kw)
         return cnt[:mq]
 
-    def _estimate_t(self, qp: torch.Tensor, kk: int) -> torch.Tensor:
-        """Per-query distance t (int64 [m]) with about target_factor * k codes at
-        distance <= t, from a strided sample of the database (exact when n <= sample)."""
+    def _sample(self, S: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """S strided database rows as float16/float32 +-1 [S, kp] and their ids int64 [S]
+        (cached until the index changes)."""
+        c = self._sample_cache
+        if c is not None and c[0] == S:
+            return c[1], c[2]
         n = self.ntotal
-        S = min(n, self.sample_size)
+        ids = torch.arange(S, device=self.device, dtype=torch.int64) * n // S
+        dt = torch.float16 if self.device.type == "cuda" else torch.float32
+        xs = self._x[ids].to(dt)  # +-1 and 0: dot products <= bits are exact in fp16
+        self._sample_cache = (S, xs, ids)
+        return xs, ids
+
+    def _target(self, kk: int, C: int) -> float:
+        return max(float(kk), min(self.target_factor * kk, C / 4.0))
+
+    def _estimate_key(self, qp: torch.Tensor, kk: int, C: int) -> torch.Tensor:
+        """Per-query key threshold s (int64 [m]) selecting about ``_target`` codes.
+
+        The j-th smallest *key* (distance, id) of a strided sample estimates the key
+        below which j * n / S database codes lie; because keys are unique this also
+        splits a tied distance level by id (no retry for thousands of equal codes).
+        Exact (count == k) when the sample is the whole database."""
+        n = self.ntotal
+        T = self._target(kk, C)
+        S = int(min(n, max(self.sample_size, math.ceil(self.min_rank * n / T))))
         if S == n:
-            xs, j = self._x[:n], kk
+            j = kk
         else:
-            idx = torch.arange(S, device=self.device, dtype=torch.int64) * n // S
-            xs = self._x[idx]
-            j = int(min(S, max(self.min_rank, round(self.target_factor * kk * S / n))))
-        dt = torch.float16 if xs.is_cuda else torch.float32  # exact for |dot| <= 128
-        xs = xs.to(dt)
-        top = []
+            j = int(min(S, max(self.min_rank, round(T * S / n))))
+        xs, ids = self._sample(S)
+        shift = max(1, int(S - 1).bit_length())
+        wide = (self.bits + 1) << shift >= 2**31
+        kdt = torch.int64 if wide else torch.int32
+        cols = torch.arange(S, device=self.device, dtype=kdt)
+        out = []
         step = max(1, (1 << 27) // S)
         for s in range(0, qp.shape[0], step):
-            dot = torch.mm(qp[s: s + step].to(dt), xs.t())
-            top.append(torch.topk(dot, j, dim=1, largest=True, sorted=True).values[:, -1])
-        dj = torch.cat(top).to(torch.int64)
-        return (self.bits - dj) // 2
+            dot = torch.mm(qp[s: s + step].to(xs.dtype), xs.t())
+            d = torch.div(self.bits - dot.to(kdt), 2, rounding_mode="floor")
+            key = (d << shift) | cols[None, :]
+            out.append(torch.topk(key, j, dim=1, largest=False, sorted=True).values[:, -1])
+        kj = torch.cat(out).to(torch.int64)
+        dj, cj = kj >> shift, kj & ((1 << shift) - 1)
+        return dj * n + ids[cj] + 1
 
     def _knn_keys_triton(self, qp: torch.Tensor, k: int) -> torch.Tensor:
         m, n = qp.shape[0], self.ntotal
         kk = min(k, n)
-        C = max(self.capacity, 4 * k)
+        C = max(self.capacity, 8 * k)
         dev = self.device
         buf = torch.full((m, C), _KEY_MAX, dtype=torch.int64, device=dev)
         row_off_all = torch.arange(m, device=dev, dtype=torch.int64) * C
-        # key threshold s = t * n + cap; counts are monotone in s
-        s_key = (self._estimate_t(qp, kk) + 1).clamp(0, self.bits + 1) * n
+        # key threshold s = t * n + cap (keys (d, id) < s); counts are monotone in s
+        s_key = self._estimate_key(qp, kk, C)
         s_max = (self.bits + 1) * n  # selects everything
         # per-query search state (host side, small arrays)
         s_lo = np.zeros(m, dtype=np.int64)  # s = 0 selects nothing: always too small
         c_lo = np.zeros(m, dtype=np.int64)
         s_hi = np.full(m, -1, dtype=np.int64)
         c_hi = np.zeros(m, dtype=np.int64)
-        cur = s_key.cpu().numpy().astype(np.int64)
+        cur = s_key.clamp(1, s_max).cpu().numpy().astype(np.int64)
         todo = np.arange(m)
+        final_cnt = np.zeros(m, dtype=np.int64)
         passes = []
         for it in range(64):
             sub = torch.from_numpy(todo).to(dev)
@@ -444,6 +477,7 @@ class GpuBinaryIndex:
                                row_off=row_off_all[sub], cap_out=torch.full(
                                    (len(todo),), C, dtype=torch.int32, device=dev))
             c = cnt.cpu().numpy().astype(np.int64)
+            final_cnt[todo] = np.minimum(c, C)
             passes.append(len(todo))
             low = c < kk
             high = c > C
@@ -468,8 +502,10 @@ class GpuBinaryIndex:
             keys = self._knn_keys_torch(qp[sub], k)
             buf[sub] = _KEY_MAX
             buf[sub, : keys.shape[1]] = keys
+            final_cnt[todo] = keys.shape[1]
         self.last_stats = {"passes": passes, "capacity": C}
-        return torch.topk(buf, kk, dim=1, largest=False, sorted=True).values
+        used = int(min(C, max(kk, int(final_cnt.max()))))  # columns past every count are empty
+        return torch.topk(buf[:, :used], kk, dim=1, largest=False, sorted=True).values
 
     @staticmethod
     def _next_key(s_lo, c_lo, s_hi, c_hi, kk, C, n, s_max, it):
@@ -626,7 +662,7 @@ def l2_knn(xq: torch.Tensor, xb: torch.Tensor, k: int, chunk: Optional[int] = No
     """
     if xq.ndim != 2 or xb.ndim != 2 or xq.shape[1] != xb.shape[1]:
         raise ValueError("xq [m, D] and xb [n, D] must share D")
-    xb = xb.to(device=xq.device, dtype=xq.dtype)
+    xq = xq.to(device=xb.device, dtype=xb.dtype)  # never copy the database
     m, n = xq.shape[0], xb.shape[0]
     dev = xq.device
     Dout = torch.full((m, k), math.inf, dtype=torch.float32, device=dev)
@@ -699,10 +735,13 @@ def l2_rerank(xq: torch.Tensor, cand: Union[torch.Tensor, Sequence[torch.Tensor]
     Dim = max(1, cand.shape[2])
     step = max(1, (1 << 26) // (P * Dim))
     valid_all = torch.arange(P, device=dev)[None, :] < lengths[:, None]
+    qf_all = xq.float()
     for s in range(0, m, step):
         c = cand[s: s + step].float()
-        d = (c - xq[s: s + step].float()[:, None, :]).pow_(2).sum(-1)
-        d = torch.where(valid_all[s: s + step], d, torch.full_like(d, math.inf))
+        qf = qf_all[s: s + step]
+        # |x|^2 - 2 x.q + |q|^2, the same formula as the CPU rerank (rerank.rank_pools_cpu)
+        d = (c * c).sum(-1) - 2 * torch.bmm(c, qf[:, :, None])[..., 0] + (qf * qf).sum(-1, keepdim=True)
+        d = torch.where(valid_all[s: s + step], d.clamp_(min=0), torch.full_like(d, math.inf))
         v, o = torch.sort(d, dim=1, stable=True)
         kk = min(k, P)
         v, o = v[:, :kk], o[:, :kk]

@@ -147,6 +147,8 @@ def rank_pools_torch_ids(q, feats, ids_list, k: int | None = None, budget_bytes:
     """
     import torch
 
+    from .gpu import l2_rerank
+
     m = len(ids_list)
     out: list = []
     start = 0
@@ -170,12 +172,9 @@ def rank_pools_torch_ids(q, feats, ids_list, k: int | None = None, budget_bytes:
         for i, x in enumerate(chunk):
             pad[i, : len(x)] = x
         idx = torch.as_tensor(pad, device=feats.device)
-        X = feats[idx].float()  # [c, P, D]
-        qf = q[start:start + c].float()
-        d = (X * X).sum(-1) - 2 * torch.bmm(X, qf[:, :, None])[..., 0] + (qf * qf).sum(-1, keepdim=True)
         lens = torch.tensor(sizes, device=feats.device)
-        d = d.masked_fill(torch.arange(P, device=feats.device)[None] >= lens[:, None], float("inf")).clamp_min_(0)
-        ds, order = torch.sort(d, dim=1, stable=True)
+        kk_chunk = P if k is None else min(k, P)
+        ds, order = l2_rerank(q[start:start + c], feats[idx], kk_chunk, lengths=lens)
         ds, order = ds.cpu().numpy(), order.cpu().numpy()
         for i, nrow in enumerate(sizes):
             kk = nrow if k is None else min(k, nrow)
@@ -213,42 +212,6 @@ def _to_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def rank_pools_torch(q, feats_list, k: int | None = None):
-    """Batched pool ranking in torch (any device).
-
-    Args:
-        q: torch float [m, D]; feats_list: m torch tensors [n_i, D] on q's device.
-    Returns:
-        list of m (local indices int64 numpy [k_i], squared distances float32 numpy [k_i]).
-    """
-    import torch
-
-    m = len(feats_list)
-    if m == 0:
-        return []
-    sizes = [len(f) for f in feats_list]
-    P = max(sizes) if sizes else 0
-    if P == 0:
-        return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(m)]
-    dim = q.shape[1]
-    pad = torch.zeros((m, P, dim), device=q.device, dtype=torch.float32)
-    for i, f in enumerate(feats_list):
-        if len(f):
-            pad[i, : len(f)] = f.float()
-    qf = q.float()
-    d = (pad * pad).sum(-1) - 2 * torch.bmm(pad, qf[:, :, None])[..., 0] + (qf * qf).sum(-1, keepdim=True)
-    lens = torch.tensor(sizes, device=q.device)
-    d = d.masked_fill(torch.arange(P, device=q.device)[None] >= lens[:, None], float("inf"))
-    d = d.clamp_min_(0)
-    ds, order = torch.sort(d, dim=1, stable=True)
-    out = []
-    ds, order = ds.cpu().numpy(), order.cpu().numpy()
-    for i, n in enumerate(sizes):
-        kk = n if k is None else min(k, n)
-        out.append((order[i, :kk].astype(np.int64), ds[i, :kk].astype(np.float32)))
-    return out
-
-
 def exhaustive_knn(xq: np.ndarray, shards, k: int, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """ES with faiss: exact L2 k-NN over feature shards, merged by (distance, id)
     (``use_gpu``: faiss-gpu's ``knn_gpu``, shard by shard).
@@ -282,27 +245,3 @@ def exhaustive_knn(xq: np.ndarray, shards, k: int, use_gpu: bool = False) -> tup
         best_d = np.hstack([best_d, np.full((m, padn), np.inf, np.float32)])
         best_i = np.hstack([best_i, np.full((m, padn), -1, np.int64)])
     return best_d, best_i
-
-
-def exhaustive_knn_torch(xq, xb, k: int, block: int = 1 << 16):
-    """ES in torch (the GPU flat L2): xq float [m, D], xb float [n, D] on one device.
-
-    Returns (squared distances float32 [m, k], ids int64 [m, k]) as torch tensors.
-    """
-    import torch
-
-    m, n = xq.shape[0], xb.shape[0]
-    k = min(k, n)
-    qf = xq.float()
-    qn = (qf * qf).sum(1, keepdim=True)
-    best_d = torch.empty((m, 0), device=xq.device)
-    best_i = torch.empty((m, 0), device=xq.device, dtype=torch.long)
-    for s in range(0, n, block):
-        xbb = xb[s:s + block].float()
-        d = qn - 2 * qf @ xbb.T + (xbb * xbb).sum(1)[None]
-        dd, ii = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
-        best_d = torch.cat([best_d, dd], 1)
-        best_i = torch.cat([best_i, ii + s], 1)
-        best_d, o = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False, sorted=True)
-        best_i = torch.gather(best_i, 1, o)
-    return best_d.clamp_min(0), best_i

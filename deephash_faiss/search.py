@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DhfError
 from .index import BinaryIndex, IndexSpec
-from .rerank import exhaustive_knn, exhaustive_knn_torch, pick_backend, rank_pools_cpu
+from .rerank import exhaustive_knn, pick_backend, rank_pools_cpu
 from .store import FeatureStore, read_manifest
 
 MODES = ("bcs", "hds", "es")
@@ -79,6 +79,39 @@ def check_search_args(k: int, radius: int | None, max_candidates: int | None, li
         raise DhfError("max-candidates must be at least 1")
     if live == 0:
         raise DhfError("the index is empty")
+
+
+def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None,
+                  live: int):
+    """HDS candidate pools from a code index (:class:`BinaryIndex` or :class:`GpuCodeIndex`).
+
+    Each query's pool is every code at Hamming distance < ``radius``, nearest first by
+    (distance, id), cut at ``max_candidates``; a pool of fewer than k codes is topped up
+    with the Hamming k-NN (``live``: the number of live codes bounds that k).
+
+    Args:
+        qcodes: uint8 [m, B].
+    Returns:
+        list of m (ids int64 [p], hamming int32 [p], truncated bool).
+    """
+    lims, D, I = code_index.range_search(qcodes, radius, max_candidates)
+    out = []
+    need_topup = [i for i in range(len(qcodes)) if lims[i + 1] - lims[i] < k]
+    top = {}
+    if need_topup:
+        Dk, Ik = code_index.search(qcodes[need_topup], min(k, live))
+        top = {q: (Dk[j], Ik[j]) for j, q in enumerate(need_topup)}
+    for i in range(len(qcodes)):
+        ids, ham = I[lims[i]:lims[i + 1]], D[lims[i]:lims[i + 1]]
+        truncated = max_candidates is not None and len(ids) >= max_candidates
+        if i in top:
+            d2, i2 = top[i]
+            ok = i2 >= 0
+            extra = ~np.isin(i2[ok], ids)
+            ids = np.concatenate([ids, i2[ok][extra]])
+            ham = np.concatenate([ham, d2[ok][extra]])
+        out.append((ids, ham.astype(np.int32), truncated))
+    return out
 
 
 class GpuCodeIndex:
@@ -237,25 +270,7 @@ class Searcher:
 
     def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
         """HDS candidate pools: list of (ids int64 [p], hamming int32 [p], truncated)."""
-        lims, D, I = self._codes_index.range_search(qcodes, radius, max_candidates)
-        out = []
-        need_topup = [i for i in range(len(qcodes)) if lims[i + 1] - lims[i] < k]
-        top = {}
-        if need_topup:
-            kk = min(k, self.live_count())
-            Dk, Ik = self._codes_index.search(qcodes[need_topup], kk)
-            top = {q: (Dk[j], Ik[j]) for j, q in enumerate(need_topup)}
-        for i in range(len(qcodes)):
-            ids, ham = I[lims[i]:lims[i + 1]], D[lims[i]:lims[i + 1]]
-            truncated = max_candidates is not None and len(ids) >= max_candidates
-            if i in top:
-                d2, i2 = top[i]
-                ok = i2 >= 0
-                extra = ~np.isin(i2[ok], ids)
-                ids = np.concatenate([ids, i2[ok][extra]])
-                ham = np.concatenate([ham, d2[ok][extra]])
-            out.append((ids, ham.astype(np.int32), truncated))
-        return out
+        return hamming_pools(self._codes_index, qcodes, k, radius, max_candidates, self.live_count())
 
     def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = DEFAULT_RADIUS,
             max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> SearchBatch:
@@ -292,9 +307,11 @@ class Searcher:
         elif self.backend == "torch":
             import torch
 
+            from .gpu import l2_knn
+
             xb = self._gpu_features()
             q = torch.as_tensor(np.asarray(qfeats, np.float32), device=self.device)
-            D, I = exhaustive_knn_torch(q, xb, kk + n_del)
+            D, I = l2_knn(q, xb, kk + n_del)
             D, I = D.cpu().numpy(), I.cpu().numpy()
         else:
             D, I = exhaustive_knn(qfeats, self.store.iter_feature_shards(), kk + n_del)

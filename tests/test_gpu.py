@@ -172,13 +172,20 @@ def test_triton_interpreted_knn_and_range(interpret, nbytes):
     xb, xq = make_data(rng, 300, nbytes, 18, dup=40, near=30)
     idx = gpu.GpuBinaryIndex(xb, device="cpu", use_triton=True)
     assert idx.use_triton
-    # tiny capacity and sample force the threshold search: retries up and down and the
-    # id-cap search inside the tied distance level (40 copies of query 0, cap 32)
     idx.capacity = 24
-    idx.sample_size = 16
+    for k in (1, 6):  # the sampled key estimate alone
+        check_knn(idx, xb, xq, k)
+    # a forced bad first estimate exercises the threshold search: retries up (s = 1:
+    # nothing selected) and down (s = everything > capacity), and the id-cap search
+    # inside the tied distance level (40 copies of query 0, capacity 48)
+    n = xb.shape[0]
+    bad = lambda qp, kk, C: torch.tensor(  # noqa: E731
+        [1 if i % 2 else (idx.bits + 1) * n for i in range(qp.shape[0])], dtype=torch.int64)
+    idx._estimate_key = bad
     for k in (1, 6):
         check_knn(idx, xb, xq, k)
-    assert len(idx.last_stats["passes"]) > 1
+        assert len(idx.last_stats["passes"]) > 2
+    del idx._estimate_key
     check_range(idx, xb, xq, 2)
     check_range(idx, xb, xq, nbytes * 3, cap=10)
 

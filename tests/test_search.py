@@ -186,3 +186,20 @@ def test_faiss_gpu_es_equals_cpu():  # runs where faiss-gpu and a GPU are presen
     D1, I1 = rerank.exhaustive_knn(xq, [(0, xb)], 20, use_gpu=True)
     D0, I0 = rerank.exhaustive_knn(xq, [(0, xb)], 20)
     assert I1.tolist() == I0.tolist()
+
+
+def test_torch_l2_backend_matches_faiss(synth_index):
+    """The GPU L2 code path (gpu.l2_knn for ES, rank_pools_torch_ids -> gpu.l2_rerank for
+    HDS), run here on CPU tensors, ranks like the faiss/numpy CPU path."""
+    d, codes, feats, _ = synth_index
+    a = api.open_index(d, device="cpu")
+    b = api.open_index(d, device="cpu")
+    b.backend = "torch"
+    rng = np.random.default_rng(5)
+    qf = feats[:15] + rng.normal(0, 0.2, (15, feats.shape[1])).astype(np.float32)
+    for mode in ("hds", "es"):
+        ra = a.search(mode, codes[:15], qf, k=12, radius=4, max_candidates=200).results
+        rb = b.search(mode, codes[:15], qf, k=12, radius=4, max_candidates=200).results
+        for x, y in zip(ra, rb):
+            assert x.ids.tolist() == y.ids.tolist() and x.candidates == y.candidates
+            np.testing.assert_allclose(x.distance, y.distance, rtol=1e-4, atol=1e-4)

@@ -331,10 +331,10 @@ def sweep(args, dev, res):
     torch.cuda.empty_cache()
 
 
-ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity)
-    (1 << 16, 30.0, 8, 16384), (1 << 16, 10.0, 8, 16384), (1 << 16, 30.0, 4, 16384),
-    (1 << 18, 30.0, 8, 16384), (1 << 14, 30.0, 8, 16384), (1 << 16, 30.0, 8, 8192),
-    (1 << 16, 60.0, 16, 32768), (1 << 16, 3.0, 3, 16384),
+ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity); the first is the default
+    (1 << 17, 3.0, 4, 16384), (1 << 16, 3.0, 4, 16384), (1 << 18, 3.0, 4, 16384),
+    (1 << 17, 10.0, 4, 16384), (1 << 17, 3.0, 8, 16384), (1 << 17, 3.0, 2, 16384),
+    (1 << 17, 30.0, 4, 16384), (1 << 17, 3.0, 4, 32768),
 ]
 
 
@@ -344,63 +344,73 @@ def _set_estimate(idx, S, f, jm, cap):
 
 
 def tune(args, dev, res):
-    """Threshold-estimate settings (sample size, target factor, min rank, capacity) at the
-    largest n for each kind, plus a time breakdown of one search at the first grid row;
-    applies the fastest settings (summed over kinds) to the later runs."""
+    """Threshold-estimate settings (sample size, target factor, min rank, capacity) at
+    every --n and kind, plus a time breakdown of one search with the first grid row;
+    applies the settings with the least normalised time (sum over (n, kind) of
+    time / best time there) to the later runs."""
     nbytes = args.bits // 8
-    n = int(float(args.n[-1]))
     out = []
     for kind in args.kinds:
-        db = make_codes(n, nbytes, dev, kind, seed=1)
-        q = make_codes(args.queries, nbytes, dev, kind, seed=2)
-        idx = gpu.GpuBinaryIndex(db, device=dev)
-        qp = idx._queries(q)[0]
-        kk = args.k
-        for S, f, jm, cap in ESTIMATE_GRID:
+        for nf in args.n:
+            n = int(float(nf))
+            db = make_codes(n, nbytes, dev, kind, seed=1)
+            q = make_codes(args.queries, nbytes, dev, kind, seed=2)
+            idx = gpu.GpuBinaryIndex(db, device=dev)
+            qp = idx._queries(q)[0]
+            kk = args.k
+            for S, f, jm, cap in ESTIMATE_GRID:
+                _set_estimate(idx, S, f, jm, cap)
+                t = cuda_time(lambda: idx.search(q, kk), repeat=3)
+                C = max(cap, 8 * kk)
+                te = cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3)
+                Sx, T = idx._plan(kk, C)
+                row = {"kind": kind, "n": n, "S": S, "f": f, "jmin": jm, "capacity": cap,
+                       "sample_rows": Sx, "target": T,
+                       "search_ms": t * 1e3, "qps": args.queries / t, "estimate_ms": te * 1e3,
+                       "passes": idx.last_stats.get("passes")}
+                out.append(row)
+                print(json.dumps(row), flush=True)
+            # breakdown with the first grid row
+            S, f, jm, cap = ESTIMATE_GRID[0]
             _set_estimate(idx, S, f, jm, cap)
-            t = cuda_time(lambda: idx.search(q, kk), repeat=3)
             C = max(cap, 8 * kk)
-            te = cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3)
-            row = {"kind": kind, "n": n, "S": S, "f": f, "jmin": jm, "capacity": cap,
-                   "search_ms": t * 1e3, "qps": args.queries / t, "estimate_ms": te * 1e3,
-                   "passes": idx.last_stats.get("passes")}
+            s_key = idx._estimate_key(qp, kk, C)
+            buf = torch.full((qp.shape[0], C), 2**63 - 1, dtype=torch.int64, device=dev)
+            ro = torch.arange(qp.shape[0], device=dev, dtype=torch.int64) * C
+            co = torch.full((qp.shape[0],), C, dtype=torch.int32, device=dev)
+            te = cuda_time(lambda: idx._launch(qp, s_key, True, out=buf, row_off=ro, cap_out=co),
+                           repeat=3)
+            cnt = idx._launch(qp, s_key, False)
+            used = int(cnt.max())
+            tc = cuda_time(lambda: idx._launch(qp, s_key, False), repeat=3)
+            tn = cuda_time(lambda: idx._launch(qp, torch.zeros_like(s_key), False), repeat=3)
+            tk = cuda_time(lambda: torch.topk(buf[:, :used], kk, 1, largest=False), repeat=3)
+            tq = cuda_time(lambda: idx._queries(q), repeat=3)
+            ttot = cuda_time(lambda: idx.search(q, kk), repeat=3)
+            row = {"kind": kind, "n": n, "estimate": list(ESTIMATE_GRID[0]), "search_ms": ttot * 1e3,
+                   "unpack_queries_ms": tq * 1e3,
+                   "estimate_ms": cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3) * 1e3,
+                   "emit_pass_ms": te * 1e3, "count_pass_ms": tc * 1e3, "no_hit_pass_ms": tn * 1e3,
+                   "final_topk_ms": tk * 1e3, "selected_mean": float(cnt.float().mean()),
+                   "selected_max": used, "selected_min": int(cnt.min())}
             out.append(row)
             print(json.dumps(row), flush=True)
-        # breakdown at the first grid row
-        S, f, jm, cap = ESTIMATE_GRID[0]
-        _set_estimate(idx, S, f, jm, cap)
-        C = max(cap, 8 * kk)
-        s_key = idx._estimate_key(qp, kk, C)
-        buf = torch.full((qp.shape[0], C), 2**63 - 1, dtype=torch.int64, device=dev)
-        ro = torch.arange(qp.shape[0], device=dev, dtype=torch.int64) * C
-        co = torch.full((qp.shape[0],), C, dtype=torch.int32, device=dev)
-        te = cuda_time(lambda: idx._launch(qp, s_key, True, out=buf, row_off=ro, cap_out=co),
-                       repeat=3)
-        cnt = idx._launch(qp, s_key, False)
-        used = int(cnt.max())
-        tc = cuda_time(lambda: idx._launch(qp, s_key, False), repeat=3)
-        tn = cuda_time(lambda: idx._launch(qp, torch.zeros_like(s_key), False), repeat=3)
-        tk = cuda_time(lambda: torch.topk(buf[:, :used], kk, 1, largest=False), repeat=3)
-        tq = cuda_time(lambda: idx._queries(q), repeat=3)
-        ttot = cuda_time(lambda: idx.search(q, kk), repeat=3)
-        row = {"kind": kind, "n": n, "estimate": list(ESTIMATE_GRID[0]), "search_ms": ttot * 1e3,
-               "unpack_queries_ms": tq * 1e3,
-               "estimate_ms": cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3) * 1e3,
-               "emit_pass_ms": te * 1e3, "count_pass_ms": tc * 1e3, "no_hit_pass_ms": tn * 1e3,
-               "final_topk_ms": tk * 1e3, "selected_mean": float(cnt.float().mean()),
-               "selected_max": used, "selected_min": int(cnt.min())}
-        out.append(row)
-        print(json.dumps(row), flush=True)
-        del idx, db, q, buf
-        torch.cuda.empty_cache()
+            del idx, db, q, buf
+            torch.cuda.empty_cache()
     res["tune"] = out
     rows = [r for r in out if "S" in r]
-    best = {}
+    best_at = {}
+    for r in rows:
+        key = (r["kind"], r["n"])
+        best_at[key] = min(best_at.get(key, float("inf")), r["search_ms"])
+    score = {}
     for r in rows:
         key = (r["S"], r["f"], r["jmin"], r["capacity"])
-        best[key] = best.get(key, 0.0) + r["search_ms"]
-    S, f, jm, cap = min(best, key=best.get)
-    res["chosen_estimate"] = {"sample_size": S, "target_factor": f, "min_rank": jm, "capacity": cap}
+        score[key] = score.get(key, 0.0) + r["search_ms"] / best_at[(r["kind"], r["n"])]
+    S, f, jm, cap = min(score, key=score.get)
+    res["chosen_estimate"] = {"sample_size": S, "target_factor": f, "min_rank": jm, "capacity": cap,
+                              "normalised_score": score[(S, f, jm, cap)],
+                              "default_score": score[tuple(ESTIMATE_GRID[0])]}
     _orig_init = gpu.GpuBinaryIndex.__init__
 
     def _init(self, *a, **kw):

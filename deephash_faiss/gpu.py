@@ -102,8 +102,8 @@ def _kernels():
         # Row r selects code j iff dot >= THR_A[r] or (USE_CAP and dot >= THR_B[r] and
         # j < CAP_ID[r]), i.e. key (d, j) below the key threshold (t, cap). CNT[r] counts
         # selections; with EMIT the key (d << 40 | j) goes to OUT[ROW_OFF[r] + slot] when
-        # slot < CAP_OUT[r]. One atomic per selected element (each element of a 2-D tile
-        # has exactly one owner thread), none for the others.
+        # slot < CAP_OUT[r]. Tiles without a selected element skip all of this (one
+        # max-reduction); the others take one atomic per query row, not per element.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -135,9 +135,13 @@ def _kernels():
                 if USE_CAP:
                     hit = hit | ((acc >= thr_b[:, None]) & (ids[None, :] < cap_id[:, None]))
                 hit = hit & (ids[None, :] < n)
-                cptr = CNT + rm[:, None] + tl.zeros([BM, BN], dtype=tl.int32)
-                slot = tl.atomic_add(cptr, tl.full([BM, BN], 1, tl.int32), mask=hit)
+                h = hit.to(tl.int32)
+                row_cnt = tl.sum(h, axis=1)
+                # one atomic per query row reserves row_cnt slots; a row's hits take
+                # consecutive slots in column order (exclusive prefix sum)
+                base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
                 if EMIT:
+                    slot = base[:, None] + tl.cumsum(h, axis=1) - h
                     d = ((BITS - acc) >> 1).to(tl.int64)
                     key = (d << 40) | ids[None, :].to(tl.int64)
                     tl.store(OUT + off[:, None] + slot, key,
@@ -251,14 +255,15 @@ class GpuBinaryIndex:
         self.config = dict(base, **(config or {}))
         self.ntotal = 0
         self._x = torch.zeros((0, self.kp), dtype=torch.int8, device=dev)
-        # Threshold estimate from a strided sample of at least `sample_size` rows (settings
-        # picked by `bench_gpu.py --tune` on the H200, see docs/benchmarks.md): aim at
-        # `target_factor * k` selected codes (at most capacity / 4), and use a sample large
-        # enough that the aimed-at rank in it is >= `min_rank` (relative noise about
-        # 1 / sqrt(min_rank)); `capacity` is the per-query result buffer (>= 8 k).
-        self.sample_size = 1 << 16
-        self.target_factor = 30.0
-        self.min_rank = 8
+        # Threshold estimate from a strided sample (settings picked by
+        # `bench_gpu.py --tune` on the H200, see docs/benchmarks.md): aim at
+        # T = max(target_factor * k, min_rank * n / sample_size) selected codes (at most
+        # capacity / 4), so that the aimed-at rank in the sample is >= min_rank (relative
+        # noise about 1 / sqrt(min_rank)); the sample grows past sample_size only when
+        # the capacity caps T. `capacity` is the per-query result buffer (>= 8 k).
+        self.sample_size = 1 << 17
+        self.target_factor = 3.0
+        self.min_rank = 4
         self.capacity = 16384
         self.small_n = 1 << 15 if dev.type == "cuda" else 0  # exact torch path below this
         self._sample_cache = None
@@ -416,35 +421,49 @@ class GpuBinaryIndex:
         self._sample_cache = (S, xs, ids)
         return xs, ids
 
-    def _target(self, kk: int, C: int) -> float:
-        return max(float(kk), min(self.target_factor * kk, C / 4.0))
+    def _plan(self, kk: int, C: int) -> Tuple[int, float]:
+        """(sample rows S, aimed-at number of selected codes T) for k = kk."""
+        n = self.ntotal
+        S = min(n, self.sample_size)
+        T = max(self.target_factor * kk, self.min_rank * n / S)
+        T = max(float(kk), min(T, C / 4.0))
+        S = int(min(n, max(S, math.ceil(self.min_rank * n / T))))
+        return S, T
 
     def _estimate_key(self, qp: torch.Tensor, kk: int, C: int) -> torch.Tensor:
-        """Per-query key threshold s (int64 [m]) selecting about ``_target`` codes.
+        """Per-query key threshold s (int64 [m]) selecting about T codes (see ``_plan``).
 
         The j-th smallest *key* (distance, id) of a strided sample estimates the key
         below which j * n / S database codes lie; because keys are unique this also
         splits a tied distance level by id (no retry for thousands of equal codes).
         Exact (count == k) when the sample is the whole database."""
         n = self.ntotal
-        T = self._target(kk, C)
-        S = int(min(n, max(self.sample_size, math.ceil(self.min_rank * n / T))))
+        S, T = self._plan(kk, C)
         if S == n:
             j = kk
         else:
             j = int(min(S, max(self.min_rank, round(T * S / n))))
         xs, ids = self._sample(S)
         shift = max(1, int(S - 1).bit_length())
-        wide = (self.bits + 1) << shift >= 2**31
-        kdt = torch.int64 if wide else torch.int32
-        cols = torch.arange(S, device=self.device, dtype=kdt)
         out = []
         step = max(1, (1 << 27) // S)
-        for s in range(0, qp.shape[0], step):
-            dot = torch.mm(qp[s: s + step].to(xs.dtype), xs.t())
-            d = torch.div(self.bits - dot.to(kdt), 2, rounding_mode="floor")
-            key = (d << shift) | cols[None, :]
-            out.append(torch.topk(key, j, dim=1, largest=False, sorted=True).values[:, -1])
+        if (self.bits + 1) << shift <= 1 << 24:
+            # key = d * 2**shift + col = bits * h + col - h * dot (h = 2**(shift-1)): one
+            # float32 addmm, exact (integers below 2**24, +-1 products, power-of-2 alpha)
+            h = float(1 << (shift - 1))
+            base = torch.arange(S, device=self.device, dtype=torch.float32) + self.bits * h
+            xf = xs.float()
+            for s in range(0, qp.shape[0], step):
+                key = torch.addmm(base[None, :], qp[s: s + step].float(), xf.t(), alpha=-h)
+                out.append(torch.topk(key, j, dim=1, largest=False, sorted=True).values[:, -1])
+        else:
+            kdt = torch.int64 if (self.bits + 1) << shift >= 2**31 else torch.int32
+            cols = torch.arange(S, device=self.device, dtype=kdt)
+            for s in range(0, qp.shape[0], step):
+                dot = torch.mm(qp[s: s + step].to(xs.dtype), xs.t())
+                d = torch.div(self.bits - dot.to(kdt), 2, rounding_mode="floor")
+                key = (d << shift) | cols[None, :]
+                out.append(torch.topk(key, j, dim=1, largest=False, sorted=True).values[:, -1])
         kj = torch.cat(out).to(torch.int64)
         dj, cj = kj >> shift, kj & ((1 << shift) - 1)
         return dj * n + ids[cj] + 1

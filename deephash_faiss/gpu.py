@@ -87,35 +87,43 @@ def _kernels():
     interp = _interpreting()
     if interp in _KERNELS:
         return _KERNELS[interp]
-    global triton, tl  # module globals, so the interpreter can patch triton.language
+    global triton, tl, _hits  # module globals: jitted kernels resolve names there
     import triton
     import triton.language as tl
 
     @triton.jit
-    def hamming_select(
-        Q, X, THR_A, THR_B, CAP_ID, CAP_OUT, ROW_OFF, CNT, OUT,
-        n, tiles_per_prog,
-        BITS: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        EMIT: tl.constexpr, USE_CAP: tl.constexpr,
+    def _hits(acc, start, thr_a, thr_b, cap_id, n, BN: tl.constexpr, USE_CAP: tl.constexpr):
+        # bool [BM, BN]: key (d, id) of code start + j below row r's key threshold
+        ids = start + tl.arange(0, BN)
+        hit = acc >= thr_a[:, None]
+        if USE_CAP:
+            hit = hit | ((acc >= thr_b[:, None]) & (ids[None, :] < cap_id[:, None]))
+        return hit & (ids[None, :] < n)
+
+    @triton.jit
+    def hamming_count(
+        Q, X, THR_A, THR_B, CAP_ID, CNT, TILES, TCNT,
+        n, tiles_per_prog, tile_cap,
+        KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        USE_CAP: tl.constexpr, FLAG: tl.constexpr,
     ):
         # Q: int8 [m_pad, KP] +-1 queries; X: int8 [n_pad, KP] +-1 codes.
         # Row r selects code j iff dot >= THR_A[r] or (USE_CAP and dot >= THR_B[r] and
         # j < CAP_ID[r]), i.e. key (d, j) below the key threshold (t, cap). CNT[r] counts
-        # selections; with EMIT the key (d << 40 | j) goes to OUT[ROW_OFF[r] + slot] when
-        # slot < CAP_OUT[r]. Tiles without a selected element skip all of this (one
-        # max-reduction); the others take one atomic per query row, not per element.
+        # selections. Tiles without a selected element cost one max-reduction; with FLAG
+        # the others are listed (TILES[pid_m * tile_cap + i], i < TCNT[pid_m]) for the
+        # emitting kernel, which keeps this hot loop small.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
         rk = tl.arange(0, KP)
         q = tl.load(Q + rm[:, None] * KP + rk[None, :])
         thr_a = tl.load(THR_A + rm)
+        thr_b = thr_a
+        cap_id = rm.to(tl.int64) * 0
         if USE_CAP:
             thr_b = tl.load(THR_B + rm)
             cap_id = tl.load(CAP_ID + rm)
-        if EMIT:
-            cap_out = tl.load(CAP_OUT + rm)
-            off = tl.load(ROW_OFF + rm)
         x_offs = tl.arange(0, BN)[:, None] * KP + rk[None, :]
         num_tiles = tl.cdiv(n, BN)
         t0 = pid_n * tiles_per_prog
@@ -130,24 +138,54 @@ def _kernels():
                 thr = thr_a
             rowmax = tl.max(acc, axis=1)
             if tl.max(rowmax - thr, axis=0) >= 0:
-                ids = start + tl.arange(0, BN)
-                hit = acc >= thr_a[:, None]
-                if USE_CAP:
-                    hit = hit | ((acc >= thr_b[:, None]) & (ids[None, :] < cap_id[:, None]))
-                hit = hit & (ids[None, :] < n)
-                h = hit.to(tl.int32)
-                row_cnt = tl.sum(h, axis=1)
-                # one atomic per query row reserves row_cnt slots; a row's hits take
-                # consecutive slots in column order (exclusive prefix sum)
-                base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
-                if EMIT:
-                    slot = base[:, None] + tl.cumsum(h, axis=1) - h
-                    d = ((BITS - acc) >> 1).to(tl.int64)
-                    key = (d << 40) | ids[None, :].to(tl.int64)
-                    tl.store(OUT + off[:, None] + slot, key,
-                             mask=hit & (slot < cap_out[:, None]))
+                hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
+                row_cnt = tl.sum(hit.to(tl.int32), axis=1)
+                tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
+                if FLAG:
+                    pos = tl.atomic_add(TCNT + pid_m, 1)
+                    tl.store(TILES + pid_m.to(tl.int64) * tile_cap + pos, t, mask=pos < tile_cap)
 
-    _KERNELS[interp] = {"hamming_select": hamming_select}
+    @triton.jit
+    def hamming_emit(
+        Q, X, THR_A, THR_B, CAP_ID, CAP_OUT, ROW_OFF, CNT, OUT, TILES, TCNT,
+        n, tile_cap, n_progs,
+        BITS: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        USE_CAP: tl.constexpr,
+    ):
+        # Revisit the tiles listed by hamming_count and write each selected key
+        # (d << 40 | j) to OUT[ROW_OFF[r] + slot] while slot < CAP_OUT[r]: one atomic
+        # per query row reserves its slots (CNT), a prefix sum orders them.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rk = tl.arange(0, KP)
+        q = tl.load(Q + rm[:, None] * KP + rk[None, :])
+        thr_a = tl.load(THR_A + rm)
+        thr_b = thr_a
+        cap_id = rm.to(tl.int64) * 0
+        if USE_CAP:
+            thr_b = tl.load(THR_B + rm)
+            cap_id = tl.load(CAP_ID + rm)
+        cap_out = tl.load(CAP_OUT + rm)
+        off = tl.load(ROW_OFF + rm)
+        x_offs = tl.arange(0, BN)[:, None] * KP + rk[None, :]
+        ntile = tl.load(TCNT + pid_m)
+        for i in range(pid_n, ntile, n_progs):
+            t = tl.load(TILES + pid_m.to(tl.int64) * tile_cap + i)
+            start = t * BN
+            x = tl.load(X + start.to(tl.int64) * KP + x_offs)
+            acc = tl.dot(q, tl.trans(x), out_dtype=tl.int32)
+            hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
+            h = hit.to(tl.int32)
+            row_cnt = tl.sum(h, axis=1)
+            base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
+            slot = base[:, None] + tl.cumsum(h, axis=1) - h
+            ids = start + tl.arange(0, BN)
+            d = ((BITS - acc) >> 1).to(tl.int64)
+            key = (d << 40) | ids[None, :].to(tl.int64)
+            tl.store(OUT + off[:, None] + slot, key, mask=hit & (slot < cap_out[:, None]))
+
+    _KERNELS[interp] = {"count": hamming_count, "emit": hamming_emit}
     return _KERNELS[interp]
 
 
@@ -356,12 +394,13 @@ class GpuBinaryIndex:
         return best
 
     # -- Triton path --
-    def _launch(self, qp, s_key, emit, out=None, row_off=None, cap_out=None):
-        """One selection pass over the whole database.
+    def _count_pass(self, qp, s_key, flag):
+        """One counting pass over the whole database.
 
         qp: int8 [mq, kp] queries; s_key: int64 [mq] key thresholds s = t * n + cap
-        (select keys (d, id) with d < t or d == t and id < cap). Returns int32 counts [mq].
-        """
+        (select keys (d, id) with d < t or d == t and id < cap). With ``flag`` the tiles
+        holding selections are listed for :meth:`_emit_pass`. Returns (int32 counts [mq],
+        the pass's state)."""
         cfg = self.config
         bm, bn = cfg["BM"], cfg["BN"]
         mq, n = qp.shape[0], self.ntotal
@@ -382,31 +421,54 @@ class GpuBinaryIndex:
         cap_id[:mq] = cap
         use_cap = bool((cap > 0).any())
         cnt = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
-        if emit:
-            ro = torch.zeros((m_pad,), dtype=torch.int64, device=dev)
-            co = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
-            ro[:mq] = row_off
-            co[:mq] = cap_out
-        else:
-            ro, co, out = cnt, cnt, cnt  # unused
         num_tiles = -(-n // bn)
         m_blocks = m_pad // bm
-        if dev.type == "cuda":
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        else:
-            sms = 1
+        tcnt = torch.zeros((m_blocks,), dtype=torch.int32, device=dev)
+        tiles = (torch.empty((m_blocks * num_tiles,), dtype=torch.int32, device=dev) if flag
+                 else tcnt)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         n_progs = max(1, min(num_tiles, -(-sms * cfg["progs_per_sm"] // m_blocks)))
         tiles_per = -(-num_tiles // n_progs)
         n_progs = -(-num_tiles // tiles_per)
-        kern = _kernels()["hamming_select"]
-        kw = {}
-        if not _interpreting():
-            kw = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        kern[(m_blocks, n_progs)](
-            q, self._x, thr_a, thr_b, cap_id, co, ro, cnt, out,
-            n, tiles_per,
-            BITS=self.bits, KP=self.kp, BM=bm, BN=bn, EMIT=bool(emit), USE_CAP=use_cap, **kw)
-        return cnt[:mq]
+        kw = {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        _kernels()["count"][(m_blocks, n_progs)](
+            q, self._x, thr_a, thr_b, cap_id, cnt, tiles, tcnt, n, tiles_per, num_tiles,
+            KP=self.kp, BM=bm, BN=bn, USE_CAP=use_cap, FLAG=bool(flag), **kw)
+        ctx = {"q": q, "thr_a": thr_a, "thr_b": thr_b, "cap_id": cap_id, "use_cap": use_cap,
+               "tiles": tiles, "tcnt": tcnt, "num_tiles": num_tiles, "mq": mq, "sms": sms}
+        return cnt[:mq], ctx
+
+    def _emit_pass(self, ctx, out, row_off, cap_out):
+        """Write the selected keys of the tiles listed by ``_count_pass(flag=True)``:
+        query r's keys go to out[row_off[r] + slot] for slot < cap_out[r] (any order)."""
+        cfg = self.config
+        bm, bn = cfg["BM"], cfg["BN"]
+        dev = self.device
+        q, mq = ctx["q"], ctx["mq"]
+        m_pad = q.shape[0]
+        m_blocks = m_pad // bm
+        most = int(ctx["tcnt"].max())
+        if most == 0:
+            return
+        ro = torch.zeros((m_pad,), dtype=torch.int64, device=dev)
+        co = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
+        ro[:mq] = row_off
+        co[:mq] = cap_out
+        slots = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
+        n_progs = max(1, min(most, -(-ctx["sms"] * cfg["progs_per_sm"] // m_blocks)))
+        kw = {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        _kernels()["emit"][(m_blocks, n_progs)](
+            q, self._x, ctx["thr_a"], ctx["thr_b"], ctx["cap_id"], co, ro, slots, out,
+            ctx["tiles"], ctx["tcnt"], self.ntotal, ctx["num_tiles"], n_progs,
+            BITS=self.bits, KP=self.kp, BM=bm, BN=bn, USE_CAP=ctx["use_cap"], **kw)
+
+    def _launch(self, qp, s_key, emit, out=None, row_off=None, cap_out=None):
+        """Count (and with ``emit`` write) the selections of key thresholds s_key int64
+        [mq]; returns int32 counts [mq] (see :meth:`_count_pass`, :meth:`_emit_pass`)."""
+        cnt, ctx = self._count_pass(qp, s_key, emit)
+        if emit:
+            self._emit_pass(ctx, out, row_off, cap_out)
+        return cnt
 
     def _sample(self, S: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """S strided database rows as float16/float32 +-1 [S, kp] and their ids int64 [S]
@@ -491,16 +553,17 @@ class GpuBinaryIndex:
             sub = torch.from_numpy(todo).to(dev)
             if it > 0:
                 buf[sub] = _KEY_MAX
-            cnt = self._launch(qp[sub] if len(todo) < m else qp,
-                               torch.from_numpy(cur[todo]).to(dev), True, out=buf,
-                               row_off=row_off_all[sub], cap_out=torch.full(
-                                   (len(todo),), C, dtype=torch.int32, device=dev))
+            cnt, ctx = self._count_pass(qp[sub] if len(todo) < m else qp,
+                                        torch.from_numpy(cur[todo]).to(dev), True)
             c = cnt.cpu().numpy().astype(np.int64)
-            final_cnt[todo] = np.minimum(c, C)
             passes.append(len(todo))
             low = c < kk
             high = c > C
             bad = low | high
+            final_cnt[todo] = np.where(bad, 0, c)
+            if not bad.all():
+                self._emit_pass(ctx, buf, row_off_all[sub],
+                                torch.from_numpy(np.where(bad, 0, C).astype(np.int32)).to(dev))
             if not bad.any():
                 break
             q_bad = todo[bad]
@@ -616,7 +679,8 @@ class GpuBinaryIndex:
         m, n = qp.shape[0], self.ntotal
         dev = self.device
         s_r = torch.full((m,), r * n, dtype=torch.int64, device=dev)  # d < r
-        cnt = self._launch(qp, s_r, False).to(torch.int64)
+        cnt, ctx = self._count_pass(qp, s_r, True)  # lists the tiles holding results
+        cnt = cnt.to(torch.int64)
         capped = torch.zeros(m, dtype=torch.bool, device=dev)
         if cap is not None:
             capped = cnt > cap
@@ -624,10 +688,8 @@ class GpuBinaryIndex:
         offs = torch.cumsum(emit_cnt, 0) - emit_cnt
         total = int(emit_cnt.sum())
         out = torch.full((max(total, 1),), _KEY_MAX, dtype=torch.int64, device=dev)
-        s_emit = torch.where(capped, torch.zeros_like(s_r), s_r)
-        if total:
-            self._launch(qp, s_emit, True, out=out, row_off=offs,
-                         cap_out=emit_cnt.to(torch.int32))
+        if total:  # capped queries get no room (cap_out 0): their results come from k-NN
+            self._emit_pass(ctx, out, offs, emit_cnt.to(torch.int32))
             if bool((out[:total] == _KEY_MAX).any()):  # pragma: no cover - kernel bug guard
                 raise RuntimeError("range_search: emitted fewer results than counted")
         qids = [torch.repeat_interleave(torch.arange(m, device=dev), emit_cnt)]

@@ -332,8 +332,8 @@ def sweep(args, dev, res):
 
 
 ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity); the first is the default
-    (1 << 17, 3.0, 4, 16384), (1 << 16, 3.0, 4, 16384), (1 << 17, 10.0, 4, 16384),
-    (1 << 17, 3.0, 2, 16384), (1 << 16, 10.0, 2, 16384), (1 << 17, 30.0, 4, 16384),
+    (1 << 17, 3.0, 2, 16384), (1 << 16, 3.0, 4, 16384), (1 << 17, 10.0, 4, 16384),
+    (1 << 17, 3.0, 4, 16384), (1 << 16, 10.0, 2, 16384), (1 << 17, 30.0, 4, 16384),
     (1 << 18, 3.0, 4, 16384), (1 << 16, 30.0, 4, 16384),
 ]
 
@@ -380,10 +380,10 @@ def tune(args, dev, res):
             co = torch.full((qp.shape[0],), C, dtype=torch.int32, device=dev)
             te = cuda_time(lambda: idx._launch(qp, s_key, True, out=buf, row_off=ro, cap_out=co),
                            repeat=3)
-            tf = cuda_time(lambda: idx._count_pass(qp, s_key, True), repeat=3)
-            _, ctx = idx._count_pass(qp, s_key, True)
+            tf = cuda_time(lambda: idx._count_pass(qp, s_key, True, count=False), repeat=3)
+            _, ctx = idx._count_pass(qp, s_key, True, count=False)
             tm = cuda_time(lambda: idx._emit_pass(ctx, buf, ro, co), repeat=3)
-            flagged = int(ctx["tcnt"].sum())
+            flagged = int(ctx["flags"].sum())
             cnt = idx._launch(qp, s_key, False)
             used = int(cnt.max())
             tc = cuda_time(lambda: idx._launch(qp, s_key, False), repeat=3)
@@ -394,7 +394,7 @@ def tune(args, dev, res):
             row = {"kind": kind, "n": n, "estimate": list(ESTIMATE_GRID[0]), "search_ms": ttot * 1e3,
                    "unpack_queries_ms": tq * 1e3,
                    "estimate_ms": cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3) * 1e3,
-                   "count_and_emit_ms": te * 1e3, "count_flag_pass_ms": tf * 1e3,
+                   "flag_and_emit_ms": te * 1e3, "flag_pass_ms": tf * 1e3,
                    "emit_only_ms": tm * 1e3, "flagged_tiles": flagged,
                    "flagged_frac": flagged / max(1, ctx["num_tiles"] * (ctx["q"].shape[0] // idx.config["BM"])),
                    "count_pass_ms": tc * 1e3, "no_hit_pass_ms": tn * 1e3,

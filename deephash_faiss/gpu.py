@@ -102,16 +102,16 @@ def _kernels():
 
     @triton.jit
     def hamming_count(
-        Q, X, THR_A, THR_B, CAP_ID, CNT, TILES, TCNT,
-        n, tiles_per_prog, tile_cap,
+        Q, X, THR_A, THR_B, CAP_ID, CNT, FLAGS,
+        n, tiles_per_prog, num_tiles_all,
         KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        USE_CAP: tl.constexpr, FLAG: tl.constexpr,
+        USE_CAP: tl.constexpr, FLAG: tl.constexpr, COUNT: tl.constexpr,
     ):
         # Q: int8 [m_pad, KP] +-1 queries; X: int8 [n_pad, KP] +-1 codes.
         # Row r selects code j iff dot >= THR_A[r] or (USE_CAP and dot >= THR_B[r] and
         # j < CAP_ID[r]), i.e. key (d, j) below the key threshold (t, cap). CNT[r] counts
-        # selections. Tiles without a selected element cost one max-reduction; with FLAG
-        # the others are listed (TILES[pid_m * tile_cap + i], i < TCNT[pid_m]) for the
+        # selections (with COUNT). Tiles without a selected element cost one max-reduction; with FLAG
+        # the others are marked (FLAGS[pid_m * num_tiles + t] = 1, a plain store) for the
         # emitting kernel, which keeps this hot loop small.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -138,25 +138,27 @@ def _kernels():
                 thr = thr_a
             rowmax = tl.max(acc, axis=1)
             if tl.max(rowmax - thr, axis=0) >= 0:
-                hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
-                row_cnt = tl.sum(hit.to(tl.int32), axis=1)
-                tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
+                if COUNT:
+                    hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
+                    row_cnt = tl.sum(hit.to(tl.int32), axis=1)
+                    tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
                 if FLAG:
-                    pos = tl.atomic_add(TCNT + pid_m, 1)
-                    tl.store(TILES + pid_m.to(tl.int64) * tile_cap + pos, t, mask=pos < tile_cap)
+                    tl.store(FLAGS + pid_m.to(tl.int64) * num_tiles_all + t, 1)
 
     @triton.jit
     def hamming_emit(
-        Q, X, THR_A, THR_B, CAP_ID, CAP_OUT, ROW_OFF, CNT, OUT, TILES, TCNT,
-        n, tile_cap, n_progs,
+        Q, X, THR_A, THR_B, CAP_ID, CAP_OUT, ROW_OFF, CNT, OUT, TM, TT, n,
         BITS: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        USE_CAP: tl.constexpr,
+        USE_CAP: tl.constexpr, EMIT: tl.constexpr,
     ):
-        # Revisit the tiles listed by hamming_count and write each selected key
-        # (d << 40 | j) to OUT[ROW_OFF[r] + slot] while slot < CAP_OUT[r]: one atomic
-        # per query row reserves its slots (CNT), a prefix sum orders them.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # One program per tile marked by hamming_count (query block TM[i], code tile
+        # TT[i]): count query r's selections in CNT[r] and (EMIT) write each selected key
+        # (d << 40 | j) to OUT[ROW_OFF[r] + slot] while slot < CAP_OUT[r]; one atomic per
+        # query row reserves its slots, a prefix sum orders them. Many small programs
+        # hide the atomics' latency.
+        pid = tl.program_id(0)
+        pid_m = tl.load(TM + pid)
+        t = tl.load(TT + pid)
         rm = pid_m * BM + tl.arange(0, BM)
         rk = tl.arange(0, KP)
         q = tl.load(Q + rm[:, None] * KP + rk[None, :])
@@ -168,17 +170,14 @@ def _kernels():
             cap_id = tl.load(CAP_ID + rm)
         cap_out = tl.load(CAP_OUT + rm)
         off = tl.load(ROW_OFF + rm)
-        x_offs = tl.arange(0, BN)[:, None] * KP + rk[None, :]
-        ntile = tl.load(TCNT + pid_m)
-        for i in range(pid_n, ntile, n_progs):
-            t = tl.load(TILES + pid_m.to(tl.int64) * tile_cap + i)
-            start = t * BN
-            x = tl.load(X + start.to(tl.int64) * KP + x_offs)
-            acc = tl.dot(q, tl.trans(x), out_dtype=tl.int32)
-            hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
-            h = hit.to(tl.int32)
-            row_cnt = tl.sum(h, axis=1)
-            base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
+        start = t * BN
+        x = tl.load(X + start.to(tl.int64) * KP + tl.arange(0, BN)[:, None] * KP + rk[None, :])
+        acc = tl.dot(q, tl.trans(x), out_dtype=tl.int32)
+        hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
+        h = hit.to(tl.int32)
+        row_cnt = tl.sum(h, axis=1)
+        base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
+        if EMIT:  # else CNT only counts (the radius search sizes its output first)
             slot = base[:, None] + tl.cumsum(h, axis=1) - h
             ids = start + tl.arange(0, BN)
             d = ((BITS - acc) >> 1).to(tl.int64)
@@ -301,7 +300,7 @@ class GpuBinaryIndex:
         # the capacity caps T. `capacity` is the per-query result buffer (>= 8 k).
         self.sample_size = 1 << 17
         self.target_factor = 3.0
-        self.min_rank = 4
+        self.min_rank = 2
         self.capacity = 16384
         self.small_n = 1 << 15 if dev.type == "cuda" else 0  # exact torch path below this
         self._sample_cache = None
@@ -394,12 +393,13 @@ class GpuBinaryIndex:
         return best
 
     # -- Triton path --
-    def _count_pass(self, qp, s_key, flag):
+    def _count_pass(self, qp, s_key, flag, count=True):
         """One counting pass over the whole database.
 
         qp: int8 [mq, kp] queries; s_key: int64 [mq] key thresholds s = t * n + cap
         (select keys (d, id) with d < t or d == t and id < cap). With ``flag`` the tiles
-        holding selections are listed for :meth:`_emit_pass`. Returns (int32 counts [mq],
+        holding selections are marked for :meth:`_emit_pass`; without ``count`` the
+        counts are left at 0 (the emitting pass counts). Returns (int32 counts [mq],
         the pass's state)."""
         cfg = self.config
         bm, bn = cfg["BM"], cfg["BN"]
@@ -423,52 +423,55 @@ class GpuBinaryIndex:
         cnt = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
         num_tiles = -(-n // bn)
         m_blocks = m_pad // bm
-        tcnt = torch.zeros((m_blocks,), dtype=torch.int32, device=dev)
-        tiles = (torch.empty((m_blocks * num_tiles,), dtype=torch.int32, device=dev) if flag
-                 else tcnt)
+        flags = (torch.zeros((m_blocks * num_tiles,), dtype=torch.int8, device=dev) if flag
+                 else cnt)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
         n_progs = max(1, min(num_tiles, -(-sms * cfg["progs_per_sm"] // m_blocks)))
         tiles_per = -(-num_tiles // n_progs)
         n_progs = -(-num_tiles // tiles_per)
         kw = {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         _kernels()["count"][(m_blocks, n_progs)](
-            q, self._x, thr_a, thr_b, cap_id, cnt, tiles, tcnt, n, tiles_per, num_tiles,
-            KP=self.kp, BM=bm, BN=bn, USE_CAP=use_cap, FLAG=bool(flag), **kw)
+            q, self._x, thr_a, thr_b, cap_id, cnt, flags, n, tiles_per, num_tiles,
+            KP=self.kp, BM=bm, BN=bn, USE_CAP=use_cap, FLAG=bool(flag), COUNT=bool(count), **kw)
         ctx = {"q": q, "thr_a": thr_a, "thr_b": thr_b, "cap_id": cap_id, "use_cap": use_cap,
-               "tiles": tiles, "tcnt": tcnt, "num_tiles": num_tiles, "mq": mq, "sms": sms}
+               "flags": flags, "num_tiles": num_tiles, "mq": mq}
         return cnt[:mq], ctx
 
-    def _emit_pass(self, ctx, out, row_off, cap_out):
-        """Write the selected keys of the tiles listed by ``_count_pass(flag=True)``:
-        query r's keys go to out[row_off[r] + slot] for slot < cap_out[r] (any order)."""
+    def _emit_pass(self, ctx, out=None, row_off=None, cap_out=None, emit=True):
+        """Revisit the tiles marked by ``_count_pass(flag=True)``: count each query's
+        selections and (``emit``) write query r's keys to out[row_off[r] + slot] for
+        slot < cap_out[r] (any order). Returns the int32 counts [mq]."""
         cfg = self.config
         bm, bn = cfg["BM"], cfg["BN"]
         dev = self.device
         q, mq = ctx["q"], ctx["mq"]
         m_pad = q.shape[0]
-        m_blocks = m_pad // bm
-        most = int(ctx["tcnt"].max())
-        if most == 0:
-            return
+        slots = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
+        marked = torch.nonzero(ctx["flags"].view(m_pad // bm, ctx["num_tiles"]))
+        ctx["marked_tiles"] = marked.shape[0]
+        if marked.shape[0] == 0:
+            return slots[:mq]
+        tm = marked[:, 0].to(torch.int32).contiguous()
+        tt = marked[:, 1].to(torch.int32).contiguous()
         ro = torch.zeros((m_pad,), dtype=torch.int64, device=dev)
         co = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
-        ro[:mq] = row_off
-        co[:mq] = cap_out
-        slots = torch.zeros((m_pad,), dtype=torch.int32, device=dev)
-        n_progs = max(1, min(most, -(-ctx["sms"] * cfg["progs_per_sm"] // m_blocks)))
-        kw = {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        _kernels()["emit"][(m_blocks, n_progs)](
-            q, self._x, ctx["thr_a"], ctx["thr_b"], ctx["cap_id"], co, ro, slots, out,
-            ctx["tiles"], ctx["tcnt"], self.ntotal, ctx["num_tiles"], n_progs,
-            BITS=self.bits, KP=self.kp, BM=bm, BN=bn, USE_CAP=ctx["use_cap"], **kw)
+        if emit:
+            ro[:mq] = row_off
+            co[:mq] = cap_out
+        kw = {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": 1}
+        _kernels()["emit"][(marked.shape[0],)](
+            q, self._x, ctx["thr_a"], ctx["thr_b"], ctx["cap_id"], co, ro, slots,
+            out if emit else slots, tm, tt, self.ntotal, BITS=self.bits, KP=self.kp, BM=bm,
+            BN=bn, USE_CAP=ctx["use_cap"], EMIT=bool(emit), **kw)
+        return slots[:mq]
 
     def _launch(self, qp, s_key, emit, out=None, row_off=None, cap_out=None):
         """Count (and with ``emit`` write) the selections of key thresholds s_key int64
         [mq]; returns int32 counts [mq] (see :meth:`_count_pass`, :meth:`_emit_pass`)."""
-        cnt, ctx = self._count_pass(qp, s_key, emit)
-        if emit:
-            self._emit_pass(ctx, out, row_off, cap_out)
-        return cnt
+        if not emit:
+            return self._count_pass(qp, s_key, False)[0]
+        _, ctx = self._count_pass(qp, s_key, True, count=False)
+        return self._emit_pass(ctx, out, row_off, cap_out)
 
     def _sample(self, S: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """S strided database rows as float16/float32 +-1 [S, kp] and their ids int64 [S]
@@ -553,17 +556,18 @@ class GpuBinaryIndex:
             sub = torch.from_numpy(todo).to(dev)
             if it > 0:
                 buf[sub] = _KEY_MAX
-            cnt, ctx = self._count_pass(qp[sub] if len(todo) < m else qp,
-                                        torch.from_numpy(cur[todo]).to(dev), True)
+            # mark the tiles holding selections, then count and write them (a query
+            # whose count ends outside [k, C] is searched again below)
+            _, ctx = self._count_pass(qp[sub] if len(todo) < m else qp,
+                                      torch.from_numpy(cur[todo]).to(dev), True, count=False)
+            cnt = self._emit_pass(ctx, buf, row_off_all[sub],
+                                  torch.full((len(todo),), C, dtype=torch.int32, device=dev))
             c = cnt.cpu().numpy().astype(np.int64)
             passes.append(len(todo))
             low = c < kk
             high = c > C
             bad = low | high
             final_cnt[todo] = np.where(bad, 0, c)
-            if not bad.all():
-                self._emit_pass(ctx, buf, row_off_all[sub],
-                                torch.from_numpy(np.where(bad, 0, C).astype(np.int32)).to(dev))
             if not bad.any():
                 break
             q_bad = todo[bad]
@@ -679,8 +683,8 @@ class GpuBinaryIndex:
         m, n = qp.shape[0], self.ntotal
         dev = self.device
         s_r = torch.full((m,), r * n, dtype=torch.int64, device=dev)  # d < r
-        cnt, ctx = self._count_pass(qp, s_r, True)  # lists the tiles holding results
-        cnt = cnt.to(torch.int64)
+        _, ctx = self._count_pass(qp, s_r, True, count=False)  # marks the tiles with results
+        cnt = self._emit_pass(ctx, emit=False).to(torch.int64)  # counts them
         capped = torch.zeros(m, dtype=torch.bool, device=dev)
         if cap is not None:
             capped = cnt > cap

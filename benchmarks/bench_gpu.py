@@ -332,9 +332,9 @@ def sweep(args, dev, res):
 
 
 ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity); the first is the default
-    (1 << 17, 3.0, 2, 16384), (1 << 16, 3.0, 4, 16384), (1 << 17, 10.0, 4, 16384),
-    (1 << 17, 3.0, 4, 16384), (1 << 16, 10.0, 2, 16384), (1 << 17, 30.0, 4, 16384),
-    (1 << 18, 3.0, 4, 16384), (1 << 16, 30.0, 4, 16384),
+    (1 << 17, 3.0, 2, 16384), (1 << 16, 3.0, 4, 16384), (1 << 18, 3.0, 2, 16384),
+    (1 << 17, 3.0, 4, 16384), (1 << 18, 3.0, 3, 16384), (1 << 19, 3.0, 2, 16384),
+    (1 << 16, 3.0, 2, 16384), (1 << 17, 2.0, 2, 16384),
 ]
 
 
@@ -384,6 +384,14 @@ def tune(args, dev, res):
             _, ctx = idx._count_pass(qp, s_key, True, count=False)
             tm = cuda_time(lambda: idx._emit_pass(ctx, buf, ro, co), repeat=3)
             flagged = int(ctx["flags"].sum())
+            emit_variants = {}
+            base_cfg = dict(idx.config)
+            for sl in (0, 1):
+                for ew in (2, 4, 8):
+                    idx.config = dict(base_cfg, slots=sl, emit_warps=ew)
+                    emit_variants[f"slots{sl}_warps{ew}"] = cuda_time(
+                        lambda: idx._emit_pass(ctx, buf, ro, co), repeat=3) * 1e3
+            idx.config = base_cfg
             cnt = idx._launch(qp, s_key, False)
             used = int(cnt.max())
             tc = cuda_time(lambda: idx._launch(qp, s_key, False), repeat=3)
@@ -395,7 +403,7 @@ def tune(args, dev, res):
                    "unpack_queries_ms": tq * 1e3,
                    "estimate_ms": cuda_time(lambda: idx._estimate_key(qp, kk, C), repeat=3) * 1e3,
                    "flag_and_emit_ms": te * 1e3, "flag_pass_ms": tf * 1e3,
-                   "emit_only_ms": tm * 1e3, "flagged_tiles": flagged,
+                   "emit_only_ms": tm * 1e3, "emit_variants_ms": emit_variants, "flagged_tiles": flagged,
                    "flagged_frac": flagged / max(1, ctx["num_tiles"] * (ctx["q"].shape[0] // idx.config["BM"])),
                    "count_pass_ms": tc * 1e3, "no_hit_pass_ms": tn * 1e3,
                    "final_topk_ms": tk * 1e3, "selected_mean": float(cnt.float().mean()),

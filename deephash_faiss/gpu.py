@@ -149,7 +149,7 @@ def _kernels():
     def hamming_emit(
         Q, X, THR_A, THR_B, CAP_ID, CAP_OUT, ROW_OFF, CNT, OUT, TM, TT, n,
         BITS: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        USE_CAP: tl.constexpr, EMIT: tl.constexpr,
+        USE_CAP: tl.constexpr, EMIT: tl.constexpr, SLOTS: tl.constexpr,
     ):
         # One program per tile marked by hamming_count (query block TM[i], code tile
         # TT[i]): count query r's selections in CNT[r] and (EMIT) write each selected key
@@ -175,10 +175,15 @@ def _kernels():
         acc = tl.dot(q, tl.trans(x), out_dtype=tl.int32)
         hit = _hits(acc, start, thr_a, thr_b, cap_id, n, BN, USE_CAP)
         h = hit.to(tl.int32)
-        row_cnt = tl.sum(h, axis=1)
-        base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
+        if SLOTS == 0 or not EMIT:
+            row_cnt = tl.sum(h, axis=1)
+            base = tl.atomic_add(CNT + rm, row_cnt, mask=row_cnt > 0)
         if EMIT:  # else CNT only counts (the radius search sizes its output first)
-            slot = base[:, None] + tl.cumsum(h, axis=1) - h
+            if SLOTS == 0:  # one atomic per row, slots by prefix sum
+                slot = base[:, None] + tl.cumsum(h, axis=1) - h
+            else:  # one atomic per selected element (few per tile)
+                slot = tl.atomic_add(CNT + rm[:, None] + tl.zeros([BM, BN], dtype=tl.int32),
+                                     h, mask=hit)
             ids = start + tl.arange(0, BN)
             d = ((BITS - acc) >> 1).to(tl.int64)
             key = (d << 40) | ids[None, :].to(tl.int64)
@@ -190,7 +195,8 @@ def _kernels():
 
 # Kernel launch parameters; the CUDA defaults were picked by benchmarks/bench_gpu.py
 # on an H200 (see docs/gpu.md). ``progs_per_sm`` sets the persistent grid size.
-DEFAULT_CONFIG = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 4, "progs_per_sm": 8}
+DEFAULT_CONFIG = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 4, "progs_per_sm": 16,
+                  "emit_warps": 4, "slots": 0}
 INTERPRET_CONFIG = {"BM": 16, "BN": 32, "num_warps": 1, "num_stages": 1, "progs_per_sm": 1}
 
 
@@ -458,11 +464,12 @@ class GpuBinaryIndex:
         if emit:
             ro[:mq] = row_off
             co[:mq] = cap_out
-        kw = {} if _interpreting() else {"num_warps": cfg["num_warps"], "num_stages": 1}
+        kw = {} if _interpreting() else {"num_warps": cfg.get("emit_warps", cfg["num_warps"]),
+                                         "num_stages": 1}
         _kernels()["emit"][(marked.shape[0],)](
             q, self._x, ctx["thr_a"], ctx["thr_b"], ctx["cap_id"], co, ro, slots,
             out if emit else slots, tm, tt, self.ntotal, BITS=self.bits, KP=self.kp, BM=bm,
-            BN=bn, USE_CAP=ctx["use_cap"], EMIT=bool(emit), **kw)
+            BN=bn, USE_CAP=ctx["use_cap"], EMIT=bool(emit), SLOTS=int(cfg.get("slots", 0)), **kw)
         return slots[:mq]
 
     def _launch(self, qp, s_key, emit, out=None, row_off=None, cap_out=None):

@@ -331,10 +331,10 @@ def sweep(args, dev, res):
     torch.cuda.empty_cache()
 
 
-ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity); the first is the default
-    (1 << 17, 3.0, 2, 16384), (1 << 16, 3.0, 4, 16384), (1 << 18, 3.0, 2, 16384),
-    (1 << 17, 3.0, 4, 16384), (1 << 18, 3.0, 3, 16384), (1 << 19, 3.0, 2, 16384),
-    (1 << 16, 3.0, 2, 16384), (1 << 17, 2.0, 2, 16384),
+ESTIMATE_GRID = [  # (sample_size, target_factor, min_rank, capacity); None = sqrt rule;
+    # the first row is the product default
+    (None, 3.0, 3, 16384), (None, 3.0, 2, 16384), (None, 3.0, 4, 16384),
+    (1 << 17, 3.0, 2, 16384), (1 << 18, 3.0, 3, 16384), (1 << 16, 3.0, 4, 16384),
 ]
 
 
@@ -345,9 +345,9 @@ def _set_estimate(idx, S, f, jm, cap):
 
 def tune(args, dev, res):
     """Threshold-estimate settings (sample size, target factor, min rank, capacity) at
-    every --n and kind, plus a time breakdown of one search with the first grid row;
-    applies the settings with the least normalised time (sum over (n, kind) of
-    time / best time there) to the later runs."""
+    every --n and kind, plus a time breakdown of one search with the first grid row (the
+    product default); reports the settings with the least normalised time (sum over
+    (n, kind) of time / best time there). Later runs keep the product defaults."""
     nbytes = args.bits // 8
     out = []
     for kind in args.kinds:
@@ -423,15 +423,9 @@ def tune(args, dev, res):
         key = (r["S"], r["f"], r["jmin"], r["capacity"])
         score[key] = score.get(key, 0.0) + r["search_ms"] / best_at[(r["kind"], r["n"])]
     S, f, jm, cap = min(score, key=score.get)
-    res["chosen_estimate"] = {"sample_size": S, "target_factor": f, "min_rank": jm, "capacity": cap,
+    res["best_estimate"] = {"sample_size": S, "target_factor": f, "min_rank": jm, "capacity": cap,
                               "normalised_score": score[(S, f, jm, cap)],
                               "default_score": score[tuple(ESTIMATE_GRID[0])]}
-    _orig_init = gpu.GpuBinaryIndex.__init__
-
-    def _init(self, *a, **kw):
-        _orig_init(self, *a, **kw)
-        _set_estimate(self, S, f, jm, cap)
-    gpu.GpuBinaryIndex.__init__ = _init
 
 
 def main(argv=None):

@@ -196,7 +196,7 @@ def _kernels():
 # Kernel launch parameters; the CUDA defaults were picked by benchmarks/bench_gpu.py
 # on an H200 (see docs/gpu.md). ``progs_per_sm`` sets the persistent grid size.
 DEFAULT_CONFIG = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 4, "progs_per_sm": 16,
-                  "emit_warps": 4, "slots": 0}
+                  "emit_warps": 4, "slots": 1}
 INTERPRET_CONFIG = {"BM": 16, "BN": 32, "num_warps": 1, "num_stages": 1, "progs_per_sm": 1}
 
 
@@ -298,15 +298,18 @@ class GpuBinaryIndex:
         self.config = dict(base, **(config or {}))
         self.ntotal = 0
         self._x = torch.zeros((0, self.kp), dtype=torch.int8, device=dev)
-        # Threshold estimate from a strided sample (settings picked by
-        # `bench_gpu.py --tune` on the H200, see docs/benchmarks.md): aim at
-        # T = max(target_factor * k, min_rank * n / sample_size) selected codes (at most
-        # capacity / 4), so that the aimed-at rank in the sample is >= min_rank (relative
-        # noise about 1 / sqrt(min_rank)); the sample grows past sample_size only when
-        # the capacity caps T. `capacity` is the per-query result buffer (>= 8 k).
-        self.sample_size = 1 << 17
+        # Threshold estimate from a strided sample of S rows (see docs/benchmarks.md,
+        # "GPU k-NN", for the H200 measurements behind these settings). The estimate
+        # costs about S * m and the selected codes cost about T * m, with
+        # T = max(target_factor * k, min_rank * n / S) codes aimed at (so the aimed-at rank
+        # in the sample is >= min_rank, relative noise about 1 / sqrt(min_rank)); the sum
+        # is least at S = sqrt(sample_coef * min_rank * n), sample_coef being the measured
+        # ratio of the two unit costs. sample_size = an int fixes S instead. T is capped
+        # at capacity / 4 (the per-query result buffer, >= 8 k).
+        self.sample_size: Optional[int] = None
+        self.sample_coef = 600.0
         self.target_factor = 3.0
-        self.min_rank = 2
+        self.min_rank = 3
         self.capacity = 16384
         self.small_n = 1 << 15 if dev.type == "cuda" else 0  # exact torch path below this
         self._sample_cache = None
@@ -496,7 +499,10 @@ class GpuBinaryIndex:
     def _plan(self, kk: int, C: int) -> Tuple[int, float]:
         """(sample rows S, aimed-at number of selected codes T) for k = kk."""
         n = self.ntotal
-        S = min(n, self.sample_size)
+        if self.sample_size is None:
+            S = min(n, max(1 << 12, int(math.sqrt(self.sample_coef * self.min_rank * n))))
+        else:
+            S = min(n, int(self.sample_size))
         T = max(self.target_factor * kk, self.min_rank * n / S)
         T = max(float(kk), min(T, C / 4.0))
         S = int(min(n, max(S, math.ceil(self.min_rank * n / T))))

@@ -19,8 +19,9 @@ Timed (same queries in every mode; one warm-up call, then the median of --repeat
   es       faiss.knn (IndexFlatL2 kernel, BLAS for batches) over all features
 With --device cuda everything runs on the GPU through the product's own functions, as
 Searcher(device="cuda") runs them: BCS and radius pooling through search.GpuCodeIndex
-(gpu.GpuBinaryIndex, Triton kernels), HDS = search.hamming_pools + rerank.rank_pools_torch_ids
-(gpu.l2_rerank) on features held on the GPU, ES = gpu.l2_knn (flat L2); features are drawn
+(gpu.GpuBinaryIndex, Triton kernels), HDS = search.hds_device (pools kept on the GPU,
+gpu.l2_rerank_ids with cached norms) on features held on the GPU, ES = gpu.l2_knn (flat L2);
+features are drawn
 on the GPU from the same distribution; times include the host<->device copies of queries
 and results; BCS is checked against the CPU flat index, ES against float64.
 (--device cpu:0 runs that torch path on CPU, for testing.)
@@ -436,7 +437,7 @@ def run_torch(a, out, log):
 
     from deephash_faiss import gpu
     from deephash_faiss.rerank import rank_pools_torch_ids
-    from deephash_faiss.search import GpuCodeIndex, hamming_pools
+    from deephash_faiss.search import GpuCodeIndex, hamming_pools, hds_device
 
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -542,33 +543,40 @@ def run_torch(a, out, log):
     del ref
     out["es_ms_per_query"], out["es_single_ms"] = te / me * 1e3, tes
     log("es", out["es"])
-    # ---- HDS ------------------------------------------------------------------------
+    # ---- HDS (search.hds_device: what Searcher.hds runs on CUDA) ------------------------
     hds = {}
+    t0 = time.perf_counter()
+    norms = gpu.squared_norms(xb)  # Searcher computes these once, at the first HDS
+    sync()
+    out["feature_norms_s"] = time.perf_counter() - t0
 
     def hds_run(cap, lo, hi):
-        t0_ = time.perf_counter()
-        pools = hamming_pools(cidx, qcodes[lo:hi], k, a.radius, cap, n)
-        t1_ = time.perf_counter()
-        res = rank_pools_torch_ids(qf[lo:hi], xb, [p[0] for p in pools], k)
-        return pools, res, t1_ - t0_, time.perf_counter() - t1_
+        return hds_device(cidx.gpu, xb, qcodes[lo:hi], qf[lo:hi], k, a.radius, cap, norms=norms)
 
     for cap in a.caps:
-        hds_run(cap, 0, min(m, 50))
-        ts_ = []
-        for _ in range(a.repeat):
-            sync()
-            pools, res, tp, tr = hds_run(cap, 0, m)
-            ts_.append((tp + tr, tp, tr))
-        tt, tp, tr = sorted(ts_)[len(ts_) // 2]
-        sizes = np.array([len(p[0]) for p in pools])
+        t = gtime(lambda: hds_run(cap, 0, m), a.repeat)
+        res = hds_run(cap, 0, m)
+        sizes = np.array([r[3] for r in res])
         single = gsingle(lambda i: hds_run(cap, i, i + 1), a.single)
-        ov = float(np.mean([len(np.intersect1d(pools[i][0][res[i][0]], Ies[i])) / k for i in range(me)]))
-        hds[str(cap)] = {"batch_ms_per_query": tt / m * 1e3, "pool_ms_per_query": tp / m * 1e3,
-                         "rerank_ms_per_query": tr / m * 1e3, "qps": m / tt, "single_ms": single,
+        ov = float(np.mean([len(np.intersect1d(res[i][0], Ies[i])) / k for i in range(me)]))
+        hds[str(cap)] = {"batch_ms_per_query": t / m * 1e3, "qps": m / t, "single_ms": single,
                          "pool_mean": float(sizes.mean()), "pool_median": float(np.median(sizes)),
-                         "pool_max": int(sizes.max()), "truncated_frac": float(np.mean(sizes >= cap)),
+                         "pool_max": int(sizes.max()), "truncated_frac": float(np.mean([r[4] for r in res])),
                          "overlap_with_es_topk": ov}
         log("hds cap", cap, hds[str(cap)])
+    # the same pools through the numpy-side path (hamming_pools + rank_pools_torch_ids),
+    # which Searcher uses when rows are deleted: checks hds_device and times the difference
+    cap = min(a.caps)
+    t0 = time.perf_counter()
+    pools = hamming_pools(cidx, qcodes, k, a.radius, cap, n)
+    ranked = rank_pools_torch_ids(qf, xb, [p[0] for p in pools], k, norms=norms)
+    sync()
+    t_np = time.perf_counter() - t0
+    res = hds_run(cap, 0, m)
+    same = all(np.array_equal(pools[i][0][ranked[i][0]], res[i][0]) for i in range(m))
+    hds[str(cap)]["numpy_pools_path_ms_per_query"] = t_np / m * 1e3
+    hds[str(cap)]["same_as_numpy_pools_path"] = same
+    log("hds numpy-pools path", round(t_np / m * 1e3, 4), "ms/query, same result:", same)
     out["hds"] = hds
     out["hds_params"] = {"radius": a.radius, "pool_index": "gpu flat (exact)",
                          "uncapped_pool_mean": rad[str(a.radius)]["flat"]["mean_pool"],

@@ -40,6 +40,8 @@ __all__ = [
     "GpuBinaryIndex",
     "l2_knn",
     "l2_rerank",
+    "l2_rerank_ids",
+    "squared_norms",
     "has_cuda",
     "has_triton",
 ]
@@ -847,3 +849,55 @@ def l2_rerank(xq: torch.Tensor, cand: Union[torch.Tensor, Sequence[torch.Tensor]
         Dout[s: s + step, :kk] = v
         Iout[s: s + step, :kk] = o
     return Dout, Iout
+
+
+def squared_norms(xb: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Squared L2 norms float32 [n] of the rows of xb [n, D] (computed in float32)."""
+    out = torch.empty(xb.shape[0], dtype=torch.float32, device=xb.device)
+    for s in range(0, xb.shape[0], chunk):
+        x = xb[s: s + chunk].float()
+        out[s: s + chunk] = (x * x).sum(1)
+    return out
+
+
+def l2_rerank_ids(xq: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                  k: int, xb_norms: Optional[torch.Tensor] = None, budget_bytes: int = 1 << 31):
+    """Rank each query's pool of database rows by squared L2, gathering rows by id.
+
+    Args:
+        xq: float [m, D]; xb: float32/float16 [n, D] (the database, on xq's device).
+        ids: int64 [m, P] row ids, query i's pool in ids[i, :lengths[i]] (the rest is
+            ignored); lengths: int64 [m].
+        xb_norms: optional float32 [n] squared norms of xb (:func:`squared_norms`), so
+            that only one product per pool row is computed.
+        budget_bytes: bound on one gathered [chunk, P, D] block.
+    Returns:
+        D float32 [m, min(k, P)] squared distances (ascending, +inf past the pool),
+        O int64 [m, min(k, P)] positions in the pool (ties by position; -1 past it).
+    """
+    m, P = ids.shape
+    dev = xb.device
+    kk = min(k, P)
+    Dout = torch.full((m, kk), math.inf, dtype=torch.float32, device=dev)
+    Oout = torch.full((m, kk), -1, dtype=torch.int64, device=dev)
+    if m == 0 or P == 0:
+        return Dout, Oout
+    qf = xq.to(device=dev, dtype=torch.float32)
+    qn = (qf * qf).sum(1)
+    valid = torch.arange(P, device=dev)[None, :] < lengths.to(dev)[:, None]
+    safe = torch.where(valid, ids, torch.zeros_like(ids))
+    c = max(1, budget_bytes // max(1, P * xb.shape[1] * 4))
+    for s in range(0, m, c):
+        sid = safe[s: s + c]
+        X = xb[sid].float()  # [c, P, D]
+        dots = torch.bmm(X, qf[s: s + c, :, None])[..., 0]
+        xn = xb_norms[sid] if xb_norms is not None else (X * X).sum(-1)
+        del X
+        d = (xn - 2 * dots + qn[s: s + c, None]).clamp_(min=0)
+        v = valid[s: s + c]
+        d = torch.where(v, d, torch.full_like(d, math.inf))
+        dv, o = torch.sort(d, dim=1, stable=True)
+        dv, o = dv[:, :kk], o[:, :kk]
+        Dout[s: s + c] = dv
+        Oout[s: s + c] = torch.where(v.gather(1, o), o, torch.full_like(o, -1))
+    return Dout, Oout

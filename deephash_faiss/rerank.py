@@ -134,52 +134,39 @@ def rank_pools_cpu(qfeats: np.ndarray, ids_list, gather, k: int | None = None):
     return out
 
 
-def rank_pools_torch_ids(q, feats, ids_list, k: int | None = None, budget_bytes: int = 1 << 30):
-    """Batched pool ranking on the features' device, gathering by id chunk by chunk.
+def rank_pools_torch_ids(q, feats, ids_list, k: int | None = None, budget_bytes: int = 1 << 31,
+                         norms=None):
+    """Batched pool ranking on the features' device (:func:`deephash_faiss.gpu.l2_rerank_ids`).
 
     Args:
         q: torch float [m, D]; feats: torch [n, D] (float32/float16) on q's device;
         ids_list: m int64 numpy arrays of database ids (the pools).
-        budget_bytes: bound on the gathered [chunk, P, D] block.
+        norms: optional float32 [n] squared norms of feats.
+        budget_bytes: bound on one gathered [chunk, P, D] block.
     Returns:
         list of m (local indices int64 numpy [k_i], squared distances float32 numpy [k_i]),
         nearest first, ties by local index.
     """
     import torch
 
-    from .gpu import l2_rerank
+    from .gpu import l2_rerank_ids
 
     m = len(ids_list)
-    out: list = []
-    start = 0
-    dim = feats.shape[1]
-    while start < m:
-        P = max(1, max(len(x) for x in ids_list[start:start + 1]))
-        c = 1
-        while start + c < m:
-            P2 = max(P, len(ids_list[start + c]))
-            if (c + 1) * P2 * dim * 4 > budget_bytes:
-                break
-            P, c = P2, c + 1
-        chunk = ids_list[start:start + c]
-        sizes = [len(x) for x in chunk]
-        P = max(sizes) if sizes else 0
-        if P == 0:
-            out.extend((np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in chunk)
-            start += c
-            continue
-        pad = np.zeros((c, P), np.int64)
-        for i, x in enumerate(chunk):
-            pad[i, : len(x)] = x
-        idx = torch.as_tensor(pad, device=feats.device)
-        lens = torch.tensor(sizes, device=feats.device)
-        kk_chunk = P if k is None else min(k, P)
-        ds, order = l2_rerank(q[start:start + c], feats[idx], kk_chunk, lengths=lens)
-        ds, order = ds.cpu().numpy(), order.cpu().numpy()
-        for i, nrow in enumerate(sizes):
-            kk = nrow if k is None else min(k, nrow)
-            out.append((order[i, :kk].astype(np.int64), ds[i, :kk].astype(np.float32)))
-        start += c
+    sizes = np.array([len(x) for x in ids_list], dtype=np.int64)
+    P = int(sizes.max()) if m else 0
+    if P == 0:
+        return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(m)]
+    pad = np.zeros((m, P), np.int64)
+    pad[np.arange(P)[None, :] < sizes[:, None]] = np.concatenate(
+        [np.asarray(x, np.int64) for x in ids_list])
+    dev = feats.device
+    D, O = l2_rerank_ids(q, feats, torch.as_tensor(pad, device=dev), torch.as_tensor(sizes, device=dev),
+                         P if k is None else k, norms, budget_bytes)
+    D, O = D.cpu().numpy(), O.cpu().numpy()
+    out = []
+    for i, nrow in enumerate(sizes):
+        kk = int(nrow) if k is None else min(k, int(nrow))
+        out.append((O[i, :kk].astype(np.int64), D[i, :kk].astype(np.float32)))
     return out
 
 

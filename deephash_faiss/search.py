@@ -114,6 +114,61 @@ def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candi
     return out
 
 
+def hds_device(gindex, feats, qcodes: np.ndarray, qfeats, k: int, radius: int,
+               max_candidates: int | None, norms=None, budget_bytes: int = 1 << 31):
+    """HDS with the pools kept on the features' device (no deleted rows).
+
+    Pools as :func:`hamming_pools` (radius < ``radius`` nearest first, cut at
+    ``max_candidates``; a pool of fewer than k codes becomes the Hamming k-NN, which holds
+    it), ranked by :func:`deephash_faiss.gpu.l2_rerank_ids`.
+
+    Args:
+        gindex: :class:`deephash_faiss.gpu.GpuBinaryIndex` on feats' device.
+        feats: torch float [n, D]; norms: optional float32 [n] squared norms.
+        qcodes: uint8 [m, B]; qfeats: float32 [m, D] (numpy or torch).
+    Returns:
+        list of m (ids int64 [k_i], hamming int32 [k_i], squared L2 float32 [k_i],
+        pool size, truncated), numpy.
+    """
+    import torch
+
+    from .gpu import l2_rerank_ids
+
+    dev = feats.device
+    m, n = len(qcodes), gindex.ntotal
+    qc = torch.as_tensor(np.ascontiguousarray(qcodes, dtype=np.uint8), device=dev)
+    lims, D, I = gindex.range_search(qc, int(radius), max_candidates)
+    lens = lims[1:] - lims[:-1]
+    truncated = (lens >= max_candidates) if max_candidates is not None else torch.zeros_like(lens, dtype=torch.bool)
+    kk = min(k, n)
+    P = int(max(int(lens.max()) if m else 0, kk))
+    ar = torch.arange(P, device=dev)
+    ids = torch.full((m, P), -1, dtype=torch.int64, device=dev)
+    ham = torch.zeros((m, P), dtype=torch.int32, device=dev)
+    if len(I):
+        valid = ar[None, :] < lens[:, None]
+        pos = (lims[:-1, None] + ar[None, :]).clamp(max=len(I) - 1)
+        ids = torch.where(valid, I[pos], ids)
+        ham = torch.where(valid, D[pos], ham)
+    short = torch.nonzero(lens < kk).flatten()
+    if len(short) and kk > 0:  # the pool is a prefix of the Hamming k-NN: take the k-NN
+        Dk, Ik = gindex.search(qc[short], kk)
+        ids[short] = -1
+        ids[short, :kk] = Ik
+        ham[short, :kk] = Dk
+        lens = lens.clone()
+        lens[short] = (Ik >= 0).sum(1)
+    qf = torch.as_tensor(qfeats, device=dev)
+    dist, order = l2_rerank_ids(qf, feats, ids, lens, k, norms, budget_bytes)
+    ok = order >= 0
+    o = order.clamp(min=0)
+    rid, rham = ids.gather(1, o), ham.gather(1, o)
+    dist, ok, rid, rham = dist.cpu().numpy(), ok.cpu().numpy(), rid.cpu().numpy(), rham.cpu().numpy()
+    lens_np, trunc_np = lens.cpu().numpy(), truncated.cpu().numpy()
+    return [(rid[i][ok[i]], rham[i][ok[i]].astype(np.int32), dist[i][ok[i]].astype(np.float32),
+             int(lens_np[i]), bool(trunc_np[i])) for i in range(m)]
+
+
 class GpuCodeIndex:
     """The database codes on a torch device (:class:`deephash_faiss.gpu.GpuBinaryIndex`:
     Triton int8 tensor-core kernels on CUDA), with :class:`BinaryIndex`'s semantics:
@@ -141,10 +196,13 @@ class GpuCodeIndex:
         if radius < 0:
             raise DhfError("radius must be >= 0")
         deleted = self.owner.deleted
-        cap = max_candidates if deleted is None or not deleted.any() else None
+        live_only = deleted is None or not deleted.any()
+        cap = max_candidates if live_only else None
         lims, D, I = self.gpu.range_search(np.ascontiguousarray(q, dtype=np.uint8), int(radius), cap)
-        return sort_and_cap(np.asarray(lims, np.int64), np.asarray(D, np.int32), np.asarray(I, np.int64),
-                            max_candidates, deleted)
+        lims, D, I = np.asarray(lims, np.int64), np.asarray(D, np.int32), np.asarray(I, np.int64)
+        if live_only:  # already ordered by (distance, id) and capped on the device
+            return lims, D, I
+        return sort_and_cap(lims, D, I, max_candidates, deleted)
 
 
 class Searcher:
@@ -184,6 +242,7 @@ class Searcher:
         self._codes: np.ndarray | None = None
         self._model = None
         self._gpu_feats = None
+        self._gpu_norms_t = None
         self.backend = pick_backend(str(self.device))
         if code_backend not in ("auto", "faiss", "gpu"):
             raise DhfError(f"unknown code backend {code_backend!r} (auto, faiss or gpu)")
@@ -277,6 +336,12 @@ class Searcher:
         """Pool by Hamming radius, rank the pool by L2 on fc7. qfeats float32 [m, D]."""
         self._check(k, radius, max_candidates)
         t0 = time.perf_counter()
+        if (self.code_backend == "gpu" and self.backend == "torch"
+                and (self.index.deleted is None or not self.index.deleted.any())):
+            out = hds_device(self._codes_index.gpu, self._gpu_features(), qcodes, qfeats, k, radius,
+                             max_candidates, norms=self._gpu_norms())
+            res = [QueryResult(ids, ham, dist, size, trunc) for ids, ham, dist, size, trunc in out]
+            return SearchBatch("hds", res, (time.perf_counter() - t0) * 1e3, {"device": str(self.device)})
         pools = self.pools(qcodes, k, radius, max_candidates)
         t1 = time.perf_counter()
         if self.backend == "torch":
@@ -285,7 +350,8 @@ class Searcher:
             from .rerank import rank_pools_torch_ids
 
             q = torch.as_tensor(np.asarray(qfeats, np.float32), device=self.device)
-            ranked = rank_pools_torch_ids(q, self._gpu_features(), [ids for ids, _, _ in pools], k)
+            ranked = rank_pools_torch_ids(q, self._gpu_features(), [ids for ids, _, _ in pools], k,
+                                          norms=self._gpu_norms())
         else:
             # per-pool sorted gathers + blocked dot products (one union gather + GEMM when
             # the batch's pools overlap heavily): rerank.rank_pools_cpu
@@ -340,6 +406,14 @@ class Searcher:
             feats = self.store.load_features()
             self._gpu_feats = torch.as_tensor(feats, device=self.device)
         return self._gpu_feats
+
+    def _gpu_norms(self):
+        """float32 [n] squared norms of the device features (computed once)."""
+        if self._gpu_norms_t is None:
+            from .gpu import squared_norms
+
+            self._gpu_norms_t = squared_norms(self._gpu_features())
+        return self._gpu_norms_t
 
     def _gather_device(self, ids: np.ndarray):
         import torch

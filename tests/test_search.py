@@ -195,11 +195,17 @@ def test_torch_l2_backend_matches_faiss(synth_index):
     a = api.open_index(d, device="cpu")
     b = api.open_index(d, device="cpu")
     b.backend = "torch"
+    from deephash_faiss.search import Searcher
+
+    c = Searcher(d, device="cpu", code_backend="gpu")  # pools kept on the device too
+    c.backend = "torch"
     rng = np.random.default_rng(5)
     qf = feats[:15] + rng.normal(0, 0.2, (15, feats.shape[1])).astype(np.float32)
-    for mode in ("hds", "es"):
-        ra = a.search(mode, codes[:15], qf, k=12, radius=4, max_candidates=200).results
-        rb = b.search(mode, codes[:15], qf, k=12, radius=4, max_candidates=200).results
-        for x, y in zip(ra, rb):
-            assert x.ids.tolist() == y.ids.tolist() and x.candidates == y.candidates
-            np.testing.assert_allclose(x.distance, y.distance, rtol=1e-4, atol=1e-4)
+    for mode, radius, cap in (("hds", 4, 200), ("hds", 2, 5), ("hds", 6, None), ("es", 4, 200)):
+        ra = a.search(mode, codes[:15], qf, k=12, radius=radius, max_candidates=cap).results
+        for s in (b, c):
+            rb = s.search(mode, codes[:15], qf, k=12, radius=radius, max_candidates=cap).results
+            for x, y in zip(ra, rb):
+                assert x.ids.tolist() == y.ids.tolist() and x.candidates == y.candidates
+                assert x.truncated == y.truncated and x.hamming.tolist() == y.hamming.tolist()
+                np.testing.assert_allclose(x.distance, y.distance, rtol=1e-4, atol=1e-4)

@@ -8,23 +8,30 @@ Code convention (as everywhere in ``deephash_faiss``): binary codes are
 ``uint8`` arrays ``[n, nbytes]`` packed with
 ``np.packbits(bits, axis=1, bitorder="little")`` (FAISS's bit order).
 
-Hamming search design (see ``docs/gpu.md`` for measurements)
--------------------------------------------------------------
+Hamming search design (measurements: ``docs/benchmarks.md``, "GPU (H200)")
+--------------------------------------------------------------------------
 The database is held as ``int8`` rows of +-1 (one byte per bit, zero padded to
 a multiple of 32 columns), so that ``<a, b> = bits - 2 * hamming(a, b)`` is an
-int8 tensor-core product. A Triton kernel computes ``[BM queries x BN codes]``
-tiles of that product and fuses the selection: a query's result is the set of
-*keys* ``(distance << 40) | id`` below a per-query key threshold, and the
-kernel only writes those keys (with an atomic counter per query) into a small
-per-query buffer; the ``[m, n]`` distance matrix never reaches memory. The
-threshold is first estimated from a strided sample of the database, then
-corrected by a per-query search over the (totally ordered, unique) key space
-until ``k <= count <= capacity``; because keys are unique, this stays exact
-under any amount of ties (thousands of identical codes), and the final
-``topk`` over the buffer returns exactly the faiss ``IndexBinaryFlat`` result
-with ties broken by ascending id. Radius search is the same kernel with the
-threshold ``distance < radius``: one counting pass, then one emitting pass
-into the CSR output.
+int8 tensor-core product. A query's result is the set of *keys*
+``(distance << 40) | id`` below a per-query key threshold; keys are unique, so
+selecting by key stays exact under any amount of ties, and the final ``topk``
+over the selected keys returns exactly the faiss ``IndexBinaryFlat`` result with
+ties broken by ascending id. The ``[m, n]`` distance matrix never reaches memory:
+
+1. the threshold is estimated from a strided sample of the database (the
+   sample's j-th smallest key: one float32 ``addmm`` and a ``topk``);
+2. ``hamming_count`` scans ``[BM queries x BN codes]`` tiles and only marks the
+   tiles that hold a selected key (one max-reduction per tile, a plain store for
+   the few marked ones), which keeps the hot loop small;
+3. ``hamming_emit`` runs one small program per marked tile: it recomputes the
+   tile, counts each query's selections and writes their keys into a per-query
+   buffer (an atomic slot per selected element);
+4. queries whose count falls outside ``[k, capacity]`` get a corrected key
+   threshold (a per-query search over the key space) and go again.
+
+Radius search is the same with the threshold ``distance < radius``: one marking
+scan, one counting visit of the marked tiles (to size the CSR output), one
+emitting visit.
 """
 from __future__ import annotations
 
@@ -155,9 +162,9 @@ def _kernels():
     ):
         # One program per tile marked by hamming_count (query block TM[i], code tile
         # TT[i]): count query r's selections in CNT[r] and (EMIT) write each selected key
-        # (d << 40 | j) to OUT[ROW_OFF[r] + slot] while slot < CAP_OUT[r]; one atomic per
-        # query row reserves its slots, a prefix sum orders them. Many small programs
-        # hide the atomics' latency.
+        # (d << 40 | j) to OUT[ROW_OFF[r] + slot] while slot < CAP_OUT[r]. SLOTS = 1 (the
+        # default, measured faster): an atomic per selected element; SLOTS = 0: one per
+        # query row and a prefix sum. Many small programs hide the atomics' latency.
         pid = tl.program_id(0)
         pid_m = tl.load(TM + pid)
         t = tl.load(TT + pid)

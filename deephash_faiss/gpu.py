@@ -96,7 +96,7 @@ def _kernels():
     interp = _interpreting()
     if interp in _KERNELS:
         return _KERNELS[interp]
-    global triton, tl, _hits  # module globals: jitted kernels resolve names there
+    global triton, tl, _hits, _query_block  # module globals: jitted kernels resolve names there
     import triton
     import triton.language as tl
 
@@ -110,20 +110,9 @@ def _kernels():
         return hit & (ids[None, :] < n)
 
     @triton.jit
-    def hamming_count(
-        Q, X, THR_A, THR_B, CAP_ID, CNT, FLAGS,
-        n, tiles_per_prog, num_tiles_all,
-        KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        USE_CAP: tl.constexpr, FLAG: tl.constexpr, COUNT: tl.constexpr,
-    ):
-        # Q: int8 [m_pad, KP] +-1 queries; X: int8 [n_pad, KP] +-1 codes.
-        # Row r selects code j iff dot >= THR_A[r] or (USE_CAP and dot >= THR_B[r] and
-        # j < CAP_ID[r]), i.e. key (d, j) below the key threshold (t, cap). CNT[r] counts
-        # selections (with COUNT). Tiles without a selected element cost one max-reduction; with FLAG
-        # the others are marked (FLAGS[pid_m * num_tiles + t] = 1, a plain store) for the
-        # emitting kernel, which keeps this hot loop small.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    def _query_block(Q, THR_A, THR_B, CAP_ID, pid_m, KP: tl.constexpr, BM: tl.constexpr,
+                     USE_CAP: tl.constexpr):
+        # query block pid_m: row ids, column ids, +-1 codes [BM, KP] and key thresholds
         rm = pid_m * BM + tl.arange(0, BM)
         rk = tl.arange(0, KP)
         q = tl.load(Q + rm[:, None] * KP + rk[None, :])
@@ -133,6 +122,24 @@ def _kernels():
         if USE_CAP:
             thr_b = tl.load(THR_B + rm)
             cap_id = tl.load(CAP_ID + rm)
+        return rm, rk, q, thr_a, thr_b, cap_id
+
+    @triton.jit
+    def hamming_count(
+        Q, X, THR_A, THR_B, CAP_ID, CNT, FLAGS,
+        n, tiles_per_prog, num_tiles_all,
+        KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        USE_CAP: tl.constexpr, FLAG: tl.constexpr, COUNT: tl.constexpr,
+    ):
+        # Q: int8 [m_pad, KP] +-1 queries; X: int8 [n_pad, KP] +-1 codes.
+        # Row r selects code j iff dot >= THR_A[r] or (USE_CAP and dot >= THR_B[r] and
+        # j < CAP_ID[r]), i.e. key (d, j) below the key threshold (t, cap). CNT[r] counts
+        # selections (with COUNT). Tiles without a selected element cost one
+        # max-reduction; with FLAG the others are marked (FLAGS[pid_m * num_tiles + t] = 1,
+        # a plain store) for the emitting kernel, which keeps this hot loop small.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm, rk, q, thr_a, thr_b, cap_id = _query_block(Q, THR_A, THR_B, CAP_ID, pid_m, KP, BM, USE_CAP)
         x_offs = tl.arange(0, BN)[:, None] * KP + rk[None, :]
         num_tiles = tl.cdiv(n, BN)
         t0 = pid_n * tiles_per_prog
@@ -168,15 +175,7 @@ def _kernels():
         pid = tl.program_id(0)
         pid_m = tl.load(TM + pid)
         t = tl.load(TT + pid)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rk = tl.arange(0, KP)
-        q = tl.load(Q + rm[:, None] * KP + rk[None, :])
-        thr_a = tl.load(THR_A + rm)
-        thr_b = thr_a
-        cap_id = rm.to(tl.int64) * 0
-        if USE_CAP:
-            thr_b = tl.load(THR_B + rm)
-            cap_id = tl.load(CAP_ID + rm)
+        rm, rk, q, thr_a, thr_b, cap_id = _query_block(Q, THR_A, THR_B, CAP_ID, pid_m, KP, BM, USE_CAP)
         cap_out = tl.load(CAP_OUT + rm)
         off = tl.load(ROW_OFF + rm)
         start = t * BN

@@ -842,19 +842,29 @@ def l2_rerank(xq: torch.Tensor, cand: Union[torch.Tensor, Sequence[torch.Tensor]
     step = max(1, (1 << 26) // (P * Dim))
     valid_all = torch.arange(P, device=dev)[None, :] < lengths[:, None]
     qf_all = xq.float()
+    kk = min(k, P)
     for s in range(0, m, step):
-        c = cand[s: s + step].float()
-        qf = qf_all[s: s + step]
-        # |x|^2 - 2 x.q + |q|^2, the same formula as the CPU rerank (rerank.rank_pools_cpu)
-        d = (c * c).sum(-1) - 2 * torch.bmm(c, qf[:, :, None])[..., 0] + (qf * qf).sum(-1, keepdim=True)
-        d = torch.where(valid_all[s: s + step], d.clamp_(min=0), torch.full_like(d, math.inf))
-        v, o = torch.sort(d, dim=1, stable=True)
-        kk = min(k, P)
-        v, o = v[:, :kk], o[:, :kk]
-        o = torch.where(valid_all[s: s + step].gather(1, o), o, torch.full_like(o, -1))
+        v, o = _rank_block(cand[s: s + step].float(), qf_all[s: s + step], valid_all[s: s + step], kk)
         Dout[s: s + step, :kk] = v
         Iout[s: s + step, :kk] = o
     return Dout, Iout
+
+
+def _rank_block(X: torch.Tensor, qf: torch.Tensor, valid: torch.Tensor, kk: int,
+                xn: Optional[torch.Tensor] = None):
+    """Rank pools X float32 [c, P, D] against queries qf float32 [c, D] by squared L2,
+    |x|^2 - 2 x.q + |q|^2 (the CPU rerank's formula, rerank.rank_pools_cpu); valid bool
+    [c, P] marks pool rows, xn optional float32 [c, P] |x|^2. Returns the kk nearest:
+    distances float32 [c, kk] (+inf past the pool), positions int64 [c, kk] (-1 there),
+    ties by position."""
+    dots = torch.bmm(X, qf[:, :, None])[..., 0]
+    if xn is None:
+        xn = (X * X).sum(-1)
+    d = (xn - 2 * dots + (qf * qf).sum(1)[:, None]).clamp_(min=0)
+    d = torch.where(valid, d, torch.full_like(d, math.inf))
+    v, o = torch.sort(d, dim=1, stable=True)
+    v, o = v[:, :kk], o[:, :kk]
+    return v, torch.where(valid.gather(1, o), o, torch.full_like(o, -1))
 
 
 def squared_norms(xb: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -889,21 +899,11 @@ def l2_rerank_ids(xq: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor, lengths
     if m == 0 or P == 0:
         return Dout, Oout
     qf = xq.to(device=dev, dtype=torch.float32)
-    qn = (qf * qf).sum(1)
     valid = torch.arange(P, device=dev)[None, :] < lengths.to(dev)[:, None]
     safe = torch.where(valid, ids, torch.zeros_like(ids))
     c = max(1, budget_bytes // max(1, P * xb.shape[1] * 4))
     for s in range(0, m, c):
         sid = safe[s: s + c]
-        X = xb[sid].float()  # [c, P, D]
-        dots = torch.bmm(X, qf[s: s + c, :, None])[..., 0]
-        xn = xb_norms[sid] if xb_norms is not None else (X * X).sum(-1)
-        del X
-        d = (xn - 2 * dots + qn[s: s + c, None]).clamp_(min=0)
-        v = valid[s: s + c]
-        d = torch.where(v, d, torch.full_like(d, math.inf))
-        dv, o = torch.sort(d, dim=1, stable=True)
-        dv, o = dv[:, :kk], o[:, :kk]
-        Dout[s: s + c] = dv
-        Oout[s: s + c] = torch.where(v.gather(1, o), o, torch.full_like(o, -1))
+        xn = xb_norms[sid] if xb_norms is not None else None
+        Dout[s: s + c], Oout[s: s + c] = _rank_block(xb[sid].float(), qf[s: s + c], valid[s: s + c], kk, xn)
     return Dout, Oout

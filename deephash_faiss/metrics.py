@@ -620,11 +620,7 @@ def evaluate_codes(
         "map_full": float(ap_full.mean()) if m else 0.0,
         "precision_at_k": {int(k): float(v) for k, v in zip(ks_arr, p_at_k)},
         "precision_radius": prec_radius,
-        "pr_curve": {
-            "radius": [int(x) for x in pr["radius"]],
-            "precision": [float(x) for x in pr["precision"]],
-            "recall": [float(x) for x in pr["recall"]],
-        },
+        "pr_curve": _pr_lists(pr, "radius"),
         "mean_retrieved_radius": mean_ret,
         "top_k": top_k,
         "radius": int(radius),
@@ -632,6 +628,13 @@ def evaluate_codes(
         "n_queries": m,
         "n_database": n,
     }
+
+
+def _pr_lists(pr: dict, axis: str) -> dict:
+    """A PR curve as JSON-ready lists: {axis: ints, "precision": floats, "recall": floats}."""
+    return {axis: [int(x) for x in pr[axis]],
+            "precision": [float(x) for x in pr["precision"]],
+            "recall": [float(x) for x in pr["recall"]]}
 
 
 # --------------------------------------------------------------------------- #
@@ -698,11 +701,7 @@ def evaluate_ranking(
         "map_at_k": float(ap_k.mean()) if m else 0.0,
         "map_full": map_full,
         "precision_at_k": {int(k): float(v) for k, v in zip(ks_arr, p_at_k)},
-        "pr_curve": {
-            "cutoff": [int(x) for x in pr["cutoff"]],
-            "precision": [float(x) for x in pr["precision"]],
-            "recall": [float(x) for x in pr["recall"]],
-        },
+        "pr_curve": _pr_lists(pr, "cutoff"),
         "top_k": top_k,
         "n_queries": m,
         "n_database": n,

@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from deephash_faiss.store import FeatureStore, write_shard  # noqa: E402
+from common import write_json  # noqa: E402
 
 
 def evict(paths):
@@ -157,9 +158,7 @@ def main(argv=None):
             shutil.rmtree(d, ignore_errors=True)
     if not a.keep:
         shutil.rmtree(a.dir, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(a.json, res)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from common import machine_basics, write_json  # noqa: E402
 
 
 def prepare_images(data: str, n: int, work: str) -> str:
@@ -128,12 +128,16 @@ def main() -> None:
         with open(p, "rb") as f:
             f.read()
 
-    out = os.path.join(args.work, "idx-local")
-    clean(out)
-    t0 = time.perf_counter()
-    api.build_index(images, out, model_path, batch_size=args.batch_size, shard_size=args.shard_size, device="cpu",
-                    progress=False)
-    res["local_full_seconds"] = round(time.perf_counter() - t0, 2)
+    def local_build(name):
+        """Build the whole index in this process; returns (index dir, seconds)."""
+        d = os.path.join(args.work, name)
+        clean(d)
+        t0 = time.perf_counter()
+        api.build_index(images, d, model_path, batch_size=args.batch_size, shard_size=args.shard_size,
+                        device="cpu", progress=False)
+        return d, round(time.perf_counter() - t0, 2)
+
+    out, res["local_full_seconds"] = local_build("idx-local")
     res["local_full_threads"] = torch.get_num_threads()
 
     procs = []
@@ -178,23 +182,14 @@ def main() -> None:
         return st.codes(), st.load_features()
 
     torch.set_num_threads(1)
-    o1 = os.path.join(args.work, "idx-local-1thread")
-    clean(o1)
-    t0 = time.perf_counter()
-    api.build_index(images, o1, model_path, batch_size=args.batch_size, shard_size=args.shard_size, device="cpu",
-                    progress=False)
-    res["local_full_1thread_seconds"] = round(time.perf_counter() - t0, 2)
+    o1, res["local_full_1thread_seconds"] = local_build("idx-local-1thread")
     (c1, f1), (c2, f2) = feats(o1), feats(out)
     res["ray_equals_1thread_local"] = bool(np.array_equal(c1, c2) and np.array_equal(f1, f2))
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                      "torch": torch.__version__, "ray": ray.__version__,
-                      "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    res["machine"] = dict(machine_basics(), torch=torch.__version__, ray=ray.__version__)
     res["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(json.dumps(res, indent=2))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import machine_basics, write_json  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -163,19 +163,15 @@ def main() -> None:
     import torch
 
     res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "faiss": faiss.__version__, "torch": torch.__version__,
-                       "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                       "load_avg_at_start": os.getloadavg()}}
+           "machine": dict(machine_basics(), faiss=faiss.__version__, torch=torch.__version__,
+                           load_avg_at_start=os.getloadavg())}
     res["extraction"] = extraction(args.jpeg_dir)
     ns = [int(float(x)) for x in args.ns.split(",")]
     res["index_memory"] = index_memory(ns, [int(b) for b in args.bits.split(",")], args.kinds.split(","))
     res["index_speed"] = [index_speed(n) for n in ns]
     res["machine"]["load_avg_at_end"] = os.getloadavg()
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

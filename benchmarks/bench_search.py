@@ -46,6 +46,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import faiss  # noqa: E402
+from common import mem_gb, write_json  # noqa: E402
 
 from deephash_faiss.index import BinaryIndex, IndexSpec, pad_codes, padded_nbytes  # noqa: E402
 from deephash_faiss.rerank import rank_pools_cpu  # noqa: E402
@@ -138,7 +139,7 @@ def machine_info():
     import h5py
     info = {
         "cpu": lscpu_model(), "cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
-        "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "mem_gb": mem_gb(),
         "python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__,
         "h5py": h5py.__version__, "load_avg_at_start": os.getloadavg(),
     }
@@ -599,9 +600,7 @@ def headline_speedups(out, hds, caps):
 
 def finish(out, a):
     out["machine"]["load_avg_at_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=2, default=float)
+    write_json(a.json, out, default=float)
     keys = ["n", "bits", "dim", "bcs_ms_per_query", "hds_ms_per_query", "es_ms_per_query",
             "speedup_bcs_vs_es", "speedup_hds_vs_es", "wrapper_overhead", "wrapper_overhead_vs_padded_raw"]
     print(json.dumps({kk: out.get(kk) for kk in keys}, default=float))

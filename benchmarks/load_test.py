@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import socket
@@ -27,6 +26,8 @@ import threading
 import time
 
 import numpy as np
+
+from common import write_json
 
 HOST = "127.0.0.1"  # loopback only
 
@@ -221,9 +222,7 @@ def main(argv=None) -> int:
     for e in report["error_samples"]:
         print("  error:", e)
     if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json_out, report)
         print(f"wrote {args.json_out}")
     return 1 if report["errors"] or report["completed"] < args.requests else 0
 

@@ -1,0 +1,24 @@
+"""Helpers shared by the benchmark scripts: machine facts and the JSON result file."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+
+def mem_gb() -> float:
+    """Physical memory of this machine in GiB (one decimal)."""
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+
+
+def machine_basics() -> dict:
+    """{cpus, platform, python, mem_gb}; scripts add their library versions."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "mem_gb": mem_gb()}
+
+
+def write_json(path: str, obj, indent: int = 2, default=None) -> None:
+    """Write obj as JSON to path, creating the parent folders."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent, default=default)

@@ -220,13 +220,18 @@ def hamming_distance_matrix(
             e = min(s + c, m)
             kernel.compute(q[s:e], out[s:e], xor_buf, cnt_buf)
 
+    _run_workers(run, workers)
+    return out
+
+
+def _run_workers(run, workers: int) -> None:
+    """Call run(0..workers-1), in a thread pool when workers > 1 (errors re-raised)."""
     if workers == 1:
         run(0)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for f in [pool.submit(run, w) for w in range(workers)]:
-                f.result()
-    return out
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for f in [pool.submit(run, w) for w in range(workers)]:
+            f.result()
 
 
 # --------------------------------------------------------------------------- #
@@ -598,12 +603,7 @@ def evaluate_codes(
                 )
                 ap_k[s:e], ap_full[s:e], hits[s:e], ret[s:e], relret[s:e], nrel[s:e] = res
 
-        if workers == 1:
-            run(0)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for f in [pool.submit(run, w) for w in range(workers)]:
-                    f.result()
+        _run_workers(run, workers)
 
     pr = _pr_from_counts(ret, relret, nrel)
     r = min(radius, nbits)

@@ -277,7 +277,7 @@ def test_timeout_is_504(serve_index, searcher):
     real = engine.search
 
     def slow(*a, **kw):
-        time.sleep(0.6)
+        time.sleep(2.0)
         return real(*a, **kw)
 
     engine.search = slow
@@ -285,9 +285,9 @@ def test_timeout_is_504(serve_index, searcher):
         t0 = time.perf_counter()
         resp = c.post("/search", json={"id": 1})
         assert resp.status_code == 504 and "longer than 0.2 s" in resp.json()["detail"]
-        assert time.perf_counter() - t0 < 0.55
+        assert time.perf_counter() - t0 < 1.5  # answered before the 2 s search ends
         engine.search = real
-        time.sleep(0.5)  # let the abandoned search finish on the worker
+        time.sleep(2.0)  # let the abandoned search finish on the worker
         assert c.post("/search", json={"id": 1}).status_code == 200
 
 

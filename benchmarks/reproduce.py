@@ -129,6 +129,37 @@ def versions(device) -> dict:
     return v
 
 
+def export_arrays(out_dir, model, db_codes, db_feats, db_y, q_codes, q_feats, q_y, classes, dim):
+    """Write a trained run's arrays for benchmarks that need real code statistics.
+
+    Files (each under 16 MB, so they come back from a GPU machine one by one):
+      codes.npz: db_codes uint8 [n, bits/8], q_codes uint8 [m, bits/8], db_labels int32 [n],
+                 q_labels int32 [m], classes, pca_mean float32 [D], pca_components float32 [dim, D]
+      feats_db_<i>.npy: float16 [<=25000, dim] db fc7 projected on the top-`dim` PCA axes
+                 (fitted on the database), in database order
+      feats_q.npy: float16 [m, dim], the queries' fc7 projected the same way
+      model.pt: the trained model
+    """
+    import torch
+
+    os.makedirs(out_dir, exist_ok=True)
+    x = torch.from_numpy(np.asarray(db_feats, dtype=np.float32))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = x.to(dev)
+    mean = x.mean(0)
+    _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    comp = vt[:dim]
+    proj = lambda f: ((torch.as_tensor(np.asarray(f, dtype=np.float32), device=dev) - mean) @ comp.T)  # noqa: E731
+    db_p = proj(db_feats).half().cpu().numpy()
+    for i, a in enumerate(range(0, len(db_p), 25000)):
+        np.save(os.path.join(out_dir, f"feats_db_{i}.npy"), db_p[a:a + 25000])
+    np.save(os.path.join(out_dir, "feats_q.npy"), proj(q_feats).half().cpu().numpy())
+    np.savez(os.path.join(out_dir, "codes.npz"), db_codes=db_codes, q_codes=q_codes,
+             db_labels=np.asarray(db_y, np.int32), q_labels=np.asarray(q_y, np.int32),
+             classes=np.array(classes), pca_mean=mean.cpu().numpy(), pca_components=comp.cpu().numpy())
+    save_checkpoint(model, os.path.join(out_dir, "model.pt"))
+
+
 def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, log):
     import torch
 
@@ -179,6 +210,9 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
         qms = time_modes(s, q_codes, q_feats, ("bcs", "hds", "es"), k=100, radius=args.hds_radius,
                          max_candidates=args.max_candidates, n_queries=1000)
     uniq_codes = len(np.unique(db_codes, axis=0))
+    if args.export:
+        export_arrays(args.export, model, db_codes, db_feats, db_y, q_codes, q_feats, q_y, classes,
+                      args.export_dim)
     rec = {
         "dataset": dataset, "protocol": protocol, "bits": bits, "backbone": args.backbone,
         "pretrained": not args.from_scratch, "input_size": args.input_size, "native_size": NATIVE[dataset],
@@ -247,6 +281,9 @@ def main(argv=None):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-timing", action="store_true", help="skip search timing (also skipped without faiss)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the codes, labels, PCA-reduced fc7 and the model there (see export_arrays)")
+    p.add_argument("--export-dim", type=int, default=256, help="PCA dimensions of the exported features")
     args = p.parse_args(argv)
     if args.protocol == "cifar10-1" and args.dataset != "cifar10":
         p.error("--protocol cifar10-1 needs --dataset cifar10")

@@ -1,8 +1,15 @@
 """``dhf``: the command line, a thin layer over :mod:`deephash_faiss.api`.
 
-Errors in input (missing files, bad images, incompatible models or indexes, bad
-arguments) print one ``Error: ...`` line and exit with status 1; ``--debug`` (or
-``DHF_DEBUG=1``) shows the traceback instead.
+Conventions (docs/reliability.md, "CLI conventions"):
+
+* Errors in input (missing files, bad images, incompatible models or indexes, bad
+  arguments, usage errors) print one ``Error: ...`` line on stderr and exit with status 1;
+  ``--debug`` (or ``DHF_DEBUG=1``) shows the traceback instead.
+* Every command takes the index as ``--index DIR`` (default ``dhf-index``); ``info``,
+  ``verify``, ``add``, ``remove``, ``compact`` and ``shard`` also take it as their first
+  argument, as before.
+* ``--json`` is a flag everywhere: JSON on stdout instead of the table.
+* Output cut short by the reader (``dhf ... | head``) ends quietly with status 0.
 """
 
 from __future__ import annotations
@@ -20,18 +27,90 @@ from . import __version__
 from .errors import DhfError
 
 DEBUG_ENV = "DHF_DEBUG"
+DEFAULT_INDEX = "dhf-index"
+
+# module a command imports lazily -> the extra of pyproject.toml that installs it
+_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "multipart": "serve",
+           "python_multipart": "serve", "ray": "ray"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _missing_extra(err: ModuleNotFoundError) -> str | None:
+    top = (err.name or "").split(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f'this needs the {extra} extra (module {top} is missing): pip install "deephash-faiss[{extra}]"'
+
+
+def _require_extra(*modules: str) -> None:
+    """Refuse, naming the extra that installs them, when ``modules`` cannot be imported."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            msg = _missing_extra(err) if (err.name or "").split(".")[0] in _EXTRAS else None
+            raise DhfError(msg or f"{name} cannot be imported: {err}") from err
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (``| head``): send what is left to /dev/null, no message."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (tests' CliRunner)
+            pass
+    os.close(devnull)
+
+
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
 class _Group(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, with every usage error as one ``Error: ...`` line and status 1."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as err:  # bare `dhf` / `dhf GROUP`: the help
+            click.echo(err.ctx.get_help() if err.ctx else err.format_message())
+            sys.exit(0)
+        except click.UsageError as err:
+            hint = ""
+            if err.ctx is not None:
+                hint = f" (see '{err.ctx.command_path} --help')"
+            click.echo(f"Error: {_one_line(err.format_message())}{hint}", err=True)
+            sys.exit(1)
+        except click.ClickException as err:
+            click.echo(f"Error: {_one_line(err.format_message())}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            sys.exit(0)
+        sys.exit(rv if isinstance(rv, int) else 0)  # click returns ctx.exit()'s status here
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            ctx.exit(0)
         except DhfError as err:
             if _debug(ctx):
                 traceback.print_exc()
-            click.echo(f"Error: {err}", err=True)
+            click.echo(f"Error: {_one_line(err)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -42,6 +121,10 @@ class _Group(click.Group):
         except Exception as err:  # noqa: BLE001 - last line of defence: one line, no traceback
             if _debug(ctx):
                 traceback.print_exc()
+            extra = _missing_extra(err) if isinstance(err, ModuleNotFoundError) else None
+            if extra:
+                click.echo(f"Error: {extra}", err=True)
+                ctx.exit(1)
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             click.echo(f"Error: unexpected {type(err).__name__}: {msg} (run with --debug for details)", err=True)
             ctx.exit(1)
@@ -54,6 +137,56 @@ def _debug(ctx) -> bool:
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    """``1 image``, ``2 images``, ``0 images``."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _cell(value) -> str:
+    """A value for one table cell: ``-`` for None; control characters and undecodable
+    bytes of a file name (surrogate escapes) written as ``\\n``, ``\\t``, ``\\xNN``."""
+    if value is None:
+        return "-"
+    out = []
+    for ch in str(value):
+        o = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif o < 32 or o == 127:
+            out.append(f"\\x{o:02x}")
+        elif 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _index_dir(index_pos: str | None, index_opt: str | None) -> str:
+    """The index directory of a command that takes it as ``[INDEX_DIR]`` or ``--index``."""
+    if index_pos is not None and index_opt is not None and index_pos != index_opt:
+        raise click.UsageError(f"the index is given twice: {index_pos!r} and --index {index_opt!r}")
+    return index_opt or index_pos or DEFAULT_INDEX
+
+
+_INDEX_HELP = f"Index directory (default: {DEFAULT_INDEX})."
+
+
+def _index_dir_options(positional: bool):
+    """``--index DIR``; with ``positional``, the old first argument ``[INDEX_DIR]`` too."""
+    def deco(f):
+        f = click.option("--index", "index_opt", default=None, metavar="DIR",
+                         help=_INDEX_HELP + (" May also be given as the first argument." if positional else ""))(f)
+        if positional:
+            f = click.argument("index_pos", required=False, metavar="[INDEX_DIR]")(f)
+        return f
+    return deco
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,6 +205,13 @@ def main(debug: bool) -> None:
       dhf train images/ -o model.pt --backbone efficientnet_lite0 --bits 48
       dhf build-index images/ --model model.pt -o dhf-index
       dhf search --query q.jpg --index dhf-index --mode hds -k 10
+
+    \b
+    Conventions:
+      --index DIR     the index, in every command (default dhf-index); info, verify,
+                      add, remove, compact and shard also take it as first argument
+      --json          JSON on stdout instead of the table (search, info, evaluate)
+      errors          one "Error: ..." line on stderr, exit status 1 (--debug: traceback)
     """
 
 
@@ -84,23 +224,29 @@ def _train_options(f):
         click.option("--bits", default=48, show_default=True, type=int, help="Code length (multiple of 8)."),
         click.option("--weights", default="default", show_default=True,
                      help="'default' (ImageNet; none for smallcnn), 'imagenet', 'none' or a local weights file."),
-        click.option("--epochs", default=10, show_default=True, type=int),
+        click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training images."),
         click.option("--lr", default=0.01, show_default=True, type=float,
                      help="Base learning rate (H and classifier at 10x)."),
-        click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"])),
+        click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]),
+                     help="SGD (momentum 0.9, weight decay 5e-4, the paper's) or AdamW."),
         click.option("--schedule", default="cosine", show_default=True,
-                     type=click.Choice(["cosine", "step", "constant"])),
+                     type=click.Choice(["cosine", "step", "constant"]), help="Learning-rate schedule over the epochs."),
         click.option("--input-size", type=int, default=None, help="Network input side (default: the backbone's)."),
         click.option("--load-size", type=int, default=None,
                      help="Side images are decoded to (default: their size, capped at the input size)."),
         click.option("--no-flip", is_flag=True, help="No horizontal-flip augmentation (digits, text)."),
         click.option("--val-fraction", default=0.1, show_default=True, type=float,
                      help="Share of the training images held out for validation accuracy."),
-        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="Seed of the split, the initialisation and the batch order."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+_TRAIN_PARAMS = ("backbone", "bits", "weights", "epochs", "lr", "optimizer", "schedule", "input_size", "load_size",
+                 "no_flip", "val_fraction", "seed")
 
 
 def _collect_train(kw) -> dict:
@@ -112,9 +258,20 @@ def _collect_train(kw) -> dict:
     )
 
 
+def _given(ctx: click.Context, names) -> list[str]:
+    """The options among ``names`` the user set (command line or environment), as ``--flags``."""
+    from click.core import ParameterSource
+
+    given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT,
+                                                                     ParameterSource.DEFAULT_MAP)]
+    return ["--" + n.replace("_", "-") for n in given]
+
+
 _device_opt = click.option("--device", default="auto", show_default=True,
                            type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run the network.")
 _quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+_batch_opt = click.option("--batch-size", default=128, show_default=True, type=int,
+                          help="Images per forward pass (lower it on out-of-memory).")
 
 
 # ---------------------------------------------------------------- train
@@ -123,7 +280,7 @@ _quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bars.
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--out", "out", default="model.pt", show_default=True, help="Checkpoint to write.")
 @_train_options
-@click.option("--batch-size", default=128, show_default=True, type=int)
+@_batch_opt
 @click.option("--resume", default=None, help="Continue an interrupted run from its checkpoint.")
 @_device_opt
 @_quiet_opt
@@ -141,7 +298,7 @@ def train(data_dir, out, batch_size, resume, device, quiet, **kw):
                                      progress=not quiet, log=_log, **opts)
     last = history[-1] if history else {}
     click.echo(f"saved {out}: {model.config.backbone}, {model.config.bits} bits, "
-               f"{model.config.num_classes} classes, {len(history)} epochs, "
+               f"{_plural(model.config.num_classes, 'class', 'classes')}, {_plural(len(history), 'epoch')}, "
                f"val acc {last.get('val_acc', float('nan')):.4f}, {time.perf_counter() - t0:.1f} s")
 
 
@@ -166,19 +323,24 @@ def _index_options(f):
 @main.command("build-index")
 @click.argument("images", type=click.Path(file_okay=False))
 @click.option("--model", "model_path", default=None,
-              help="Checkpoint from `dhf train`. Without it, IMAGES/CLASS/... is used to train one first.")
-@click.option("-o", "--out", "out", default="dhf-index", show_default=True, help="Index directory.")
+              help="Checkpoint from `dhf train`. Without it, IMAGES/CLASS/... is used to train one first "
+                   "(with the training options below, which a --model build refuses).")
+@click.option("-o", "--out", "--index", "out", default=DEFAULT_INDEX, show_default=True,
+              help="Index directory to write (--index is the same option).")
 @_index_options
-@click.option("--batch-size", default=128, show_default=True, type=int)
+@_batch_opt
 @click.option("--shard-size", default=50_000, show_default=True, type=int, help="Images per HDF5 shard.")
-@click.option("--feature-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--feature-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="How fc7 features are stored (float16 halves the shards).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-              help="Encode on Ray workers: a cluster at ADDRESS (HOST:PORT), or a local Ray without one.")
+              help="Encode on Ray workers: a cluster at ADDRESS (HOST:PORT), or a local Ray without one "
+                   "(needs the ray extra).")
 @click.option("--workers", default=None, type=int, help="Ray workers (default: one per CPU of the cluster).")
 @_train_options
 @_device_opt
 @_quiet_opt
-def build_index(images, model_path, out, index_type, hash_bits, nhash, nflip, batch_size, shard_size,
+@click.pass_context
+def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nflip, batch_size, shard_size,
                 feature_dtype, ray_address, workers, device, quiet, **kw):
     """Encode every image under IMAGES (recursively) into an index directory.
 
@@ -189,9 +351,16 @@ def build_index(images, model_path, out, index_type, hash_bits, nhash, nflip, ba
     from . import api
     from .index import IndexSpec
 
+    if model_path is not None:
+        ignored = _given(ctx, _TRAIN_PARAMS)
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)} only {'applies' if len(ignored) == 1 else 'apply'} "
+                                   f"when build-index trains a model; "
+                                   f"--model {model_path} is used as it is (drop them, or drop --model)")
     train_opts = _collect_train(kw)
     spec = IndexSpec(kind=index_type, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
     if ray_address is not None or workers is not None:
+        _require_extra("ray")
         from .distributed import build_index_ray
 
         rep = build_index_ray(images, out, model_path, spec, batch_size, shard_size, feature_dtype,
@@ -201,9 +370,9 @@ def build_index(images, model_path, out, index_type, hash_bits, nhash, nflip, ba
     else:
         rep = api.build_index(images, out, model_path, spec, batch_size, shard_size, feature_dtype, device,
                               progress=not quiet, log=_log, train_options=train_opts)
-    click.echo(f"indexed {rep.count} images into {out} in {rep.seconds:.1f} s "
-               f"({rep.shards_written} shard(s) written, {rep.shards_reused} reused); "
-               f"skipped {len(rep.skipped)} bad file(s)" + (f", see {out}/skipped.tsv" if rep.skipped else ""))
+    click.echo(f"indexed {_plural(rep.count, 'image')} into {out} in {rep.seconds:.1f} s "
+               f"({_plural(rep.shards_written, 'shard')} written, {rep.shards_reused} reused); "
+               f"skipped {_plural(len(rep.skipped), 'bad file')}" + (f", see {out}/skipped.tsv" if rep.skipped else ""))
 
 
 # ---------------------------------------------------------------- search
@@ -211,71 +380,92 @@ def build_index(images, model_path, out, index_type, hash_bits, nhash, nflip, ba
 @main.command()
 @click.option("--query", "queries", multiple=True, required=True,
               help="Query image or folder of images (repeatable).")
-@click.option("--index", "index_dir", default="dhf-index", show_default=True, help="Index directory.")
+@_index_dir_options(positional=False)
 @click.option("--mode", default="hds", show_default=True, type=click.Choice(["bcs", "hds", "es"]),
               help="bcs: Hamming ranking; hds: Hamming pool + fc7 L2 rerank; es: exhaustive fc7 L2.")
 @click.option("-k", "k", default=10, show_default=True, type=int, help="Results per query.")
 @click.option("--radius", default=3, show_default=True, type=int,
-              help="HDS pools codes at Hamming distance < RADIUS.")
+              help="HDS pools codes at Hamming distance < RADIUS (0 to the code length).")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int,
               help="HDS pool cap (nearest codes first).")
 @click.option("--model", "model_path", default=None, help="Encode queries with this model instead of the index's.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON instead of a table: always a list, one object per query.")
 @_device_opt
-def search(queries, index_dir, mode, k, radius, max_candidates, model_path, as_json, device):
-    """Search the index with one or more query images."""
+@_quiet_opt
+def search(queries, index_opt, mode, k, radius, max_candidates, model_path, as_json, device, quiet):
+    """Search the index with one or more query images.
+
+    \b
+    --json prints a list with one object per query, in input order:
+      {"query", "mode", "results": [{"rank", "id", "path", "label", "hamming",
+       "distance"}], "candidates", "truncated", "timing_ms", "encode_ms"}
+    label is null for unlabelled images, distance null in bcs mode. A query file that
+    cannot be decoded is skipped with a line on stderr and, in JSON, listed as
+    {"query", "mode", "error", "results": []}; only all queries failing is an error.
+    """
     from . import api
     from .data import scan_inputs
-    from .search import results_to_records
+    from .search import check_search_args, results_to_records
 
-    if k < 1:
-        raise DhfError("-k must be at least 1")
-    if radius < 0:
-        raise DhfError("--radius must be >= 0")
-    if max_candidates < 1:
-        raise DhfError("--max-candidates must be at least 1")
+    index_dir = _index_dir(None, index_opt)
     paths = scan_inputs(queries)
     s = api.open_index(index_dir, device=device)
+    check_search_args(k, radius, max_candidates, s.live_count(), s.bits)
     if k > s.live_count():
-        raise DhfError(f"-k {k} is larger than the index ({s.live_count()} images)")
+        raise DhfError(f"-k {k} is larger than the index ({_plural(s.live_count(), 'image')})")
     if model_path:
         from .model import load_model
 
         s.set_model(load_model(model_path))
     t0 = time.perf_counter()
-    codes, feats, _ = s.encode(paths)
+    codes, feats, bad = s.encode(paths, skip_bad=True, progress=not quiet and len(paths) > 1)
     encode_ms = (time.perf_counter() - t0) * 1e3
+    reasons = dict(bad)
+    good = [p for i, p in enumerate(paths) if i not in reasons]
+    for i, reason in bad:
+        _log(f"skipped query {_cell(paths[i])}: {reason}")
     batch = s.search(mode, codes, feats, k, radius, max_candidates)
-    records = results_to_records(batch, s)
-    per_q_ms = batch.timing_ms / max(1, len(paths))
+    records = iter(results_to_records(batch, s))
+    results = iter(batch.results)
+    per_q_ms = batch.timing_ms / max(1, len(good))
     outs = []
-    for p, r, res in zip(paths, records, batch.results):
-        outs.append({"mode": mode, "query": p, "results": [{kk: row[kk] for kk in
-                                                            ("rank", "id", "path", "label", "hamming", "distance")}
-                                                           for row in r],
-                     "timing_ms": round(per_q_ms, 3), "encode_ms": round(encode_ms / len(paths), 3),
-                     "candidates": int(res.candidates), "truncated": bool(res.truncated)})
+    for i, p in enumerate(paths):
+        if i in reasons:
+            outs.append({"query": p, "mode": mode, "error": reasons[i], "results": []})
+            continue
+        r, res = next(records), next(results)
+        outs.append({"query": p, "mode": mode,
+                     "results": [{kk: row[kk] for kk in ("rank", "id", "path", "label", "hamming", "distance")}
+                                 for row in r],
+                     "candidates": int(res.candidates), "truncated": bool(res.truncated),
+                     "timing_ms": round(per_q_ms, 3), "encode_ms": round(encode_ms / len(good), 3)})
     if as_json:
-        click.echo(json.dumps(outs[0] if len(outs) == 1 else outs, indent=2))
+        click.echo(json.dumps(outs, indent=2))
         return
     for o in outs:
-        click.echo(f"query {o['query']}  mode {mode}  {o['candidates']} candidates"
+        if "error" in o:
+            continue
+        click.echo(f"query {_cell(o['query'])}  mode {mode}  {_plural(o['candidates'], 'candidate')}"
                    + ("  (pool capped at --max-candidates)" if o["truncated"] else "")
                    + f"  {o['timing_ms']:.2f} ms search, {o['encode_ms']:.1f} ms encode")
         click.echo(f"{'rank':>4}  {'ham':>3}  {'L2^2':>10}  {'label':<12}  path")
         for row in o["results"]:
             dist = "-" if row["distance"] is None else f"{row['distance']:.4g}"
-            click.echo(f"{row['rank']:>4}  {row['hamming']:>3}  {dist:>10}  {str(row['label']):<12}  {row['path']}")
+            click.echo(f"{row['rank']:>4}  {row['hamming']:>3}  {dist:>10}  {_cell(row['label']):<12}  "
+                       f"{_cell(row['path'])}")
+    if bad:
+        _log(f"skipped {_plural(len(bad), 'query file')} that could not be decoded")
 
 
 # ---------------------------------------------------------------- shard
 
 @main.command()
-@click.argument("index_dir", type=click.Path())
+@_index_dir_options(positional=True)
 @click.option("-n", "n", required=True, type=int, help="Number of shards.")
 @click.option("-o", "--out", "out", required=True, help="Folder for OUT/shard-000 ... (must be new or empty).")
-def shard(index_dir, n, out):
-    """Split INDEX_DIR into N index directories of consecutive rows for sharded search.
+def shard(index_pos, index_opt, n, out):
+    """Split the index (INDEX_DIR or --index) into N index directories of consecutive rows.
 
     Each shard is a complete index; its manifest's id_offset maps its ids to global ids.
     Search them together with deephash_faiss.distributed.ShardedSearcher (one Ray actor per
@@ -283,24 +473,26 @@ def shard(index_dir, n, out):
     """
     from .distributed import split_index
 
+    index_dir = _index_dir(index_pos, index_opt)
     t0 = time.perf_counter()
     dirs = split_index(index_dir, out, n, log=_log)
-    click.echo(f"split {index_dir} into {len(dirs)} shard(s) under {out} in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"split {index_dir} into {_plural(len(dirs), 'shard')} under {out} in {time.perf_counter() - t0:.1f} s")
 
 
 # ---------------------------------------------------------------- maintenance (maintain.py)
 
 @main.command()
-@click.argument("index_dir", type=click.Path())
-@click.argument("images", type=click.Path(file_okay=False))
+@click.argument("args", nargs=-1, metavar="[INDEX_DIR] IMAGES")
+@click.option("--index", "index_opt", default=None, metavar="DIR",
+              help=_INDEX_HELP + " May also be given as the first argument.")
 @click.option("--model", "model_path", default=None,
               help="Must be the index's model (same sha256); default: the model stored in the index.")
-@click.option("--batch-size", default=128, show_default=True, type=int)
+@_batch_opt
 @click.option("--shard-size", default=50_000, show_default=True, type=int, help="Images per new HDF5 shard.")
 @_device_opt
 @_quiet_opt
-def add(index_dir, images, model_path, batch_size, shard_size, device, quiet):
-    """Append the images under IMAGES to the index in INDEX_DIR.
+def add(args, index_opt, model_path, batch_size, shard_size, device, quiet):
+    """Append the images under IMAGES to the index (INDEX_DIR or --index).
 
     Paths already in the index are not indexed again (listed as "already indexed" in the
     skip report). Searches running meanwhile see the old or the new index, never a mix.
@@ -308,93 +500,126 @@ def add(index_dir, images, model_path, batch_size, shard_size, device, quiet):
     """
     from .maintain import add_images
 
+    if len(args) == 2:
+        index_dir, images = _index_dir(args[0], index_opt), args[1]
+    elif len(args) == 1:
+        index_dir, images = _index_dir(None, index_opt), args[0]
+    else:
+        raise click.UsageError("give the images folder: dhf add [INDEX_DIR] IMAGES (or --index DIR IMAGES)")
     rep = add_images(index_dir, images, model_path, batch_size, shard_size, device, progress=not quiet, log=_log)
-    click.echo(f"added {rep.added} image(s) to {index_dir}, now {rep.count} rows "
-               f"({rep.shards_written} shard(s) written, {rep.shards_reused} reused); "
-               f"{len(rep.already)} already indexed; skipped {len(rep.skipped)} bad file(s)"
+    click.echo(f"added {_plural(rep.added, 'image')} to {index_dir}, now {_plural(rep.count, 'row')} "
+               f"({_plural(rep.shards_written, 'shard')} written, {rep.shards_reused} reused); "
+               f"{len(rep.already)} already indexed; skipped {_plural(len(rep.skipped), 'bad file')}"
                + (f", see the skip report in {index_dir}" if rep.skipped else ""))
 
 
 @main.command()
-@click.argument("index_dir", type=click.Path())
+@_index_dir_options(positional=True)
 @click.option("--paths", "paths", multiple=True, help="Image path as indexed (repeatable).")
 @click.option("--ids", "ids", multiple=True, type=int, help="Row id (repeatable).")
-def remove(index_dir, paths, ids):
-    """Mark rows deleted: no search returns them (ids stay; `dhf compact` drops them)."""
+def remove(index_pos, index_opt, paths, ids):
+    """Mark rows of the index (INDEX_DIR or --index) deleted: no search returns them.
+
+    Ids stay as they are; `dhf compact` drops the deleted rows.
+    """
     from .maintain import remove as do_remove
 
+    index_dir = _index_dir(index_pos, index_opt)
     rep = do_remove(index_dir, list(paths), list(ids))
-    click.echo(f"removed {len(rep.removed)} row(s) from {index_dir}; {rep.live} live")
+    click.echo(f"removed {_plural(len(rep.removed), 'row')} from {index_dir}; {rep.live} live")
 
 
 @main.command()
-@click.argument("index_dir", type=click.Path())
-def compact(index_dir):
-    """Rewrite the index without deleted rows (ids are renumbered)."""
+@_index_dir_options(positional=True)
+def compact(index_pos, index_opt):
+    """Rewrite the index (INDEX_DIR or --index) without deleted rows (ids are renumbered)."""
     from .maintain import compact as do_compact
 
+    index_dir = _index_dir(index_pos, index_opt)
     rep = do_compact(index_dir)
-    click.echo(f"compacted {index_dir}: dropped {rep.dropped} deleted row(s), {rep.count} rows")
+    click.echo(f"compacted {index_dir}: dropped {_plural(rep.dropped, 'deleted row')}, {_plural(rep.count, 'row')}")
 
 
 @main.command()
-@click.argument("index_dir", type=click.Path())
-def verify(index_dir):
-    """Check checksums, row counts, the code index and the model; exit 1 on problems."""
+@_index_dir_options(positional=True)
+def verify(index_pos, index_opt):
+    """Check the index (INDEX_DIR or --index): checksums, row counts, the code index, the model.
+
+    Prints OK, or one PROBLEM line each and exits with status 1.
+    """
     from .maintain import verify as do_verify
 
+    index_dir = _index_dir(index_pos, index_opt)
     problems = do_verify(index_dir)
     if problems:
         for p in problems:
-            click.echo(f"PROBLEM: {p}")
-        click.echo(f"{len(problems)} problem(s) in {index_dir}", err=True)
+            click.echo(f"PROBLEM: {_cell(p)}")
+        click.echo(f"{_plural(len(problems), 'problem')} in {index_dir}", err=True)
         sys.exit(1)
     click.echo(f"OK: {index_dir}")
 
 
 # ---------------------------------------------------------------- info
 
+def _index_type_text(spec: dict) -> str:
+    """``flat index (codes.index)``, ``hash index, hash_bits 16, nflip 2 (codes.index)``."""
+    params = ", ".join(f"{k} {v}" for k, v in spec.items() if k not in ("type", "file", "sha256"))
+    return f"{spec.get('type', '?')} index" + (f", {params}" if params else "") + f" ({_cell(spec.get('file'))})"
+
+
 @main.command()
-@click.argument("index_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest and sizes as JSON.")
-def info(index_dir, as_json):
-    """Show what an index directory holds."""
+@_index_dir_options(positional=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and file sizes as JSON.")
+def info(index_pos, index_opt, as_json):
+    """Show what the index (INDEX_DIR or --index) holds: images, model, codes, files."""
     from . import api
 
+    index_dir = _index_dir(index_pos, index_opt)
     inf = api.index_info(index_dir)
     m = inf["manifest"]
     if as_json:
         click.echo(json.dumps(inf, indent=2))
         return
-    mb = inf["total_bytes"] / 2**20
-    click.echo(f"index      {index_dir}  (format {m['format']} v{m['version']}, created {m['created']})")
-    click.echo(f"images     {m['count']} ({len(m.get('deleted', []))} deleted, {m.get('skipped', 0)} skipped at build)")
-    click.echo(f"model      {m['model'].get('backbone')}  {m['model'].get('file')}  "
-               f"sha256 {(m['model'].get('sha256') or '-')[:16]}…")
-    click.echo(f"codes      {m['bits']} bits, {m['index']['type']} index {m['index']}")
-    click.echo(f"features   {m['feature_dim']}-d {m['feature_dtype']} in {len(m['shards'])} shard(s)")
-    click.echo(f"classes    {len(m.get('classes', []))}: {', '.join(m.get('classes', [])[:10])}"
-               + (" …" if len(m.get("classes", [])) > 10 else ""))
-    click.echo(f"on disk    {mb:.1f} MiB")
+    model = m.get("model", {})
+    classes = m.get("classes", [])
+    rows = [
+        ("index", f"{_cell(index_dir)}  (format {m.get('format')} v{m.get('version')}, created {m.get('created')})"),
+        ("images", f"{m.get('count')} ({len(m.get('deleted', []))} deleted, {m.get('skipped', 0)} skipped at build)"),
+        ("model", f"{_cell(model.get('backbone'))}  {_cell(model.get('file'))}  "
+                  f"sha256 {(model.get('sha256') or '-')[:16]}…"),
+        ("codes", f"{m.get('bits')} bits, {_index_type_text(m.get('index', {}))}"),
+        ("features", f"{m.get('feature_dim')}-d {m.get('feature_dtype')} in "
+                     f"{_plural(len(m.get('shards', [])), 'shard')}"),
+        ("classes", f"{len(classes)}" + (": " + ", ".join(_cell(c) for c in classes[:10]) if classes else "")
+                    + (" …" if len(classes) > 10 else "")),
+        ("on disk", f"{inf['total_bytes'] / 2**20:.1f} MiB"),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<10} {value}")
     for rel, size in inf["sizes"].items():
-        click.echo(f"  {rel:<40} {'MISSING' if size is None else f'{size / 2**20:.2f} MiB'}")
+        click.echo(f"  {_cell(rel):<40} {'MISSING' if size is None else f'{size / 2**20:.2f} MiB'}")
 
 
 # ---------------------------------------------------------------- evaluate
 
 @main.command()
-@click.option("--index", "index_dir", default="dhf-index", show_default=True, help="Index directory (the database).")
+@_index_dir_options(positional=False)
 @click.option("--queries", "query_dir", required=True, type=click.Path(file_okay=False),
               help="Labelled query images (one subfolder per class, names as in the index).")
-@click.option("--mode", default="all", show_default=True, type=click.Choice(["bcs", "hds", "es", "all"]))
+@click.option("--mode", default="all", show_default=True, type=click.Choice(["bcs", "hds", "es", "all"]),
+              help="Ranking(s) to measure.")
 @click.option("--top-k", default=1000, show_default=True, type=int, help="K of mAP@K.")
 @click.option("--radius", default=3, show_default=True, type=int, help="HDS pool: Hamming distance < RADIUS.")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int, help="HDS pool cap.")
-@click.option("--json", "json_out", default=None, help="Write all metrics to this JSON file (plots beside it).")
+@click.option("--json", "json_arg", is_flag=False, flag_value="-", default=None, metavar="",
+              help="Print all metrics as JSON on stdout (the summary goes to stderr). "
+                   "The old form --json PATH still works, as --output PATH.")
+@click.option("-o", "--output", "output", default=None, metavar="PATH",
+              help="Write all metrics to this JSON file (plots beside it).")
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib plots.")
 @_device_opt
 @_quiet_opt
-def evaluate(index_dir, query_dir, mode, top_k, radius, max_candidates, json_out, no_plots, device, quiet):
+def evaluate(index_opt, query_dir, mode, top_k, radius, max_candidates, json_arg, output, no_plots, device, quiet):
     """Measure retrieval quality: every query image against the whole index.
 
     Metrics as the paper's official code: mAP@K over a stable Hamming ranking (ties keep
@@ -405,11 +630,20 @@ def evaluate(index_dir, query_dir, mode, top_k, radius, max_candidates, json_out
     from . import api
     from .data import scan_images
     from .evaluate import evaluate_arrays, time_modes, write_plots
+    from .search import check_search_args
 
+    index_dir = _index_dir(None, index_opt)
+    as_json = json_arg == "-"
+    if json_arg not in (None, "-"):
+        if output is not None and output != json_arg:
+            raise click.UsageError("give the JSON file once: --output PATH (--json PATH is its old name)")
+        _log(f"warning: --json PATH is deprecated, use --output {json_arg} (--json alone prints JSON on stdout)")
+        output = json_arg
     if top_k < 1:
         raise DhfError("--top-k must be at least 1")
     modes = ["bcs", "hds", "es"] if mode == "all" else [mode]
     s = api.open_index(index_dir, device=device, features_in_memory=True)
+    check_search_args(1, radius, max_candidates, s.live_count(), s.bits)
     q = scan_images(query_dir)
     if not q.labelled:
         raise DhfError(f"{query_dir} needs one subfolder per class to evaluate")
@@ -419,7 +653,7 @@ def evaluate(index_dir, query_dir, mode, top_k, radius, max_candidates, json_out
     if (q_labels < 0).all():
         raise DhfError(f"none of the query classes of {query_dir} is a class of the index")
     t0 = time.perf_counter()
-    codes, feats, _ = s.encode(q.paths)
+    codes, feats, _ = s.encode(q.paths, progress=not quiet)
     enc = time.perf_counter() - t0
     t0 = time.perf_counter()
     ks = [k for k in range(100, 1001, 100) if k <= s.count] or [min(10, s.count)]
@@ -431,31 +665,36 @@ def evaluate(index_dir, query_dir, mode, top_k, radius, max_candidates, json_out
                                  max_candidates=max_candidates)
     res.update(index=index_dir, queries=query_dir, n_queries=len(codes), n_database=s.count, bits=s.bits,
                encode_seconds=round(enc, 3), top_k=min(top_k, s.count))
+    say = _log if as_json else click.echo
     for m in modes:
         r = res[m]
         extra = f"  P@r2 {r['precision_radius']:.4f}" if "precision_radius" in r else ""
         full = f"  mAP(full) {r['map_full']:.4f}" if r.get("map_full") is not None else ""
-        click.echo(f"{m.upper():<4} mAP@{res['top_k']} {r['map_at_k']:.4f}{full}  "
-                   f"P@{ks[0]} {r['precision_at_k'][ks[0]]:.4f}{extra}  {res['query_ms'][m]:.3f} ms/query")
-    click.echo(f"{len(codes)} queries x {s.count} images; metrics in {res['eval_seconds']:.1f} s")
-    if json_out:
-        import os
-
+        say(f"{m.upper():<4} mAP@{res['top_k']} {r['map_at_k']:.4f}{full}  "
+            f"P@{ks[0]} {r['precision_at_k'][ks[0]]:.4f}{extra}  {res['query_ms'][m]:.3f} ms/query")
+    say(f"{_plural(len(codes), 'query', 'queries')} x {_plural(s.count, 'image')}; "
+        f"metrics in {res['eval_seconds']:.1f} s")
+    text = json.dumps(res, indent=2, default=float)
+    if output:
         from .store import atomic_write_bytes
 
-        atomic_write_bytes(json_out, json.dumps(res, indent=2, default=float).encode())
+        atomic_write_bytes(output, text.encode())
+        files = []
         if not no_plots:
-            files = write_plots(res, os.path.join(os.path.dirname(os.path.abspath(json_out))),
+            files = write_plots(res, os.path.dirname(os.path.abspath(output)),
                                 f"{os.path.basename(index_dir)}: {s.bits}-bit codes")
-            click.echo("wrote " + ", ".join([json_out] + files))
+        say("wrote " + ", ".join([output] + files))
+    if as_json:
+        click.echo(text)
 
 
 # ---------------------------------------------------------------- demo
 
 @main.command()
-@click.option("-o", "--out", "out", default="dhf-demo", show_default=True, help="Working folder.")
-@click.option("--epochs", default=8, show_default=True, type=int)
-@click.option("--bits", default=48, show_default=True, type=int)
+@click.option("-o", "--out", "out", default="dhf-demo", show_default=True,
+              help="Working folder (digits, model, index, results).")
+@click.option("--epochs", default=8, show_default=True, type=int, help="Training epochs of the small CNN.")
+@click.option("--bits", default=48, show_default=True, type=int, help="Code length (multiple of 8).")
 @_device_opt
 @_quiet_opt
 def demo(out, epochs, bits, device, quiet):
@@ -473,27 +712,29 @@ def demo(out, epochs, bits, device, quiet):
 # ---------------------------------------------------------------- serve
 
 @main.command()
-@click.option("--index", "index_dir", default="dhf-index", show_default=True, help="Index directory.")
+@_index_dir_options(positional=False)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @_device_opt
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=float, help="Largest query upload (413 above).")
 @click.option("--timeout", "timeout_s", default=30.0, show_default=True, type=float,
               help="Seconds a search may take before the request gets 504.")
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(index_dir, host, port, device, max_upload_mb, timeout_s, log_level):
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
+def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level):
     """Serve an index over HTTP: a search page at /, the JSON API at /search, docs at /docs.
 
     The model, codes and features load once at start; searches run one at a time on a
-    dedicated thread. Needs the serve extra: pip install 'deephash-faiss[serve]'.
+    dedicated thread. Needs the serve extra: pip install "deephash-faiss[serve]".
     """
-    from . import serve as serve_mod
-
+    index_dir = _index_dir(None, index_opt)
     if max_upload_mb <= 0:
         raise DhfError("--max-upload-mb must be positive")
     if timeout_s <= 0:
         raise DhfError("--timeout must be positive")
+    _require_extra("fastapi", "uvicorn")
+    from . import serve as serve_mod
+
     serve_mod.run(index_dir, host, port, device, int(max_upload_mb * 2**20), timeout_s, log_level, on_ready=_log)
 
 

@@ -566,7 +566,7 @@ class ShardedSearcher:
     def _checked(self, k: int, radius: int | None = None, max_candidates: int | None = None) -> None:
         from .search import check_search_args
 
-        check_search_args(k, radius, max_candidates, self.live_count())
+        check_search_args(k, radius, max_candidates, self.live_count(), self.bits)
 
     # -- encoding (on the driver, with the shards' common model) ------------------------
     def encode(self, paths: Sequence[str], batch_size: int = 128, device: str = "cpu"):

@@ -69,14 +69,36 @@ def dispatch_mode(searcher, mode: str, qcodes, qfeats, k: int, radius: int, max_
     raise DhfError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
 
-def check_search_args(k: int, radius: int | None, max_candidates: int | None, live: int) -> None:
-    """Raise :class:`DhfError` for k < 1, radius < 0, max_candidates < 1 or an empty index."""
+MAX_CANDIDATES_LIMIT = 2**31 - 1  # the largest pool cap every backend (faiss, torch, Triton) takes
+
+
+def check_search_args(k: int, radius: int | None, max_candidates: int | None, live: int,
+                      bits: int | None = None) -> None:
+    """Refuse search parameters no backend can honour, with one :class:`DhfError` line.
+
+    The one check of k, radius and max_candidates, shared by the CLI, the Python API
+    (:class:`Searcher`, ``ShardedSearcher``) and the service.
+
+    Args:
+        k: results per query, at least 1.
+        radius: HDS pool radius (Hamming distance < radius), 0 to ``bits`` (the code
+            length); None when the mode takes none.
+        max_candidates: HDS pool cap, 1 to ``MAX_CANDIDATES_LIMIT``; None for no cap.
+        live: live (not deleted) rows of the index; 0 is refused.
+        bits: code length; None skips the upper bound on ``radius``.
+    """
+    for name, v in (("k", k), ("radius", radius), ("max-candidates", max_candidates)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise DhfError(f"{name} must be an integer, not {type(v).__name__}")
     if k < 1:
         raise DhfError("k must be at least 1")
-    if radius is not None and radius < 0:
-        raise DhfError("radius must be >= 0")
-    if max_candidates is not None and max_candidates < 1:
-        raise DhfError("max-candidates must be at least 1")
+    if radius is not None:
+        if radius < 0:
+            raise DhfError("radius must be >= 0")
+        if bits is not None and radius > bits:
+            raise DhfError(f"radius {radius} is larger than the code length; it must be between 0 and {bits}")
+    if max_candidates is not None and not 1 <= max_candidates <= MAX_CANDIDATES_LIMIT:
+        raise DhfError(f"max-candidates must be between 1 and {MAX_CANDIDATES_LIMIT}")
     if live == 0:
         raise DhfError("the index is empty")
 
@@ -296,24 +318,36 @@ class Searcher:
         self._model = model.to(self.device).eval()
 
     # -- encoding -----------------------------------------------------------------------
-    def encode(self, paths: Sequence[str], batch_size: int = 128):
-        """Encode query images: (codes uint8 [m, B], features float32 [m, D], bad [(pos, reason)])."""
+    def encode(self, paths: Sequence[str], batch_size: int = 128, skip_bad: bool = False,
+               progress: bool = False):
+        """Encode query images: (codes uint8 [m, B], features float32 [m, D], bad [(pos, reason)]).
+
+        A file that cannot be decoded raises :class:`DhfError`, or with ``skip_bad`` is
+        left out: the rows then belong to the paths whose positions are not in ``bad``
+        (in order), and only all files failing raises. ``progress``: a tqdm bar on stderr.
+        """
+        from tqdm import tqdm
+
         from .extract import encode_paths
 
-        codes, feats, pos, bad = [], [], [], []
-        for p, c, f, b in encode_paths(self.model, list(paths), self.device, batch_size):
-            pos.append(p)
-            codes.append(c)
-            feats.append(f)
-            bad.extend(b)
-        if bad:
+        codes, feats, bad = [], [], []
+        with tqdm(total=len(paths), desc="encoding queries", unit="img", disable=not progress,
+                  leave=False) as bar:
+            for p, c, f, b in encode_paths(self.model, list(paths), self.device, batch_size):
+                codes.append(c)
+                feats.append(f)
+                bad.extend(b)
+                bar.update(len(p) + len(b))
+        bad.sort()
+        if bad and (not skip_bad or len(bad) == len(paths)):
             i, reason = bad[0]
-            raise DhfError(f"cannot use query {paths[i]}: {reason}")
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DhfError(f"cannot use query {paths[i]}: {reason}{more}")
         return np.concatenate(codes), np.concatenate(feats).astype(np.float32), bad
 
     # -- modes --------------------------------------------------------------------------
     def _check(self, k: int, radius: int | None = None, max_candidates: int | None = None) -> None:
-        check_search_args(k, radius, max_candidates, self.live_count())
+        check_search_args(k, radius, max_candidates, self.live_count(), self.bits)
 
     def bcs(self, qcodes: np.ndarray, k: int) -> SearchBatch:
         """Hamming k-NN. qcodes uint8 [m, B]."""

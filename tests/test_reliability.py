@@ -94,8 +94,8 @@ def test_valid_images_identical_with_and_without_bad_files(env):
     assert corpus.search_all(env["clean"], a["codes"][q], qf, 7) == corpus.search_all(env["dirty"], a["codes"][q], qf, 7)
     # searching by an image through the CLI gives the same JSON in both indexes
     qimg = env["good"].good[3]
-    ra = json.loads(run("search", "--query", qimg, "--index", env["clean"], "--json", "--device", "cpu").output)
-    rb = json.loads(run("search", "--query", qimg, "--index", env["dirty"], "--json", "--device", "cpu").output)
+    ra = json.loads(run("search", "--query", qimg, "--index", env["clean"], "--json", "--device", "cpu").stdout)[0]
+    rb = json.loads(run("search", "--query", qimg, "--index", env["dirty"], "--json", "--device", "cpu").stdout)[0]
     assert [r["path"] for r in ra["results"]] == [r["path"] for r in rb["results"]]
     assert maintain.verify(env["dirty"]) == []
 

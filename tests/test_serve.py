@@ -121,7 +121,7 @@ def test_json_shape_matches_cli(client, serve_index, queries):
     out = CliRunner().invoke(main, ["search", "--query", queries["png"], "--index", serve_index, "--mode", "hds",
                                     "-k", "5", "--json", "--device", "cpu"])
     assert out.exit_code == 0, out.output
-    cli = json.loads(out.output)
+    (cli,) = json.loads(out.stdout)  # the CLI prints a list, one object per query
     body = _upload(client, queries["png"], mode="hds", k=5).json()
     assert set(cli) <= set(body)
     for key in ("mode", "query", "results", "timing_ms", "candidates", "truncated"):

@@ -155,7 +155,7 @@ def test_add_killed_then_resumed(env, tmp_path, point):
     assert maintain.verify(d) == []
     assert_same_index(d, env["ref"])  # untouched
     out = run(*args)
-    assert f"{2 if point == 'shard-1' else 3} reused" in out and "added 6 image(s)" in out, out
+    assert f"{2 if point == 'shard-1' else 3} reused" in out and "added 6 images" in out, out
     assert_same_index(d, want)
     assert maintain.verify(d) == []
     assert_clean_dir(d)

@@ -178,7 +178,7 @@ def test_sharded_search_equals_unsharded(ray_session, data, tmp_path, n):
     assert sum(read_manifest(d)["count"] for d in dirs) == s.count
     for d in dirs:  # each shard is a valid index on its own
         api.open_index(d, device="cpu").bcs(codes[:1], 1)
-    configs = [(5, 3, 10_000), (10, 2, 7), (30, 1, 25), (12, 0, 100), (40, 3, 3), (s.count, 9, 50)]
+    configs = [(5, 3, 10_000), (10, 2, 7), (30, 1, 25), (12, 0, 100), (40, 3, 3), (s.count, 8, 50)]  # 8 = the code length, the largest radius
     use_rays = [False, True] if n == 3 else [False]
     for use_ray in use_rays:
         with ShardedSearcher(list(reversed(dirs)), use_ray=use_ray) as ss:

@@ -87,18 +87,21 @@ def check_search_args(k: int, radius: int | None, max_candidates: int | None, li
         live: live (not deleted) rows of the index; 0 is refused.
         bits: code length; None skips the upper bound on ``radius``.
     """
-    for name, v in (("k", k), ("radius", radius), ("max-candidates", max_candidates)):
+    # messages name the API argument, then the CLI option: "k must be at least 1 (-k)"
+    for name, opt, v in (("k", "-k", k), ("radius", "--radius", radius),
+                         ("max_candidates", "--max-candidates", max_candidates)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-            raise DhfError(f"{name} must be an integer, not {type(v).__name__}")
+            raise DhfError(f"{name} must be an integer, not {type(v).__name__} ({opt})")
     if k < 1:
-        raise DhfError("k must be at least 1")
+        raise DhfError("k must be at least 1 (-k)")
     if radius is not None:
         if radius < 0:
-            raise DhfError("radius must be >= 0")
+            raise DhfError("radius must be >= 0 (--radius)")
         if bits is not None and radius > bits:
-            raise DhfError(f"radius {radius} is larger than the code length; it must be between 0 and {bits}")
+            raise DhfError(f"radius {radius} is larger than the code length: it must be between 0 and {bits} "
+                           f"(--radius)")
     if max_candidates is not None and not 1 <= max_candidates <= MAX_CANDIDATES_LIMIT:
-        raise DhfError(f"max-candidates must be between 1 and {MAX_CANDIDATES_LIMIT}")
+        raise DhfError(f"max_candidates must be between 1 and {MAX_CANDIDATES_LIMIT} (--max-candidates)")
     if live == 0:
         raise DhfError("the index is empty")
 

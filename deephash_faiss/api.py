@@ -24,7 +24,7 @@ import numpy as np
 from .data import ImageList, load_images, probe_load_size, scan_images
 from .errors import DhfError
 from .index import BinaryIndex, IndexSpec
-from .model import BACKBONES, build_model, file_sha256, load_model, resolve_device
+from .model import BACKBONES, build_model, file_sha256, load_model, read_checkpoint, resolve_device, save_checkpoint
 from .search import Searcher
 from .store import (FORMAT, FORMAT_VERSION, MANIFEST, now_iso, read_manifest, read_shard, write_manifest,
                     write_shard)
@@ -37,11 +37,14 @@ def _quiet(_: str) -> None:
     pass
 
 
+DEFAULT_EPOCHS = {"finetune": 10, "frozen": 30}
+
+
 def train_model(
     data_dir: str,
     out: str,
     backbone: str = "efficientnet_lite0",
-    bits: int = 48,
+    bits: int | None = None,
     weights: str | None = "default",
     device: str = "auto",
     input_size: int | None = None,
@@ -49,44 +52,112 @@ def train_model(
     resume: str | None = None,
     progress: bool = True,
     log: Log = _quiet,
+    method: str = "auto",
     **train_kwargs: Any,
 ):
-    """Fine-tune a hashing model on a folder with one subfolder per class.
+    """Train a hashing model on a folder: one subfolder per class, or none (no labels).
 
     Args:
-        data_dir: labelled image folder.
+        data_dir: image folder.
         out: checkpoint path (written after every epoch, atomically).
         backbone, bits, weights, input_size, load_size: see :func:`deephash_faiss.model.build_model`
-            (``load_size`` default: the images' own size, capped at the input size).
+            (``load_size`` default: the images' own size, capped at the input size; ``bits``
+            default: 48, or :data:`deephash_faiss.itq.DEFAULT_UNSUPERVISED_BITS` without labels).
         resume: continue an interrupted run from its checkpoint.
-        train_kwargs: fields of :class:`deephash_faiss.train.TrainConfig`.
+        method: "auto" (below), "finetune" (the paper's: the whole net, softmax loss),
+            "frozen" (laptop mode: fc7 of a frozen backbone computed once, H and the classifier
+            trained on it) or "itq" (no labels: PCA + ITQ on fc7 as H). "auto": fine-tune on a
+            GPU, frozen on a CPU (fine-tune when the backbone has no pretrained weights),
+            "itq" when the folder has no class subfolders.
+        train_kwargs: fields of :class:`deephash_faiss.train.TrainConfig` (``epochs`` default:
+            10 fine-tuning, 30 frozen).
     Returns:
         (model, history).
     """
     images = scan_images(data_dir)
-    if not images.labelled or len(images.classes) < 2:
-        raise DhfError(f"{data_dir} needs one subfolder per class (at least two) to train on")
-    cfg = TrainConfig(**train_kwargs)
-    cfg.check()
-    dev = resolve_device(device)
+    if len(images) == 0:
+        raise DhfError(f"no images found under {data_dir}")
+    model, history, _ = _train(images, data_dir, out, backbone, bits, weights, resolve_device(device), input_size,
+                               load_size, resume, progress, log, method, None, train_kwargs)
+    return model, history
+
+
+def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int | None, weights, dev,
+           input_size, load_size, resume: str | None, progress: bool, log: Log, method: str, work_dir: str | None,
+           train_kwargs: dict[str, Any], plan: tuple[str, str] | None = None):
+    """train_model's work; returns (model, history, CachedFeatures or None). With ``work_dir``
+    the fc7 cache is kept there (for the build to reuse); without, it sits beside ``out`` and
+    is removed once the model is saved."""
+    from . import featurecache, itq
+    from .train import fit_head
+
+    labelled = images.labelled and len(images.classes) >= 2
     if resume:
         model = load_model(resume)
-        if model.config.class_names != images.classes:
+        if method not in ("auto", model.config.method):
+            raise DhfError(f"{resume} was trained with --{model.config.method}, not --{method}")
+        method, reason = model.config.method, f"resuming {resume}"
+        if method != "itq" and model.config.class_names != images.classes:
             raise DhfError(f"{resume} was trained on other classes than {data_dir}")
     else:
         if backbone not in BACKBONES:
             raise DhfError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+        w = BACKBONES[backbone].default_weights if weights == "default" else weights
+        method, reason = plan or featurecache.choose_method(method, labelled, dev, w not in (None, "none"))
+        if bits is None:
+            bits = itq.DEFAULT_UNSUPERVISED_BITS if method == "itq" else 48
         isize = input_size or BACKBONES[backbone].input_size
         lsize = load_size or probe_load_size(images.paths, isize)
-        model = build_model(backbone, bits, images.classes, weights, isize, lsize, seed=cfg.seed)
-    log(f"training {model.config.backbone} ({model.config.bits} bits, {len(images.classes)} classes) on "
-        f"{len(images)} images from {data_dir}, decoded at {model.config.load_size}px, input "
+        classes = [] if method == "itq" else images.classes
+        model = build_model(backbone, bits, classes, weights, isize, lsize,
+                            seed=int(train_kwargs.get("seed", 0)), method=method)
+    kw = dict(train_kwargs)
+    if kw.get("epochs") is None:
+        kw["epochs"] = DEFAULT_EPOCHS.get(method, 1)
+    cfg = TrainConfig(**kw)
+    cfg.check()
+    what = {"finetune": "fine-tuning the whole network", "frozen": "frozen backbone, training H and the classifier "
+            "on cached fc7", "itq": "no labels: PCA + ITQ codes on the pretrained backbone's fc7"}[method]
+    log(f"training mode: {what} ({reason})")
+    log(f"{model.config.backbone}, {model.config.bits} bits, "
+        + (f"{len(images.classes)} classes, " if method != "itq" else "")
+        + f"{len(images)} images from {data_dir}, decoded at {model.config.load_size}px, input "
         f"{model.config.input_size}px, device {dev}")
-    arr, pos, bad = load_images(images.paths, model.config.load_size, progress=progress, desc="decode")
-    for i, reason in bad:
+    if method == "finetune":
+        arr, pos, bad = load_images(images.paths, model.config.load_size, progress=progress, desc="decode")
+        for i, reason in bad:
+            log(f"skipped {images.paths[i]}: {reason}")
+        history = fit(model, arr, images.labels[pos], cfg, dev, checkpoint_path=out, resume=resume,
+                      progress=progress)
+        return model, history, None
+    done = False
+    if resume:
+        state = read_checkpoint(resume).get("train_state") or {}
+        done = method == "itq" or int(state.get("epoch", -1)) + 1 >= cfg.epochs
+        history = list(state.get("history", []))
+    cache_dir = work_dir or os.path.join(os.path.dirname(os.path.abspath(out)),
+                                         f".{os.path.basename(out)}.fc7-cache")
+    feats = featurecache.compute_features(model, images.paths, cache_dir, dev, cfg.batch_size,
+                                          stamps=file_stamps(images.paths), progress=progress, log=log)
+    for i, reason in feats.bad:
         log(f"skipped {images.paths[i]}: {reason}")
-    history = fit(model, arr, images.labels[pos], cfg, dev, checkpoint_path=out, resume=resume, progress=progress)
-    return model, history
+    if len(feats.pos) < 2:
+        raise DhfError(f"fewer than two decodable images under {data_dir}")
+    if done:
+        log(f"training already complete in {resume}")
+    elif method == "frozen":
+        history = fit_head(model, feats.fc7, images.labels[feats.pos], cfg, dev, checkpoint_path=out,
+                           resume=resume, progress=progress)
+    else:
+        t0 = time.perf_counter()
+        summary = itq.fit_latent(model, feats.fc7, seed=cfg.seed)
+        history = [{**summary, "epoch": 1, "seconds": round(time.perf_counter() - t0, 3)}]
+        save_checkpoint(model, out, train_state={"epoch": 0, "history": history, "method": "itq"},
+                        metrics=history[-1])
+    if work_dir is None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    model.eval()
+    return model, history, feats
 
 
 @dataclass
@@ -134,17 +205,22 @@ def encode_shards(
     feature_dtype: str,
     progress: bool = True,
     shard_range: range | None = None,
+    encode=None,
 ) -> tuple[int, int]:
     """Encode ``paths`` into ``part_dir/part-NNNNN.h5`` (+ ``.skip.json``), resumably.
 
     Shard ``s`` holds the decodable images among positions ``[s * shard_size, (s+1) * shard_size)``;
     a shard already on disk (complete: files are only ever renamed into place) is reused.
     Its ``ids`` are positions in ``paths`` until :func:`finalize_build` numbers the rows.
+    ``encode``: a function with :func:`deephash_faiss.extract.encode_paths`'s signature
+    (default: that one; the laptop/unsupervised build passes one reading cached fc7).
     Returns (shards written, shards reused).
     """
     from tqdm.auto import tqdm
 
     from .extract import encode_paths
+
+    encode_paths = encode or encode_paths
 
     os.makedirs(part_dir, exist_ok=True)
     nshards = (len(paths) + shard_size - 1) // shard_size
@@ -509,38 +585,82 @@ def build_index(
                              device, progress, log, train_options, t0)
 
 
+TRAIN_DIR_PREFIX = ".train-"
+
+
+def _train_for_build(images: ImageList, images_dir: str, index_dir: str, dev, progress: bool, log: Log,
+                     opts: dict[str, Any]):
+    """Train the model of a build without ``--model``: (model path, work dir, encoder or None).
+
+    The work dir ``INDEX/.train-<key>/`` holds the checkpoint (saved every epoch) and the fc7
+    cache, so rerunning an interrupted build resumes both; it is removed when the index is
+    committed. Frozen and unsupervised models return an encoder that writes the index from
+    the cached fc7 (each image decoded and encoded once).
+    """
+    from . import featurecache
+
+    requested = opts.pop("method", "auto")
+    backbone = opts.pop("backbone", "efficientnet_lite0")
+    weights = opts.get("weights", "default")
+    w = BACKBONES[backbone].default_weights if backbone in BACKBONES and weights == "default" else weights
+    labelled = images.labelled and len(images.classes) >= 2
+    plan = featurecache.choose_method(requested, labelled, dev, w not in (None, "none"))
+    method = plan[0]
+    h = hashlib.sha256(json.dumps({"method": method, "backbone": backbone, **opts}, sort_keys=True,
+                                  default=str).encode())
+    h.update(_job_key("", images.paths, 0, "", file_stamps(images.paths)).encode())
+    work = os.path.join(index_dir, f"{TRAIN_DIR_PREFIX}{h.hexdigest()[:16]}")
+    model_path = os.path.join(work, "model.pt")
+    resume = model_path if os.path.exists(model_path) else None
+    what = {"finetune": f"fine-tuning a model on the {len(images.classes)} classes of {images_dir} first",
+            "frozen": f"training a model on the {len(images.classes)} classes of {images_dir} first",
+            "itq": f"learning binary codes without labels from {images_dir} first"}[method]
+    log(f"no --model given: {what}" + (" (resuming an interrupted run)" if resume else ""))
+    os.makedirs(work, exist_ok=True)
+    kw = {k: opts.pop(k) for k in ("bits", "weights", "input_size", "load_size") if k in opts}
+    _, _, feats = _train(images, images_dir, model_path, backbone, kw.get("bits"), kw.get("weights", "default"),
+                         dev, kw.get("input_size"), kw.get("load_size"), resume, progress, log, requested,
+                         os.path.join(work, "fc7"), opts, plan=None if resume else plan)
+    if feats is None:
+        return model_path, work, None
+    model = load_model(model_path, dev)
+    return model_path, work, featurecache.cached_encoder(model, feats, images.paths, dev)
+
+
+def _remove_train_dirs(index_dir: str) -> None:
+    """Remove the training work dirs of builds into ``index_dir`` (after a commit, lock held)."""
+    for name in os.listdir(index_dir):
+        if name.startswith(TRAIN_DIR_PREFIX) and os.path.isdir(os.path.join(index_dir, name)):
+            shutil.rmtree(os.path.join(index_dir, name), ignore_errors=True)
+
+
 def _build_locked(images, images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, device,
                   progress, log, train_options, t0) -> BuildReport:
     trained = False
+    encode = None
+    work = None
+    dev = resolve_device(device)
     if model_path is None:
-        if not images.labelled or len(images.classes) < 2:
-            raise DhfError(
-                f"no --model given and {images_dir} has no class subfolders to train one on; "
-                f"pass --model MODEL.pt (from `dhf train`) or arrange the images as CLASS/IMAGE"
-            )
-        model_path = os.path.join(index_dir, ".trained-model.pt")
-        opts = dict(train_options or {})
-        log(f"no --model given: fine-tuning a model on the {len(images.classes)} classes of {images_dir} first")
-        train_model(images_dir, model_path, progress=progress, log=log, **opts)
+        model_path, work, encode = _train_for_build(images, images_dir, index_dir, dev, progress, log,
+                                                    dict(train_options or {}))
         trained = True
     model = load_model(model_path)
     spec.check(model.config.bits)
-    dev = resolve_device(device)
     model.to(dev)
     key = _job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, file_stamps(images.paths))
     part_dir = os.path.join(index_dir, f".partial-{key[:16]}")
     nshards = (len(images) + shard_size - 1) // shard_size
     log(f"encoding {len(images)} images in {nshards} shard(s) with {model.config.backbone} "
-        f"({model.config.bits} bits) on {dev}")
+        f"({model.config.bits} bits) on {dev}" + (" from the cached fc7 (no second decode)" if encode else ""))
     written, reused = encode_shards(model, images.paths, images.labels, part_dir, shard_size, batch_size, dev,
-                                    feature_dtype, progress)
+                                    feature_dtype, progress, encode=encode)
     if reused:
         log(f"resumed: reused {reused} complete shard(s) from an interrupted build")
     manifest = finalize_build(index_dir, part_dir, nshards, model_path, model.config, spec, feature_dtype,
                               images.classes, images_dir, images.skipped, key[:8])
     shutil.rmtree(part_dir, ignore_errors=True)
     if trained:
-        os.unlink(model_path)
+        _remove_train_dirs(index_dir)
     skipped = read_skip_report(index_dir, manifest)
     return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained)
 

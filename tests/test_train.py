@@ -1,6 +1,9 @@
 """Training: the paper's optimiser settings, learning, resume."""
 
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from deephash_faiss.model import build_model, read_checkpoint
@@ -67,3 +70,124 @@ def test_augment_keeps_shape_and_pixels():
     assert y.shape == x.shape and y.dtype == torch.uint8
     same = augment_batch(x, 0.0, False, g)
     assert torch.equal(same, x)
+
+
+# ---------------------------------------------------------------- laptop mode (frozen backbone)
+
+def _build_frozen(image_folder, out, **extra):
+    from deephash_faiss import api
+
+    opts = {"backbone": "smallcnn", "bits": 16, "method": "frozen", "epochs": 4, "batch_size": 16,
+            "checkpoint_every_s": 0.0, **extra}
+    return api.build_index(image_folder, out, device="cpu", progress=False, train_options=opts)
+
+
+def test_frozen_build_codes_equal_encoding_with_saved_model(image_folder, tmp_path):
+    from deephash_faiss import api
+    from deephash_faiss.extract import encode_paths
+
+    out = str(tmp_path / "idx")
+    rep = _build_frozen(image_folder, out)
+    assert rep.trained and rep.count == 72
+    info = api.index_info(out)
+    model = api.open_index(out, device="cpu").model
+    assert model.config.method == "frozen" and model.config.class_names == ["blue", "green", "red"]
+    shard = api.shard_rows(out, info["manifest"]["shards"][0]["file"])
+    # the index was written from the cached fc7; encoding the images again with the saved
+    # model (decode + backbone + H) gives the same codes and features
+    pos, codes, feats, bad = next(encode_paths(model, shard["paths"], torch.device("cpu"), 128))
+    assert not bad and np.array_equal(codes, shard["codes"])
+    assert np.allclose(feats, shard["features"], rtol=1e-5, atol=1e-6)  # CPU kernels vary with batch size
+    # only files `dhf info` counts are left behind (no .train-* work dir, no fc7 cache)
+    found = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
+    assert found - set(info["sizes"]) <= {"manifest.json", ".lock"}
+
+
+def test_frozen_training_resumes_after_interruption(image_folder, tmp_path, monkeypatch):
+    from deephash_faiss import extract, train
+
+    calls = {"encode": 0}
+    real_encode = extract.encode_paths
+
+    def counting(*a, **k):
+        calls["encode"] += 1
+        return real_encode(*a, **k)
+
+    def crash(epoch):
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated Ctrl-C after epoch 1")
+
+    monkeypatch.setattr(extract, "encode_paths", counting)
+    monkeypatch.setattr(train, "epoch_hook", crash)
+    out = str(tmp_path / "idx")
+    with pytest.raises(KeyboardInterrupt):
+        _build_frozen(image_folder, out)
+    work = [n for n in os.listdir(out) if n.startswith(".train-")]
+    assert len(work) == 1  # checkpoint + fc7 cache kept for the rerun
+    state = read_checkpoint(os.path.join(out, work[0], "model.pt"))["train_state"]
+    assert state["epoch"] == 0
+    first = calls["encode"]
+    assert first > 0
+    monkeypatch.setattr(train, "epoch_hook", lambda epoch: None)
+    seen = []
+    real_fit_head = train.fit_head
+
+    def spy(*a, **k):
+        hist = real_fit_head(*a, **k)
+        seen.append(hist)
+        return hist
+
+    monkeypatch.setattr(train, "fit_head", spy)
+    rep = _build_frozen(image_folder, out)
+    assert rep.count == 72
+    assert calls["encode"] == first  # the fc7 cache was reused: no image decoded again
+    assert [h["epoch"] for h in seen[0]] == [1, 2, 3, 4]  # epoch 1 from the checkpoint, 2-4 run now
+    assert not [n for n in os.listdir(out) if n.startswith(".train-")]
+
+
+def test_feature_cache_resumes_by_chunk(image_folder, tmp_path, monkeypatch):
+    from deephash_faiss import extract
+    from deephash_faiss.data import scan_images
+    from deephash_faiss.featurecache import compute_features
+
+    paths = scan_images(image_folder).paths[:30]
+    m = build_model("smallcnn", 16, ["a", "b"], weights="none", load_size=24, seed=0)
+    cache = str(tmp_path / "fc7")
+    real_encode = extract.encode_paths
+    calls, failed = [], []
+
+    def failing(model, sub, *a, **k):
+        calls.append(sub[0])
+        if len(calls) == 2 and not failed:
+            failed.append(1)
+            raise RuntimeError("killed")
+        return real_encode(model, sub, *a, **k)
+
+    monkeypatch.setattr(extract, "encode_paths", failing)
+    with pytest.raises(RuntimeError):
+        compute_features(m, paths, cache, torch.device("cpu"), 8, progress=False, chunk=10)
+    calls.clear()
+    got = compute_features(m, paths, cache, torch.device("cpu"), 8, progress=False, chunk=10)
+    assert calls == [paths[10], paths[20]]  # chunk 0 reused, chunks 1 and 2 computed
+    monkeypatch.setattr(extract, "encode_paths", real_encode)
+    ref = np.concatenate([f for _, _, f, _ in real_encode(m, paths, torch.device("cpu"), 8)])
+    assert np.array_equal(got.pos, np.arange(30)) and np.allclose(got.fc7, ref, atol=1e-6)
+
+
+def test_fit_head_trains_only_new_layers(tmp_path):
+    from deephash_faiss.train import fit_head
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 3, (3, 512))
+    labels = np.repeat(np.arange(3), 40)
+    feats = (centers[labels] + rng.normal(0, 1, (120, 512))).astype(np.float32)
+    m = build_model("smallcnn", 16, ["a", "b", "c"], weights="none", seed=0, method="frozen")
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    ck = str(tmp_path / "h.pt")
+    hist = fit_head(m, feats, labels, TrainConfig(epochs=5, batch_size=16, lr=0.01, val_fraction=0.2,
+                                                  checkpoint_every_s=0.0), torch.device("cpu"),
+                    checkpoint_path=ck, progress=False)
+    assert len(hist) == 5 and hist[-1]["train_acc"] > hist[0]["train_acc"] - 1e-9
+    assert all(torch.equal(v, m.backbone.state_dict()[k]) for k, v in before.items())
+    assert read_checkpoint(ck)["train_state"]["epoch"] == 4
+    assert all(p.requires_grad for p in m.parameters())

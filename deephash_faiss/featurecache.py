@@ -119,6 +119,10 @@ def compute_features(
             shutil.rmtree(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    if device.type != "cuda":  # bound inference activations on a CPU (see train.cpu_batch_cap)
+        from .train import cpu_batch_cap
+
+        batch_size = min(batch_size, cpu_batch_cap(model.config.input_size, train=False))
     nchunks = (len(paths) + chunk - 1) // chunk
     feats, pos, bad = [], [], []
     reused = 0

@@ -191,3 +191,32 @@ def test_fit_head_trains_only_new_layers(tmp_path):
     assert all(torch.equal(v, m.backbone.state_dict()[k]) for k, v in before.items())
     assert read_checkpoint(ck)["train_state"]["epoch"] == 4
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_cpu_micro_batches_bound_activation_memory():
+    from deephash_faiss.train import cpu_batch_cap, micro_batch_size
+
+    cfg = TrainConfig(batch_size=128)
+    # EfficientNet-Lite0 at 224 px: 128 images would hold ~11 GB of activations on a CPU
+    assert micro_batch_size(cfg, 224, torch.device("cpu")) * 224 * 224 * 2000 <= 1.5e9
+    assert micro_batch_size(cfg, 224, torch.device("cuda")) == 128  # a GPU keeps the paper's batch
+    assert micro_batch_size(cfg, 32, torch.device("cpu")) == 128  # tiny inputs: no split
+    assert micro_batch_size(TrainConfig(batch_size=16, micro_batch=4), 224, torch.device("cpu")) == 4
+    assert cpu_batch_cap(224, train=False) >= 64
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient():
+    # without BatchNorm in training mode, micro-batching must give the full batch's step
+    imgs, labels = _toy(n_per=8)
+    states = []
+    for micro in (None, 4):
+        m = build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=3)
+        for i, mod in enumerate(m.backbone):
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                m.backbone[i] = torch.nn.Identity()
+        # no BatchNorm: the loss is a plain mean over the images of a batch
+        cfg = TrainConfig(epochs=1, batch_size=24, lr=0.01, val_fraction=0.0, augment=False, micro_batch=micro)
+        fit(m, imgs, labels, cfg, torch.device("cpu"), progress=False)
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k

@@ -38,7 +38,8 @@ from deephash_faiss import __version__, api  # noqa: E402
 from deephash_faiss.evaluate import evaluate_arrays, time_modes, write_plots  # noqa: E402
 from deephash_faiss.extract import encode_array  # noqa: E402
 from deephash_faiss.model import build_model, resolve_device, save_checkpoint  # noqa: E402
-from deephash_faiss.train import TrainConfig, fit, predict_logits  # noqa: E402
+from deephash_faiss.model import BACKBONES  # noqa: E402
+from deephash_faiss.train import TrainConfig, fit, fit_head, predict_logits  # noqa: E402
 
 ARCHIVES = {"mnist": "mnist-png.tar.gz", "cifar10": "cifar10-jpg.tar.gz"}
 NATIVE = {"mnist": 28, "cifar10": 32}
@@ -172,12 +173,18 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
                       hflip=hflip, crop_pad=0.125, val_fraction=0.0, seed=args.seed, amp=True,
                       weight_decay=args.weight_decay, new_layer_lr_mult=args.new_layer_lr_mult)
     weights = "none" if args.from_scratch else "default"
+    method = "frozen" if args.frozen else "finetune"
     model = build_model(args.backbone, bits, classes, weights=weights, input_size=args.input_size,
-                        load_size=NATIVE[dataset], seed=args.seed)
-    log(f"== {dataset} {protocol} {bits} bits: {args.backbone} ({'scratch' if args.from_scratch else 'ImageNet'}) "
-        f"train {len(tr_x)}, database {len(db_x)}, queries {len(q_x)}")
+                        load_size=NATIVE[dataset], seed=args.seed, method=method)
+    log(f"== {dataset} {protocol} {bits} bits: {args.backbone} ({'scratch' if args.from_scratch else 'ImageNet'}, "
+        f"{method}) train {len(tr_x)}, database {len(db_x)}, queries {len(q_x)}")
     t0 = time.perf_counter()
-    hist = fit(model, tr_x, tr_y, cfg, device, progress=not args.quiet, log=log)
+    if args.frozen:  # laptop mode: fc7 of the training images once, H + classifier trained on it
+        model.to(device)
+        _, tr_f, _ = encode_array(model, tr_x, device, 512, "float32")
+        hist = fit_head(model, tr_f, tr_y, cfg, device, progress=not args.quiet, log=log)
+    else:
+        hist = fit(model, tr_x, tr_y, cfg, device, progress=not args.quiet, log=log)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -214,7 +221,7 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
         export_arrays(args.export, model, db_codes, db_feats, db_y, q_codes, q_feats, q_y, classes,
                       args.export_dim)
     rec = {
-        "dataset": dataset, "protocol": protocol, "bits": bits, "backbone": args.backbone,
+        "dataset": dataset, "protocol": protocol, "bits": bits, "backbone": args.backbone, "method": method,
         "pretrained": not args.from_scratch, "input_size": args.input_size, "native_size": NATIVE[dataset],
         "n_train": int(len(tr_x)), "n_database": int(len(db_x)), "n_queries": int(len(q_x)),
         "train_config": cfg.__dict__, "train_seconds": round(train_s, 2), "history": hist,
@@ -226,7 +233,8 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
         "versions": versions(device), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(sys.argv),
     }
-    name = f"{dataset}{'-1' if protocol == 'cifar10-1' else ''}_{args.backbone}{'_scratch' if args.from_scratch else ''}_{bits}bits"
+    name = (f"{dataset}{'-1' if protocol == 'cifar10-1' else ''}_{args.backbone}"
+            f"{'_scratch' if args.from_scratch else ''}{'_frozen' if args.frozen else ''}_{bits}bits")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(rec, f, indent=2, default=float)
@@ -259,7 +267,10 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="folder holding mnist-png.tar.gz / cifar10-jpg.tar.gz")
     p.add_argument("--dataset", required=True, choices=sorted(ARCHIVES))
     p.add_argument("--bits", type=int, nargs="+", default=[48])
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES),
+                   help="efficientnet_lite1 (240 px) and efficientnet_lite2 (260 px) are the stronger offline ones")
+    p.add_argument("--frozen", action="store_true",
+                   help="laptop mode: backbone frozen, H + classifier trained on its fc7 (no augmentation)")
     p.add_argument("--from-scratch", action="store_true", help="no ImageNet weights")
     p.add_argument("--protocol", default="paper", choices=["paper", "cifar10-1"])
     p.add_argument("--epochs", type=int, default=15)
@@ -270,7 +281,7 @@ def main(argv=None):
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--input-size", type=int, default=None, help="network input side (default: the backbone's)")
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--hds-radius", type=int, default=3)
     p.add_argument("--max-candidates", type=int, default=10_000)
@@ -285,6 +296,7 @@ def main(argv=None):
                    help="also write the codes, labels, PCA-reduced fc7 and the model there (see export_arrays)")
     p.add_argument("--export-dim", type=int, default=256, help="PCA dimensions of the exported features")
     args = p.parse_args(argv)
+    args.input_size = args.input_size or BACKBONES[args.backbone].input_size
     if args.protocol == "cifar10-1" and args.dataset != "cifar10":
         p.error("--protocol cifar10-1 needs --dataset cifar10")
     log = lambda msg: print(msg, flush=True)  # noqa: E731

@@ -324,8 +324,11 @@ def train(data_dir, out, batch_size, resume, device, quiet, **kw):
 # ---------------------------------------------------------------- build-index
 
 _index_type_opts = [
-    click.option("--index-type", default="flat", show_default=True, type=click.Choice(["flat", "hash", "multihash"]),
-                 help="FAISS binary index: exact flat, IndexBinaryHash or IndexBinaryMultiHash."),
+    click.option("--index-type", default="auto", show_default=True,
+                 type=click.Choice(["auto", "buckets", "flat", "hash", "multihash"]),
+                 help="Code index: buckets (a code dictionary with posting lists, exact), exact flat, "
+                      "IndexBinaryHash or IndexBinaryMultiHash; auto picks buckets when the codes are few "
+                      "enough distinct ones for it to win (measured), else flat."),
     click.option("--hash-bits", default=None, type=int, help="Bits hashed per table (hash/multihash)."),
     click.option("--nhash", default=3, show_default=True, type=int, help="Tables (multihash)."),
     click.option("--nflip", default=2, show_default=True, type=int,

@@ -327,6 +327,7 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
     import h5py
 
     from .index import BinaryIndex, IndexSpec
+    from .model import file_sha256
     from .store import FeatureStore, _decode_path, atomic_write_bytes, read_manifest, write_manifest, write_shard
 
     m = read_manifest(index_dir)
@@ -341,7 +342,7 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
     spec = IndexSpec.from_dict(m["index"])
     deleted = np.asarray(m.get("deleted") or [], dtype=np.int64)
     bounds = [int(round(i * count / n)) for i in range(n + 1)]
-    model_src = os.path.join(index_dir, m["model"]["file"])
+    model_src = os.path.join(index_dir, m["model"]["file"]) if m["model"].get("file") else None
     out = []
     for i in range(n):
         lo, hi = bounds[i], bounds[i + 1]
@@ -367,14 +368,16 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
         tmp = os.path.join(d, ".tmp-codes.index")
         index.save(tmp)
         os.replace(tmp, os.path.join(d, "codes.index"))
-        tmp = os.path.join(d, ".tmp-model.pt")
-        shutil.copyfile(model_src, tmp)
-        os.replace(tmp, os.path.join(d, "model.pt"))
+        if model_src:  # an index built from arrays has no model
+            tmp = os.path.join(d, ".tmp-model.pt")
+            shutil.copyfile(model_src, tmp)
+            os.replace(tmp, os.path.join(d, "model.pt"))
         atomic_write_bytes(os.path.join(d, "skipped.tsv"), b"")
         local_del = deleted[(deleted >= lo) & (deleted < hi)] - lo
         man = {**m, "created": m.get("created"), "count": hi - lo, "shards": shards,
-               "model": {**m["model"], "file": "model.pt"},
-               "index": {**m["index"], "file": "codes.index"},
+               "model": {**m["model"], "file": "model.pt" if model_src else None},
+               "index": {**m["index"], "file": "codes.index",
+                         "sha256": file_sha256(os.path.join(d, "codes.index"))},
                "skipped": 0, "skipped_file": "skipped.tsv", "deleted": [int(x) for x in local_del],
                "id_offset": lo,
                "split": {"source": os.path.abspath(index_dir), "part": i, "parts": n, "total_count": count}}

@@ -11,6 +11,13 @@ Index types (``kind``):
   ``nflip``: radius search is exact when ``nflip >= radius - 1``.
 * ``multihash`` — :class:`faiss.IndexBinaryMultiHash` with ``nhash`` tables of ``b``
   bits: exact for radius r when ``nflip >= floor((r - 1) / nhash)``.
+* ``buckets`` — :class:`BucketIndex`, a code dictionary: the distinct codes in a FAISS
+  IndexBinaryFlat, each with a posting list of row ids sorted by id. k-NN and radius
+  results are identical to ``flat`` (ties, deletions and the cap included) at a cost that
+  grows with the number of distinct codes, not rows: supervised codes collapse a class onto
+  a few codes (CIFAR-10: 50,000 images, ~1,900 codes).
+* ``auto`` — resolved when the index is built (:func:`resolve_auto_kind`): ``buckets`` when
+  the codes are few enough distinct ones for the dictionary to win, else ``flat``.
 
 Search results are always ordered by (Hamming distance, database id), so ties are
 deterministic and equal a stable sort of the distances.
@@ -34,7 +41,7 @@ import numpy as np
 
 from .errors import DhfError
 
-INDEX_KINDS = ("flat", "hash", "multihash")
+INDEX_KINDS = ("flat", "hash", "multihash", "buckets", "auto")
 _FAST_NBYTES = (4, 8, 16, 20, 32, 64)  # FAISS HammingComputer specialisations
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -90,7 +97,7 @@ def hamming_numpy(q: np.ndarray, db: np.ndarray) -> np.ndarray:
 class IndexSpec:
     """Which FAISS binary index to build, with its parameters."""
 
-    kind: str = "flat"
+    kind: str = "auto"  # resolved to "buckets" or "flat" by BinaryIndex.build
     hash_bits: int | None = None  # b for hash / multihash (default: min(bits, 16) / bits // nhash)
     nhash: int = 3
     nflip: int = 2
@@ -116,6 +123,8 @@ class IndexSpec:
         return min(bits, 16)
 
     def to_dict(self, bits: int) -> dict[str, Any]:
+        if self.kind == "auto":
+            raise DhfError("index type 'auto' must be resolved before it is saved (resolve_auto_kind)")
         d: dict[str, Any] = {"type": self.kind}
         if self.kind == "hash":
             d.update(b=self.resolved_hash_bits(bits), nflip=self.nflip)
@@ -136,7 +145,7 @@ def make_faiss_index(bits: int, spec: IndexSpec, stored_bits: int | None = None)
 
     spec.check(bits)
     d = int(stored_bits or bits)
-    if spec.kind == "flat":
+    if spec.kind in ("flat", "buckets", "auto"):
         return faiss.IndexBinaryFlat(d)
     b = spec.resolved_hash_bits(bits)
     if spec.kind == "hash":
@@ -169,6 +178,10 @@ class BinaryIndex:
         """Index uint8 codes [n, nbytes] (``pad``: store them zero-padded to a fast width)."""
         codes = _as_codes(codes)
         spec = spec or IndexSpec()
+        if spec.kind == "auto":  # resolved in place: the caller's spec then saves the chosen type
+            spec.kind = resolve_auto_kind(codes)
+        if spec.kind == "buckets":
+            return BucketIndex.build(codes, spec, pad=pad)  # same interface as BinaryIndex
         bits = codes.shape[1] * 8
         stored = padded_nbytes(codes.shape[1]) * 8 if pad else bits
         idx = cls(make_faiss_index(bits, spec, stored), spec, bits)
@@ -201,6 +214,8 @@ class BinaryIndex:
 
         if not os.path.exists(path):
             raise DhfError(f"code index missing: {path}")
+        if spec.kind == "buckets" or _is_bucket_file(path):
+            return BucketIndex.load(path, spec, bits)
         try:
             idx = faiss.read_index_binary(path)
         except RuntimeError as err:
@@ -336,3 +351,330 @@ def _as_codes(codes) -> np.ndarray:
     if codes.dtype != np.uint8 or codes.ndim != 2:
         raise DhfError(f"codes must be uint8 [n, nbytes], got {codes.dtype} {codes.shape}")
     return codes
+
+
+# ------------------------------------------------------------------------ code dictionary
+
+BUCKET_MAGIC = b"DHFBKT01"
+# "auto" picks the dictionary when distinct codes / rows is at most this (the measured
+# crossover: benchmarks/bench_route.py writes deephash_faiss/routing.json).
+AUTO_BUCKETS_MAX_RATIO = 0.25
+
+
+def _row_keys(codes: np.ndarray) -> np.ndarray:
+    """One sortable key per code row: uint64 for codes of <= 8 bytes, else a void view."""
+    nb = codes.shape[1]
+    if nb <= 8:
+        return np.ascontiguousarray(pad_codes(codes, 8)).view("<u8").ravel()
+    return np.ascontiguousarray(codes).view(np.dtype((np.void, nb))).ravel()
+
+
+def distinct_codes(codes: np.ndarray) -> int:
+    """Number of distinct rows of uint8 codes [n, B]."""
+    codes = _as_codes(codes)
+    return int(len(np.unique(_row_keys(codes)))) if len(codes) else 0
+
+
+def resolve_auto_kind(codes: np.ndarray) -> str:
+    """``"buckets"`` when distinct codes / rows <= the measured crossover, else ``"flat"``."""
+    from .routing import thresholds
+
+    n = len(codes)
+    if n == 0:
+        return "flat"
+    ratio = float(thresholds().get("auto_buckets_max_ratio", AUTO_BUCKETS_MAX_RATIO))
+    return "buckets" if distinct_codes(codes) <= ratio * n else "flat"
+
+
+def _is_bucket_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(BUCKET_MAGIC)) == BUCKET_MAGIC
+    except OSError:
+        return False
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for each (s, l): int64 [lens.sum()]."""
+    lens = np.asarray(lens, np.int64)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    csum = np.cumsum(lens)
+    shift = np.repeat(np.asarray(starts, np.int64) - (csum - lens), lens)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def _sort_pairs(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order (distance int, id int64 >= 0) pairs by (distance, id) (one packed int64 key)."""
+    if len(I) == 0:
+        return D.astype(np.int32), I.astype(np.int64)
+    ibits = max(1, int(I.max()).bit_length())
+    key = (D.astype(np.int64) << ibits) | I
+    key.sort()
+    return (key >> ibits).astype(np.int32), key & ((1 << ibits) - 1)
+
+
+class BucketIndex(BinaryIndex):
+    """Code dictionary index: the distinct codes (a FAISS IndexBinaryFlat, zero-padded to a
+    fast width like :class:`BinaryIndex`) and, per code, a posting list of the row ids that
+    hold it, sorted by id.
+
+    Arrays (flat, memory-mapped from the saved file):
+        dict_codes uint8 [U, nbytes]; offsets int64 [U + 1]; ids int64 [n] — code ``c``'s
+        rows are ``ids[offsets[c]:offsets[c + 1]]``, ascending.
+
+    k-NN walks the codes in Hamming order (dictionary k-NN, widened until the distance level
+    of the k-th live row is complete) and merges the posting lists by (distance, id); a code
+    contributes at most its first ``k`` + (its deleted rows) ids. Radius pools are unions of
+    the posting lists of the codes within the radius, cut at ``max_candidates`` the same way.
+    Results are identical to :class:`BinaryIndex` over IndexBinaryFlat (ties, deletions,
+    cap), at a cost set by the number of distinct codes U, not n.
+    """
+
+    def __init__(self, bits: int, dict_codes: np.ndarray, offsets: np.ndarray, ids: np.ndarray,
+                 spec: IndexSpec | None = None, pad: bool = True):
+        import faiss
+
+        nb = int(bits) // 8
+        stored = padded_nbytes(nb) if pad else nb
+        dindex = faiss.IndexBinaryFlat(stored * 8)
+        if len(dict_codes):
+            dindex.add(pad_codes(np.ascontiguousarray(dict_codes, dtype=np.uint8), stored))
+        super().__init__(dindex, spec or IndexSpec("buckets"), bits)
+        self.dict_codes = dict_codes
+        self.offsets = offsets
+        self.ids = ids
+        self.sizes = np.diff(np.asarray(offsets, np.int64))
+        self._bucket_of: np.ndarray | None = None
+        self._live: np.ndarray | None = None
+        self._del_counts: np.ndarray | None = None
+
+    # -- deletions ----------------------------------------------------------------------
+    @property
+    def deleted(self):
+        return self._deleted
+
+    @deleted.setter
+    def deleted(self, mask) -> None:
+        self._deleted = mask
+        self._live = self._del_counts = None
+
+    def bucket_of_rows(self) -> np.ndarray:
+        """int32 [n]: the dictionary code of each row (computed once)."""
+        if self._bucket_of is None:
+            b = np.empty(self.ntotal, np.int32)
+            b[np.asarray(self.ids)] = np.repeat(np.arange(self.n_codes, dtype=np.int32), self.sizes)
+            self._bucket_of = b
+        return self._bucket_of
+
+    def _counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(live rows int64 [U], deleted rows int64 [U]) per code."""
+        if self._live is None:
+            d = self._deleted
+            if d is None or not d.any():
+                self._del_counts = np.zeros(self.n_codes, np.int64)
+            else:
+                self._del_counts = np.bincount(self.bucket_of_rows()[np.flatnonzero(d)],
+                                               minlength=self.n_codes).astype(np.int64)
+            self._live = self.sizes - self._del_counts
+        return self._live, self._del_counts
+
+    # -- building, saving ---------------------------------------------------------------
+    @property
+    def n_codes(self) -> int:
+        return int(len(self.sizes))
+
+    @property
+    def ntotal(self) -> int:
+        return int(len(self.ids))
+
+    @classmethod
+    def build(cls, codes: np.ndarray, spec: IndexSpec | None = None, pad: bool = True) -> "BucketIndex":
+        """Index uint8 codes [n, nbytes]: one stable sort of the codes gives the dictionary
+        and id-sorted posting lists."""
+        codes = _as_codes(codes)
+        n, nb = codes.shape
+        if n == 0:
+            return cls(nb * 8, np.zeros((0, nb), np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int64), spec, pad)
+        keys = _row_keys(codes)
+        perm = np.argsort(keys, kind="stable").astype(np.int64)  # ties keep id order
+        sk = keys[perm]
+        starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
+        offsets = np.concatenate([starts, [n]]).astype(np.int64)
+        return cls(nb * 8, codes[perm[starts]], offsets, perm, spec, pad)
+
+    def add(self, codes: np.ndarray) -> None:
+        """Append uint8 codes [n, nbytes] (ids ntotal..); the dictionary is rebuilt."""
+        codes = _as_codes(codes)
+        if codes.shape[1] != self.nbytes:
+            raise DhfError(f"codes have {codes.shape[1] * 8} bits, the index {self.bits}")
+        if not len(codes):
+            return
+        old = self.row_codes()
+        new = BucketIndex.build(np.vstack([old, codes]), self.spec, pad=self.stored_nbytes != self.nbytes)
+        deleted = self._deleted
+        self.__dict__.update(new.__dict__)
+        if deleted is not None:
+            mask = np.zeros(self.ntotal, bool)
+            mask[:len(deleted)] = deleted
+            self.deleted = mask
+
+    def row_codes(self) -> np.ndarray:
+        """uint8 [n, nbytes]: every row's code, by id."""
+        return np.asarray(self.dict_codes)[self.bucket_of_rows()] if self.ntotal else \
+            np.zeros((0, self.nbytes), np.uint8)
+
+    def save(self, path: str) -> None:
+        """One file: magic, a JSON header, then the three arrays 64-byte aligned (raw,
+        little-endian; :meth:`load` memory-maps them)."""
+        import json
+
+        arrays = {"dict_codes": np.ascontiguousarray(self.dict_codes, np.uint8),
+                  "offsets": np.ascontiguousarray(self.offsets, "<i8"),
+                  "ids": np.ascontiguousarray(self.ids, "<i8")}
+        header = {"bits": self.bits, "stored_nbytes": self.stored_nbytes, "n_codes": self.n_codes,
+                  "ntotal": self.ntotal, "arrays": {}}
+        # two passes: offsets depend on the header's length
+        for _ in range(2):
+            hb = json.dumps(header, sort_keys=True).encode()
+            pos = -(-(len(BUCKET_MAGIC) + 8 + len(hb) + 64) // 64) * 64
+            layout = {}
+            for name, a in arrays.items():
+                layout[name] = {"offset": pos, "dtype": a.dtype.str, "shape": list(a.shape)}
+                pos = -(-(pos + a.nbytes) // 64) * 64
+            header["arrays"] = layout
+        hb = json.dumps(header, sort_keys=True).encode()
+        with open(path, "wb") as f:
+            f.write(BUCKET_MAGIC)
+            f.write(len(hb).to_bytes(8, "little"))
+            f.write(hb)
+            for name, a in arrays.items():
+                f.seek(layout[name]["offset"])
+                f.write(a.tobytes())
+            f.truncate(max(f.tell(), pos))
+
+    @classmethod
+    def load(cls, path: str, spec: IndexSpec, bits: int | None = None) -> "BucketIndex":
+        import json
+
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(BUCKET_MAGIC)) != BUCKET_MAGIC:
+                    raise ValueError("not a dhf code-dictionary file")
+                hb = f.read(int.from_bytes(f.read(8), "little"))
+                header = json.loads(hb)
+            size = os.path.getsize(path)
+            arrs = {}
+            for name, a in header["arrays"].items():
+                shape = tuple(a["shape"])
+                nbytes = int(np.prod(shape)) * np.dtype(a["dtype"]).itemsize
+                if a["offset"] + nbytes > size:
+                    raise ValueError(f"{name} runs past the end of the file (truncated)")
+                arrs[name] = (np.memmap(path, dtype=a["dtype"], mode="r", offset=a["offset"], shape=shape)
+                              if nbytes else np.zeros(shape, a["dtype"]))
+            fbits = int(header["bits"])
+            offsets, ids = arrs["offsets"], arrs["ids"]
+            if len(offsets) != int(header["n_codes"]) + 1 or len(ids) != int(header["ntotal"]) \
+                    or int(offsets[-1]) != len(ids):
+                raise ValueError("inconsistent dictionary arrays")
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise DhfError(f"cannot read code index {path}: {err}") from None
+        if bits is not None and fbits != int(bits):
+            raise DhfError(f"code index {path} has {fbits} bits, expected {bits}")
+        spec = spec if spec.kind == "buckets" else IndexSpec("buckets")
+        return cls(fbits, np.asarray(arrs["dict_codes"]), offsets, ids, spec,
+                   pad=int(header["stored_nbytes"]) != fbits // 8)
+
+    # -- search -------------------------------------------------------------------------
+    def _prefix_rows(self, codes: np.ndarray, dists: np.ndarray, limit: int | None):
+        """(distance int32, ids int64) of the first ``limit`` + (deleted) rows of each code's
+        posting list (all rows when ``limit`` is None); deleted rows dropped."""
+        live, dels = self._counts()
+        sizes = self.sizes[codes]
+        lens = sizes if limit is None else np.minimum(sizes, limit + dels[codes])
+        pos = _ranges(np.asarray(self.offsets)[codes], lens)
+        I = np.asarray(self.ids[pos], np.int64) if len(pos) else np.zeros(0, np.int64)
+        D = np.repeat(np.asarray(dists, np.int32), lens)
+        if self._deleted is not None and len(I) and dels[codes].any():
+            keep = ~self._deleted[I]
+            D, I = D[keep], I[keep]
+        return D, I
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Hamming k-NN, identical to :meth:`BinaryIndex.search` over IndexBinaryFlat.
+
+        Args / returns: as :meth:`BinaryIndex.search` (D int32 [m, k], I int64 [m, k]).
+        """
+        q = self._check_queries(q)
+        if k < 1:
+            raise DhfError("k must be at least 1")
+        m, U = len(q), self.n_codes
+        outD = np.full((m, k), np.iinfo(np.int32).max, np.int32)
+        outI = np.full((m, k), -1, np.int64)
+        live, _ = self._counts()
+        need = int(min(k, int(live.sum()))) if U else 0
+        if need == 0 or m == 0:
+            return outD, outI
+        found: list = [None] * m
+        todo = np.arange(m)
+        kc = min(U, max(16, 2 * need if U < 4096 else 16))
+        while len(todo):
+            Dd, Id = self.index.search(q[todo], kc)
+            if kc >= U:
+                ok = np.ones(len(todo), bool)
+            else:  # the level of the k-th live row is complete below the last code's distance
+                ok = (live[Id] * (Dd < Dd[:, -1:])).sum(1) >= need
+            for j in np.flatnonzero(ok):
+                found[todo[j]] = (Dd[j], Id[j])
+            todo = todo[~ok]
+            kc = min(U, kc * 8)
+        for qi, (Dd, Id) in enumerate(found):
+            cum = np.cumsum(live[Id])
+            dk = Dd[min(int(np.searchsorted(cum, need)), len(Dd) - 1)]
+            sel = Dd <= dk
+            D, I = _sort_pairs(*self._prefix_rows(Id[sel], Dd[sel], need))
+            outD[qi, :min(need, len(I))], outI[qi, :min(need, len(I))] = D[:need], I[:need]
+        return outD, outI
+
+    def reach(self, q: np.ndarray, radius: int):
+        """The dictionary codes at Hamming distance < ``radius`` of each query.
+
+        Returns (lims int64 [m + 1], D int32, codes int64) in FAISS CSR layout, each query's
+        codes ordered by (distance, code number)."""
+        q = self._check_queries(q)
+        if radius < 0:
+            raise DhfError("radius must be >= 0")
+        if len(q) == 0 or self.n_codes == 0 or radius == 0:
+            return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        lims, D, I = self.index.range_search(q, int(radius))
+        return sort_and_cap(lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64))
+
+    def range_search(self, q: np.ndarray, radius: int, max_candidates: int | None = None):
+        """Rows at Hamming distance < ``radius``: the union of the posting lists of the codes
+        within the radius, ordered by (distance, id), deleted rows dropped, cut at
+        ``max_candidates`` (each code then contributes at most its first max_candidates live
+        rows). Identical to :meth:`BinaryIndex.range_search` over IndexBinaryFlat."""
+        lims_c, Dc, Ic = self.reach(q, radius)
+        m = len(lims_c) - 1
+        Ds, Is, counts = [], [], np.zeros(m, np.int64)
+        live, _ = self._counts()
+        for qi in range(m):
+            a, b = lims_c[qi], lims_c[qi + 1]
+            codes, d = Ic[a:b], Dc[a:b]
+            if max_candidates is not None and len(codes):
+                # levels past the one where the cap is reached cannot contribute
+                cum = np.cumsum(live[codes])
+                pos = int(np.searchsorted(cum, max_candidates))
+                if pos < len(codes):
+                    keep = d <= d[pos]
+                    codes, d = codes[keep], d[keep]
+            D, I = self._prefix_rows(codes, d, max_candidates)
+            Ds.append(D)
+            Is.append(I)
+            counts[qi] = len(I)
+        lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        D = np.concatenate(Ds) if Ds else np.zeros(0, np.int32)
+        I = np.concatenate(Is) if Is else np.zeros(0, np.int64)
+        # deleted rows are already gone; order and cap
+        return sort_and_cap(lims, D.astype(np.int32), I.astype(np.int64), max_candidates, None)

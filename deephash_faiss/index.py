@@ -447,6 +447,8 @@ class BucketIndex(BinaryIndex):
         self.ids = ids
         self.sizes = np.diff(np.asarray(offsets, np.int64))
         self._bucket_of: np.ndarray | None = None
+        self._dkeys: np.ndarray | None = None
+        self._masks: dict = {}
         self._live: np.ndarray | None = None
         self._del_counts: np.ndarray | None = None
 
@@ -601,6 +603,96 @@ class BucketIndex(BinaryIndex):
             D, I = D[keep], I[keep]
         return D, I
 
+    # Dictionary lookups. Codes of <= 8 bytes are uint64 keys (the dictionary is sorted by
+    # key): distances by XOR + popcount over the whole dictionary (``scan``), or, for a large
+    # dictionary, by probing the Hamming ball of radius <= BALL_RADIUS around the query
+    # (every key within it, binary search: exact, cost independent of U), falling back to
+    # the scan for queries whose ball holds too few rows. Wider codes use the FAISS index.
+    BALL_RADIUS = 2
+
+    def _keys(self) -> np.ndarray | None:
+        if self.nbytes > 8:
+            return None
+        if self._dkeys is None:
+            self._dkeys = _row_keys(np.asarray(self.dict_codes)) if self.n_codes else np.zeros(0, np.uint64)
+        return self._dkeys
+
+    def _use_ball(self) -> bool:
+        from .routing import thresholds
+
+        return self.nbytes <= 8 and self.n_codes >= int(thresholds().get("dict_ball_min_codes", 1 << 16))
+
+    def _ball(self, qkeys: np.ndarray, r: int):
+        """Per query (codes int64, distances int32) of the dictionary codes at distance <= r."""
+        cache = self._masks
+        if r not in cache:
+            from itertools import combinations
+
+            ms = [0] + [sum(1 << b for b in c) for rr in range(1, r + 1) for c in combinations(range(self.bits), rr)]
+            masks = np.array(ms, np.uint64)
+            cache[r] = (masks, np.bitwise_count(masks).astype(np.int32))
+        masks, pc = cache[r]
+        keys = self._keys()
+        out = []
+        for qk in qkeys:
+            probes = masks ^ qk
+            pos = np.searchsorted(keys, probes)
+            pos[pos == len(keys)] = 0
+            hit = keys[pos] == probes
+            out.append((pos[hit].astype(np.int64), pc[hit]))
+        return out
+
+    def _scan(self, qkeys: np.ndarray):
+        """Per query distances int32 [U] to every dictionary code (blocks of queries)."""
+        keys = self._keys()
+        step = max(1, (1 << 22) // max(1, len(keys)))
+        for s in range(0, len(qkeys), step):
+            for row in np.bitwise_count(qkeys[s:s + step, None] ^ keys[None, :]):
+                yield row.astype(np.int32)
+
+    def _knn_codes(self, q: np.ndarray, need: int):
+        """Per query (codes, distances) holding every code up to the distance level of the
+        ``need``-th live row (ordering within is left to the merge)."""
+        live, _ = self._counts()
+        m, U = len(q), self.n_codes
+        found: list = [None] * m
+        if self.nbytes <= 8:
+            qkeys = _row_keys(q[:, :self.nbytes])
+            todo = list(range(m))
+            if self._use_ball():
+                todo = []
+                for qi, (c, d) in enumerate(self._ball(qkeys, self.BALL_RADIUS)):
+                    hist = np.bincount(d, weights=live[c], minlength=self.BALL_RADIUS + 1)
+                    cum = np.cumsum(hist)
+                    if cum[-1] >= need:  # levels 0..BALL_RADIUS are complete in the ball
+                        dk = int(np.searchsorted(cum, need))
+                        sel = d <= dk
+                        found[qi] = (c[sel], d[sel])
+                    else:
+                        todo.append(qi)
+            for qi, d in zip(todo, self._scan(qkeys[todo])):
+                cum = np.cumsum(np.bincount(d, weights=live, minlength=self.bits + 1))
+                c = np.flatnonzero(d <= int(np.searchsorted(cum, need)))
+                found[qi] = (c, d[c])
+            return found
+        todo = np.arange(m)
+        kc = min(U, 16)
+        while len(todo):
+            Dd, Id = self.index.search(q[todo], kc)
+            if kc >= U:
+                ok = np.ones(len(todo), bool)
+            else:  # the level of the k-th live row is complete below the last code's distance
+                ok = (live[Id] * (Dd < Dd[:, -1:])).sum(1) >= need
+            for j in np.flatnonzero(ok):
+                Dj, Ij = Dd[j], Id[j].astype(np.int64)
+                cum = np.cumsum(live[Ij])
+                dk = Dj[min(int(np.searchsorted(cum, need)), len(Dj) - 1)]
+                sel = Dj <= dk
+                found[todo[j]] = (Ij[sel], Dj[sel])
+            todo = todo[~ok]
+            kc = min(U, kc * 8)
+        return found
+
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Hamming k-NN, identical to :meth:`BinaryIndex.search` over IndexBinaryFlat.
 
@@ -616,24 +708,8 @@ class BucketIndex(BinaryIndex):
         need = int(min(k, int(live.sum()))) if U else 0
         if need == 0 or m == 0:
             return outD, outI
-        found: list = [None] * m
-        todo = np.arange(m)
-        kc = min(U, max(16, 2 * need if U < 4096 else 16))
-        while len(todo):
-            Dd, Id = self.index.search(q[todo], kc)
-            if kc >= U:
-                ok = np.ones(len(todo), bool)
-            else:  # the level of the k-th live row is complete below the last code's distance
-                ok = (live[Id] * (Dd < Dd[:, -1:])).sum(1) >= need
-            for j in np.flatnonzero(ok):
-                found[todo[j]] = (Dd[j], Id[j])
-            todo = todo[~ok]
-            kc = min(U, kc * 8)
-        for qi, (Dd, Id) in enumerate(found):
-            cum = np.cumsum(live[Id])
-            dk = Dd[min(int(np.searchsorted(cum, need)), len(Dd) - 1)]
-            sel = Dd <= dk
-            D, I = _sort_pairs(*self._prefix_rows(Id[sel], Dd[sel], need))
+        for qi, (codes, d) in enumerate(self._knn_codes(q, need)):
+            D, I = _sort_pairs(*self._prefix_rows(codes, d, need))
             outD[qi, :min(need, len(I))], outI[qi, :min(need, len(I))] = D[:need], I[:need]
         return outD, outI
 
@@ -645,9 +721,23 @@ class BucketIndex(BinaryIndex):
         q = self._check_queries(q)
         if radius < 0:
             raise DhfError("radius must be >= 0")
-        if len(q) == 0 or self.n_codes == 0 or radius == 0:
-            return np.zeros(len(q) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-        lims, D, I = self.index.range_search(q, int(radius))
+        m = len(q)
+        if m == 0 or self.n_codes == 0 or radius == 0:
+            return np.zeros(m + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        if self.nbytes <= 8:
+            qkeys = _row_keys(q[:, :self.nbytes])
+            if self._use_ball() and radius - 1 <= self.BALL_RADIUS:
+                per = self._ball(qkeys, int(radius) - 1)
+            else:
+                per = []
+                for d in self._scan(qkeys):
+                    c = np.flatnonzero(d < radius)
+                    per.append((c, d[c]))
+            lims = np.concatenate([[0], np.cumsum([len(c) for c, _ in per])]).astype(np.int64)
+            I = np.concatenate([c for c, _ in per]).astype(np.int64)
+            D = np.concatenate([d for _, d in per]).astype(np.int32)
+        else:
+            lims, D, I = self.index.range_search(q, int(radius))
         return sort_and_cap(lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64))
 
     def range_search(self, q: np.ndarray, radius: int, max_candidates: int | None = None):

@@ -13,7 +13,26 @@ from hypothesis import strategies as st
 
 from deephash_faiss.index import BinaryIndex, BucketIndex, IndexSpec, hamming_numpy, pack_codes
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class _Ball:
+    """Force the Hamming-ball probing of large dictionaries (or the scan) for a block."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from deephash_faiss import routing
+
+        self.saved = routing.thresholds
+        th = dict(routing.thresholds(), dict_ball_min_codes=0 if self.on else 1 << 62)
+        routing.thresholds = lambda: th
+
+    def __exit__(self, *exc):
+        from deephash_faiss import routing
+
+        routing.thresholds = self.saved
 
 
 @st.composite
@@ -41,13 +60,14 @@ def _live_brute(q, db, deleted):
 
 
 @SETTINGS
-@given(tied_codes(), st.integers(1, 130))
-def test_dictionary_knn_equals_stable_brute_force(data, k):
+@given(tied_codes(), st.integers(1, 130), st.booleans())
+def test_dictionary_knn_equals_stable_brute_force(data, k, ball):
     bits, db, q, deleted = data
     idx = BinaryIndex.build(db, IndexSpec("buckets"))
     assert isinstance(idx, BucketIndex) and idx.ntotal == len(db)
     idx.deleted = deleted
-    D, I = idx.search(q, k)
+    with _Ball(ball):
+        D, I = idx.search(q, k)
     d, live = _live_brute(q, db, deleted)
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
     kk = order.shape[1]
@@ -61,12 +81,13 @@ def test_dictionary_knn_equals_stable_brute_force(data, k):
 
 
 @SETTINGS
-@given(tied_codes(), st.integers(0, 40), st.one_of(st.none(), st.integers(1, 50)))
-def test_dictionary_pools_equal_brute_force(data, radius, cap):
+@given(tied_codes(), st.integers(0, 40), st.one_of(st.none(), st.integers(1, 50)), st.booleans())
+def test_dictionary_pools_equal_brute_force(data, radius, cap, ball):
     bits, db, q, deleted = data
     idx = BinaryIndex.build(db, IndexSpec("buckets"))
     idx.deleted = deleted
-    lims, D, I = idx.range_search(q, radius, cap)
+    with _Ball(ball):
+        lims, D, I = idx.range_search(q, radius, cap)
     d, live = _live_brute(q, db, deleted)
     for i in range(len(q)):
         want = np.flatnonzero(d[i] < radius)
@@ -86,14 +107,15 @@ def test_big_buckets_and_widening():
     a, b = BinaryIndex.build(db, IndexSpec("flat")), BinaryIndex.build(db, IndexSpec("buckets"))
     assert b.n_codes < 3000
     mask = rng.random(len(db)) < 0.5
-    for dele in (None, mask):
+    for dele, ball in ((None, False), (mask, False), (None, True), (mask, True)):
         a.deleted, b.deleted = dele, dele
-        for k in (1, 10, 5000, 15_000):
-            for x, y in zip(a.search(q, k), b.search(q, k)):
-                np.testing.assert_array_equal(x, y)
-        for r, cap in ((3, None), (3, 100), (8, 7000), (49, 10)):
-            for x, y in zip(a.range_search(q, r, cap), b.range_search(q, r, cap)):
-                np.testing.assert_array_equal(x, y)
+        with _Ball(ball):
+            for k in (1, 10, 5000, 15_000):
+                for x, y in zip(a.search(q, k), b.search(q, k)):
+                    np.testing.assert_array_equal(x, y)
+            for r, cap in ((3, None), (3, 100), (8, 7000), (49, 10)):
+                for x, y in zip(a.range_search(q, r, cap), b.range_search(q, r, cap)):
+                    np.testing.assert_array_equal(x, y)
 
 
 def test_save_load_memory_mapped_add_and_auto(tmp_path):

@@ -376,12 +376,13 @@ def distinct_codes(codes: np.ndarray) -> int:
 
 
 def resolve_auto_kind(codes: np.ndarray) -> str:
-    """``"buckets"`` when distinct codes / rows <= the measured crossover, else ``"flat"``."""
+    """``"buckets"`` when there are at least ``auto_buckets_min_rows`` codes and distinct codes /
+    rows <= the measured crossover (:mod:`deephash_faiss.routing`), else ``"flat"``."""
     from .routing import thresholds
 
     n = len(codes)
-    if n == 0:
-        return "flat"
+    if n < int(thresholds().get("auto_buckets_min_rows", 4096)):
+        return "flat"  # both take microseconds: keep the classic index
     ratio = float(thresholds().get("auto_buckets_max_ratio", AUTO_BUCKETS_MAX_RATIO))
     return "buckets" if distinct_codes(codes) <= ratio * n else "flat"
 

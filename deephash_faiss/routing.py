@@ -18,6 +18,8 @@ ROUTING_FILE = os.path.join(os.path.dirname(__file__), "routing.json")
 DEFAULTS: dict[str, Any] = {
     # build: "auto" index type takes the dictionary when distinct codes / rows <= this
     "auto_buckets_max_ratio": 0.25,
+    # ... and the index has at least this many rows (below, both take microseconds)
+    "auto_buckets_min_rows": 4096,
     # search: the dictionary's k-NN beats the flat scan when distinct codes / live rows <= this
     "dict_knn_max_ratio": 0.25,
     # CUDA: batches smaller than this stay on the CPU path (GPU start-up and transfers

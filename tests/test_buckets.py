@@ -153,10 +153,10 @@ def test_save_load_memory_mapped_add_and_auto(tmp_path):
         BinaryIndex.load(p, IndexSpec("buckets"), 48)
     # auto: few distinct codes -> buckets, spread codes -> flat (resolved in place)
     spec = IndexSpec("auto")
-    few = rng.integers(0, 256, (5, 6), dtype=np.uint8)[rng.integers(0, 5, 500)]
+    few = rng.integers(0, 256, (5, 6), dtype=np.uint8)[rng.integers(0, 5, 5000)]
     assert isinstance(BinaryIndex.build(few, spec), BucketIndex) and spec.kind == "buckets"
     spec = IndexSpec("auto")
-    spread = rng.integers(0, 256, (500, 6), dtype=np.uint8)
+    spread = rng.integers(0, 256, (5000, 6), dtype=np.uint8)
     assert not isinstance(BinaryIndex.build(spread, spec), BucketIndex) and spec.kind == "flat"
 
 

@@ -447,8 +447,13 @@ class ShardWorker:
         live = self.searcher.live_count()
         if live == 0:
             return np.zeros((len(qcodes), 0), np.int32), np.zeros((len(qcodes), 0), np.int64)
-        D, I = self.searcher.index.search(qcodes, min(k, live))
+        D, I = self.searcher.code_index(len(qcodes)).search(qcodes, min(k, live))
         return D, np.where(I >= 0, I + self.offset, -1)
+
+    def range(self, qcodes: np.ndarray, radius: int, max_candidates: int | None):
+        """Radius search capped at max_candidates: (lims, hamming int32, global ids int64)."""
+        lims, D, I = self.searcher.code_index(len(qcodes)).range_search(qcodes, radius, max_candidates)
+        return lims, D, I + self.offset
 
     def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
         """HDS round 1: (lims, hamming, global ids) of the radius pools capped at max_candidates,
@@ -468,23 +473,13 @@ class ShardWorker:
 
     def rerank(self, qfeats: np.ndarray, cands: list[np.ndarray], k: int):
         """HDS round 2 (``rerank="shards"``): rank each query's candidates (global ids, in pool
-        order) by squared L2, ``|x|^2 - 2 q.x + |q|^2`` with the dot products from one GEMM
-        (its values do not depend on which other rows are in the call). Returns per query
-        (positions into its candidate list, distances float32), k best, ties by position."""
-        s = self.searcher
-        out = []
-        q = np.ascontiguousarray(qfeats, dtype=np.float32)
-        qn = np.einsum("ij,ij->i", q, q)
-        for i, c in enumerate(cands):
-            if len(c) == 0:
-                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
-                continue
-            x = np.ascontiguousarray(s.store.gather(np.asarray(c, np.int64) - self.offset), dtype=np.float32)
-            d = np.einsum("ij,ij->i", x, x) - 2 * (q[i:i + 1] @ x.T)[0] + qn[i]
-            np.maximum(d, 0, out=d)
-            order = np.argsort(d, kind="stable")[:k]
-            out.append((order.astype(np.int64), d[order].astype(np.float32)))
-        return out
+        order) by squared L2 with :func:`deephash_faiss.rerank.rank_pools_cpu` (the one CPU L2
+        formula). Returns per query (positions into its candidate list, distances float32),
+        k best, ties by position."""
+        from .rerank import rank_pools_cpu
+
+        local = [np.asarray(c, np.int64) - self.offset for c in cands]
+        return rank_pools_cpu(qfeats, local, self.searcher.store.gather, k)
 
     def es(self, qfeats: np.ndarray, qcodes: np.ndarray | None, k: int):
         """Exact L2 k-NN: per query (global ids, hamming, distances), by (L2, id)."""
@@ -494,6 +489,46 @@ class ShardWorker:
             return [(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))] * len(qfeats)
         b = s.es(qfeats, qcodes, min(k, live))
         return [(r.ids + self.offset, r.hamming, r.distance) for r in b.results]
+
+
+class ShardedCodeIndex:
+    """The shards' code indexes as one code index (the interface of
+    :class:`~deephash_faiss.index.BinaryIndex` that :func:`~deephash_faiss.search.hamming_pools`
+    and the BCS of :class:`~deephash_faiss.search.Searcher` use): fan-out, then one merge.
+
+    k-NN: every shard's k nearest by (Hamming, global id), merged (:func:`merge_knn_batch`).
+    Radius: every shard's pool capped at ``max_candidates`` (a shard's own cap never cuts one
+    of the global ``max_candidates`` nearest), merged by (Hamming, global id) and cut at the
+    global cap (:func:`deephash_faiss.index.sort_and_cap`). Deleted rows stay hidden in the
+    shards, so ``deleted`` is None here."""
+
+    deleted = None
+
+    def __init__(self, searcher: "ShardedSearcher"):
+        self.s = searcher
+
+    @property
+    def ntotal(self) -> int:
+        return self.s.count
+
+    def search(self, q: np.ndarray, k: int):
+        return merge_knn_batch(self.s._call("knn", q, k), k)
+
+    def range_search(self, q: np.ndarray, radius: int, max_candidates: int | None = None):
+        from .index import sort_and_cap
+
+        parts = self.s._call("range", q, radius, max_candidates)
+        m = len(q)
+        Ds, Is, counts = [], [], np.zeros(m, np.int64)
+        for qi in range(m):
+            for lims, D, I in parts:
+                Ds.append(D[lims[qi]:lims[qi + 1]])
+                Is.append(I[lims[qi]:lims[qi + 1]])
+                counts[qi] += lims[qi + 1] - lims[qi]
+        lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        D = np.concatenate(Ds).astype(np.int32) if Ds else np.zeros(0, np.int32)
+        I = np.concatenate(Is).astype(np.int64) if Is else np.zeros(0, np.int64)
+        return sort_and_cap(lims, D, I, max_candidates)
 
 
 class ShardedSearcher:
@@ -506,18 +541,24 @@ class ShardedSearcher:
         address: Ray cluster address (see :func:`init_ray`); ignored without Ray.
         num_cpus_per_shard: CPUs reserved per actor (default: min(1, cluster CPUs / shards)).
         rerank: HDS rerank placement, "driver" (exact) or "shards" (see :meth:`hds`).
+        devices: one device per shard, cycled (e.g. ``["cuda:0", ..., "cuda:7"]``: shard i's
+            codes and features on GPU i; with Ray each such actor reserves one GPU); default
+            ``device`` for every shard.
     Results are :class:`~deephash_faiss.search.SearchBatch` objects with global ids, equal
     to the unsharded index's (see the module docstring for the merge semantics).
     """
 
     def __init__(self, shard_dirs: Sequence[str], use_ray: bool = True, device: str = "cpu",
                  features_in_memory: bool = False, address: str | None = None,
-                 num_cpus_per_shard: float | None = None, rerank: str = "driver"):
+                 num_cpus_per_shard: float | None = None, rerank: str = "driver",
+                 devices: Sequence[str] | None = None):
         self.rerank_mode = rerank
         if not shard_dirs:
             raise DhfError("no shard directories given")
         self.use_ray = use_ray
         self._owns_ray = False
+        devs = list(devices) if devices else [device]
+        self.devices = [str(devs[i % len(devs)]) for i in range(len(shard_dirs))]
         if use_ray:
             ray = _ray()
             self._owns_ray = init_ray(address)
@@ -526,12 +567,16 @@ class ShardedSearcher:
             if cpus is None:
                 cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / n)
             threads = max(1, int(cpus))
-            Actor = ray.remote(ShardWorker).options(num_cpus=cpus, scheduling_strategy="SPREAD",
-                                                    max_restarts=1, max_task_retries=1)
-            self.workers = [Actor.remote(os.path.abspath(d), device, features_in_memory, threads)
-                            for d in shard_dirs]
+            self.workers = []
+            for d, dev in zip(shard_dirs, self.devices):
+                gpus = 1 if dev.startswith("cuda") else 0  # Ray gives the actor its own GPU
+                Actor = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD",
+                                                        max_restarts=1, max_task_retries=1)
+                # under Ray the actor sees only its GPU, as cuda:0
+                self.workers.append(Actor.remote(os.path.abspath(d), "cuda" if gpus else dev,
+                                                 features_in_memory, threads))
         else:
-            self.workers = [ShardWorker(d, device, features_in_memory) for d in shard_dirs]
+            self.workers = [ShardWorker(d, dev, features_in_memory) for d, dev in zip(shard_dirs, self.devices)]
         infos = self._call("info")
         order = np.argsort([i["offset"] for i in infos], kind="stable")
         self.workers = [self.workers[i] for i in order]
@@ -591,40 +636,22 @@ class ShardedSearcher:
         return np.concatenate(codes), np.concatenate(feats).astype(np.float32), bad
 
     # -- modes --------------------------------------------------------------------------
+    def code_index(self, batch: int = 1) -> ShardedCodeIndex:
+        """The shards' code indexes behind one interface (fan-out + merge)."""
+        return ShardedCodeIndex(self)
+
     def bcs(self, qcodes: np.ndarray, k: int):
-        from .search import QueryResult, SearchBatch
+        """BCS, the same implementation as :meth:`Searcher.bcs` over :class:`ShardedCodeIndex`."""
+        from .search import bcs_batch
 
         self._checked(k)
-        t0 = time.perf_counter()
-        kk = min(k, self.live_count())
-        parts = self._call("knn", qcodes, kk)
-        res = []
-        for qi in range(len(qcodes)):
-            D, I = merge_knn([(d[qi], i[qi]) for d, i in parts], kk)
-            res.append(QueryResult(I, D.astype(np.int32), np.full(len(I), np.nan, np.float32), self.live_count()))
-        return SearchBatch("bcs", res, (time.perf_counter() - t0) * 1e3, {"shards": len(self.workers)})
+        return bcs_batch(self.code_index(), qcodes, k, self.live_count(), {"shards": len(self.workers)})
 
     def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
         """The global HDS pools, equal to :meth:`Searcher.pools`: list of (ids, hamming, truncated)."""
-        parts = self._call("pools", qcodes, k, radius, max_candidates)
-        kk = min(k, self.live_count())
-        out = []
-        for qi in range(len(qcodes)):
-            D = np.concatenate([p[1][p[0][qi]:p[0][qi + 1]] for p in parts]).astype(np.int32)
-            I = np.concatenate([p[2][p[0][qi]:p[0][qi + 1]] for p in parts]).astype(np.int64)
-            order = np.lexsort((I, D))
-            if max_candidates is not None:
-                order = order[:max_candidates]
-            ids, ham = I[order], D[order]
-            truncated = max_candidates is not None and len(ids) >= max_candidates
-            if len(ids) < k:
-                # every shard's pool is then shorter than k, so every shard sent its k-NN
-                d2, i2 = merge_knn([p[3][qi] for p in parts if qi in p[3]], kk)
-                extra = ~np.isin(i2, ids)
-                ids = np.concatenate([ids, i2[extra]])
-                ham = np.concatenate([ham, d2[extra].astype(np.int32)])
-            out.append((ids, ham, truncated))
-        return out
+        from .search import hamming_pools
+
+        return hamming_pools(self.code_index(), qcodes, k, radius, max_candidates, self.live_count())
 
     def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = 3,
             max_candidates: int | None = 10_000, rerank: str | None = None):
@@ -650,12 +677,12 @@ class ShardedSearcher:
         t1 = time.perf_counter()
         nsh = len(self.workers)
         if mode == "driver":
+            from .search import hds_results
+
             ranked = self._rerank_on_driver(qfeats, [ids for ids, _, _ in pools], k)
-            res = [QueryResult(ids[o], ham[o].astype(np.int32), d, len(ids), trunc)
-                   for (ids, ham, trunc), (o, d) in zip(pools, ranked)]
             t2 = time.perf_counter()
-            return SearchBatch("hds", res, (t2 - t0) * 1e3, {"pool_ms": (t1 - t0) * 1e3,
-                                                             "rerank_ms": (t2 - t1) * 1e3, "shards": nsh})
+            return SearchBatch("hds", hds_results(pools, ranked), (t2 - t0) * 1e3,
+                               {"pool_ms": (t1 - t0) * 1e3, "rerank_ms": (t2 - t1) * 1e3, "shards": nsh})
         # which pool positions go to which shard
         per_shard_pos = [[None] * len(pools) for _ in range(nsh)]
         for qi, (ids, _, _) in enumerate(pools):
@@ -676,7 +703,9 @@ class ShardedSearcher:
                            {"pool_ms": (t1 - t0) * 1e3, "rerank_ms": (t2 - t1) * 1e3, "shards": nsh})
 
     def _rerank_on_driver(self, qfeats: np.ndarray, ids_list: list[np.ndarray], k: int):
-        from .rerank import rank_pool
+        """The unsharded CPU rerank (:func:`deephash_faiss.rerank.rank_pools_cpu`) over the
+        batch's union of pool rows, fetched once (one sorted gather per shard)."""
+        from .rerank import rank_pools_cpu
 
         allids = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int64)
         union = np.unique(allids)
@@ -687,10 +716,6 @@ class ShardedSearcher:
         def gather(ids):
             return rows[np.searchsorted(union, np.asarray(ids, np.int64))]
 
-        try:  # the unsharded Searcher's CPU rerank (batched), when this version has it
-            from .rerank import rank_pools_cpu
-        except ImportError:  # pragma: no cover
-            return [rank_pool(qfeats[i], gather(ids), k) for i, ids in enumerate(ids_list)]
         return rank_pools_cpu(qfeats, ids_list, gather, k)
 
     def es(self, qfeats: np.ndarray, qcodes: np.ndarray | None, k: int):

@@ -14,8 +14,8 @@ index instead:
   (code, cell) lists, filled with ``faiss.contrib.ivf_tools.add_preassigned`` (the IVF's
   own coarse quantizer is never used).
 * **Search**: the query's radius reaches a set of codes (``BucketIndex.reach``); among their
-  lists it probes the ``nprobe`` whose centroids are nearest the query's fc7
-  (``search_preassigned``), keeps the ``refine`` best by compressed distance, and re-ranks
+  lists it probes those whose centroids are nearest the query's fc7, nearest first, until
+  ``nprobe x cell_size`` rows (``search_preassigned``), keeps the ``refine`` best by compressed distance, and re-ranks
   those exactly on the stored features (``gather``), ties by id. A pool of at most
   ``exact_max`` live rows is ranked exactly instead (cheaper than probing).
 
@@ -37,7 +37,8 @@ from .errors import DhfError
 class FineParams:
     """Approximate-HDS knobs (the quality knobs; ``max_candidates`` is only a safety limit).
 
-    nprobe: (code, cell) lists probed per query; refine: candidates re-ranked exactly (>= k);
+    nprobe: lists probed per query, counted in rows: the nearest lists (by centroid) are
+    probed until ``nprobe x cell_size`` rows; refine: candidates re-ranked exactly (>= k);
     exact_max: pools of at most this many rows are ranked exactly."""
 
     nprobe: int = 32
@@ -201,13 +202,15 @@ class FineIndex:
                 out[i] = (np.zeros(0, np.int64), np.zeros(0, np.float32), pool, pool, False, True)
                 continue
             ls = _ranges_of(self.list_offsets, codes)
+            ls = ls[list_rows[ls] > 0]
             cd = ((self.centroids[ls] - q[i]) ** 2).sum(1)
-            if len(ls) > p.nprobe:
-                part = np.argpartition(cd, p.nprobe - 1)[:p.nprobe]
-                ls, cd = ls[part], cd[part]
             o = np.argsort(cd, kind="stable")
             ls, cd = ls[o], cd[o]
             rows = np.cumsum(list_rows[ls])
+            # probe the nearest lists until nprobe x cell_size rows (small codes are lists of
+            # a few rows: counting rows, not lists, keeps the work and the recall even)
+            cut = int(np.searchsorted(rows, p.nprobe * self.cell_size)) + 1
+            ls, cd, rows = ls[:cut], cd[:cut], rows[:cut]
             t = False
             if max_candidates is not None and rows[-1] > max_candidates:
                 cut = max(1, int(np.searchsorted(rows, max_candidates, side="right")))

@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     # CUDA: batches smaller than this stay on the CPU path (GPU start-up and transfers
     # cannot be won back); None = always CPU unless measured
     "cuda_min_batch": None,
+    # CUDA: ... and indexes with fewer live rows than this
+    "cuda_min_rows": 0,
 }
 
 
@@ -39,3 +41,29 @@ def thresholds() -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     return out
+
+
+def route(live: int, distinct: int | None, batch: int, device_type: str, saved: str = "flat") -> str:
+    """The code path for one call: "dict" (code dictionary), "flat" (FAISS scan) or "gpu".
+
+    Args:
+        live: live rows; distinct: distinct codes (None: unknown, no dictionary loaded);
+        batch: queries in the call; device_type: "cpu" or "cuda"; saved: the saved index
+            type ("dict" for a code-dictionary file, else the FAISS kind).
+    Rules (thresholds from routing.json):
+      * a dictionary is used when the index was saved as one, or when its size is known and
+        distinct / live <= ``dict_knn_max_ratio`` (it then costs ~distinct, not live);
+      * on CUDA, the GPU kernels take a batch of at least ``cuda_min_batch`` queries over at
+        least ``cuda_min_rows`` live rows when no dictionary applies; smaller calls stay on the
+        CPU (GPU start-up and transfers would not be won back). Unmeasured -> CPU.
+    """
+    t = thresholds()
+    dict_ok = saved == "dict" or (distinct is not None and live > 0
+                                  and distinct <= float(t["dict_knn_max_ratio"]) * live)
+    if dict_ok:
+        return "dict"
+    if device_type == "cuda":
+        mb, mr = t.get("cuda_min_batch"), t.get("cuda_min_rows")
+        if mb is not None and batch >= int(mb) and live >= int(mr or 0):
+            return "gpu"
+    return "flat" if saved in ("flat", "buckets", "auto") else "faiss"

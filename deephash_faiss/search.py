@@ -6,6 +6,18 @@
   capped at ``max_candidates``; if that holds fewer than k images it is topped up with
   the Hamming k-NN. The pool is ranked by squared L2 on fc7 and the top k returned.
 * **ES** (exhaustive search): exact L2 k-NN over all fc7 features.
+
+HDS has two modes (``hds_mode``): ``"exact"`` ranks the whole pool (``max_candidates`` cuts
+it, nearest codes first: a reported safety limit), ``"ivf"`` ranks inside the pool with
+:class:`deephash_faiss.fine.FineIndex` (lists keyed by (code, k-means cell of fc7), the
+cells nearest the query probed, exact refine) so that no pool is ever cut at random;
+``"auto"`` takes ``ivf`` when a fine index is at hand and ``exact`` otherwise.
+
+Routing (:func:`deephash_faiss.routing.route`): per call the Searcher picks the code path
+(``"dict"``: the code dictionary, ``"flat"``: the FAISS index's scan, ``"gpu"``: the CUDA
+kernels) from the live rows, the distinct codes, the batch size and the device, with the
+measured thresholds of ``routing.json``; every path returns the same results (tested).
+One validated :class:`SearchParams` carries k, radius, max_candidates and the HDS mode.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DhfError
-from .index import BinaryIndex, IndexSpec
+from .index import BinaryIndex, BucketIndex, IndexSpec
 from .rerank import exhaustive_knn, pick_backend, rank_pools_cpu
 from .store import FeatureStore, read_manifest
 
@@ -69,15 +81,65 @@ def dispatch_mode(searcher, mode: str, qcodes, qfeats, k: int, radius: int, max_
     raise DhfError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
 
+HDS_MODES = ("exact", "ivf", "auto")
 MAX_CANDIDATES_LIMIT = 2**31 - 1  # the largest pool cap every backend (faiss, torch, Triton) takes
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The settings of one search call, validated once (:meth:`check`) for every searcher
+    (:class:`Searcher`, ``ShardedSearcher``), the CLI and the service.
+
+    k: results per query; radius: HDS pools hold distance < radius (0 to the code length
+    + 1, which pools every code);
+    max_candidates: HDS safety limit (exact: pool rows kept, nearest codes first; ivf: rows
+    examined), reported as ``truncated``, 1 to ``MAX_CANDIDATES_LIMIT`` or None; mode:
+    "bcs", "hds" or "es"; hds_mode: "exact", "ivf" or "auto"; nprobe / refine: ivf probing
+    (x cell size rows) and candidates re-ranked exactly."""
+
+    k: int = 10
+    radius: int | None = DEFAULT_RADIUS
+    max_candidates: int | None = DEFAULT_MAX_CANDIDATES
+    mode: str = "hds"
+    hds_mode: str = "auto"
+    nprobe: int = 32
+    refine: int = 100
+
+    def check(self, live: int, bits: int | None = None) -> "SearchParams":
+        """Refuse what no backend can honour, with one :class:`DhfError` line; returns self.
+
+        live: live (not deleted) rows, 0 is refused; bits: the code length (None skips
+        the upper bound on ``radius``)."""
+        # messages name the API argument, then the CLI option: "k must be at least 1 (-k)"
+        for name, opt, v in (("k", "-k", self.k), ("radius", "--radius", self.radius),
+                             ("max_candidates", "--max-candidates", self.max_candidates),
+                             ("nprobe", "--nprobe", self.nprobe), ("refine", "--refine", self.refine)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise DhfError(f"{name} must be an integer, not {type(v).__name__} ({opt})")
+        if self.mode not in MODES:
+            raise DhfError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.hds_mode not in HDS_MODES:
+            raise DhfError(f"unknown HDS mode {self.hds_mode!r}; choose from {', '.join(HDS_MODES)}")
+        if self.k < 1:
+            raise DhfError("k must be at least 1 (-k)")
+        if self.radius is not None:
+            if self.radius < 0:
+                raise DhfError("radius must be >= 0 (--radius)")
+            if bits is not None and self.radius > bits + 1:
+                raise DhfError(f"radius {self.radius} is above the code length: it must be between 0 and "
+                               f"{bits + 1} (pools hold distances < radius; {bits + 1} pools every code) (--radius)")
+        if self.max_candidates is not None and not 1 <= self.max_candidates <= MAX_CANDIDATES_LIMIT:
+            raise DhfError(f"max_candidates must be between 1 and {MAX_CANDIDATES_LIMIT} (--max-candidates)")
+        if self.nprobe < 1 or self.refine < 1:
+            raise DhfError("nprobe and refine must be at least 1")
+        if live == 0:
+            raise DhfError("the index is empty")
+        return self
 
 
 def check_search_args(k: int, radius: int | None, max_candidates: int | None, live: int,
                       bits: int | None = None) -> None:
-    """Refuse search parameters no backend can honour, with one :class:`DhfError` line.
-
-    The one check of k, radius and max_candidates, shared by the CLI, the Python API
-    (:class:`Searcher`, ``ShardedSearcher``) and the service.
+    """Refuse search parameters no backend can honour (:meth:`SearchParams.check`).
 
     Args:
         k: results per query, at least 1.
@@ -87,23 +149,7 @@ def check_search_args(k: int, radius: int | None, max_candidates: int | None, li
         live: live (not deleted) rows of the index; 0 is refused.
         bits: code length; None skips the upper bound on ``radius``.
     """
-    # messages name the API argument, then the CLI option: "k must be at least 1 (-k)"
-    for name, opt, v in (("k", "-k", k), ("radius", "--radius", radius),
-                         ("max_candidates", "--max-candidates", max_candidates)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-            raise DhfError(f"{name} must be an integer, not {type(v).__name__} ({opt})")
-    if k < 1:
-        raise DhfError("k must be at least 1 (-k)")
-    if radius is not None:
-        if radius < 0:
-            raise DhfError("radius must be >= 0 (--radius)")
-        if bits is not None and radius > bits + 1:
-            raise DhfError(f"radius {radius} is above the code length: it must be between 0 and {bits + 1} "
-                           f"(pools hold distances < radius; {bits + 1} pools every code) (--radius)")
-    if max_candidates is not None and not 1 <= max_candidates <= MAX_CANDIDATES_LIMIT:
-        raise DhfError(f"max_candidates must be between 1 and {MAX_CANDIDATES_LIMIT} (--max-candidates)")
-    if live == 0:
-        raise DhfError("the index is empty")
+    SearchParams(k, radius, max_candidates).check(live, bits)
 
 
 def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None,
@@ -137,6 +183,26 @@ def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candi
             ham = np.concatenate([ham, d2[ok][extra]])
         out.append((ids, ham.astype(np.int32), truncated))
     return out
+
+
+def bcs_batch(code_index, qcodes: np.ndarray, k: int, live: int, extra: dict | None = None) -> SearchBatch:
+    """BCS over any code index (:class:`BinaryIndex`, :class:`BucketIndex`,
+    :class:`GpuCodeIndex`, :class:`deephash_faiss.distributed.ShardedCodeIndex`)."""
+    t0 = time.perf_counter()
+    D, I = code_index.search(qcodes, min(k, live))
+    ms = (time.perf_counter() - t0) * 1e3
+    res = []
+    for d, i in zip(D, I):
+        ok = i >= 0
+        res.append(QueryResult(i[ok], d[ok], np.full(ok.sum(), np.nan, np.float32), live))
+    return SearchBatch("bcs", res, ms, dict(extra or {}))
+
+
+def hds_results(pools, ranked) -> list[QueryResult]:
+    """HDS results from pools [(ids, hamming, truncated)] and their L2 ranking
+    [(local order, distances)] (:func:`deephash_faiss.rerank.rank_pools_cpu`)."""
+    return [QueryResult(ids[order], ham[order].astype(np.int32), dist, len(ids), trunc)
+            for (ids, ham, trunc), (order, dist) in zip(pools, ranked)]
 
 
 def hds_device(gindex, feats, qcodes: np.ndarray, qfeats, k: int, radius: int,
@@ -238,12 +304,19 @@ class Searcher:
         device: "auto", "cpu" or "cuda": where queries are encoded and L2 is computed.
         features_in_memory: load all features into RAM (or GPU memory on CUDA) at start;
             otherwise they are memory-mapped from the shards and gathered per query.
-        code_backend: "auto" (the GPU kernels of :mod:`deephash_faiss.gpu` when ``device``
-            is CUDA, else the FAISS index), "faiss" or "gpu" (the torch path, also on CPU).
+        code_backend: "auto" (routed per call: :func:`deephash_faiss.routing.route` picks the
+            code dictionary, the FAISS scan or, on CUDA, the GPU kernels), "faiss" (the index
+            as saved), "dict" (the code dictionary), "flat" (a FAISS flat scan) or "gpu" (the
+            torch path of :mod:`deephash_faiss.gpu`, also on CPU).
+        hds_mode: default HDS mode ("exact", "ivf" or "auto"; see the module docstring).
+        fine: an optional :class:`deephash_faiss.fine.FineIndex` for ``hds_mode="ivf"``
+            (else :meth:`build_fine_index` builds one).
     """
 
+    CODE_BACKENDS = ("auto", "faiss", "dict", "flat", "gpu")
+
     def __init__(self, index_dir: str, device: str = "auto", features_in_memory: bool = False,
-                 code_backend: str = "auto"):
+                 code_backend: str = "auto", hds_mode: str = "auto", fine=None):
         from .model import resolve_device
 
         self.index_dir = index_dir
@@ -268,18 +341,85 @@ class Searcher:
         self._model = None
         self._gpu_feats = None
         self._gpu_norms_t = None
+        self._gpu_index = None
+        self._dict = self.index if isinstance(self.index, BucketIndex) else None
+        self._flat = None if isinstance(self.index, BucketIndex) else self.index
         self.backend = pick_backend(str(self.device))
-        if code_backend not in ("auto", "faiss", "gpu"):
-            raise DhfError(f"unknown code backend {code_backend!r} (auto, faiss or gpu)")
-        if code_backend == "auto":
-            code_backend = "gpu" if self.device.type == "cuda" else "faiss"
+        if code_backend not in self.CODE_BACKENDS:
+            raise DhfError(f"unknown code backend {code_backend!r} ({', '.join(self.CODE_BACKENDS)})")
+        if hds_mode not in HDS_MODES:
+            raise DhfError(f"unknown HDS mode {hds_mode!r}; choose from {', '.join(HDS_MODES)}")
         self.code_backend = code_backend
-        self._codes_index = (GpuCodeIndex(self.codes(), self.index, self.device) if code_backend == "gpu"
-                             else self.index)
+        self.hds_mode = hds_mode
+        self.fine = fine
+        self.last_path: str | None = None
         if features_in_memory:
             self.store.load_features()
             if self.device.type == "cuda":
                 self._gpu_features()
+
+    # -- code paths (routing) ---------------------------------------------------------
+    def dictionary(self) -> BucketIndex:
+        """The code dictionary: the saved one, or built from the codes once (in memory)."""
+        if self._dict is None:
+            self._dict = BucketIndex.build(self.codes())
+            self._dict.deleted = self.index.deleted
+        return self._dict
+
+    def flat(self) -> BinaryIndex:
+        """A FAISS scan over the codes: the saved index, or an IndexBinaryFlat built once."""
+        if self._flat is None:
+            self._flat = BinaryIndex.build(self.codes(), IndexSpec("flat"))
+            self._flat.deleted = self.index.deleted
+        return self._flat
+
+    def gpu_index(self) -> "GpuCodeIndex":
+        """The codes on the device (built on first use: a one-shot CPU-routed search never pays it)."""
+        if self._gpu_index is None:
+            self._gpu_index = GpuCodeIndex(self.codes(), self.index, self.device)
+        return self._gpu_index
+
+    def code_path(self, batch: int) -> str:
+        """"dict", "flat" or "gpu" for a batch of ``batch`` queries (:func:`routing.route`)."""
+        from .routing import route
+
+        cb = self.code_backend
+        if cb == "faiss":
+            return "dict" if isinstance(self.index, BucketIndex) else "flat"
+        if cb in ("dict", "flat", "gpu"):
+            return cb
+        distinct = self._dict.n_codes if self._dict is not None else None
+        return route(self.live_count(), distinct, batch, self.device.type,
+                     saved="dict" if isinstance(self.index, BucketIndex) else self.index.spec.kind)
+
+    def code_index(self, batch: int):
+        """The code index for a batch (records ``last_path``)."""
+        path = self.code_path(batch)
+        self.last_path = path
+        if path == "gpu":
+            return self.gpu_index()
+        if path == "dict":
+            return self.dictionary()
+        if path == "flat":
+            return self.flat()
+        return self.index  # "faiss": the saved hash / multihash index
+
+    @property
+    def _codes_index(self):  # the index the CPU/GPU choice of the constructor used to fix
+        return self.code_index(1)
+
+    def fine_index(self):
+        """The :class:`~deephash_faiss.fine.FineIndex` (None until given or built)."""
+        return self.fine
+
+    def build_fine_index(self, cell_size: int = 1024, storage: str = "sq8", **kw):
+        """Build the HDS fine index over this index's dictionary and features (k-means per big
+        code; minutes at 1e7 rows on 2 cores) and use it for ``hds_mode`` "ivf" / "auto"."""
+        from .fine import FineIndex
+
+        self.fine = FineIndex.build(self.dictionary(), self.store.load_features(), cell_size=cell_size,
+                                    storage=storage, **kw)
+        return self.fine
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -355,33 +495,72 @@ class Searcher:
     def bcs(self, qcodes: np.ndarray, k: int) -> SearchBatch:
         """Hamming k-NN. qcodes uint8 [m, B]."""
         self._check(k)
-        t0 = time.perf_counter()
-        D, I = self._codes_index.search(qcodes, min(k, self.live_count()))
-        ms = (time.perf_counter() - t0) * 1e3
-        res = []
-        for d, i in zip(D, I):
-            ok = i >= 0
-            res.append(QueryResult(i[ok], d[ok], np.full(ok.sum(), np.nan, np.float32), self.live_count()))
-        return SearchBatch("bcs", res, ms)
+        ci = self.code_index(len(qcodes))
+        return bcs_batch(ci, qcodes, k, self.live_count(), {"path": self.last_path})
 
     def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
         """HDS candidate pools: list of (ids int64 [p], hamming int32 [p], truncated)."""
-        return hamming_pools(self._codes_index, qcodes, k, radius, max_candidates, self.live_count())
+        return hamming_pools(self.code_index(len(qcodes)), qcodes, k, radius, max_candidates, self.live_count())
 
     def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = DEFAULT_RADIUS,
-            max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> SearchBatch:
-        """Pool by Hamming radius, rank the pool by L2 on fc7. qfeats float32 [m, D]."""
-        self._check(k, radius, max_candidates)
+            max_candidates: int | None = DEFAULT_MAX_CANDIDATES, hds_mode: str | None = None,
+            nprobe: int = 32, refine: int = 100) -> SearchBatch:
+        """Pool by Hamming radius, rank the pool by L2 on fc7. qfeats float32 [m, D].
+
+        ``hds_mode`` (default: the Searcher's): "exact" ranks the whole pool (cut at
+        ``max_candidates``), "ivf" ranks inside it with the fine index (``nprobe`` lists,
+        ``refine`` exact re-ranks; ``max_candidates`` bounds the rows examined), "auto" is
+        "ivf" when a fine index is at hand."""
+        p = SearchParams(k, radius, max_candidates, "hds", hds_mode or self.hds_mode, nprobe, refine)
+        p.check(self.live_count(), self.bits)
+        mode = p.hds_mode
+        if mode == "auto":
+            mode = "ivf" if self.fine is not None else "exact"
+        if mode == "ivf":
+            return self._hds_ivf(qcodes, qfeats, p)
+        return self._hds_exact(qcodes, qfeats, k, radius, max_candidates)
+
+    def _hds_ivf(self, qcodes: np.ndarray, qfeats: np.ndarray, p: SearchParams) -> SearchBatch:
+        from .fine import FineParams
+
         t0 = time.perf_counter()
-        if (self.code_backend == "gpu" and self.backend == "torch"
+        fine = self.fine if self.fine is not None else self.build_fine_index()
+        t1 = time.perf_counter()
+        fp = FineParams(nprobe=p.nprobe, refine=p.refine, exact_max=max(p.k, FineParams.exact_max))
+        out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather, fp, p.max_candidates)
+        res: list = [None] * len(qcodes)
+        small = [i for i, o in enumerate(out) if o[5]]
+        if small:  # small pools: the exact path ranks them whole
+            b = self._hds_exact(qcodes[small], np.asarray(qfeats)[small], p.k, p.radius, p.max_candidates)
+            for i, r in zip(small, b.results):
+                res[i] = r
+        d = self.dictionary()
+        for i, o in enumerate(out):
+            if res[i] is None:
+                ids, dist, pool, examined, trunc, _ = o
+                dc = np.asarray(d.dict_codes)[d.bucket_of_rows()[ids]]
+                ham = _popcount_rows(np.asarray(qcodes[i], np.uint8), dc)
+                res[i] = QueryResult(ids, ham, dist, pool, trunc)
+        t2 = time.perf_counter()
+        return SearchBatch("hds", res, (t2 - t0) * 1e3,
+                           {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": len(small),
+                            "examined": [int(o[3]) for o in out]})
+
+    def _hds_exact(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int,
+                   max_candidates: int | None) -> SearchBatch:
+        t0 = time.perf_counter()
+        path = self.code_path(len(qcodes))
+        if (path == "gpu" and self.backend == "torch"
                 and (self.index.deleted is None or not self.index.deleted.any())):
-            out = hds_device(self._codes_index.gpu, self._gpu_features(), qcodes, qfeats, k, radius,
+            self.last_path = path
+            out = hds_device(self.gpu_index().gpu, self._gpu_features(), qcodes, qfeats, k, radius,
                              max_candidates, norms=self._gpu_norms())
             res = [QueryResult(ids, ham, dist, size, trunc) for ids, ham, dist, size, trunc in out]
-            return SearchBatch("hds", res, (time.perf_counter() - t0) * 1e3, {"device": str(self.device)})
+            return SearchBatch("hds", res, (time.perf_counter() - t0) * 1e3,
+                               {"device": str(self.device), "path": path, "hds_mode": "exact"})
         pools = self.pools(qcodes, k, radius, max_candidates)
         t1 = time.perf_counter()
-        if self.backend == "torch":
+        if self.backend == "torch" and path == "gpu":
             import torch
 
             from .rerank import rank_pools_torch_ids
@@ -393,11 +572,10 @@ class Searcher:
             # per-pool sorted gathers + blocked dot products (one union gather + GEMM when
             # the batch's pools overlap heavily): rerank.rank_pools_cpu
             ranked = rank_pools_cpu(qfeats, [ids for ids, _, _ in pools], self.store.gather, k)
-        res = []
-        for (ids, ham, trunc), (order, dist) in zip(pools, ranked):
-            res.append(QueryResult(ids[order], ham[order], dist, len(ids), trunc))
+        res = hds_results(pools, ranked)
         t2 = time.perf_counter()
-        return SearchBatch("hds", res, (t2 - t0) * 1e3, {"pool_ms": (t1 - t0) * 1e3, "rerank_ms": (t2 - t1) * 1e3})
+        return SearchBatch("hds", res, (t2 - t0) * 1e3, {"pool_ms": (t1 - t0) * 1e3, "rerank_ms": (t2 - t1) * 1e3,
+                                                         "path": self.last_path, "hds_mode": "exact"})
 
     def es(self, qfeats: np.ndarray, qcodes: np.ndarray | None, k: int) -> SearchBatch:
         """Exhaustive L2 k-NN on fc7. qfeats float32 [m, D]."""

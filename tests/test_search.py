@@ -135,7 +135,7 @@ def test_gpu_code_backend_equals_faiss(synth_index):
     from deephash_faiss.search import Searcher
 
     b = Searcher(d, device="cpu", code_backend="gpu")
-    assert b.code_backend == "gpu" and a.code_backend == "faiss"
+    assert b.code_backend == "gpu" and a.code_backend == "auto" and a.code_path(1) == "flat"
     for s in (a, b):
         mask = np.zeros(s.count, bool)
         mask[[0, 7, 14, 100]] = True  # deleted rows are hidden on both paths

@@ -1,0 +1,312 @@
+"""Scale benchmark: BCS (code dictionary), HDS (exact and ivf), ES and peers at N rows with
+real code statistics (issue 15's "Benchmark contract").
+
+Example (2-core machine):
+    python benchmarks/bench_scale.py --source /work/harvest --n 1e6 --dim 256 \
+        --json benchmarks/results/scale/cifar10_n1e6.json
+    python benchmarks/bench_scale.py --source /work/harvest --n 1e8 --codes-only \
+        --json benchmarks/results/scale/cifar10_n1e8_codes.json
+    python benchmarks/bench_scale.py --source synthetic --n 1e6 ...      # spread ("unsupervised") codes
+
+Data. ``--source DIR``: a real index's arrays (``benchmarks/reproduce.py --export`` output, or a
+dhf index directory) grown to N rows by ``benchmarks/realgen.py`` (Pitman-Yor code growth per
+class fitted to the real code counts; features = a real row of the class + noise x the class
+std, PCA-reduced to --dim when wider). Queries are the real query rows (never database rows).
+``--source synthetic``: the old spread generator (100 random centres, 0..4 flips: unsupervised
+codes); ``synthetic-supervised``: a stand-in with collapsed codes (development only).
+
+Timed, same queries, batched (ms per query = batch time / queries), one warm-up:
+  bcs    BucketIndex.search k=10 (the product path); checked identical to IndexBinaryFlat
+  flat   faiss IndexBinaryFlat (codes zero-padded to 64 bits) k=10
+  es     faiss.knn (exhaustive L2, BLAS) over all features held in RAM as float32 ("ES at its best")
+  hds    FineIndex (ivf HDS: (code, cell) lists, SQ8, nprobe, exact refine from the float32
+         features in RAM), recall@10 against exact HDS
+  hds_exact  the whole radius pool ranked by L2 (BucketIndex.range_search + rank_pools_cpu)
+  peers  FAISS HNSW32 (efSearch 64) and IVF-PQ (IVF sqrt(n)*4, PQ D/4 x 8 bit, nprobe 16) +
+         exact refine of 100, recall@10 against ES; skipped past --peer-max-n (build time)
+Class precision@10 (same label as the query) for every mode.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import numpy as np  # noqa: E402
+
+import realgen  # noqa: E402
+from common import machine_basics, write_json  # noqa: E402
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    return float("nan")
+
+
+def timed(fn, warmup=1):
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def recall(ref: list, got: list, k: int = 10) -> float:
+    r = [len(np.intersect1d(np.asarray(a)[:k], np.asarray(b)[:k])) / max(1, min(k, len(a)))
+         for a, b in zip(ref, got)]
+    return float(np.mean(r)) if r else float("nan")
+
+
+def class_precision(ids_list, labels, qlabels, k=10) -> float:
+    return float(np.mean([(labels[np.asarray(i)[:k]] == ql).mean() if len(i) else 0.0
+                          for i, ql in zip(ids_list, qlabels)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, help="real arrays / index dir, 'synthetic' or 'synthetic-supervised'")
+    ap.add_argument("--n", type=float, required=True)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
+                    help="dtype of the features the HDS refine and ES read (ES upcasts to float32)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--exact-queries", type=int, default=None, help="queries for exact HDS (default: all)")
+    ap.add_argument("--radius", type=int, default=3)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--noise", type=float, default=0.3, help="feature noise x class std")
+    ap.add_argument("--cell-size", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--refine", type=int, default=100)
+    ap.add_argument("--storage", default="sq8", choices=["sq8", "fp16"])
+    ap.add_argument("--codes-only", action="store_true", help="BCS and flat only (e.g. 1e8 codes)")
+    ap.add_argument("--peer-max-n", type=float, default=1e6, help="HNSW32 only up to this n")
+    ap.add_argument("--ivfpq-max-n", type=float, default=1e7)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+
+    import faiss
+
+    from deephash_faiss.fine import FineIndex, FineParams
+    from deephash_faiss.index import BinaryIndex, IndexSpec, pad_codes, padded_nbytes
+    from deephash_faiss.rerank import rank_pools_cpu
+
+    if a.threads:
+        faiss.omp_set_num_threads(a.threads)
+    n = int(a.n)
+    rng = np.random.default_rng(a.seed)
+    out: dict = {"source": a.source, "n": n, "device": a.device, "k": a.k, "radius": a.radius,
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "machine": machine_basics(), "faiss": faiss.__version__, "numpy": np.__version__,
+                 "note": a.note, "loadavg_start": os.getloadavg()}
+    try:
+        out["commit"] = subprocess.check_output(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
+                                                text=True).strip()
+    except Exception:  # noqa: BLE001
+        pass
+    t0 = time.perf_counter()
+    unsupervised = a.source == "synthetic"
+    if unsupervised:
+        codes, labels = realgen.spread_codes(n + a.queries, 48, rng)
+        qcodes, qlabels, codes, labels = codes[n:], labels[n:], codes[:n], labels[:n]
+        seed = None
+        parent = None
+    else:
+        seed = (realgen.synthetic_seed(rng) if a.source == "synthetic-supervised"
+                else realgen.load_seed(a.source))
+        codes, labels, parent, fits = realgen.grow_codes(seed, n, rng)
+        qcodes, qlabels = seed.q_codes[:a.queries], seed.q_labels[:a.queries]
+        out["seed"] = {"name": seed.name, "n": int(len(seed.codes)), "queries_available": int(len(seed.q_codes))}
+        out["py_fit"] = {str(c): {"theta": round(v[0], 3), "sigma": round(v[1], 3), "real_codes": v[2],
+                                  "real_rows": v[3]} for c, v in fits.items()}
+    out["gen_codes_s"] = round(time.perf_counter() - t0, 1)
+    out["bits"] = int(codes.shape[1] * 8)
+    nq = len(qcodes)
+    out["queries"] = nq
+
+    # -- code indexes --------------------------------------------------------------------
+    t = time.perf_counter()
+    bidx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    out["build_buckets_s"] = round(time.perf_counter() - t, 2)
+    out["distinct_codes"] = bidx.n_codes
+    out["index_type"] = "buckets"
+    out["bucket_sizes"] = {"max": int(bidx.sizes.max()), "median": float(np.median(bidx.sizes)),
+                           "singletons": int((bidx.sizes == 1).sum())}
+    if seed is not None:
+        sb = BinaryIndex.build(seed.codes, IndexSpec("buckets"))
+        sl, _, _ = sb.range_search(qcodes, a.radius)
+        out["seed_distinct_codes"] = sb.n_codes
+        out["seed_pool_mean"] = float(np.diff(sl).mean())
+    nbp = padded_nbytes(codes.shape[1])
+    flat = faiss.IndexBinaryFlat(nbp * 8)
+    t = time.perf_counter()
+    flat.add(pad_codes(codes, nbp))
+    out["build_flat_s"] = round(time.perf_counter() - t, 2)
+    qpad = pad_codes(np.ascontiguousarray(qcodes), nbp)
+    (Db, Ib), s_b = timed(lambda: bidx.search(qcodes, a.k))
+    (Df, If), s_f = timed(lambda: flat.search(qpad, a.k), warmup=0 if n >= 5e7 else 1)
+    out["bcs_ms_per_query"] = s_b / nq * 1e3
+    out["flat_ms_per_query"] = s_f / nq * 1e3
+    out["bcs_exact"] = bool(np.array_equal(Db, Df) and np.array_equal(Ib, If))
+    out["speedup_bcs_vs_flat"] = out["flat_ms_per_query"] / out["bcs_ms_per_query"]
+    # single-query BCS (serving latency)
+    ts = []
+    for i in range(min(nq, 50)):
+        t = time.perf_counter()
+        bidx.search(qcodes[i:i + 1], a.k)
+        ts.append(time.perf_counter() - t)
+    out["bcs_single_ms_p50"] = float(np.median(ts) * 1e3)
+    lims, _, _ = bidx.range_search(qcodes, a.radius)
+    pools = np.diff(lims)
+    out["pool_mean"], out["pool_max"] = float(pools.mean()), int(pools.max())
+    out["bcs_class_p10"] = class_precision(list(Ib), labels, qlabels)
+    out["rss_gb_codes"] = rss_gb()
+    if a.codes_only:
+        del flat
+        finish(out, a)
+        return
+
+    # -- features ------------------------------------------------------------------------
+    t = time.perf_counter()
+    if unsupervised:
+        cent = rng.standard_normal((int(labels.max()) + 1, a.dim)).astype(np.float32)
+        feats = np.empty((n, a.dim), np.float32)
+        for s in range(0, n, 1 << 18):
+            e = min(n, s + (1 << 18))
+            feats[s:e] = cent[labels[s:e]] + rng.standard_normal((e - s, a.dim), np.float32)
+        qf = cent[qlabels] + rng.standard_normal((nq, a.dim)).astype(np.float32)
+    else:
+        sf, qf = np.asarray(seed.feats, np.float32), np.asarray(seed.q_feats[:a.queries], np.float32)
+        if sf.shape[1] > a.dim:
+            mu, comp = realgen.pca(sf[: min(len(sf), 50_000)], a.dim)
+            sf, qf = (sf - mu) @ comp, (qf - mu) @ comp
+        feats = realgen.grow_features(sf, labels, parent, a.noise, rng, np.dtype(a.feature_dtype))
+    qf = np.ascontiguousarray(qf, np.float32)
+    out["dim"] = int(feats.shape[1])
+    out["feature_dtype"] = str(feats.dtype)
+    out["features_where"] = f"RAM, numpy {feats.dtype} [{n}, {feats.shape[1]}]"
+    out["gen_features_s"] = round(time.perf_counter() - t, 1)
+    gather = lambda ids: feats[ids]  # noqa: E731
+
+    # ES at its best: faiss exhaustive L2, batched, float32 in RAM
+    x32 = feats if feats.dtype == np.float32 else None
+    if x32 is None:
+        x32 = np.empty(feats.shape, np.float32)
+        for s in range(0, n, 1 << 20):
+            x32[s:s + (1 << 20)] = feats[s:s + (1 << 20)]
+    (De, Ie), s_e = timed(lambda: faiss.knn(qf, x32, a.k), warmup=0 if n >= 5e6 else 1)
+    out["es_ms_per_query"] = s_e / nq * 1e3
+    out["es_class_p10"] = class_precision(list(Ie), labels, qlabels)
+    out["speedup_bcs_vs_es"] = out["es_ms_per_query"] / out["bcs_ms_per_query"]
+
+    # exact HDS (reference): the whole pool ranked
+    ne = min(nq, a.exact_queries or nq)
+
+    def hds_exact():
+        l2, D2, I2 = bidx.range_search(qcodes[:ne], a.radius)
+        pl = [I2[l2[i]:l2[i + 1]] for i in range(ne)]
+        r = rank_pools_cpu(qf[:ne], pl, gather, a.k)
+        return [p[o] for p, (o, _) in zip(pl, r)]
+    ex, s_x = timed(hds_exact, warmup=0)
+    out["hds_exact_ms_per_query"] = s_x / ne * 1e3
+    out["hds_exact_queries"] = ne
+    out["hds_exact_recall_at10_vs_es"] = recall(list(Ie[:ne]), ex)
+
+    # ivf HDS
+    t = time.perf_counter()
+    fine = FineIndex.build(bidx, feats, cell_size=a.cell_size, storage=a.storage, seed=a.seed)
+    out["fine_build_s"] = round(time.perf_counter() - t, 1)
+    out["fine"] = {"lists": fine.n_lists, "cell_size": a.cell_size, "storage": a.storage, "nprobe": a.nprobe,
+                   "refine": a.refine, "memory_gb": round(fine.memory_bytes() / 2**30, 3)}
+    fp = FineParams(nprobe=a.nprobe, refine=a.refine, exact_max=max(a.k, FineParams.exact_max))
+
+    def hds_ivf():
+        res = fine.search(qcodes, qf, a.k, a.radius, gather, fp)
+        small = [i for i, o in enumerate(res) if o[5]]
+        ids = [o[0] for o in res]
+        if small:  # the exact path for small pools (as Searcher.hds does)
+            l2, D2, I2 = bidx.range_search(qcodes[small], a.radius)
+            pl = [I2[l2[j]:l2[j + 1]] for j in range(len(small))]
+            r = rank_pools_cpu(qf[small], pl, gather, a.k)
+            for j, i in enumerate(small):
+                ids[i] = pl[j][r[j][0]]
+        return ids, res
+    (hi, hres), s_h = timed(hds_ivf)
+    out["hds_ms_per_query"] = s_h / nq * 1e3
+    out["hds_mode"] = "ivf"
+    out["hds_recall_at10_vs_exact"] = recall(ex, hi[:ne])
+    out["hds_recall_at10_vs_es"] = recall(list(Ie), hi)
+    out["hds_examined_mean"] = float(np.mean([o[3] for o in hres]))
+    out["hds_exact_path_queries"] = int(sum(o[5] for o in hres))
+    out["hds_class_p10"] = class_precision(hi, labels, qlabels)
+    out["speedup_hds_vs_es"] = out["es_ms_per_query"] / out["hds_ms_per_query"]
+    out["rss_gb_after_hds"] = rss_gb()
+    del fine
+
+    # peers on the same features
+    peers = {}
+    if n <= a.peer_max_n:
+        t = time.perf_counter()
+        h = faiss.IndexHNSWFlat(x32.shape[1], 32)
+        h.hnsw.efConstruction = 40
+        h.add(x32)
+        bt = time.perf_counter() - t
+        h.hnsw.efSearch = 64
+        (_, Ih), s_p = timed(lambda: h.search(qf, a.k))
+        peers["hnsw32"] = {"ms_per_query": s_p / nq * 1e3, "recall_at10_vs_es": recall(list(Ie), list(Ih)),
+                           "build_s": round(bt, 1), "efSearch": 64}
+        del h
+    if n <= a.ivfpq_max_n:
+        D = x32.shape[1]
+        nlist = int(4 * np.sqrt(n))
+        t = time.perf_counter()
+        q0 = faiss.IndexFlatL2(D)
+        ivf = faiss.IndexIVFPQ(q0, D, nlist, D // 4, 8)
+        samp = x32[np.sort(rng.choice(n, min(n, max(40 * nlist, 50_000), 200_000), replace=False))]
+        ivf.train(samp)
+        for s in range(0, n, 1 << 20):
+            ivf.add(x32[s:s + (1 << 20)])
+        bt = time.perf_counter() - t
+        ivf.nprobe = 16
+
+        def ivfpq():
+            _, I = ivf.search(qf, a.refine)
+            c = [np.sort(r[r >= 0]) for r in I]
+            r = rank_pools_cpu(qf, c, gather, a.k)
+            return [ci[o] for ci, (o, _) in zip(c, r)]
+        ip, s_p = timed(ivfpq)
+        peers["ivfpq_refine"] = {"ms_per_query": s_p / nq * 1e3, "recall_at10_vs_es": recall(list(Ie), ip),
+                                 "build_s": round(bt, 1), "factory": f"IVF{nlist},PQ{D // 4}", "nprobe": 16,
+                                 "refine": a.refine}
+        del ivf
+    out["peers"] = peers
+    finish(out, a)
+
+
+def finish(out, a) -> None:
+    out["loadavg_end"] = os.getloadavg()
+    out["peak_rss_gb"] = round(__import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    write_json(a.json, out)
+    keys = ["n", "distinct_codes", "bcs_exact", "bcs_ms_per_query", "flat_ms_per_query", "es_ms_per_query",
+            "hds_ms_per_query", "hds_recall_at10_vs_exact", "speedup_bcs_vs_es", "speedup_hds_vs_es",
+            "speedup_bcs_vs_flat", "pool_mean"]
+    print({k: out.get(k) for k in keys})
+    if out.get("peers"):
+        print(out["peers"])
+
+
+if __name__ == "__main__":
+    main()

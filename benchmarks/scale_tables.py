@@ -1,0 +1,73 @@
+"""Markdown tables from benchmarks/results/scale/*.json (bench_scale.py runs), for
+docs/benchmarks.md and docs/scaling.md.
+
+    python benchmarks/scale_tables.py [benchmarks/results/scale]
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+
+def load(d):
+    runs = []
+    for p in sorted(glob.glob(os.path.join(d, "*.json"))):
+        with open(p) as f:
+            r = json.load(f)
+        r["_file"] = os.path.basename(p)
+        runs.append(r)
+    return sorted(runs, key=lambda r: (r["source"], r.get("codes_only", "dim" not in r), r["n"]))
+
+
+def f(x, nd=3):
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if x >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{nd}g}" if x < 1 else f"{x:.{nd}g}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def main():
+    d = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results", "scale")
+    runs = load(d)
+    print("| source | N | distinct codes | radius-3 pool (mean) | BCS ms/q | flat ms/q | ES ms/q | HDS ivf ms/q "
+          "| HDS exact ms/q | HDS recall@10 vs exact | BCS exact | BCS/ES | HDS/ES | BCS/flat | file |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | --- |")
+    for r in runs:
+        src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
+        print(f"| {src} | {r['n']:.0e} | {f(r.get('distinct_codes'))} | {f(r.get('pool_mean'))} "
+              f"| {f(r.get('bcs_ms_per_query'))} | {f(r.get('flat_ms_per_query'))} | {f(r.get('es_ms_per_query'))} "
+              f"| {f(r.get('hds_ms_per_query'))} | {f(r.get('hds_exact_ms_per_query'))} "
+              f"| {f(r.get('hds_recall_at10_vs_exact'))} | {f(r.get('bcs_exact'))} "
+              f"| {f(r.get('speedup_bcs_vs_es'))}x | {f(r.get('speedup_hds_vs_es'))}x "
+              f"| {f(r.get('speedup_bcs_vs_flat'))}x | `{r['_file']}` |".replace("| -x", "| -"))
+    print()
+    print("| source | N | ES recall=1 ms/q | HDS ivf ms/q (recall vs exact / vs ES) | HNSW32 ms/q (recall vs ES, build s) "
+          "| IVF-PQ+refine ms/q (recall vs ES, build s) | class P@10 BCS / HDS / ES |")
+    print("| --- | ---: | ---: | --- | --- | --- | --- |")
+    for r in runs:
+        if "es_ms_per_query" not in r:
+            continue
+        p = r.get("peers", {})
+        h, v = p.get("hnsw32"), p.get("ivfpq_refine")
+        src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
+        print(f"| {src} | {r['n']:.0e} | {f(r['es_ms_per_query'])} "
+              f"| {f(r['hds_ms_per_query'])} ({f(r['hds_recall_at10_vs_exact'])} / {f(r['hds_recall_at10_vs_es'])}) "
+              f"| {(f(h['ms_per_query']) + ' (' + f(h['recall_at10_vs_es']) + ', ' + f(h['build_s']) + ')') if h else '-'} "
+              f"| {(f(v['ms_per_query']) + ' (' + f(v['recall_at10_vs_es']) + ', ' + f(v['build_s']) + ')') if v else '-'} "
+              f"| {f(r.get('bcs_class_p10'))} / {f(r.get('hds_class_p10'))} / {f(r.get('es_class_p10'))} |")
+    print()
+    print("Machine: " + "; ".join(sorted({f"{r['machine']['cpus']} CPUs, {r['machine']['mem_gb']} GB, "
+                                           f"faiss {r['faiss']}, numpy {r['numpy']}" for r in runs})))
+    print("Dates: " + ", ".join(sorted({r["date"][:16] for r in runs})) + "; load average at start: "
+          + ", ".join(f"{r['n']:.0e}: {r['loadavg_start'][0]:.1f}" for r in runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,11 +3,13 @@
 CPU (default): BCS k=10 ms per query of the code dictionary (BucketIndex) against the FAISS
 flat scan (IndexBinaryFlat, 64-bit padded), over n rows holding U distinct 48-bit codes
 (rows drawn uniformly from U random codes), for batch sizes 1 and 64. Thresholds:
+  auto_buckets_min_rows   smallest n from which the dictionary is no slower at U / n = 0.01
+                          (every larger n, both batch sizes)
   dict_knn_max_ratio      largest U / n at which the dictionary is no slower than the scan
                           for every n >= auto_buckets_min_rows and both batch sizes
   auto_buckets_max_ratio  the same number (build-index --index-type auto)
-  auto_buckets_min_rows   smallest n at which the dictionary is no slower at U / n = 0.01
-  dict_ball_min_codes     smallest U at which probing the radius-2 ball beats the scan
+  dict_ball_min_codes     smallest U from which probing the radius-2 ball beats the scan, on
+                          trained-like codes (mode codes + a tail, Zipf rows)
 CUDA (--device cuda, on the GPU machine): the GPU kernels (search.GpuCodeIndex) against the
 best CPU path, n in --cuda-n, batches 1, 16, 1024; thresholds cuda_min_batch / cuda_min_rows =
 the smallest batch and n from which the GPU is faster at every larger measured n and batch.
@@ -52,6 +54,24 @@ def codes_with(n, U, rng):
     return pool[rng.integers(0, U, n)], pool
 
 
+def clustered_codes(U, rng, centres=10):
+    """~U distinct 48-bit codes like a trained model's (per class a mode code and a tail of
+    codes 1..6 flips away), rows Zipf over the codes; queries = the centres with one flip."""
+    cent = rng.integers(0, 2, (centres, 48), dtype=np.uint8)
+    c = cent[rng.integers(0, centres, U)]
+    nf = rng.integers(1, 7, U)
+    for j in range(6):
+        sel = np.flatnonzero(nf > j)
+        c[sel, rng.integers(0, 48, len(sel))] ^= 1
+    c[:centres] = cent
+    pool = np.packbits(c, axis=1, bitorder="little")
+    w = 1.0 / np.arange(1, U + 1) ** 1.1
+    db = pool[rng.choice(U, 4 * U, p=w / w.sum())]
+    qb = cent[rng.integers(0, centres, 64)]
+    qb[np.arange(64), rng.integers(0, 48, 64)] ^= 1
+    return db, np.packbits(qb, axis=1, bitorder="little")
+
+
 def cpu_grid(a, rng):
     rows = []
     for n in a.n:
@@ -69,10 +89,9 @@ def cpu_grid(a, rng):
                 print(rows[-1], flush=True)
     ball = []
     for U in a.ball_u:
-        db, pool = codes_with(U * 4, U, rng)
+        db, q = clustered_codes(U, rng)
         b = BucketIndex.build(db)
-        q = pool[rng.integers(0, U, 64)]
-        row = {"distinct": b.n_codes}
+        row = {"distinct": b.n_codes, "rows": len(db)}
         for on in (False, True):
             th = dict(routing.thresholds(), dict_ball_min_codes=0 if on else 1 << 62)
             saved = routing.thresholds
@@ -83,12 +102,15 @@ def cpu_grid(a, rng):
                 routing.thresholds = saved
         ball.append(row)
         print(row, flush=True)
-    ok_ratio = [r for r in a.ratios if all(x["dict_ms"] <= x["flat_ms"] for x in rows
-                                           if x["ratio"] == r and x["n"] >= a.min_rows_floor)]
-    max_ratio = max([r for r in a.ratios if all(rr in ok_ratio for rr in a.ratios if rr <= r)] or [0.0])
+    # the dictionary wins from min_rows on (at U / n = 0.01, every larger n, both batches) ...
     wins = [n for n in a.n if all(x["dict_ms"] <= x["flat_ms"] for x in rows if x["n"] == n and x["ratio"] == 0.01)]
     min_rows = min([n for n in a.n if all(m in wins for m in a.n if m >= n)] or [max(a.n)])
-    ball_min = min([r["distinct"] for r in ball if r["ball_ms"] <= r["scan_ms"]] or [1 << 62])
+    # ... up to the largest ratio at which it wins for every n >= min_rows and batch
+    ok = [r for r in a.ratios if all(x["dict_ms"] <= x["flat_ms"] for x in rows if x["ratio"] == r and x["n"] >= min_rows)]
+    max_ratio = max([r for r in a.ratios if all(rr in ok for rr in a.ratios if rr <= r)] or [0.0])
+    ball_min = min([r["distinct"] for r in ball if r["ball_ms"] <= r["scan_ms"]
+                    and all(b2["ball_ms"] <= b2["scan_ms"] for b2 in ball if b2["distinct"] >= r["distinct"])]
+                   or [1 << 62])
     th = {"dict_knn_max_ratio": max_ratio, "auto_buckets_max_ratio": max_ratio,
           "auto_buckets_min_rows": int(min_rows), "dict_ball_min_codes": int(ball_min)}
     return th, {"grid": rows, "ball": ball}

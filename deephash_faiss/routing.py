@@ -51,16 +51,19 @@ def route(live: int, distinct: int | None, batch: int, device_type: str, saved: 
         batch: queries in the call; device_type: "cpu" or "cuda"; saved: the saved index
             type ("dict" for a code-dictionary file, else the FAISS kind).
     Rules (thresholds from routing.json):
-      * a dictionary is used when the index was saved as one, or when its size is known and
-        distinct / live <= ``dict_knn_max_ratio`` (it then costs ~distinct, not live);
+      * the dictionary when its size is known, live >= ``auto_buckets_min_rows`` and
+        distinct / live <= ``dict_knn_max_ratio`` (it then costs ~distinct, not live), else the
+        flat scan (a saved dictionary below those sizes is searched by a flat scan built from
+        the codes: the measured faster path there);
       * on CUDA, the GPU kernels take a batch of at least ``cuda_min_batch`` queries over at
         least ``cuda_min_rows`` live rows when no dictionary applies; smaller calls stay on the
         CPU (GPU start-up and transfers would not be won back). Unmeasured -> CPU.
     """
     t = thresholds()
-    dict_ok = saved == "dict" or (distinct is not None and live > 0
-                                  and distinct <= float(t["dict_knn_max_ratio"]) * live)
-    if dict_ok:
+    if distinct is not None and live >= int(t["auto_buckets_min_rows"]) \
+            and distinct <= float(t["dict_knn_max_ratio"]) * live:
+        return "dict"
+    if saved == "dict" and distinct is None:
         return "dict"
     if device_type == "cuda":
         mb, mr = t.get("cuda_min_batch"), t.get("cuda_min_rows")

@@ -71,9 +71,11 @@ def test_cuda_searcher_matches_numpy(tmp_path):
     means = rng.standard_normal((30, dim)).astype(np.float32)
     feats = (means[lab] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
     api.index_from_arrays(str(tmp_path), codes, feats, lab.astype(np.int32), shard_size=25_000)
-    s = Searcher(str(tmp_path), device="cuda")
-    assert s.code_backend == "gpu" and s.backend in ("torch", "faiss-gpu")
-    s._codes_index.gpu.small_n = 0
+    auto = Searcher(str(tmp_path), device="cuda")
+    assert auto.code_backend == "auto" and auto.code_path(16) in ("gpu", "dict", "flat")
+    s = Searcher(str(tmp_path), device="cuda", code_backend="gpu")  # the GPU kernels, forced
+    assert s.backend in ("torch", "faiss-gpu")
+    s.gpu_index().gpu.small_n = 0
     qi = rng.choice(n, 16, replace=False)
     qc, qf = codes[qi], feats[qi] + 0.1 * rng.standard_normal((16, dim)).astype(np.float32)
     k = 50

@@ -152,11 +152,16 @@ def test_save_load_memory_mapped_add_and_auto(tmp_path):
     with pytest.raises(DhfError, match="cannot read code index"):
         BinaryIndex.load(p, IndexSpec("buckets"), 48)
     # auto: few distinct codes -> buckets, spread codes -> flat (resolved in place)
+    from deephash_faiss.routing import thresholds
+
+    big = max(1000, int(thresholds()["auto_buckets_min_rows"]))
     spec = IndexSpec("auto")
-    few = rng.integers(0, 256, (5, 6), dtype=np.uint8)[rng.integers(0, 5, 5000)]
+    few = rng.integers(0, 256, (5, 6), dtype=np.uint8)[rng.integers(0, 5, big)]
     assert isinstance(BinaryIndex.build(few, spec), BucketIndex) and spec.kind == "buckets"
+    spec = IndexSpec("auto")  # below the measured minimum size: flat
+    assert not isinstance(BinaryIndex.build(few[:big - 1], spec), BucketIndex) and spec.kind == "flat"
     spec = IndexSpec("auto")
-    spread = rng.integers(0, 256, (5000, 6), dtype=np.uint8)
+    spread = rng.integers(0, 256, (big, 6), dtype=np.uint8)
     assert not isinstance(BinaryIndex.build(spread, spec), BucketIndex) and spec.kind == "flat"
 
 

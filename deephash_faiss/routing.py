@@ -69,4 +69,4 @@ def route(live: int, distinct: int | None, batch: int, device_type: str, saved: 
         mb, mr = t.get("cuda_min_batch"), t.get("cuda_min_rows")
         if mb is not None and batch >= int(mb) and live >= int(mr or 0):
             return "gpu"
-    return "flat" if saved in ("flat", "buckets", "auto") else "faiss"
+    return "faiss" if saved in ("hash", "multihash") else "flat"  # "faiss": the saved hash index

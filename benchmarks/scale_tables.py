@@ -21,6 +21,10 @@ def load(d):
     return sorted(runs, key=lambda r: (r["source"], r.get("codes_only", "dim" not in r), r["n"]))
 
 
+def fmt_n(n):
+    return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
 def f(x, nd=3):
     if x is None:
         return "-"
@@ -41,7 +45,7 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | --- |")
     for r in runs:
         src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
-        print(f"| {src} | {r['n']:.0e} | {f(r.get('distinct_codes'))} | {f(r.get('pool_mean'))} "
+        print(f"| {src} | {fmt_n(r['n'])} | {f(r.get('distinct_codes'))} | {f(r.get('pool_mean'))} "
               f"| {f(r.get('bcs_ms_per_query'))} | {f(r.get('flat_ms_per_query'))} | {f(r.get('es_ms_per_query'))} "
               f"| {f(r.get('hds_ms_per_query'))} | {f(r.get('hds_exact_ms_per_query'))} "
               f"| {f(r.get('hds_recall_at10_vs_exact'))} | {f(r.get('bcs_exact'))} "
@@ -57,7 +61,7 @@ def main():
         p = r.get("peers", {})
         h, v = p.get("hnsw32"), p.get("ivfpq_refine")
         src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
-        print(f"| {src} | {r['n']:.0e} | {f(r['es_ms_per_query'])} "
+        print(f"| {src} | {fmt_n(r['n'])} | {f(r['es_ms_per_query'])} "
               f"| {f(r['hds_ms_per_query'])} ({f(r['hds_recall_at10_vs_exact'])} / {f(r['hds_recall_at10_vs_es'])}) "
               f"| {(f(h['ms_per_query']) + ' (' + f(h['recall_at10_vs_es']) + ', ' + f(h['build_s']) + ')') if h else '-'} "
               f"| {(f(v['ms_per_query']) + ' (' + f(v['recall_at10_vs_es']) + ', ' + f(v['build_s']) + ')') if v else '-'} "
@@ -66,7 +70,7 @@ def main():
     print("Machine: " + "; ".join(sorted({f"{r['machine']['cpus']} CPUs, {r['machine']['mem_gb']} GB, "
                                            f"faiss {r['faiss']}, numpy {r['numpy']}" for r in runs})))
     print("Dates: " + ", ".join(sorted({r["date"][:16] for r in runs})) + "; load average at start: "
-          + ", ".join(f"{r['n']:.0e}: {r['loadavg_start'][0]:.1f}" for r in runs))
+          + ", ".join(f"{fmt_n(r['n'])}: {r['loadavg_start'][0]:.1f}" for r in runs))
 
 
 if __name__ == "__main__":

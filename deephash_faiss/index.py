@@ -741,6 +741,14 @@ class BucketIndex(BinaryIndex):
             lims, D, I = self.index.range_search(q, int(radius))
         return sort_and_cap(lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64))
 
+    def pool_sizes(self, q: np.ndarray, radius: int) -> np.ndarray:
+        """int64 [m]: live rows at Hamming distance < ``radius`` of each query (the radius pool
+        sizes, from the dictionary alone: no posting list is read)."""
+        lims, _, codes = self.reach(q, radius)
+        live, _ = self._counts()
+        c = np.concatenate([[0], np.cumsum(live[codes])]) if len(codes) else np.zeros(1, np.int64)
+        return (c[lims[1:]] - c[lims[:-1]]).astype(np.int64)
+
     def range_search(self, q: np.ndarray, radius: int, max_candidates: int | None = None):
         """Rows at Hamming distance < ``radius``: the union of the posting lists of the codes
         within the radius, ordered by (distance, id), deleted rows dropped, cut at

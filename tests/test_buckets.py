@@ -89,6 +89,7 @@ def test_dictionary_pools_equal_brute_force(data, radius, cap, ball):
     with _Ball(ball):
         lims, D, I = idx.range_search(q, radius, cap)
     d, live = _live_brute(q, db, deleted)
+    np.testing.assert_array_equal(idx.pool_sizes(q, radius), (d < radius).sum(1))
     for i in range(len(q)):
         want = np.flatnonzero(d[i] < radius)
         want = want[np.argsort(d[i][want], kind="stable")][:cap]

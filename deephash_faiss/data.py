@@ -27,10 +27,22 @@ from .errors import DhfError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
+# Names that look like images but are not decoded (vector, camera raw, HEIF/AVIF/JPEG XL,
+# layered editor files, icons...): listed in the skip report instead of vanishing silently.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
+    {".svg", ".svgz", ".eps", ".ai", ".pdf", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jpx", ".jfif",
+     ".ico", ".icns", ".cur", ".psd", ".xcf", ".kra", ".tga", ".pcx", ".dds", ".exr", ".hdr", ".raw", ".dng",
+     ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"}
+)
 
 
 class ImageDecodeError(Exception):
     """An image that cannot be used; ``str(err)`` is the one-line reason."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image over the pixel limit (PIL's decompression-bomb limit or ``max_pixels``),
+    refused from its header, before its pixels are decoded."""
 
 
 @dataclass
@@ -64,6 +76,15 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def unsupported_image_reason(name: str) -> str | None:
+    """The skip-report reason for a name with an image-like extension that dhf does not
+    decode (``x.svg`` -> ``"unsupported image format (.svg)..."``), else None."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return None
+    return f"unsupported image format ({ext}): dhf indexes {', '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
 def _walk_images(top: str, skipped: list[tuple[str, str]]) -> list[str]:
     found = []
 
@@ -77,6 +98,9 @@ def _walk_images(top: str, skipped: list[tuple[str, str]]) -> list[str]:
                 skipped.append((os.path.join(dirpath, name), "symbolic link to a directory: not followed"))
         for name in sorted(filenames):
             if not is_image_name(name):
+                reason = unsupported_image_reason(name)
+                if reason:
+                    skipped.append((os.path.join(dirpath, name), reason))
                 continue
             path = os.path.join(dirpath, name)
             if not os.path.exists(path):
@@ -127,6 +151,8 @@ def scan_images(root: str | os.PathLike) -> ImageList:
             skipped.append((entry.path, _bad_link_reason(entry.path)))
         elif entry.is_symlink() and entry.is_dir():
             skipped.append((entry.path, "symbolic link to a directory: not followed"))
+        elif not entry.is_dir() and unsupported_image_reason(entry.name):
+            skipped.append((entry.path, unsupported_image_reason(entry.name)))
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             found = _walk_images(entry.path, skipped)
@@ -159,33 +185,61 @@ def scan_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
-def check_pixels(img) -> None:
-    """Refuse an opened PIL image over PIL's decompression-bomb limit.
+def check_pixels(img, max_pixels: int | None = None) -> None:
+    """Refuse an opened (not yet loaded) PIL image with more pixels than allowed.
 
-    PIL only warns between 1x and 2x ``MAX_IMAGE_PIXELS``; this refuses explicitly
-    (``warnings.catch_warnings`` is not thread-safe, and decoding runs in threads).
+    The limit is ``max_pixels`` when given, else PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``); the smaller of the two applies. PIL only warns between
+    1x and 2x its limit; this refuses explicitly (``warnings.catch_warnings`` is not
+    thread-safe, and decoding runs in threads).
+
+    Raises:
+        ImageTooLargeError: ``img.size`` (from the header; after a JPEG draft, the reduced
+            size) has more pixels than the limit.
     """
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and img.size[0] * img.size[1] > limit:
-        raise ImageDecodeError(f"image too large (decompression bomb limit): {img.size[0]}x{img.size[1]} "
-                               f"pixels exceeds PIL's limit of {limit}")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    n = img.size[0] * img.size[1]
+    if pil_limit and n > pil_limit and (max_pixels is None or pil_limit <= max_pixels):
+        raise ImageTooLargeError(f"image too large (decompression bomb limit): {img.size[0]}x{img.size[1]} "
+                                 f"pixels exceeds PIL's limit of {pil_limit}")
+    if max_pixels is not None and n > max_pixels:
+        raise ImageTooLargeError(f"image too large: {img.size[0]}x{img.size[1]} = {n} pixels exceeds the limit of "
+                                 f"{max_pixels} pixels")
 
 
-def decode_image(source: str | bytes, size: int) -> np.ndarray:
+# A decode of this many pixels or more hands freed memory back to the OS afterwards.
+_TRIM_PIXELS = 4_000_000
+
+
+def decode_image(source: str | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode one image (a file path, or the encoded bytes of an upload) to uint8
-    [size, size, 3] RGB: 8-bit RGB, shorter side resized to ``size`` (bilinear), centre crop.
+    [size, size, 3] RGB: EXIF orientation applied, 8-bit RGB, shorter side resized to
+    ``size`` (bilinear), centre crop.
 
+    Memory: a JPEG is reduced while decoding (``Image.draft``: DCT scaling by 1/2, 1/4 or
+    1/8, never below ``size``); the pixel count is checked from the header (after the
+    draft) before anything is decoded; grayscale images are resized before they become
+    RGB; the full-size raster is released as soon as it is resized, and after a large
+    decode the C heap is trimmed so the process's memory goes back down.
+
+    Args:
+        source: a path, or the encoded bytes.
+        size: output side in pixels.
+        max_pixels: refuse images whose decoded raster would have more pixels than this
+            (None: only PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``).
     Raises:
-        ImageDecodeError: the file is missing, empty, truncated, not an image, too large
-            (PIL's decompression-bomb limit) or otherwise unusable.
+        ImageTooLargeError: over the pixel limit (checked before decoding).
+        ImageDecodeError: the file is missing, empty, truncated, not an image or
+            otherwise unusable.
     """
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     _quiet_bomb_warnings()
+    pixels = 0
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             if not len(source):
@@ -195,17 +249,22 @@ def decode_image(source: str | bytes, size: int) -> np.ndarray:
             if os.path.getsize(source) == 0:
                 raise ImageDecodeError("empty file")
             opened = source
-        with Image.open(opened) as img:
-            check_pixels(img)
-            if img.mode == "RGB" and img.format == "JPEG":
-                img.draft("RGB", (size, size))
-            img.load()
-            img = _to_rgb(img)
-        arr = _square(img, size)
+        with Image.open(opened) as raw:
+            reduce_while_decoding(raw, size)
+            check_pixels(raw, max_pixels)
+            pixels = raw.size[0] * raw.size[1]
+            raw.load()
+            img = exif_oriented(raw)
+            try:
+                arr = _rgb_square(img, size)
+            finally:
+                if img is not raw:
+                    img.close()
+                raw.close()  # frees the full-size raster now, not when the caller lets go
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"image too large (decompression bomb limit): {err}") from None
+        raise ImageTooLargeError(f"image too large (decompression bomb limit): {err}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image PIL can read") from None
     except PermissionError:
@@ -217,9 +276,56 @@ def decode_image(source: str | bytes, size: int) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 - crafted files raise anything (struct.error, IndexError...)
         raise ImageDecodeError(one_line(f"cannot decode: {err}" if isinstance(err, (OSError, ValueError, SyntaxError,
                                         EOFError)) else f"cannot decode: {type(err).__name__}: {err}")) from None
+    finally:
+        if pixels >= _TRIM_PIXELS:
+            release_memory()
     if arr.shape != (size, size, 3):
         raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
     return arr
+
+
+def reduce_while_decoding(img, size: int) -> None:
+    """Ask the decoder of an opened, not yet loaded image for a smaller raster where the
+    format allows it: JPEG (and MPO) DCT scaling to the smallest of 1/1, 1/2, 1/4, 1/8 that
+    keeps both sides >= ``size``. Other formats decode at full size."""
+    from PIL import JpegImagePlugin
+
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        img.draft(img.mode, (size, size))
+
+
+def exif_oriented(img):
+    """``img`` turned upright by its EXIF Orientation tag (a new image), or ``img`` itself
+    when it has none (or an unreadable one). Call after ``load()``."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a reason to refuse the pixels
+        return img
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def release_memory() -> None:
+    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Large decodes free hundreds of MiB that glibc otherwise keeps in its arenas, so a
+    server's resident size would stay at its peak."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -241,8 +347,26 @@ def _quiet_bomb_warnings() -> None:
         _BOMB_WARNINGS_QUIET = True
 
 
-def _square(img, size: int) -> np.ndarray:
-    """Shorter side resized to ``size``, centre crop -> uint8 [size, size, 3]."""
+def _rgb_square(img, size: int) -> np.ndarray:
+    """Any decoded PIL image -> uint8 [size, size, 3] (8-bit RGB, :func:`_square`).
+
+    Grayscale (``L``) is resized and cropped first and then replicated to three channels:
+    the same pixels as converting to RGB first (resampling is per channel), at a third of
+    the memory."""
+    if img.mode == "L":
+        grey = _square(img, size, channels=1)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    rgb = _to_rgb(img)
+    try:
+        return _square(rgb, size)
+    finally:
+        if rgb is not img:
+            rgb.close()
+
+
+def _square(img, size: int, channels: int = 3) -> np.ndarray:
+    """Shorter side resized to ``size``, centre crop -> uint8 [size, size, channels]
+    (an RGB image: 3; an ``L`` image: 1, returned as [size, size])."""
     from PIL import Image
 
     w, h = img.size
@@ -262,7 +386,7 @@ def _square(img, size: int) -> np.ndarray:
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)
-    if arr.shape != (size, size, 3):
+    if arr.shape != ((size, size, 3) if channels == 3 else (size, size)):
         raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
     return arr
 
@@ -279,9 +403,16 @@ def _to_rgb(img):
         arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # no copy of an RGBA raster
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        out = Image.alpha_composite(background, rgba)
+        background.close()
+        if rgba is not img:
+            rgba.close()
+        try:
+            return out.convert("RGB")
+        finally:
+            out.close()
     return img.convert("RGB")
 
 

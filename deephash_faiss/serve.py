@@ -16,7 +16,14 @@ loaded once, when the app is created. Endpoints:
 The :class:`~deephash_faiss.search.Searcher` is not thread-safe, so every encode and
 search runs on one dedicated worker thread; requests wait for it at most
 ``request_timeout_s`` (then 504) and at most ``max_pending`` wait at once (then 503).
-Image decoding and thumbnails run on the server's ordinary thread pool.
+Image decoding and thumbnails run on the server's ordinary thread pool, at most
+``max_decodes`` at once, each refused from its header above ``max_pixels``.
+
+Safety: requests whose ``Host`` header is not allowed get 400 (DNS rebinding; loopback
+names by default); responses carry no server paths (``path`` is relative to the indexed
+folder) and encode any file name as UTF-8 (undecodable bytes as ``\\xNN``). The index is
+reopened in the background when its manifest changes (``dhf add`` / ``remove`` /
+``compact``); requests in flight finish on the generation they started on.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from .data import ImageDecodeError, _to_rgb, check_pixels, decode_image
+from .data import (ImageDecodeError, ImageTooLargeError, _to_rgb, check_pixels, decode_image, exif_oriented,
+                   one_line, reduce_while_decoding, release_memory)
 from .errors import DhfError
-from .search import DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, results_to_records
+from .search import (DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, check_search_args,
+                     results_to_records)
 
 try:  # the "serve" extra: pip install 'deephash-faiss[serve]'
     from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -53,6 +62,10 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_PENDING = 64
+DEFAULT_MAX_PIXELS = 25_000_000  # decoded pixels of an upload (after a JPEG's DCT reduction)
+DEFAULT_MAX_DECODES = 2  # uploads / thumbnails decoded at once
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+DEFAULT_RELOAD_CHECK_S = 1.0  # at most one stat of manifest.json per this many seconds
 K_LIMIT = 1000
 THUMB_PX = 128
 THUMB_CACHE = 4096
@@ -63,43 +76,152 @@ _WEB_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "W
 
 # ---------------------------------------------------------------- decoding uploads
 
-def decode_image_bytes(data: bytes, size: int) -> np.ndarray:
+def decode_image_bytes(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode an upload (encoded bytes) to uint8 [size, size, 3] exactly as indexing decodes
-    a file (:func:`deephash_faiss.data.decode_image`); a writable copy."""
-    return np.array(decode_image(data, size), dtype=np.uint8)
+    a file (:func:`deephash_faiss.data.decode_image`); a writable copy.
+
+    Raises:
+        ImageTooLargeError: more than ``max_pixels`` decoded pixels (checked from the header).
+        ImageDecodeError: not a usable image.
+    """
+    return np.array(decode_image(data, size, max_pixels), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- safe responses
+
+def public_text(s: str) -> str:
+    """``s`` as text that encodes to UTF-8: the surrogate escapes Python uses for the
+    undecodable bytes of a file name (``os.fsdecode(b"\\xff.png")``) become ``\\xff``."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        try:
+            raw = s.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # lone surrogates that are not escapes of bytes
+            return s.encode("utf-8", "backslashreplace").decode("utf-8")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def _public_json(x: Any) -> Any:
+    if isinstance(x, str):
+        return public_text(x)
+    if isinstance(x, dict):
+        return {_public_json(k): _public_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_public_json(v) for v in x]
+    return x
+
+
+if _IMPORT_ERROR is None:
+    class SafeJSONResponse(JSONResponse):
+        """JSONResponse whose strings are always valid UTF-8 (see :func:`public_text`)."""
+
+        def render(self, content: Any) -> bytes:
+            try:
+                return super().render(content)
+            except UnicodeEncodeError:
+                return super().render(_public_json(content))
+
+
+def host_name(value: str | None) -> str:
+    """The host part of a ``Host`` header or an allow-list entry, lower case:
+    ``"LocalHost:8000"`` -> ``"localhost"``, ``"[::1]:80"`` / ``"::1"`` -> ``"[::1]"``."""
+    h = (value or "").strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[: end + 1] if end > 0 else h
+    if h.count(":") > 1:  # a bare IPv6 address
+        return f"[{h}]"
+    name, sep, port = h.rpartition(":")
+    if sep and (port.isdigit() or not port):
+        h = name
+    return h.rstrip(".")
+
+
+class HostAllowList:
+    """ASGI middleware: 400 for a request whose ``Host`` is not in ``hosts`` (DNS rebinding
+    protection). Entries are host names or addresses (a port is ignored), ``*.example.org``
+    for any subdomain, or ``*`` for any host."""
+
+    def __init__(self, app, hosts):
+        self.app = app
+        self.any = "*" in hosts
+        self.exact = {host_name(h) for h in hosts if not h.startswith("*")}
+        self.suffixes = tuple(host_name(h)[1:] for h in hosts if h.startswith("*."))
+
+    def allowed(self, header: str | None) -> bool:
+        if self.any:
+            return True
+        name = host_name(header)
+        return bool(name) and (name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes)))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
+            if not self.allowed(header):
+                shown = one_line(header or "(none)", 80)
+                resp = SafeJSONResponse({"detail": f"host {shown!r} is not allowed (start dhf serve with "
+                                                   f"--allow-host NAME to serve it under that name)"}, 400)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _CheckReload:
+    """ASGI middleware: :meth:`SearchEngine.check_reload` before every HTTP request."""
+
+    def __init__(self, app, engine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.engine.check_reload()
+        await self.app(scope, receive, send)
+
+
+class Busy(Exception):
+    """Too many requests already wait for the search thread or for a decode slot (503)."""
 
 
 # ---------------------------------------------------------------- the engine
 
-class SearchEngine:
-    """A :class:`Searcher` behind a single worker thread, plus the image lookups.
+def _manifest_stamp(index_dir: str) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of ``index_dir/manifest.json``: every commit renames a new
+    manifest into place, so a new generation always changes the inode."""
+    try:
+        st = os.stat(os.path.join(index_dir, "manifest.json"))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class IndexView:
+    """One generation of the index, as served: a :class:`Searcher` with its model, codes,
+    paths and labels loaded, plus its thumbnail cache. Requests hold the view they started
+    with, so a reload never changes the data under a request in flight.
 
     Args:
         searcher: an opened index (features preferably in memory).
-        request_timeout_s: how long a request waits for its search (then :class:`asyncio.TimeoutError`).
-        max_pending: requests allowed to wait for the worker at once.
+        stamp: the manifest's :func:`_manifest_stamp` when it was opened.
     """
 
-    def __init__(self, searcher: Searcher, request_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_pending: int = DEFAULT_MAX_PENDING):
+    def __init__(self, searcher: Searcher, stamp: tuple[int, int, int] | None = None):
         self.s = searcher
-        self.timeout = float(request_timeout_s)
-        self.max_pending = int(max_pending)
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dhf-search")
-        # Load everything lazily-loaded now, on this thread, before any request arrives.
+        self.stamp = stamp
+        self.generation = int(searcher.manifest.get("generation", 1))
+        # Load everything lazily-loaded now, on this thread, before any request sees it.
         self.model = searcher.model
         self.paths = searcher.store.paths()
         self.labels = searcher.store.labels()
         self.codes = searcher.codes()
         self.classes = list(searcher.manifest.get("classes", []))
         self.load_size = int(self.model.config.load_size)
+        source = searcher.manifest.get("source")
+        self.root = os.path.normpath(source) if isinstance(source, str) and source else None
+        self._cwd = os.getcwd()  # stored relative paths are relative to where the server runs
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
 
     # -- limits -------------------------------------------------------------------------
     @property
@@ -112,20 +234,16 @@ class SearchEngine:
         d = self.s.index.deleted
         return d is None or not bool(d[image_id])
 
-    # -- running on the worker -------------------------------------------------------------
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the search thread; raises :class:`OverflowError` when too many wait,
-        :class:`asyncio.TimeoutError` after ``request_timeout_s``."""
-        with self._pending_lock:
-            if self._pending >= self.max_pending:
-                raise OverflowError("too many searches waiting")
-            self._pending += 1
-        try:
-            fut = self._worker.submit(fn)
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout)
-        finally:
-            with self._pending_lock:
-                self._pending -= 1
+    # -- names ------------------------------------------------------------------------------
+    def public_path(self, image_id: int) -> str:
+        """The name a client sees for a database image: its path relative to the indexed
+        folder (the manifest's ``source``), or its file name when it lies outside it. Never
+        a server path."""
+        p = os.path.normpath(os.path.join(self._cwd, self.paths[image_id]))
+        root = self.root
+        if root and p.startswith(root.rstrip(os.sep) + os.sep):
+            return os.path.relpath(p, root)
+        return os.path.basename(p)
 
     # -- queries ----------------------------------------------------------------------------
     def encode(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +261,12 @@ class SearchEngine:
     def search(self, mode: str, codes: np.ndarray, feats: np.ndarray, k: int, radius: int,
                max_candidates: int) -> dict[str, Any]:
         """One query through :meth:`Searcher.search` -> the ``dhf search --json`` record
-        (without ``query``). Worker thread only."""
+        (without ``query``; ``path`` relative to the indexed folder). Worker thread only."""
         batch = self.s.search(mode, codes, feats, k, radius, max_candidates)
         rows = results_to_records(batch, self.s)[0]
         res = batch.results[0]
         for row in rows:
+            row["path"] = self.public_path(row["id"])
             row["thumbnail_url"] = f"/images/{row['id']}?thumb=1"
             row["image_url"] = f"/images/{row['id']}"
         return {"mode": mode, "results": rows, "timing_ms": round(batch.timing_ms, 3),
@@ -158,22 +277,32 @@ class SearchEngine:
         """The stored path of a live database row (from the shards, never from a request)."""
         return self.paths[image_id]
 
-    def thumbnail(self, image_id: int) -> bytes:
-        """A JPEG of at most THUMB_PX x THUMB_PX (aspect kept), cached in memory."""
+    def cached_thumbnail(self, image_id: int) -> bytes | None:
         with self._thumb_lock:
             hit = self._thumbs.get(image_id)
             if hit is not None:
                 self._thumbs.move_to_end(image_id)
-                return hit
+            return hit
+
+    def thumbnail(self, image_id: int) -> bytes:
+        """A JPEG of at most THUMB_PX x THUMB_PX (aspect kept, EXIF orientation applied), cached."""
+        hit = self.cached_thumbnail(image_id)
+        if hit is not None:
+            return hit
         from PIL import Image
 
-        with Image.open(self.image_path(image_id)) as img:
-            check_pixels(img)
-            img.draft("RGB", (THUMB_PX, THUMB_PX))
-            img = _to_rgb(img)
+        with Image.open(self.image_path(image_id)) as raw:
+            reduce_while_decoding(raw, THUMB_PX)
+            check_pixels(raw)
+            big = raw.size[0] * raw.size[1] >= 4_000_000
+            raw.load()
+            img = _to_rgb(exif_oriented(raw))
             img.thumbnail((THUMB_PX, THUMB_PX), Image.LANCZOS)
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=88)
+            raw.close()
+        if big:
+            release_memory()
         data = buf.getvalue()
         with self._thumb_lock:
             self._thumbs[image_id] = data
@@ -200,8 +329,9 @@ class SearchEngine:
         m = self.s.manifest
         return {
             "version": __version__,
-            "index_dir": os.path.abspath(self.s.index_dir),
+            "generation": self.generation,
             "created": m.get("created"),
+            "updated": m.get("updated"),
             "count": int(m["count"]),
             "live_count": int(self.s.live_count()),
             "bits": int(m["bits"]),
@@ -217,6 +347,154 @@ class SearchEngine:
             "defaults": {"mode": "hds", "k": min(10, self.k_max), "radius": DEFAULT_RADIUS,
                          "max_candidates": DEFAULT_MAX_CANDIDATES},
         }
+
+
+class SearchEngine:
+    """The served index (an :class:`IndexView`, replaced when the index changes on disk)
+    behind a single search thread, plus the bounded decode slots.
+
+    Args:
+        searcher: an opened index (features preferably in memory).
+        request_timeout_s: how long a request waits for its search or a decode slot.
+        max_pending: requests allowed to wait for the worker (and, separately, for a decode slot) at once.
+        max_decodes: uploads and thumbnails decoded at once.
+        max_pixels: uploads with more decoded pixels are refused from their header.
+        reload_check_s: look at the manifest at most this often (on requests) and reopen
+            the index in the background when it changed; None: never.
+        device: where a reopened index runs ("auto", "cpu", "cuda").
+    """
+
+    def __init__(self, searcher: Searcher, request_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_pending: int = DEFAULT_MAX_PENDING, max_decodes: int = DEFAULT_MAX_DECODES,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 reload_check_s: float | None = DEFAULT_RELOAD_CHECK_S, device: str | None = None):
+        self.index_dir = searcher.index_dir
+        self.timeout = float(request_timeout_s)
+        self.max_pending = int(max_pending)
+        self.max_decodes = int(max_decodes)
+        self.max_pixels = max_pixels
+        self.reload_check_s = reload_check_s
+        self.device = device if device is not None else str(searcher.device)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._worker: ThreadPoolExecutor | None = None
+        self.open()
+        self.view = IndexView(searcher, _manifest_stamp(self.index_dir))
+        # decode slots: an asyncio semaphore of the running loop (a test client may start a new loop)
+        self._decode_sem: asyncio.Semaphore | None = None
+        self._decode_loop = None
+        self._decode_waiting = 0
+        self.decodes_active = 0
+        self.decodes_peak = 0
+        # reloading
+        self._reload_lock = threading.Lock()
+        self._reloader: threading.Thread | None = None
+        self._last_check = 0.0
+        self._failed: tuple[Any, float] | None = None
+        self.reload_error: str | None = None
+        self.reloads = 0
+
+    def open(self) -> None:
+        """(Re)start the search thread (the app's startup; after :meth:`close` too)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dhf-search")
+
+    def close(self) -> None:
+        """Stop the search thread (the app's shutdown); searches still queued are cancelled."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=False, cancel_futures=True)
+
+    # -- running on the worker -------------------------------------------------------------
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the search thread; raises :class:`Busy` when too many wait,
+        :class:`asyncio.TimeoutError` after ``request_timeout_s``."""
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                raise Busy("too many searches waiting")
+            self._pending += 1
+        try:
+            self.open()
+            fut = self._worker.submit(fn)
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    # -- decoding ----------------------------------------------------------------------------
+    async def decode(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run the decoding ``fn(*args)`` on the thread pool once one of the ``max_decodes``
+        slots is free. Raises :class:`Busy` when ``max_pending`` already wait for a slot or
+        none frees up within the request timeout."""
+        from starlette.concurrency import run_in_threadpool
+
+        loop = asyncio.get_running_loop()
+        if self._decode_loop is not loop:
+            self._decode_sem, self._decode_loop = asyncio.Semaphore(self.max_decodes), loop
+        sem = self._decode_sem
+        if self._decode_waiting >= self.max_pending:
+            raise Busy("too many images waiting to be decoded")
+        self._decode_waiting += 1
+        try:
+            await asyncio.wait_for(sem.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            raise Busy("no decode slot became free within the request timeout") from None
+        finally:
+            self._decode_waiting -= 1
+        self.decodes_active += 1
+        self.decodes_peak = max(self.decodes_peak, self.decodes_active)
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self.decodes_active -= 1
+            sem.release()
+
+    # -- reloading ---------------------------------------------------------------------------
+    def check_reload(self) -> None:
+        """Cheap (one ``stat``, at most every ``reload_check_s``): when the manifest changed
+        since the served view was opened, reopen the index on a background thread. Requests
+        keep the current view until the new one is complete."""
+        if self.reload_check_s is None:
+            return
+        now = time.monotonic()
+        if now - self._last_check < self.reload_check_s:
+            return
+        self._last_check = now
+        stamp = _manifest_stamp(self.index_dir)
+        if stamp is None or stamp == self.view.stamp:
+            return
+        if self._failed is not None and self._failed[0] == stamp and now - self._failed[1] < 10.0:
+            return  # that manifest failed to open a moment ago: retry later, not on every request
+        with self._reload_lock:
+            if self._reloader is not None and self._reloader.is_alive():
+                return
+            self._reloader = threading.Thread(target=self._reload, args=(stamp,), name="dhf-reload", daemon=True)
+            self._reloader.start()
+
+    def _reload(self, stamp) -> None:
+        from .api import open_index
+        from .store import read_manifest
+
+        try:
+            old = self.view
+            manifest = read_manifest(self.index_dir)
+            if manifest == old.s.manifest:  # touched or rewritten identically: nothing to reopen
+                old.stamp = stamp
+                return
+            searcher = open_index(self.index_dir, device=self.device, features_in_memory=True)
+            self.view = IndexView(searcher, stamp)  # one reference swap; requests in flight keep `old`
+            self.reloads += 1
+            self.reload_error = None
+            self._failed = None
+        except Exception as err:  # noqa: BLE001 - keep serving the generation that works
+            self.reload_error = one_line(f"{type(err).__name__}: {err}" if not isinstance(err, DhfError) else str(err))
+            self._failed = (stamp, time.monotonic())
+
+    def wait_reloaded(self, timeout: float = 60.0) -> None:
+        """Wait for a background reload in progress (tests, tools)."""
+        t = self._reloader
+        if t is not None:
+            t.join(timeout)
 
 
 # ---------------------------------------------------------------- request parsing
@@ -243,19 +521,24 @@ def _bad(msg: str, status: int = 422):
     return HTTPException(status_code=status, detail=msg)
 
 
-def _search_params(engine: SearchEngine, params: dict[str, Any]) -> tuple[str, int, int, int]:
+def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, int, int]:
+    """(mode, k, radius, max_candidates) from request fields, or 422 with one line: the
+    bounds of :func:`deephash_faiss.search.check_search_args` (the CLI's and the API's),
+    plus k <= min(K_LIMIT, live images)."""
     mode = str(params.get("mode") or "hds").lower()
     if mode not in MODES:
         raise _bad(f"mode must be one of {', '.join(MODES)}, got {mode[:20]!r}")
-    k = _int_param(params, "k", min(10, engine.k_max))
+    k = _int_param(params, "k", min(10, view.k_max))
     radius = _int_param(params, "radius", DEFAULT_RADIUS)
     maxc = _int_param(params, "max_candidates", DEFAULT_MAX_CANDIDATES)
-    if not 1 <= k <= engine.k_max:
-        raise _bad(f"k must be between 1 and {engine.k_max} (the index holds {engine.s.live_count()} images)")
-    if not 0 <= radius <= engine.s.bits:
-        raise _bad(f"radius must be between 0 and {engine.s.bits} (the code length)")
-    if maxc < 1:
-        raise _bad("max_candidates must be at least 1")
+    try:
+        check_search_args(k, radius, maxc, view.s.live_count())
+    except DhfError as err:
+        raise _bad(str(err).replace("max-candidates", "max_candidates")) from None
+    if k > view.k_max:
+        raise _bad(f"k must be between 1 and {view.k_max} (the index holds {view.s.live_count()} images)")
+    if radius > view.s.bits:
+        raise _bad(f"radius must be between 0 and {view.s.bits} (the code length)")
     return mode, k, radius, maxc
 
 
@@ -315,7 +598,9 @@ _SEARCH_OPENAPI = {
 
 def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                request_timeout_s: float = DEFAULT_TIMEOUT_S, max_pending: int = DEFAULT_MAX_PENDING,
-               searcher: Searcher | None = None):
+               searcher: Searcher | None = None, allowed_hosts: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_HOSTS,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, max_decodes: int = DEFAULT_MAX_DECODES,
+               reload_check_s: float | None = DEFAULT_RELOAD_CHECK_S):
     """Build the FastAPI app for one index directory (model and index load now).
 
     Args:
@@ -325,8 +610,13 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         request_timeout_s: a search not done by then gets 504.
         max_pending: searches allowed to wait for the search thread at once (then 503).
         searcher: an already opened :class:`Searcher` to serve instead of opening ``index_dir``.
+        allowed_hosts: ``Host`` header names served (others get 400); ``"*"`` for any.
+        max_pixels: uploads with more decoded pixels get 413 (None: PIL's bomb limit only).
+        max_decodes: uploads and thumbnails decoded at once (the others wait for a slot).
+        reload_check_s: how often (at most, on requests) to look for a new index generation;
+            None: serve the opened generation until restarted.
     Raises:
-        DhfError: the index cannot be opened.
+        DhfError: the index cannot be opened, or a setting is out of range.
     """
     if _IMPORT_ERROR is not None:
         raise DhfError(f"dhf serve needs FastAPI: pip install 'deephash-faiss[serve]' ({_IMPORT_ERROR})")
@@ -334,16 +624,29 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         raise DhfError("--max-upload-mb must be positive")
     if not request_timeout_s > 0:
         raise DhfError("the request timeout must be positive")
+    if max_pixels is not None and max_pixels < 1:
+        raise DhfError("--max-pixels must be positive")
+    if max_decodes < 1:
+        raise DhfError("--max-decodes must be at least 1")
+    hosts = [str(h).strip() for h in allowed_hosts if str(h).strip()]
+    if not hosts:
+        raise DhfError("no allowed host names (give --allow-host NAME, or '*' for any)")
     if searcher is None:
         from .api import open_index
 
         searcher = open_index(index_dir, device=device, features_in_memory=True)
-    engine = SearchEngine(searcher, request_timeout_s, max_pending)
+    engine = SearchEngine(searcher, request_timeout_s, max_pending, max_decodes, max_pixels, reload_check_s,
+                          device=device)
 
     from contextlib import asynccontextmanager
 
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.encoders import jsonable_encoder
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @asynccontextmanager
     async def lifespan(app):
+        engine.open()
         yield
         engine.close()
 
@@ -353,25 +656,44 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         description="Image retrieval with learned binary hash codes (Lin et al., CVPRW 2015): BCS (Hamming "
                     "ranking), HDS (Hamming pool + fc7 L2 rerank) and ES (exhaustive fc7 L2).",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.engine = engine
     app.state.max_upload_bytes = int(max_upload_bytes)
+    app.state.allowed_hosts = hosts
+    app.add_middleware(_CheckReload, engine=engine)
+    app.add_middleware(HostAllowList, hosts=hosts)  # outermost: a foreign Host gets nothing else
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return SafeJSONResponse({"detail": exc.detail}, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, 422)
 
     async def _run(fn):
         try:
             return await engine.run(fn)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"search took longer than {engine.timeout:g} s") from None
-        except OverflowError:
+        except Busy:
             raise HTTPException(503, "server busy: too many searches waiting, try again") from None
         except DhfError as err:
             raise HTTPException(422, str(err)) from None
+
+    async def _decode(fn, *args):
+        try:
+            return await engine.decode(fn, *args)
+        except Busy as err:
+            raise HTTPException(503, f"server busy: {err}, try again") from None
 
     @app.post("/search", openapi_extra=_SEARCH_OPENAPI, summary="Search by uploaded image or database id")
     async def search(request: Request):
         """Multipart (field ``image``) or JSON ``{"id": N}``; parameters in the body or the query string.
         Returns ``mode, query, query_id, results[{rank, id, path, label, hamming, distance,
         thumbnail_url, image_url}], timing_ms, encode_ms, candidates, truncated``."""
+        view = engine.view  # this request's generation, whatever reloads happen meanwhile
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         params: dict[str, Any] = dict(request.query_params)
         upload: bytes | None = None
@@ -407,6 +729,8 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
             body = await _read_body_limited(request, 64 * 1024)
             try:
                 data = json.loads(body or b"null")
+            except RecursionError:
+                raise _bad("the JSON body is nested too deeply") from None
             except ValueError:
                 raise _bad("the body is not valid JSON") from None
             if not isinstance(data, dict):
@@ -414,72 +738,80 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
             params.update(data)
         elif "id" not in params:
             raise _bad("send multipart/form-data with an 'image' file, or JSON {\"id\": N}", 415)
-        mode, k, radius, maxc = _search_params(engine, params)
+        mode, k, radius, maxc = _search_params(view, params)
         if upload is None:
             query_id = _int_param(params, "id", -1)
             if params.get("id") is None:
                 raise _bad("give an image upload or a database id")
-            if not engine.is_live(query_id):
-                raise _bad(f"no database image with id {query_id} (ids run 0..{engine.s.count - 1})")
-            query_name = engine.image_path(query_id)
+            if not view.is_live(query_id):
+                raise _bad(f"no database image with id {query_id} (ids run 0..{view.s.count - 1})")
+            query_name = view.public_path(query_id)
 
         t0 = time.perf_counter()
         if upload is not None:
-            from starlette.concurrency import run_in_threadpool
-
             try:
-                img = await run_in_threadpool(decode_image_bytes, upload, engine.load_size)
+                img = await _decode(decode_image_bytes, upload, view.load_size, engine.max_pixels)
+            except ImageTooLargeError as err:
+                raise _bad(f"the upload is too large to decode: {err}", 413) from None
             except ImageDecodeError as err:
-                status = 413 if "decompression bomb" in str(err) else 415
-                raise _bad(f"the upload is not a usable image: {err}", status) from None
+                raise _bad(f"the upload is not a usable image: {err}", 415) from None
+            del upload
 
             def job():
                 t = time.perf_counter()
-                codes, feats = engine.encode(img)
+                codes, feats = view.encode(img)
                 enc = (time.perf_counter() - t) * 1e3
-                return enc, engine.search(mode, codes, feats, k, radius, maxc)
+                return enc, view.search(mode, codes, feats, k, radius, maxc)
         else:
             def job():
                 t = time.perf_counter()
-                codes, feats = engine.stored_query(query_id)
+                codes, feats = view.stored_query(query_id)
                 enc = (time.perf_counter() - t) * 1e3
-                return enc, engine.search(mode, codes, feats, k, radius, maxc)
+                return enc, view.search(mode, codes, feats, k, radius, maxc)
 
         encode_ms, rec = await _run(job)
         out = {"mode": rec["mode"], "query": query_name, "query_id": query_id, "results": rec["results"],
                "timing_ms": rec["timing_ms"], "encode_ms": round(encode_ms, 3),
                "candidates": rec["candidates"], "truncated": rec["truncated"],
                "k": k, "radius": radius, "max_candidates": maxc,
-               "total_ms": round((time.perf_counter() - t0) * 1e3, 3)}
-        return JSONResponse(out)
+               "total_ms": round((time.perf_counter() - t0) * 1e3, 3), "generation": view.generation}
+        return SafeJSONResponse(out)
 
     @app.get("/images/{image_id}", summary="A database image (or its thumbnail) by id",
              responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
                         404: {"description": "no such image"}})
-    def image(image_id: int = Path(..., ge=0, le=2**62, description="database id (row number)"),
-              thumb: bool = Query(False, description=f"a JPEG of at most {THUMB_PX} px instead of the original")):
-        if not engine.is_live(image_id):
+    async def image(image_id: int = Path(..., ge=0, le=2**62, description="database id (row number)"),
+                    thumb: bool = Query(False, description=f"a JPEG of at most {THUMB_PX} px instead of the original")):
+        view = engine.view
+        if not view.is_live(image_id):
             raise HTTPException(404, f"no database image with id {image_id}")
+        cache = {"Cache-Control": "public, max-age=3600"}
         try:
             if thumb:
-                return Response(engine.thumbnail(image_id), media_type="image/jpeg",
-                                headers={"Cache-Control": "public, max-age=3600"})
-            data, media, path = engine.full_image(image_id)
+                data = view.cached_thumbnail(image_id) or await _decode(view.thumbnail, image_id)
+                return Response(data, media_type="image/jpeg", headers=cache)
+            data, media, path = await _decode(view.full_image, image_id)
+        except HTTPException:
+            raise
         except FileNotFoundError:
             raise HTTPException(404, f"the file of image {image_id} is missing on the server") from None
         except Exception as err:  # noqa: BLE001 - unreadable file on disk
             raise HTTPException(500, f"cannot read image {image_id}: {type(err).__name__}") from None
         if data is None:
-            return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
-        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+            return FileResponse(path, media_type=media, headers=cache)
+        return Response(data, media_type=media, headers=cache)
 
     @app.get("/healthz", summary="Liveness")
     def healthz():
-        return {"status": "ok", "count": engine.s.count, "live_count": engine.s.live_count()}
+        view = engine.view
+        out = {"status": "ok", "count": view.s.count, "live_count": view.s.live_count()}
+        if engine.reload_error:
+            out["reload_error"] = engine.reload_error
+        return out
 
     @app.get("/info", summary="What the index holds")
     def info():
-        return engine.info()
+        return engine.view.info()
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -489,16 +821,39 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
     return app
 
 
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def serve_hosts(host: str, allow_hosts=()) -> list[str]:
+    """The ``Host`` names a server listening on ``host`` answers to: the loopback names,
+    ``host`` itself unless it is a wildcard address (0.0.0.0, ::), and ``allow_hosts``."""
+    hosts = list(DEFAULT_ALLOWED_HOSTS)
+    if host.strip().lower() not in _WILDCARD_HOSTS:
+        hosts.append(host.strip())
+    hosts.extend(str(h) for h in allow_hosts)
+    return list(dict.fromkeys(hosts))
+
+
 def run(index_dir: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, request_timeout_s: float = DEFAULT_TIMEOUT_S,
-        log_level: str = "info", on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve ``index_dir`` with uvicorn until interrupted (one process, one search thread)."""
+        log_level: str = "info", on_ready: Callable[[str], None] | None = None,
+        allow_hosts: tuple[str, ...] | list[str] = (), max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_decodes: int = DEFAULT_MAX_DECODES) -> None:
+    """Serve ``index_dir`` with uvicorn until interrupted (one process, one search thread).
+
+    The allowed ``Host`` names are the loopback names, the address listened on (unless a
+    wildcard such as 0.0.0.0) and ``allow_hosts``."""
     import uvicorn
 
-    app = create_app(index_dir, device, max_upload_bytes, request_timeout_s)
+    hosts = serve_hosts(host, allow_hosts)
+    app = create_app(index_dir, device, max_upload_bytes, request_timeout_s, allowed_hosts=hosts,
+                     max_pixels=max_pixels, max_decodes=max_decodes)
     if on_ready:
-        n = app.state.engine.s.count
-        on_ready(f"serving {n} images from {index_dir} at http://{host}:{port}/ (API docs at /docs)")
+        n = app.state.engine.view.s.count
+        extra = [h for h in hosts if h not in DEFAULT_ALLOWED_HOSTS]
+        names = "any host name" if "*" in hosts else ", ".join(dict.fromkeys(list(DEFAULT_ALLOWED_HOSTS) + extra))
+        on_ready(f"serving {n} images from {index_dir} at http://{host}:{port}/ (API docs at /docs; "
+                 f"answering to {names})")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -22,6 +22,11 @@ from serve_helpers import build_tiny_index, write_query  # noqa: E402
 
 MODES = ("bcs", "hds", "es")
 UPLOAD_LIMIT = 200_000
+BASE_URL = "http://localhost"  # an allowed Host (TestClient's default "testserver" is not)
+
+
+def _client(app):
+    return TestClient(app, base_url=BASE_URL)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +51,7 @@ def app(serve_index):
 
 @pytest.fixture(scope="module")
 def client(app):
-    with TestClient(app) as c:
+    with _client(app) as c:
         yield c
 
 
@@ -103,7 +108,8 @@ def test_search_by_id_matches_searcher(client, searcher, mode):
     ids = np.array([qid])
     batch = searcher.search(mode, searcher.codes()[ids], searcher.store.gather(ids).astype(np.float32), 12, 2, 30)
     _assert_same(body["results"], batch)
-    assert body["query_id"] == qid and body["query"] == searcher.store.paths()[qid]
+    assert body["query_id"] == qid
+    assert body["query"] == os.path.relpath(searcher.store.paths()[qid], searcher.manifest["source"])
     if mode != "bcs":
         assert body["results"][0]["id"] == qid and body["results"][0]["distance"] == pytest.approx(0, abs=1e-4)
 
@@ -131,8 +137,11 @@ def test_json_shape_matches_cli(client, serve_index, queries):
     assert isinstance(body["timing_ms"], float) and body["timing_ms"] >= 0
     for api_row, cli_row in zip(body["results"], cli["results"], strict=True):
         assert set(api_row) == set(cli_row) | {"thumbnail_url", "image_url"}
-        for key in ("rank", "id", "path", "label", "hamming"):
+        for key in ("rank", "id", "label", "hamming"):
             assert api_row[key] == cli_row[key]
+        # the service names images relative to the indexed folder, never by server path
+        assert api_row["path"] == os.path.relpath(cli_row["path"], os.path.join(serve_index, "..", "images"))
+        assert not os.path.isabs(api_row["path"])
         assert api_row["distance"] == pytest.approx(cli_row["distance"], rel=1e-4, abs=1e-5)
         assert api_row["thumbnail_url"] == f"/images/{api_row['id']}?thumb=1"
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
@@ -180,7 +189,7 @@ def test_deleted_ids_are_not_served(serve_index):
     mask = np.zeros(s.count, bool)
     mask[3] = True
     s.index.deleted = mask
-    with TestClient(create_app(serve_index, searcher=s)) as c:
+    with _client(create_app(serve_index, searcher=s)) as c:
         assert c.get("/images/3").status_code == 404
         assert c.get("/images/4").status_code == 200
         assert c.post("/search", json={"id": 3}).status_code == 422
@@ -274,19 +283,19 @@ def test_timeout_is_504(serve_index, searcher):
 
     app = create_app(serve_index, searcher=searcher, request_timeout_s=0.2)
     engine = app.state.engine
-    real = engine.search
+    real = engine.view.search
 
     def slow(*a, **kw):
         time.sleep(2.0)
         return real(*a, **kw)
 
-    engine.search = slow
-    with TestClient(app) as c:
+    engine.view.search = slow
+    with _client(app) as c:
         t0 = time.perf_counter()
         resp = c.post("/search", json={"id": 1})
         assert resp.status_code == 504 and "longer than 0.2 s" in resp.json()["detail"]
         assert time.perf_counter() - t0 < 1.5  # answered before the 2 s search ends
-        engine.search = real
+        engine.view.search = real
         time.sleep(2.0)  # let the abandoned search finish on the worker
         assert c.post("/search", json={"id": 1}).status_code == 200
 
@@ -299,14 +308,14 @@ def test_busy_is_503(serve_index, searcher):
     app = create_app(serve_index, searcher=searcher, max_pending=1, request_timeout_s=5)
     engine = app.state.engine
     gate = threading.Event()
-    real = engine.search
+    real = engine.view.search
 
     def held(*a, **kw):
         gate.wait(5)
         return real(*a, **kw)
 
-    engine.search = held
-    with TestClient(app) as c:
+    engine.view.search = held
+    with _client(app) as c:
         results = {}
         t = threading.Thread(target=lambda: results.setdefault("first", c.post("/search", json={"id": 1})))
         t.start()
@@ -409,3 +418,343 @@ def test_decompression_bomb_upload_is_413(client, monkeypatch):
     resp = client.post("/search", files={"image": ("huge.png", _png_bytes(), "image/png")})
     assert resp.status_code == 413
     assert "decompression bomb" in resp.json()["detail"]
+
+
+# ---------------------------------------------------------------- file names, server paths, hosts
+
+@pytest.fixture(scope="module")
+def odd_index(serve_index, tmp_path_factory):
+    """A 6-image index (the serve index's model) whose names are not UTF-8: a class folder
+    b"circ\\xff" and a file b"\\xfe\\xff.png" (surrogate escapes in Python)."""
+    from deephash_faiss import api
+    from serve_helpers import write_images
+
+    base = tmp_path_factory.mktemp("odd")
+    images = str(base / "images")
+    write_images(images, per_class=2)
+    os.rename(os.path.join(images, "circles"), os.fsdecode(os.fsencode(os.path.join(images, "circ")) + b"\xff"))
+    os.rename(os.path.join(images, "stripes", "000.png"),
+              os.fsdecode(os.fsencode(os.path.join(images, "stripes")) + b"/\xfe\xff.png"))
+    out = str(base / "index")
+    api.build_index(images, out, os.path.join(serve_index, "..", "model.pt"), device="cpu", progress=False)
+    return out
+
+
+def test_non_utf8_names_are_served(odd_index, queries):
+    """Names with undecodable bytes come back as \\xNN text (was: 500 UnicodeEncodeError)."""
+    from deephash_faiss.serve import create_app
+
+    with _client(create_app(odd_index, device="cpu")) as c:
+        info = c.get("/info")
+        assert info.status_code == 200
+        assert "circ\\xff" in info.json()["classes"]
+        paths = c.post("/search", json={"id": 0, "mode": "es", "k": 6}).json()
+        names = {r["path"] for r in paths["results"]}
+        assert "stripes/\\xfe\\xff.png" in names and "circ\\xff/000.png" in names
+        assert {r["label"] for r in paths["results"]} == {"checks", "circ\\xff", "stripes"}
+        odd_id = next(r["id"] for r in paths["results"] if r["path"] == "stripes/\\xfe\\xff.png")
+        by_odd = c.post("/search", json={"id": odd_id, "k": 3})
+        assert by_odd.status_code == 200 and by_odd.json()["query"] == "stripes/\\xfe\\xff.png"
+        assert c.get(f"/images/{odd_id}?thumb=1").status_code == 200
+        up = _upload(c, queries["png"], mode="bcs", k=6)
+        assert up.status_code == 200 and len(up.json()["results"]) == 6
+
+
+def test_public_text():
+    from deephash_faiss.serve import public_text
+
+    assert public_text("plain/é.png") == "plain/é.png"
+    assert public_text(os.fsdecode(b"a\xff/b\xfe.png")) == "a\\xff/b\\xfe.png"
+    assert public_text("lone \ud800") == "lone \\ud800"
+    for s in (os.fsdecode(b"\xff"), "\ud800x"):
+        public_text(s).encode("utf-8")
+
+
+def _strings(x):
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _strings(v)
+
+
+def test_no_server_paths_in_responses(client, serve_index, queries):
+    server_dirs = {os.path.abspath(serve_index), os.path.dirname(os.path.abspath(serve_index)), os.getcwd()}
+    bodies = [client.get("/info").json(), client.get("/healthz").json(),
+              client.post("/search", json={"id": 3, "k": 20}).json(),
+              _upload(client, queries["jpg"], mode="es", k=20).json()]
+    assert "index_dir" not in bodies[0]
+    for body in bodies:
+        for s in _strings(body):
+            assert not os.path.isabs(s) or s.startswith("/images/"), s
+            assert not any(d in s for d in server_dirs), s
+    rows = bodies[2]["results"]
+    assert all(r["path"].split("/")[0] in ("circles", "stripes", "checks") for r in rows)
+    assert bodies[2]["query"].startswith(("circles/", "stripes/", "checks/"))
+
+
+@pytest.mark.parametrize("host, ok", [
+    ("localhost", True), ("localhost:8000", True), ("LOCALHOST.", True), ("127.0.0.1:8000", True),
+    ("[::1]:8000", True), ("[::1]", True), ("evil.example", False), ("evil.example:8000", False),
+    ("localhost.evil.example", False), ("127.0.0.1.nip.io", False), ("", False),
+])
+def test_host_header_allow_list(app, host, ok):
+    with _client(app) as c:
+        resp = c.get("/healthz", headers={"host": host})
+        assert resp.status_code == (200 if ok else 400), (host, resp.text)
+        if not ok:
+            assert "--allow-host" in resp.json()["detail"]
+            assert c.post("/search", json={"id": 1}, headers={"host": host}).status_code == 400
+            assert c.get("/images/1", headers={"host": host}).status_code == 400
+
+
+def test_allow_host_option(serve_index, searcher):
+    from deephash_faiss.serve import create_app
+
+    app = create_app(serve_index, searcher=searcher, allowed_hosts=["localhost", "search.example.org", "*.lan"])
+    with _client(app) as c:
+        for host, code in (("search.example.org", 200), ("search.example.org:443", 200), ("pi.lan", 200),
+                           ("127.0.0.1", 400), ("example.org", 400)):
+            assert c.get("/healthz", headers={"host": host}).status_code == code, host
+    with TestClient(create_app(serve_index, searcher=searcher, allowed_hosts=["*"])) as c:
+        assert c.get("/healthz", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_serve_hosts_include_the_bound_address():
+    from deephash_faiss.serve import host_name, serve_hosts
+
+    assert set(serve_hosts("127.0.0.1", ())) == {"localhost", "127.0.0.1", "[::1]"}
+    assert "192.168.1.5" in serve_hosts("192.168.1.5", ())
+    assert "0.0.0.0" not in serve_hosts("0.0.0.0", ["box.lan"]) and "box.lan" in serve_hosts("0.0.0.0", ["box.lan"])
+    assert host_name("::1") == "[::1]" and host_name("[fe80::1]:80") == "[fe80::1]"
+    assert host_name("Example.ORG:8080") == "example.org"
+
+
+# ---------------------------------------------------------------- request limits
+
+@pytest.mark.parametrize("body", [
+    b"[" * 30_000 + b"]" * 30_000,
+    b'{"id": 1, "mode": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+    b'{"id": 1, "x": ' + b'{"a":' * 9000 + b"1" + b"}" * 9000 + b"}",
+], ids=["lists", "in-a-field", "objects"])
+def test_deeply_nested_json_is_422(client, body):
+    resp = client.post("/search", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 422, resp.text[:200]
+    assert "nested too deeply" in resp.json()["detail"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_candidates", 10**30), ("max_candidates", 2**63), ("max_candidates", "99999999999999999999"),
+    ("radius", 10**30), ("radius", 2**64), ("k", 10**30), ("k", -(10**30)),
+])
+def test_huge_parameters_are_422_not_503(client, field, value):
+    for mode in MODES:
+        resp = client.post("/search", json={"id": 5, "mode": mode, field: value})
+        assert resp.status_code == 422, (mode, field, resp.status_code, resp.text[:200])
+        detail = resp.json()["detail"]
+        assert isinstance(detail, str) and field in detail and len(detail) < 200 and "busy" not in detail
+
+
+# ---------------------------------------------------------------- decode memory and concurrency
+
+def test_huge_dimension_upload_is_413_before_decoding(client, monkeypatch):
+    """A 9400 x 9400 grayscale PNG of 86 KB (the tryout's case): refused from its header."""
+    from test_decode import crafted_png
+
+    from deephash_faiss import data
+
+    data_png = crafted_png(9400, 9400, 0)
+    assert len(data_png) < 100_000
+    loads = []
+    monkeypatch.setattr(data, "_rgb_square", lambda *a: loads.append(a) or pytest.fail("decoded"))
+    resp = client.post("/search", files={"image": ("huge.png", data_png, "image/png")})
+    assert resp.status_code == 413, resp.text
+    assert "88360000 pixels exceeds the limit of 25000000" in resp.json()["detail"]
+    assert loads == []
+
+
+def test_max_pixels_setting(serve_index, searcher):
+    from deephash_faiss.serve import create_app
+
+    with _client(create_app(serve_index, searcher=searcher, max_pixels=500)) as c:
+        resp = c.post("/search", files={"image": ("q.png", _png_bytes(), "image/png")})  # 20 x 30 = 600 px
+        assert resp.status_code == 413 and "limit of 500 pixels" in resp.json()["detail"]
+    with _client(create_app(serve_index, searcher=searcher, max_pixels=600)) as c:
+        assert c.post("/search", files={"image": ("q.png", _png_bytes(), "image/png")}).status_code == 200
+
+
+def test_concurrent_decodes_never_exceed_the_limit(serve_index, searcher, monkeypatch):
+    """8 uploads at once (plus thumbnails) with max_decodes=2: never more than 2 decodes run."""
+    import threading
+
+    from deephash_faiss import serve
+    from deephash_faiss.serve import create_app
+
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def counted(fn):
+        def wrapper(*a, **kw):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.15)
+                return fn(*a, **kw)
+            finally:
+                with lock:
+                    active[0] -= 1
+        return wrapper
+
+    monkeypatch.setattr(serve, "decode_image_bytes", counted(serve.decode_image_bytes))
+    app = create_app(serve_index, searcher=searcher, max_decodes=2)
+    view = app.state.engine.view
+    view.thumbnail = counted(view.thumbnail)
+    with _client(app) as c:
+        codes = []
+
+        def up():
+            codes.append(c.post("/search", files={"image": ("q.png", _png_bytes(), "image/png")}).status_code)
+
+        def thumb(i):
+            codes.append(c.get(f"/images/{i}?thumb=1").status_code)
+
+        threads = [threading.Thread(target=up) for _ in range(8)] + \
+                  [threading.Thread(target=thumb, args=(i,)) for i in range(40, 44)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert codes == [200] * 12
+    assert peak[0] == 2 and app.state.engine.decodes_peak == 2
+
+
+def test_waiting_for_a_decode_slot_times_out_as_503(serve_index, searcher, monkeypatch):
+    import threading
+
+    from deephash_faiss import serve
+    from deephash_faiss.serve import create_app
+
+    gate = threading.Event()
+    real = serve.decode_image_bytes
+    monkeypatch.setattr(serve, "decode_image_bytes", lambda *a: (gate.wait(10), real(*a))[1])
+    app = create_app(serve_index, searcher=searcher, max_decodes=1, request_timeout_s=0.5)
+    with _client(app) as c:
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault(
+            "r", c.post("/search", files={"image": ("q.png", _png_bytes(), "image/png")})))
+        t.start()
+        deadline = time.monotonic() + 5
+        while app.state.engine.decodes_active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = c.post("/search", files={"image": ("q.png", _png_bytes(), "image/png")})
+        gate.set()
+        t.join(10)
+    assert second.status_code == 503 and "decode" in second.json()["detail"]
+    assert first["r"].status_code == 200
+
+
+# ---------------------------------------------------------------- a new generation on disk
+
+@pytest.fixture
+def own_index(serve_index, tmp_path):
+    """A private copy of the serve index (this test changes it)."""
+    import shutil
+
+    dst = str(tmp_path / "index")
+    shutil.copytree(serve_index, dst)
+    return dst
+
+
+def test_reload_after_remove_and_compact(own_index):
+    from deephash_faiss import maintain
+    from deephash_faiss.serve import create_app
+
+    app = create_app(own_index, device="cpu", reload_check_s=0)
+    engine = app.state.engine
+    with _client(app) as c:
+        assert c.get("/images/3").status_code == 200
+        assert 3 in [r["id"] for r in c.post("/search", json={"id": 4, "mode": "es", "k": 60}).json()["results"]]
+        gen = c.get("/info").json()["generation"]
+
+        maintain.remove(own_index, ids=[3])
+        c.get("/healthz")  # any request notices the new manifest; the reopen runs in the background
+        engine.wait_reloaded()
+        assert c.get("/info").json()["generation"] > gen
+        assert c.get("/images/3").status_code == 404
+        assert c.post("/search", json={"id": 3}).status_code == 422
+        body = c.post("/search", json={"id": 4, "mode": "es", "k": 59}).json()
+        assert 3 not in [r["id"] for r in body["results"]] and len(body["results"]) == 59
+        assert c.get("/healthz").json() == {"status": "ok", "count": 60, "live_count": 59}
+
+        maintain.compact(own_index)  # ids renumbered: 59 rows 0..58
+        c.get("/healthz")
+        engine.wait_reloaded()
+        assert c.get("/healthz").json() == {"status": "ok", "count": 59, "live_count": 59}
+        assert c.get("/images/59").status_code == 404
+        assert c.post("/search", json={"id": 4, "mode": "es", "k": 59}).status_code == 200
+        assert engine.reloads == 2 and engine.reload_error is None
+
+
+def test_requests_in_flight_finish_on_their_generation(own_index):
+    """A search held on the worker while the index changes and the server swaps to the new
+    generation: it still answers 200 from the old one; the next request sees the new one."""
+    import threading
+
+    from deephash_faiss import maintain
+    from deephash_faiss.serve import create_app
+
+    app = create_app(own_index, device="cpu", reload_check_s=0, request_timeout_s=30)
+    engine = app.state.engine
+    old_view = engine.view
+    gate, entered = threading.Event(), threading.Event()
+    real = old_view.search
+
+    def held(*a, **kw):
+        entered.set()
+        gate.wait(20)
+        return real(*a, **kw)
+
+    old_view.search = held
+    with _client(app) as c:
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault(
+            "r", c.post("/search", json={"id": 4, "mode": "es", "k": 60})))
+        t.start()
+        assert entered.wait(20)
+        maintain.remove(own_index, ids=[3])
+        c.get("/healthz")
+        engine.wait_reloaded()
+        assert engine.view is not old_view
+        after = c.post("/search", json={"id": 4, "mode": "es", "k": 59}).json()
+        gate.set()
+        t.join(20)
+    r = first["r"]
+    assert r.status_code == 200 and 3 in [x["id"] for x in r.json()["results"]]
+    assert r.json()["generation"] < after["generation"]
+    assert 3 not in [x["id"] for x in after["results"]]
+
+
+def test_a_broken_new_generation_keeps_the_old_one_serving(own_index):
+    from deephash_faiss.serve import create_app
+
+    app = create_app(own_index, device="cpu", reload_check_s=0)
+    engine = app.state.engine
+    with _client(app) as c:
+        mpath = os.path.join(own_index, "manifest.json")
+        with open(mpath) as f:
+            m = json.load(f)
+        m["generation"] = m.get("generation", 1) + 1
+        m["index"]["file"] = "codes-missing.index"
+        with open(mpath + ".new", "w") as f:
+            json.dump(m, f)
+        os.replace(mpath + ".new", mpath)
+        c.get("/healthz")
+        engine.wait_reloaded()
+        health = c.get("/healthz").json()
+        assert health["status"] == "ok" and health["live_count"] == 60
+        assert "reload_error" in health and "\n" not in health["reload_error"]
+        assert c.post("/search", json={"id": 1}).status_code == 200

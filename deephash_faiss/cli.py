@@ -744,11 +744,19 @@ def demo(out, epochs, bits, device, quiet):
               help="Seconds a search may take before the request gets 504.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
-def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level):
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for this Host name (repeatable; '*.example.org' for subdomains, '*' for "
+                   "any). Loopback names and the --host address are always allowed; others get 400.")
+@click.option("--max-pixels", default=25_000_000, show_default=True, type=click.IntRange(1),
+              help="Largest upload in decoded pixels (after a JPEG's DCT reduction); 413 above, from the header.")
+@click.option("--max-decodes", default=2, show_default=True, type=click.IntRange(1),
+              help="Uploads and thumbnails decoded at once (bounds decode memory).")
+def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level, allow_hosts, max_pixels, max_decodes):
     """Serve an index over HTTP: a search page at /, the JSON API at /search, docs at /docs.
 
     The model, codes and features load once at start; searches run one at a time on a
-    dedicated thread. Needs the serve extra: pip install "deephash-faiss[serve]".
+    dedicated thread. After `dhf add` / `remove` / `compact` the server reopens the index
+    by itself. Needs the serve extra: pip install "deephash-faiss[serve]".
     """
     index_dir = _index_dir(None, index_opt)
     if max_upload_mb <= 0:
@@ -758,7 +766,8 @@ def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level):
     _require_extra("fastapi", "uvicorn")
     from . import serve as serve_mod
 
-    serve_mod.run(index_dir, host, port, device, int(max_upload_mb * 2**20), timeout_s, log_level, on_ready=_log)
+    serve_mod.run(index_dir, host, port, device, int(max_upload_mb * 2**20), timeout_s, log_level, on_ready=_log,
+                  allow_hosts=allow_hosts, max_pixels=max_pixels, max_decodes=max_decodes)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -532,13 +532,11 @@ def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, i
     radius = _int_param(params, "radius", DEFAULT_RADIUS)
     maxc = _int_param(params, "max_candidates", DEFAULT_MAX_CANDIDATES)
     try:
-        check_search_args(k, radius, maxc, view.s.live_count())
+        check_search_args(k, radius, maxc, view.s.live_count(), bits=view.s.bits)
     except DhfError as err:
         raise _bad(str(err).replace("max-candidates", "max_candidates")) from None
     if k > view.k_max:
         raise _bad(f"k must be between 1 and {view.k_max} (the index holds {view.s.live_count()} images)")
-    if radius > view.s.bits:
-        raise _bad(f"radius must be between 0 and {view.s.bits} (the code length)")
     return mode, k, radius, maxc
 
 

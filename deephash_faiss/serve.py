@@ -320,7 +320,8 @@ class IndexView:
             if media:
                 return None, media, path
             check_pixels(img)
-            img = _to_rgb(img)
+            img.load()
+            img = _to_rgb(exif_oriented(img))
             buf = io.BytesIO()
             img.save(buf, "PNG")
         return buf.getvalue(), "image/png", path
@@ -361,7 +362,7 @@ class SearchEngine:
         max_pixels: uploads with more decoded pixels are refused from their header.
         reload_check_s: look at the manifest at most this often (on requests) and reopen
             the index in the background when it changed; None: never.
-        device: where a reopened index runs ("auto", "cpu", "cuda").
+        device: where a reopened index runs (default: where ``searcher`` runs).
     """
 
     def __init__(self, searcher: Searcher, request_timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -633,8 +634,7 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         from .api import open_index
 
         searcher = open_index(index_dir, device=device, features_in_memory=True)
-    engine = SearchEngine(searcher, request_timeout_s, max_pending, max_decodes, max_pixels, reload_check_s,
-                          device=device)
+    engine = SearchEngine(searcher, request_timeout_s, max_pending, max_decodes, max_pixels, reload_check_s)
 
     from contextlib import asynccontextmanager
 

@@ -141,6 +141,66 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
+def crafted_png(width: int, height: int, color_type: int = 0) -> bytes:
+    """A valid all-black PNG of any size that stays small (zlib of zero rows), written
+    without ever holding the raster: ``color_type`` 0 = L, 2 = RGB, 6 = RGBA (8-bit).
+    A 9400 x 9400 grayscale one is the tryout's 86 KB upload."""
+    bpp = {0: 1, 2: 3, 6: 4}[color_type]
+    co = zlib.compressobj(9)
+    row = b"\0" * (1 + width * bpp)
+    idat = b"".join([co.compress(row) for _ in range(height)] + [co.flush()])
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+_MEASURE_DECODE = r"""
+import inspect, json, resource, sys, threading
+sys.path.insert(0, sys.argv[1])
+from deephash_faiss.data import decode_image
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+data = open(sys.argv[2], "rb").read()
+threads, max_pixels, size, repeat = int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+kw = {} if max_pixels == "none" or "max_pixels" not in inspect.signature(decode_image).parameters else \
+    {"max_pixels": int(max_pixels)}
+peak0, rss0, errors = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss(), []
+def go():
+    for _ in range(repeat):
+        try:
+            decode_image(data, size, **kw)
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {err}")
+workers = [threading.Thread(target=go) for _ in range(threads)]
+[t.start() for t in workers]
+[t.join() for t in workers]
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak0,
+                  "after_mib": rss() - rss0, "errors": errors}))
+"""
+
+
+def measure_decode(path: str, threads: int = 1, max_pixels: int | None = None, size: int = 224,
+                   repeat: int = 2, repo: str | None = None) -> dict:
+    """Decode the file ``path`` with ``data.decode_image`` in a fresh Python process:
+    ``threads`` threads at once, each ``repeat`` times in a row (as a server does: glibc
+    keeps the memory of a second large decode where it mmapped the first). ``repo``: the
+    checkout to import (default this one; an older one without ``max_pixels`` is called
+    without it).
+
+    Returns {"peak_mib": growth of the process's peak RSS, "after_mib": growth of its RSS
+    once the decodes are done, "errors": ["Type: message", ...]}. Linux only (/proc)."""
+    import json
+    import subprocess
+    import sys
+
+    repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _MEASURE_DECODE, repo, path, str(threads),
+                          "none" if max_pixels is None else str(max_pixels), str(size), str(repeat)],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)
+
+
 def make_bad(root: str, cls_dirs=("a_class", "b_class")) -> Corpus:
     """Files that must be skipped with a reason (never crash, never indexed)."""
     c = Corpus(root)

@@ -1,79 +1,28 @@
 """Image decoding conventions and memory (deephash_faiss.data.decode_image, scan_images).
 
-Memory is measured in a fresh subprocess (its peak RSS and its RSS afterwards), so the test
-process's own history cannot hide or fake an allocation; the thresholds sit far from both
-the old and the new behaviour (numbers in docs/reliability.md).
+Memory is measured in a fresh subprocess (``corpus.measure_decode``: its peak RSS and its RSS
+afterwards), so the test process's own history cannot hide or fake an allocation; the
+thresholds sit far from both the old and the new behaviour (numbers in docs/reliability.md,
+from benchmarks/bench_decode_memory.py).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import struct
-import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
+from corpus import crafted_png, measure_decode
 
 from deephash_faiss.data import (ImageDecodeError, ImageTooLargeError, decode_image, scan_images,
                                  unsupported_image_reason)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
     GLIBC_LINUX = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
 except (AttributeError, ValueError, OSError):
     GLIBC_LINUX = False
-
-
-def crafted_png(width: int, height: int, color_type: int = 0) -> bytes:
-    """A valid all-black PNG of any size that stays small on disk (zlib of zero rows),
-    written without ever holding the raster: color_type 0 = L, 2 = RGB, 6 = RGBA."""
-    bpp = {0: 1, 2: 3, 6: 4}[color_type]
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    co = zlib.compressobj(9)
-    row = b"\0" * (1 + width * bpp)
-    idat = b"".join([co.compress(row) for _ in range(height)] + [co.flush()])
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-_MEASURE = r"""
-import json, resource, sys, threading
-sys.path.insert(0, sys.argv[1])
-from deephash_faiss.data import decode_image
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-data = open(sys.argv[2], "rb").read()
-max_pixels = None if sys.argv[4] == "none" else int(sys.argv[4])
-peak0, rss0, errors = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss(), []
-def go():
-    try:
-        decode_image(data, 224, max_pixels)
-    except Exception as err:
-        errors.append(f"{type(err).__name__}: {err}")
-threads = [threading.Thread(target=go) for _ in range(int(sys.argv[3]))]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak0,
-                  "after_mib": rss() - rss0, "errors": errors}))
-"""
-
-
-def measure_decode(path: str, threads: int = 1, max_pixels: int | None = None) -> dict:
-    """Decode ``path`` in a fresh process (``threads`` at once): peak RSS growth and RSS
-    growth afterwards, in MiB, plus the errors raised."""
-    import json
-
-    out = subprocess.run([sys.executable, "-c", _MEASURE, REPO, path, str(threads),
-                          "none" if max_pixels is None else str(max_pixels)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc for RSS")
@@ -100,15 +49,15 @@ def test_huge_dimension_png_is_refused_without_decoding(tmp_path):
         f.write(crafted_png(6000, 6000))
     assert os.path.getsize(p) < 100_000
     m = measure_decode(p, threads=4, max_pixels=25_000_000)
-    assert len(m["errors"]) == 4 and all("ImageTooLargeError" in e for e in m["errors"])
+    assert len(m["errors"]) == 8 and all("ImageTooLargeError" in e for e in m["errors"])  # 4 threads x 2
     assert m["peak_mib"] < 20, m
 
 
 @needs_proc
 def test_grayscale_is_resized_before_it_becomes_rgb(tmp_path):
     """A 6000 x 6000 grayscale PNG (36 MB raster): the decode used to convert it to RGB
-    (+108 MB) before resizing; now its peak stays near the raster itself (measured: +41 MiB,
-    was +176 MiB)."""
+    (+108 MB) before resizing; now its peak stays near the raster itself (measured: +37 MiB,
+    was +173 MiB)."""
     p = str(tmp_path / "grey.png")
     with open(p, "wb") as f:
         f.write(crafted_png(6000, 6000, 0))
@@ -120,8 +69,8 @@ def test_grayscale_is_resized_before_it_becomes_rgb(tmp_path):
 @needs_proc
 @pytest.mark.skipif(not GLIBC_LINUX, reason="malloc_trim is glibc's")
 def test_memory_goes_back_after_a_large_decode(tmp_path):
-    """A 6000 x 6000 RGB PNG decode: afterwards the process is back near where it started
-    (measured +4 MiB; glibc used to keep +79 MiB in its arenas)."""
+    """Two 6000 x 6000 RGB PNG decodes in a row: afterwards the process is back near where
+    it started (measured +10 MiB; glibc used to keep +147 MiB in its arenas)."""
     p = str(tmp_path / "rgb.png")
     with open(p, "wb") as f:
         f.write(crafted_png(6000, 6000, 2))

@@ -563,7 +563,7 @@ def test_huge_parameters_are_422_not_503(client, field, value):
 
 def test_huge_dimension_upload_is_413_before_decoding(client, monkeypatch):
     """A 9400 x 9400 grayscale PNG of 86 KB (the tryout's case): refused from its header."""
-    from test_decode import crafted_png
+    from corpus import crafted_png
 
     from deephash_faiss import data
 

@@ -344,7 +344,8 @@ class IndexView:
             "index": {k: v for k, v in m["index"].items() if k != "file"},
             "device": str(self.s.device),
             "modes": list(MODES),
-            "limits": {"k_max": self.k_max, "radius_max": int(m["bits"]), "max_candidates_min": 1},
+            # radius: pools hold distances < radius, so bits + 1 pools every code (search.check_search_args)
+            "limits": {"k_max": self.k_max, "radius_max": int(m["bits"]) + 1, "max_candidates_min": 1},
             "defaults": {"mode": "hds", "k": min(10, self.k_max), "radius": DEFAULT_RADIUS,
                          "max_candidates": DEFAULT_MAX_CANDIDATES},
         }

@@ -255,7 +255,7 @@ def test_bad_requests(client):
 @pytest.mark.parametrize("params, ok", [
     ({"k": 0}, False), ({"k": -3}, False), ({"k": 60}, True), ({"k": 61}, False), ({"k": 1000}, False),
     ({"k": "ten"}, False), ({"k": 2.5}, False), ({"radius": -1}, False), ({"radius": 0}, True),
-    ({"radius": 16}, True), ({"radius": 17}, False), ({"max_candidates": 0}, False),
+    ({"radius": 16}, True), ({"radius": 17}, True), ({"radius": 18}, False), ({"max_candidates": 0}, False),
     ({"max_candidates": 1}, True), ({"mode": "fast"}, False), ({"mode": "ES"}, True),
 ])
 def test_parameter_bounds(client, params, ok):
@@ -351,7 +351,7 @@ def test_info(client):
     assert info["model"]["backbone"] == "smallcnn" and info["feature_dim"] == 512
     assert sorted(info["classes"]) == ["checks", "circles", "stripes"]
     assert info["index"]["type"] == "flat"
-    assert info["limits"] == {"k_max": 60, "radius_max": 16, "max_candidates_min": 1}
+    assert info["limits"] == {"k_max": 60, "radius_max": 17, "max_candidates_min": 1}
 
 
 def test_docs_and_openapi(client):

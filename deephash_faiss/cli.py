@@ -411,12 +411,16 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
               help="HDS pools codes at Hamming distance < RADIUS (0 to bits + 1, which pools all).")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int,
               help="HDS pool cap (nearest codes first).")
-@click.option("--model", "model_path", default=None, help="Encode queries with this model instead of the index's.")
+@click.option("--model", "model_path", default=None,
+              help="Encode queries with this checkpoint; must be the index's model (same sha256).")
+@click.option("--allow-other-model", is_flag=True,
+              help="Accept a --model with other weights (same width): its codes are not comparable in general.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON instead of a table: always a list, one object per query.")
 @_device_opt
 @_quiet_opt
-def search(queries, index_opt, mode, k, radius, max_candidates, model_path, as_json, device, quiet):
+def search(queries, index_opt, mode, k, radius, max_candidates, model_path, allow_other_model, as_json, device,
+           quiet):
     """Search the index with one or more query images.
 
     \b
@@ -438,9 +442,7 @@ def search(queries, index_opt, mode, k, radius, max_candidates, model_path, as_j
     if k > s.live_count():
         raise DhfError(f"-k {k} is larger than the index ({_plural(s.live_count(), 'image')})")
     if model_path:
-        from .model import load_model
-
-        s.set_model(load_model(model_path))
+        s.use_model_file(model_path, allow_other_model=allow_other_model)
     t0 = time.perf_counter()
     codes, feats, bad = s.encode(paths, skip_bad=True, progress=not quiet and len(paths) > 1)
     encode_ms = (time.perf_counter() - t0) * 1e3

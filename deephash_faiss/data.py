@@ -127,14 +127,20 @@ def _bad_link_reason(path: str) -> str:
 def scan_images(root: str | os.PathLike) -> ImageList:
     """Find images under ``root`` (recursively), labelled by top-level subfolder.
 
+    Paths come back in the form the index stores, :func:`deephash_faiss.store.canonical_path`
+    (absolute, normalised, symlinks not resolved), whatever the working directory.
+
     Raises:
         DhfError: ``root`` does not exist or is not a directory.
     """
+    from .store import canonical_path
+
     root = os.fspath(root)
     if not os.path.exists(root):
         raise DhfError(f"no such folder: {root}")
     if not os.path.isdir(root):
         raise DhfError(f"not a folder: {root}")
+    root = canonical_path(root)
     skipped: list[tuple[str, str]] = []
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)

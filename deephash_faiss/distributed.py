@@ -376,8 +376,9 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
         local_del = deleted[(deleted >= lo) & (deleted < hi)] - lo
         man = {**m, "created": m.get("created"), "count": hi - lo, "shards": shards,
                "model": {**m["model"], "file": "model.pt" if model_src else None},
-               "index": {**m["index"], "file": "codes.index",
-                         "sha256": file_sha256(os.path.join(d, "codes.index"))},
+               # a new code index: its sha256 and size are recorded by write_manifest
+               "index": {**{k: v for k, v in m["index"].items() if k not in ("sha256", "size")},
+                         "file": "codes.index"},
                "skipped": 0, "skipped_file": "skipped.tsv", "deleted": [int(x) for x in local_del],
                "id_offset": lo,
                "split": {"source": os.path.abspath(index_dir), "part": i, "parts": n, "total_count": count}}

@@ -39,16 +39,48 @@ def _quiet(_: str) -> None:
 
 
 def norm_path(p: str) -> str:
-    """How paths are compared for ``add``/``remove``: absolute (from the current
-    directory) and normalised; symlinks are not resolved."""
-    return os.path.normpath(os.path.abspath(p))
+    """How a path given by the user is compared for ``add``/``remove``: the stored form,
+    :func:`deephash_faiss.store.canonical_path` (absolute from the current directory,
+    normalised, symlinks not resolved)."""
+    from .store import canonical_path
+
+    return canonical_path(p)
+
+
+def _legacy_resolve(source: str, p: str) -> str | None:
+    """Where a relative path stored by an older dhf (relative to the build's working
+    directory, unknown) lies, from the manifest's ``source`` (the absolute images folder).
+
+    The stored path was ``ROOT/tail`` with ``ROOT`` as typed and ``source`` =
+    abspath(``ROOT``): after ``ROOT``'s leading ``..`` parts, its remaining parts are the last
+    parts of ``source``; the longest such overlap with the path's first parts is taken.
+    """
+    if not os.path.isabs(source):
+        return None
+    parts = [x for x in os.path.normpath(p).split(os.sep) if x not in ("", ".")]
+    while parts and parts[0] == "..":
+        parts.pop(0)
+    src = [x for x in source.split(os.sep) if x]
+    for m in range(min(len(src), len(parts) - 1), -1, -1):
+        if src[len(src) - m:] == parts[:m]:
+            return os.path.join(source, *parts[m:])
+    return None
 
 
 def _live_paths(store, deleted: set[int]) -> dict[str, int]:
+    """Canonical path -> id of every live row. Paths stored relative by an older dhf are
+    entered both resolved from the current directory (as they were compared before) and
+    from the manifest's ``source`` (:func:`_legacy_resolve`)."""
+    source = str(store.manifest.get("source") or "")
     out: dict[str, int] = {}
     for i, p in enumerate(store.paths()):
-        if i not in deleted:
-            out.setdefault(norm_path(p), i)
+        if i in deleted:
+            continue
+        out.setdefault(norm_path(p), i)
+        if not os.path.isabs(p):
+            q = _legacy_resolve(source, p)
+            if q is not None:
+                out.setdefault(q, i)
     return out
 
 
@@ -88,7 +120,7 @@ def add_images(
     from .data import scan_images
     from .index import BinaryIndex, IndexSpec
     from .model import file_sha256, load_model, resolve_device
-    from .store import FeatureStore, read_manifest
+    from .store import FeatureStore, check_open, checked_code_index_path, read_manifest
 
     t0 = time.perf_counter()
     if shard_size < 1 or batch_size < 1:
@@ -109,6 +141,11 @@ def add_images(
             if sha != old["model"]["sha256"]:
                 raise DhfError(f"{model_path} is not the model this index was built with (sha256 {sha[:12]}… vs "
                                f"{old['model']['sha256'][:12]}…): codes would not be comparable; rebuild instead")
+        # the new code index is the old one plus the new codes: check it (sha256) and the
+        # shards' sizes before building on them, or a tampered file would be committed with
+        # a fresh checksum and `verify` would call it OK
+        check_open(index_dir, old)
+        code_index_path = checked_code_index_path(index_dir, old)
         store = FeatureStore(index_dir, old)
         deleted = set(int(i) for i in old.get("deleted", []))
         live = _live_paths(store, deleted)
@@ -150,7 +187,7 @@ def add_images(
         shards, codes, bad, count = api.publish_shards(index_dir, part_dir, range(nshards), int(old["count"]), gen,
                                                        name_offset=len(old["shards"]))
         spec = IndexSpec.from_dict(old["index"])
-        idx = BinaryIndex.load(os.path.join(index_dir, old["index"]["file"]), spec, int(old["bits"]))
+        idx = BinaryIndex.load(code_index_path, spec, int(old["bits"]))
         if idx.ntotal != int(old["count"]):
             raise DhfError(f"{index_dir}: code index holds {idx.ntotal} codes, the manifest {old['count']} "
                            f"(run `dhf verify`)")
@@ -238,7 +275,7 @@ def compact(index_dir: str) -> CompactReport:
     """Rewrite the index without its deleted rows (ids are renumbered 0..n-1, order kept)."""
     from . import api
     from .index import BinaryIndex, IndexSpec
-    from .store import read_manifest, read_shard, write_shard
+    from .store import check_open, read_manifest, read_shard, write_shard
 
     read_manifest(index_dir)
     with api.IndexLock(index_dir):
@@ -248,6 +285,9 @@ def compact(index_dir: str) -> CompactReport:
             deleted[np.asarray(old["deleted"], np.int64)] = True
         if not deleted.any():
             return CompactReport(index_dir, 0, int(old["count"]), int(old.get("generation", 1)))
+        # compact rewrites every shard and the code index from the shards: check them all
+        # (sha256) first, or tampered rows would be committed under fresh checksums
+        check_open(index_dir, old, full=True)
         gen = api.next_generation(index_dir, old)
         shards, codes, start = [], [], 0
         for j, s in enumerate(old["shards"]):
@@ -277,77 +317,95 @@ def compact(index_dir: str) -> CompactReport:
 def verify(index_dir: str, check_model: bool = True) -> list[str]:
     """Check an index directory; returns one line per problem (empty: all good).
 
-    Checks: the manifest (readable, known format and version), every shard's sha256
-    and row counts (all five datasets), shard starts and the total count, code width and
-    feature dimension/dtype of every shard, the code index (present, sha256 when recorded,
-    readable, ntotal = count, bits), deleted ids in range, the model file (present,
-    sha256, loadable, same bits and feature size), the skip report.
+    Checks: the manifest (readable, known format and version, every field well formed:
+    :func:`deephash_faiss.store.validate_manifest`), every shard's sha256, size and row
+    counts (all five datasets), code width and feature dimension/dtype of every shard,
+    each shard's ``ids`` = its ``start`` + 0..rows-1, labels within the class list, the code
+    index (present, size and sha256 when recorded, readable, ntotal = count, bits, and its
+    codes equal the shards' codes row by row, padding zero), deleted ids unique, the model
+    file (present, size, sha256, loadable, same bits and feature size), the skip report
+    (present, as many lines as the manifest's ``skipped``).
     """
+    import h5py
+
+    from . import api
     from .index import BinaryIndex, IndexSpec
     from .model import file_sha256
-    from .store import read_manifest, verify_shard_checksums
+    from .store import MANIFEST, read_manifest, validate_manifest, verify_shard_checksums
 
     try:
         m = read_manifest(index_dir)
     except DhfError as err:
-        return [str(err)]
+        return _manifest_problems(os.path.join(index_dir, MANIFEST), validate_manifest) or [str(err)]
     problems: list[str] = []
-    try:
-        bits, count, dim = int(m["bits"]), int(m["count"]), int(m["feature_dim"])
-        dtype = np.dtype(m["feature_dtype"])
-        shards = list(m["shards"])
-        index_entry = dict(m["index"])
-    except (KeyError, TypeError, ValueError) as err:
-        return [f"manifest is incomplete or malformed: {type(err).__name__}: {err}"]
+    bits, count, dim = m["bits"], m["count"], m["feature_dim"]
+    dtype = np.dtype(m["feature_dtype"])
+    nb = bits // 8
+    shards, index_entry = m["shards"], m["index"]
+    nclasses = len(m.get("classes") or [])
     shard_problems = verify_shard_checksums(index_dir, m)
     problems += shard_problems
     bad_files = {p.split(":", 1)[0].removeprefix("shard ") for p in shard_problems}
-    start = 0
-    for s in shards:
-        if int(s.get("start", start)) != start:
-            problems.append(f"shard {s['file']}: starts at row {s.get('start')}, expected {start}")
-        start += int(s["rows"])
+    shard_codes: list[np.ndarray | None] = []  # per shard, None when it could not be read
+    starts = np.cumsum([0] + [s["rows"] for s in shards])
+    for j, s in enumerate(shards):
+        path = os.path.join(index_dir, "shards", s["file"])
+        if "size" in s and os.path.exists(path) and os.path.getsize(path) != s["size"]:
+            problems.append(f"shard {s['file']}: {os.path.getsize(path)} bytes, the manifest recorded {s['size']}")
+        shard_codes.append(None)
         if s["file"] in bad_files:
             continue
         try:
-            import h5py
-
-            with h5py.File(os.path.join(index_dir, "shards", s["file"]), "r") as f:
+            with h5py.File(path, "r") as f:
                 cshape, fshape, fdtype = f["codes"].shape, f["features"].shape, f["features"].dtype
+                codes, ids, labels = f["codes"][()], f["ids"][()], f["labels"][()]
         except (OSError, KeyError) as err:
             problems.append(f"shard {s['file']}: unreadable ({err})")
             continue
-        if len(cshape) != 2 or cshape[1] != bits // 8:
-            problems.append(f"shard {s['file']}: codes are {cshape}, expected [n, {bits // 8}] for {bits} bits")
+        if len(cshape) != 2 or cshape[1] != nb:
+            problems.append(f"shard {s['file']}: codes are {cshape}, expected [n, {nb}] for {bits} bits")
+        else:
+            shard_codes[-1] = codes
         if len(fshape) != 2 or fshape[1] != dim:
             problems.append(f"shard {s['file']}: features are {fshape}, expected [n, {dim}]")
         if fdtype != dtype:
             problems.append(f"shard {s['file']}: features are {fdtype}, the manifest says {dtype}")
-    if start != count:
-        problems.append(f"shards hold {start} rows, the manifest says {count}")
-    ipath = os.path.join(index_dir, str(index_entry.get("file")))
+        start = int(starts[j])
+        wrong = np.flatnonzero(np.asarray(ids, np.int64) != np.arange(start, start + len(ids)))
+        if len(wrong):
+            problems.append(f"shard {s['file']}: ids differ from its start {start} + row number at {len(wrong)} "
+                            f"row(s) (first: row {wrong[0]} has id {ids[wrong[0]]})")
+        labels = np.asarray(labels, np.int64)
+        out = np.flatnonzero((labels < -1) | (labels >= nclasses))
+        if len(out):
+            problems.append(f"shard {s['file']}: {len(out)} label(s) outside -1..{nclasses - 1} (the class list has "
+                            f"{nclasses}; first: {labels[out[0]]} at row {out[0]})")
+    ipath = os.path.join(index_dir, index_entry["file"])
     if not os.path.exists(ipath):
-        problems.append(f"code index {index_entry.get('file')}: missing")
+        problems.append(f"code index {index_entry['file']}: missing")
+    elif "size" in index_entry and os.path.getsize(ipath) != index_entry["size"]:
+        problems.append(f"code index {index_entry['file']}: {os.path.getsize(ipath)} bytes, the manifest recorded "
+                        f"{index_entry['size']}")
     elif index_entry.get("sha256") and file_sha256(ipath) != index_entry["sha256"]:
         problems.append(f"code index {index_entry['file']}: checksum mismatch (modified or truncated)")
     else:
         try:
             idx = BinaryIndex.load(ipath, IndexSpec.from_dict(index_entry), bits)
-            if idx.ntotal != count:
-                problems.append(f"code index {index_entry['file']}: holds {idx.ntotal} codes, the manifest {count}")
             from . import index as index_mod
 
-            pad = getattr(index_mod, "padded_nbytes", lambda nb: nb)(bits // 8) * 8
-            if int(idx.index.d) not in (bits, pad):
+            pad = index_mod.padded_nbytes(nb) * 8
+            if idx.ntotal != count:
+                problems.append(f"code index {index_entry['file']}: holds {idx.ntotal} codes, the manifest {count}")
+            elif int(idx.index.d) not in (bits, pad):
                 problems.append(f"code index {index_entry['file']}: {idx.index.d} bits, the manifest {bits}")
+            elif all(c is not None for c in shard_codes):
+                problems += _cross_check_codes(idx, shards, shard_codes, nb, index_entry["file"])
         except DhfError as err:
             problems.append(str(err))
     deleted = m.get("deleted") or []
-    if any(not (0 <= int(i) < count) for i in deleted):
-        problems.append(f"deleted ids out of range 0..{count - 1}")
-    if len(set(int(i) for i in deleted)) != len(deleted):
+    if len(set(deleted)) != len(deleted):
         problems.append("deleted ids repeat")
-    mod = m.get("model") or {}
+    mod = m["model"]
     if mod.get("file"):
         mpath = os.path.join(index_dir, mod["file"])
         if not os.path.exists(mpath):
@@ -368,6 +426,73 @@ def verify(index_dir: str, check_model: bool = True) -> list[str]:
     sk = m.get("skipped_file")
     if sk and not os.path.exists(os.path.join(index_dir, sk)):
         problems.append(f"skip report {sk}: missing")
+    elif sk and isinstance(m.get("skipped"), int) and len(api.read_skip_report(index_dir, m)) != m["skipped"]:
+        problems.append(f"skip report {sk}: {len(api.read_skip_report(index_dir, m))} line(s), the manifest "
+                        f"says {m['skipped']} skipped")
+    return problems
+
+
+def _manifest_problems(path: str, validate) -> list[str]:
+    """All of :func:`validate_manifest`'s lines for a manifest that parses (else [])."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            m = json.loads(f.read())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(m, dict) or m.get("format") != "dhf-index":
+        return []
+    return [f"manifest: {p}" for p in validate(m)]
+
+
+def stored_codes(idx) -> np.ndarray | None:
+    """The codes a FAISS binary index holds, uint8 [ntotal, stored bytes] in id order
+    (flat: its vectors; multihash: its flat storage); None for a hash index (no storage)."""
+    import faiss
+
+    fi = idx.index
+    if isinstance(fi, faiss.IndexBinaryMultiHash):
+        fi = fi.storage
+    if not isinstance(fi, faiss.IndexBinaryFlat):
+        return None
+    return faiss.vector_to_array(fi.xb).reshape(-1, fi.code_size)[: fi.ntotal]
+
+
+def _cross_check_codes(idx, shards, shard_codes: list[np.ndarray], nb: int, name: str) -> list[str]:
+    """The code index's codes against the shards' codes, row by row (at most one line per shard)."""
+    from .index import pad_codes
+
+    problems = []
+    starts = np.cumsum([0] + [s["rows"] for s in shards])
+    stored = stored_codes(idx)
+    if stored is not None:
+        for s, a, codes in zip(shards, starts.tolist(), shard_codes):
+            diff = np.flatnonzero((stored[a:a + len(codes)] != pad_codes(codes, stored.shape[1])).any(axis=1))
+            if len(diff):
+                problems.append(f"code index {name}: {len(diff)} code(s) differ from shard {s['file']} "
+                                f"(first: id {a + diff[0]})")
+        return problems
+    # hash index: look every distinct shard code up exactly (Hamming distance < 1); each id
+    # must come back once, under its own code
+    allc = np.concatenate(shard_codes) if shard_codes else np.zeros((0, nb), np.uint8)
+    if len(allc) == 0:
+        return problems
+    keys = np.ascontiguousarray(allc).view(np.dtype((np.void, nb))).ravel()
+    uniq_keys, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    lims, _, ids = idx.index.range_search(pad_codes(allc[first], idx.stored_nbytes), 1)
+    ids = np.asarray(ids, np.int64)
+    owner = np.repeat(np.arange(len(uniq_keys)), np.diff(np.asarray(lims, np.int64)))
+    seen = np.bincount(ids, minlength=len(allc))[: len(allc)]
+    bad = np.zeros(len(allc), bool)
+    bad[ids[owner != inv.ravel()[ids]]] = True
+    bad |= seen != 1
+    for s, a in zip(shards, starts.tolist()):
+        r = int(s["rows"])
+        k = np.flatnonzero(bad[a:a + r])
+        if len(k):
+            problems.append(f"code index {name}: {len(k)} code(s) differ from shard {s['file']} "
+                            f"(first: id {a + k[0]})")
     return problems
 
 

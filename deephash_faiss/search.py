@@ -32,7 +32,7 @@ import numpy as np
 from .errors import DhfError
 from .index import BinaryIndex, BucketIndex, IndexSpec
 from .rerank import exhaustive_knn, pick_backend, rank_pools_cpu
-from .store import FeatureStore, read_manifest
+from .store import FeatureStore, check_open, checked_model_path, is_index_model, other_model_error, read_manifest
 
 MODES = ("bcs", "hds", "es")
 DEFAULT_RADIUS = 3
@@ -311,16 +311,29 @@ class Searcher:
         hds_mode: default HDS mode ("exact", "ivf" or "auto"; see the module docstring).
         fine: an optional :class:`deephash_faiss.fine.FineIndex` for ``hds_mode="ivf"``
             (else :meth:`build_fine_index` builds one).
+        model_path: encode queries with this checkpoint instead of the index's model; it
+            must be the index's model (same sha256) unless ``allow_other_model``.
+        allow_other_model: accept a ``model_path`` (or :meth:`set_model`) with other weights
+            of the same width: its codes are generally not comparable with the index's.
+        full_check: check every file's sha256 on open (reads the whole index once); by
+            default only sizes and the code index's sha256 (when small) are checked, and
+            the model's sha256 when it is loaded (:func:`deephash_faiss.store.check_open`).
+
+    Raises:
+        DhfError: a missing, truncated or replaced file (one line; ``dhf verify`` lists all).
     """
 
     CODE_BACKENDS = ("auto", "faiss", "dict", "flat", "gpu")
 
     def __init__(self, index_dir: str, device: str = "auto", features_in_memory: bool = False,
-                 code_backend: str = "auto", hds_mode: str = "auto", fine=None):
+                 code_backend: str = "auto", hds_mode: str = "auto", fine=None, model_path: str | None = None,
+                 allow_other_model: bool = False, full_check: bool = False):
         from .model import resolve_device
 
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
+        check_open(index_dir, self.manifest, full=full_check)
+        self.allow_other_model = allow_other_model
         self.bits = int(self.manifest["bits"])
         self.device = resolve_device(device)
         self.store = FeatureStore(index_dir, self.manifest)
@@ -357,6 +370,8 @@ class Searcher:
             self.store.load_features()
             if self.device.type == "cuda":
                 self._gpu_features()
+        if model_path is not None:
+            self.use_model_file(model_path)
 
     # -- code paths (routing) ---------------------------------------------------------
     def dictionary(self) -> BucketIndex:
@@ -440,24 +455,42 @@ class Searcher:
         if self._model is None:
             from .model import load_model
 
-            if not self.manifest["model"].get("file"):
-                raise DhfError(f"{self.index_dir} has no model: it was built from arrays; search it by codes")
-            path = os.path.join(self.index_dir, self.manifest["model"]["file"])
-            model = load_model(path, self.device)
-            if model.config.bits != self.bits:
-                raise DhfError(f"model has {model.config.bits} bits, the index {self.bits}")
-            if model.config.feature_dim != self.store.dim:
-                raise DhfError(f"model has {model.config.feature_dim}-d features but the index "
-                               f"{self.store.dim}-d")
+            model = load_model(checked_model_path(self.index_dir, self.manifest), self.device)
+            self._check_width(model)
             self._model = model
         return self._model
 
-    def set_model(self, model) -> None:
-        """Use another model for queries (it must produce the index's bits and feature size)."""
+    def _check_width(self, model) -> None:
         if model.config.bits != self.bits:
             raise DhfError(f"model has {model.config.bits}-bit codes but the index has {self.bits}-bit codes")
         if model.config.feature_dim != self.store.dim:
             raise DhfError(f"model has {model.config.feature_dim}-d features but the index {self.store.dim}-d")
+
+    def use_model_file(self, model_path: str, allow_other_model: bool | None = None) -> None:
+        """Encode queries with the checkpoint ``model_path``. It must produce the index's bits
+        and feature size, and be the index's model (same sha256) unless ``allow_other_model``
+        (default: the Searcher's): other weights give codes that are not comparable."""
+        from .model import load_model
+
+        allow = self.allow_other_model if allow_other_model is None else allow_other_model
+        same = is_index_model(self.manifest, model_path)
+        model = load_model(model_path, self.device)  # weights_only: safe to read before refusing
+        self._check_width(model)
+        if not same and not allow:
+            raise other_model_error(self.manifest, model_path)
+        self._model = model.eval()
+
+    def set_model(self, model, allow_other_model: bool | None = None) -> None:
+        """Use a model object for queries (it must produce the index's bits and feature size).
+        Without ``allow_other_model`` (default: the Searcher's) its weights must equal the
+        index's model's: other weights give codes that are not comparable."""
+        from .model import load_model
+
+        self._check_width(model)
+        allow = self.allow_other_model if allow_other_model is None else allow_other_model
+        if not allow and not _same_weights(model, load_model(checked_model_path(self.index_dir, self.manifest))):
+            raise DhfError("this model's weights differ from the index's model: its codes would not be "
+                           "comparable; pass allow_other_model=True to use it anyway")
         self._model = model.to(self.device).eval()
 
     # -- encoding -----------------------------------------------------------------------
@@ -636,6 +669,12 @@ class Searcher:
         if self._gpu_feats is not None or self.device.type == "cuda":
             return self._gpu_features()[torch.as_tensor(ids, device=self.device)]
         return torch.as_tensor(self.store.gather(ids))
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and bool((sa[k].cpu() == sb[k].cpu()).all())
+                                          for k in sa)
 
 
 def results_to_records(batch: SearchBatch, searcher: Searcher) -> list[list[dict[str, Any]]]:

@@ -54,14 +54,40 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def write_manifest(index_dir: str, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically (the commit), after :func:`stamp_files`."""
+    stamp_files(index_dir, manifest)
     atomic_write_bytes(os.path.join(index_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
+def stamp_files(index_dir: str, manifest: dict[str, Any]) -> None:
+    """Record the byte size of each file the manifest names (shards, code index, model)
+    where the entry has none yet, and the code index's sha256 where missing.
+
+    Called by the writer just before the commit, on the files it has just written (under the
+    writer lock), so :func:`check_open` can refuse a truncated, grown or replaced file with a
+    ``stat`` instead of reading it. Entries of older manifests without ``size`` stay valid.
+    """
+    entries = [(os.path.join(index_dir, "shards", s["file"]), s) for s in manifest.get("shards", [])]
+    idx = manifest.get("index") or {}
+    if idx.get("file"):
+        entries.append((os.path.join(index_dir, idx["file"]), idx))
+    mod = manifest.get("model") or {}
+    if mod.get("file"):
+        entries.append((os.path.join(index_dir, mod["file"]), mod))
+    for path, entry in entries:
+        if "size" not in entry and os.path.exists(path):
+            entry["size"] = os.path.getsize(path)
+    ipath = os.path.join(index_dir, str(idx.get("file")))
+    if idx.get("file") and not idx.get("sha256") and os.path.exists(ipath):
+        idx["sha256"] = file_sha256(ipath)
+
+
 def read_manifest(index_dir: str) -> dict[str, Any]:
-    """Read and check ``manifest.json``.
+    """Read and check ``manifest.json`` (:func:`validate_manifest`).
 
     Raises:
-        DhfError: missing directory or manifest, unreadable JSON, another format, a newer version.
+        DhfError: missing directory or manifest, unreadable JSON, another format, a newer
+            version, a missing or malformed field (the message names it).
     """
     if not os.path.isdir(index_dir):
         raise DhfError(f"no such index directory: {index_dir}")
@@ -75,9 +101,103 @@ def read_manifest(index_dir: str) -> dict[str, Any]:
         raise DhfError(f"cannot read {path}: {err}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DhfError(f"{path} is not a dhf index manifest")
-    if int(m.get("version", 0)) > FORMAT_VERSION:
+    version = m.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DhfError(f"{path}: malformed manifest: 'version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise DhfError(f"{index_dir} has index format version {m['version']}; this dhf reads up to {FORMAT_VERSION}")
+    problems = validate_manifest(m)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise DhfError(f"{path}: malformed manifest: {problems[0]}{more}; run `dhf verify {index_dir}`")
     return m
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _plain_name(v: Any) -> bool:
+    """A file name the manifest may use: a non-empty string without directory parts."""
+    return (isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and os.sep not in v
+            and "\0" not in v)
+
+
+def validate_manifest(m: dict[str, Any]) -> list[str]:
+    """One line per missing or malformed manifest field, naming the key (empty: well formed).
+
+    Checks types and ranges of what readers and writers index into: ``bits`` (positive
+    multiple of 8), ``count``, ``feature_dim``, ``feature_dtype`` (float32/float16),
+    ``shards`` (file names without directory parts, ``rows``, ``start`` = the running row
+    total, ``sha256``), ``index`` (``file``), ``model`` (``file`` or null, ``sha256``),
+    ``classes`` (strings), ``deleted`` (unique ids in ``0..count-1``), ``skipped_file``.
+    """
+    p: list[str] = []
+
+    def need(key: str, ok, what: str, obj=m, name=None) -> bool:
+        name = name or repr(key)
+        if key not in obj:
+            p.append(f"missing key {name}")
+            return False
+        if not ok(obj[key]):
+            p.append(f"key {name} must be {what}, got {obj[key]!r:.60}")
+            return False
+        return True
+
+    need("bits", lambda v: _is_int(v) and v > 0 and v % 8 == 0, "a positive multiple of 8")
+    count_ok = need("count", lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+    need("feature_dim", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("feature_dtype", lambda v: v in ("float32", "float16"), "'float32' or 'float16'")
+    if need("shards", lambda v: isinstance(v, list), "a list"):
+        start, rows_known = 0, True
+        for j, s in enumerate(m["shards"]):
+            key = f"'shards'[{j}]"
+            if not isinstance(s, dict):
+                p.append(f"key {key} must be an object, got {s!r:.60}")
+                rows_known = False
+                continue
+            need("file", _plain_name, "a file name without directory parts", s, f"{key}.file")
+            rows_ok = need("rows", lambda v: _is_int(v) and v >= 0, "a non-negative integer", s, f"{key}.rows")
+            need("sha256", lambda v: isinstance(v, str), "a string", s, f"{key}.sha256")
+            if "start" in s and rows_known and s["start"] != start:
+                p.append(f"key {key}.start is {s['start']!r:.20}, expected {start} (the rows before it)")
+            if "size" in s and not (_is_int(s["size"]) and s["size"] >= 0):
+                p.append(f"key {key}.size must be a non-negative integer, got {s['size']!r:.60}")
+            rows_known &= rows_ok
+            start += s["rows"] if rows_ok else 0
+        if count_ok and rows_known and start != m["count"]:
+            p.append(f"key 'count' is {m['count']}, the shards hold {start} rows")
+    if need("index", lambda v: isinstance(v, dict), "an object"):
+        ix = m["index"]
+        need("file", _plain_name, "a file name without directory parts", ix, "'index'.file")
+        if "type" in ix and ix["type"] not in ("flat", "hash", "multihash"):
+            p.append(f"key 'index'.type must be flat, hash or multihash, got {ix['type']!r:.60}")
+        for k in ("b", "nhash", "nflip"):
+            if ix.get(k) is not None and not _is_int(ix[k]):
+                p.append(f"key 'index'.{k} must be an integer, got {ix[k]!r:.60}")
+        if ix.get("sha256") is not None and not isinstance(ix["sha256"], str):
+            p.append(f"key 'index'.sha256 must be a string, got {ix['sha256']!r:.60}")
+    if need("model", lambda v: isinstance(v, dict), "an object"):
+        mod = m["model"]
+        if mod.get("file") is not None:
+            if _plain_name(mod["file"]):
+                need("sha256", lambda v: isinstance(v, str), "a string", mod, "'model'.sha256")
+            else:
+                p.append(f"key 'model'.file must be a file name without directory parts, got {mod['file']!r:.60}")
+    if "classes" in m and not (isinstance(m["classes"], list) and all(isinstance(c, str) for c in m["classes"])):
+        p.append(f"key 'classes' must be a list of strings, got {m['classes']!r:.60}")
+    if m.get("skipped_file") is not None and not _plain_name(m["skipped_file"]):
+        p.append(f"key 'skipped_file' must be a file name without directory parts, got {m['skipped_file']!r:.60}")
+    deleted = m.get("deleted")
+    if deleted is not None:
+        if not (isinstance(deleted, list) and all(_is_int(i) for i in deleted)):
+            p.append(f"key 'deleted' must be a list of integer ids, got {deleted!r:.60}")
+        elif count_ok:
+            bad = [i for i in deleted if not 0 <= i < m["count"]]
+            if bad:
+                p.append(f"key 'deleted' holds id {bad[0]}, out of range 0..{m['count'] - 1}"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return p
 
 
 def write_shard(
@@ -338,6 +458,106 @@ def verify_shard_checksums(index_dir: str, manifest: dict[str, Any]) -> list[str
         if set(rows.values()) != {int(s["rows"])}:
             problems.append(f"shard {s['file']}: row counts {rows} differ from manifest {s['rows']}")
     return problems
+
+
+# Checked on every open (Searcher): sizes always, sha256 of the code index up to this size
+# (hashing runs at ~0.9 GB/s on the 2-core dev machine: 64 MiB ~ 70 ms; docs/reliability.md).
+OPEN_HASH_LIMIT = 64 << 20
+
+
+def check_open(index_dir: str, manifest: dict[str, Any], hash_limit: int = OPEN_HASH_LIMIT,
+               full: bool = False) -> None:
+    """Cheap integrity checks before an index is searched.
+
+    Every shard and the code index must exist and have the byte size the manifest recorded
+    (:func:`stamp_files`; entries of older manifests without ``size`` are not size-checked);
+    the code index's sha256 is checked when the file is at most ``hash_limit`` bytes.
+    ``full``: also check every shard's sha256 (the cost of reading the whole index once).
+    The model is checked when it is loaded (:func:`checked_model_path`).
+
+    Raises:
+        DhfError: one line naming the file and what differs, pointing to ``dhf verify``.
+    """
+    hint = f"run `dhf verify {index_dir}`"
+    for s in manifest["shards"]:
+        path = os.path.join(index_dir, "shards", s["file"])
+        _check_size(index_dir, path, s, f"shard {s['file']}", hint)
+        if full and file_sha256(path) != s["sha256"]:
+            raise DhfError(f"{index_dir}: shard {s['file']} does not match its checksum in the manifest "
+                           f"(modified or replaced); {hint}")
+    ix = manifest["index"]
+    path = os.path.join(index_dir, ix["file"])
+    size = _check_size(index_dir, path, ix, f"code index {ix['file']}", hint)
+    if ix.get("sha256") and (full or size <= hash_limit) and file_sha256(path) != ix["sha256"]:
+        raise DhfError(f"{index_dir}: code index {ix['file']} does not match its checksum in the manifest "
+                       f"(modified or replaced); {hint}")
+
+
+def _check_size(index_dir: str, path: str, entry: dict[str, Any], what: str, hint: str) -> int:
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise DhfError(f"{index_dir}: {what} is missing; {hint}") from None
+    if "size" in entry and size != entry["size"]:
+        raise DhfError(f"{index_dir}: {what} is {size} bytes, the manifest recorded {entry['size']} (truncated, modified or "
+                       f"replaced); {hint}")
+    return size
+
+
+def checked_code_index_path(index_dir: str, manifest: dict[str, Any]) -> str:
+    """The code index's path after a full sha256 check (writers call it before rewriting
+    from it: ``dhf add`` appends to it).
+
+    Raises:
+        DhfError: missing, or its sha256/size differs from the manifest's.
+    """
+    ix = manifest["index"]
+    check_open(index_dir, {"shards": [], "index": ix}, full=True)
+    return os.path.join(index_dir, ix["file"])
+
+
+def checked_model_path(index_dir: str, manifest: dict[str, Any]) -> str:
+    """The index's own model file after checking its size and sha256 against the manifest
+    (~20 ms for a small model; a replaced ``model.pt`` would silently change every query code).
+
+    Raises:
+        DhfError: no model (built from arrays), missing, or another file than the one indexed.
+    """
+    mod = manifest["model"]
+    if not mod.get("file"):
+        raise DhfError(f"{index_dir} has no model: it was built from arrays; search it by codes")
+    path = os.path.join(index_dir, mod["file"])
+    _check_size(index_dir, path, mod, f"model {mod['file']}", f"run `dhf verify {index_dir}`")
+    if file_sha256(path) != mod.get("sha256"):
+        raise DhfError(f"{index_dir}: model {mod['file']} is not the model the index was built with (its sha256 "
+                       f"differs from the manifest's: modified or replaced); run `dhf verify {index_dir}`")
+    return path
+
+
+def is_index_model(manifest: dict[str, Any], model_path: str) -> bool:
+    """Whether the checkpoint ``model_path`` is the index's own model (same sha256).
+
+    Raises:
+        DhfError: the file does not exist.
+    """
+    if not os.path.isfile(model_path):
+        raise DhfError(f"model file not found: {model_path}")
+    return file_sha256(model_path) == (manifest.get("model") or {}).get("sha256")
+
+
+def other_model_error(manifest: dict[str, Any], model_path: str, option: str = "--allow-other-model") -> DhfError:
+    """The refusal for a model of the right width but other weights than the index's."""
+    sha, want = file_sha256(model_path), (manifest.get("model") or {}).get("sha256")
+    theirs = f"{want[:12]}…" if want else "none recorded"
+    return DhfError(f"{model_path} is not the model this index was built with (sha256 {sha[:12]}… vs {theirs}): "
+                    f"its codes would not be comparable; pass {option} to use it anyway")
+
+
+def canonical_path(p: str) -> str:
+    """The one form in which image paths are stored and compared (``build-index``, ``add``,
+    ``remove --paths``): absolute and normalised (``os.path.abspath``). Symlinks are not
+    resolved: a link and its target are different paths, as they were indexed."""
+    return os.path.abspath(p)
 
 
 def now_iso() -> str:

@@ -269,7 +269,7 @@ def test_features_of_wrong_dimension(env, tmp_path):
 def test_model_replaced_in_index(env, idx_copy):
     m = _manifest(idx_copy)
     open(os.path.join(idx_copy, m["model"]["file"]), "wb").write(b"not a model")
-    assert_one_error(_search(env, idx_copy), "not a loadable dhf model")
+    assert_one_error(_search(env, idx_copy), "model.pt", "replaced")  # refused before it is unpickled
     assert "sha256 differs" in run("verify", idx_copy, ok=False).output
 
 

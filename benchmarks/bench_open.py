@@ -6,7 +6,8 @@ stays small) and times, warm page cache, best of ``--repeat``:
 * ``check_open``: stat of every shard and the code index, sha256 of the code index when
   at most ``store.OPEN_HASH_LIMIT`` bytes (the default check of ``Searcher.__init__``);
 * ``check_open(full=True)``: sha256 of every file (``Searcher(full_check=True)``);
-* ``Searcher(...)`` open as a whole (manifest, checks, FAISS index load);
+* ``Searcher(...)`` open as a whole (manifest, checks, FAISS index load), and the same
+  with the checks replaced by a no-op (the open cost before them);
 * ``checked_model_path``: the sha256 of the model, paid when the model is first loaded,
   for the smallcnn checkpoint and a synthetic file of ``--model-mb`` MB (resnet50 is ~95 MB).
 
@@ -42,6 +43,18 @@ def best(fn, repeat: int) -> float:
     return min(ts) * 1e3
 
 
+def _open_unchecked(d: str) -> None:
+    """Searcher open with check_open replaced by a no-op: what opening cost before the checks."""
+    import deephash_faiss.search as search_mod
+
+    saved = search_mod.check_open
+    search_mod.check_open = lambda *a, **k: None
+    try:
+        Searcher(d, device="cpu")
+    finally:
+        search_mod.check_open = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000,10000000", help="rows per index")
@@ -75,6 +88,7 @@ def main() -> None:
                 "check_open_full_ms": round(best(lambda: store.check_open(d, m, full=True), max(1, a.repeat // 2)), 1),
                 "stat_only_ms": round(best(lambda: store.check_open(d, m, hash_limit=-1), a.repeat), 2),
                 "searcher_open_ms": round(best(lambda: Searcher(d, device="cpu"), a.repeat), 1),
+                "searcher_open_without_checks_ms": round(best(lambda: _open_unchecked(d), a.repeat), 1),
             }
             rows.append(row)
             print(row, flush=True)

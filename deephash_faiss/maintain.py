@@ -336,7 +336,9 @@ def verify(index_dir: str, check_model: bool = True) -> list[str]:
     try:
         m = read_manifest(index_dir)
     except DhfError as err:
-        return _manifest_problems(os.path.join(index_dir, MANIFEST), validate_manifest) or [str(err)]
+        if "malformed manifest" in str(err):  # list every field problem, not just the first
+            return _manifest_problems(os.path.join(index_dir, MANIFEST), validate_manifest) or [str(err)]
+        return [str(err)]
     problems: list[str] = []
     bits, count, dim = m["bits"], m["count"], m["feature_dim"]
     dtype = np.dtype(m["feature_dtype"])

@@ -112,6 +112,7 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": {**machine_basics(), "numpy": np.__version__, "faiss": faiss.__version__,
                        "h5py": h5py.__version__, "torch": torch.__version__},
+           "load_average_1_5_15": [round(x, 1) for x in os.getloadavg()],
            "open_hash_limit_bytes": store.OPEN_HASH_LIMIT, "page_cache": "warm", "indexes": rows, "model": model}
     if a.out:
         write_json(a.out, out)

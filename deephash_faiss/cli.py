@@ -588,7 +588,7 @@ def verify(index_pos, index_opt):
 
 def _index_type_text(spec: dict) -> str:
     """``flat index (codes.index)``, ``hash index, hash_bits 16, nflip 2 (codes.index)``."""
-    params = ", ".join(f"{k} {v}" for k, v in spec.items() if k not in ("type", "file", "sha256"))
+    params = ", ".join(f"{k} {v}" for k, v in spec.items() if k not in ("type", "file", "sha256", "size"))
     return f"{spec.get('type', '?')} index" + (f", {params}" if params else "") + f" ({_cell(spec.get('file'))})"
 
 

@@ -449,10 +449,22 @@ def _manifest_problems(path: str, validate) -> list[str]:
 
 
 def stored_codes(idx) -> np.ndarray | None:
-    """The codes a FAISS binary index holds, uint8 [ntotal, stored bytes] in id order
-    (flat: its vectors; multihash: its flat storage); None for a hash index (no storage)."""
+    """The codes a code index holds, uint8 [ntotal, stored bytes] in id order (flat: its
+    vectors; multihash: its flat storage; code dictionary: each row's dictionary code);
+    None for a hash index (no storage).
+
+    Raises:
+        DhfError: a code dictionary whose posting lists are not a permutation of 0..n-1.
+    """
     import faiss
 
+    from .index import BucketIndex
+
+    if isinstance(idx, BucketIndex):
+        ids, n = np.asarray(idx.ids, np.int64), idx.ntotal
+        if len(ids) != n or (n and (ids.min() < 0 or ids.max() >= n or np.bincount(ids, minlength=n).max() != 1)):
+            raise DhfError("its posting lists do not hold each id 0..n-1 exactly once")
+        return np.asarray(idx.dict_codes, np.uint8)[idx.bucket_of_rows()]
     fi = idx.index
     if isinstance(fi, faiss.IndexBinaryMultiHash):
         fi = fi.storage
@@ -467,7 +479,10 @@ def _cross_check_codes(idx, shards, shard_codes: list[np.ndarray], nb: int, name
 
     problems = []
     starts = np.cumsum([0] + [s["rows"] for s in shards])
-    stored = stored_codes(idx)
+    try:
+        stored = stored_codes(idx)
+    except DhfError as err:
+        return [f"code index {name}: {err}"]
     if stored is not None:
         for s, a, codes in zip(shards, starts.tolist(), shard_codes):
             diff = np.flatnonzero((stored[a:a + len(codes)] != pad_codes(codes, stored.shape[1])).any(axis=1))

@@ -170,8 +170,10 @@ def validate_manifest(m: dict[str, Any]) -> list[str]:
     if need("index", lambda v: isinstance(v, dict), "an object"):
         ix = m["index"]
         need("file", _plain_name, "a file name without directory parts", ix, "'index'.file")
-        if "type" in ix and ix["type"] not in ("flat", "hash", "multihash"):
-            p.append(f"key 'index'.type must be flat, hash or multihash, got {ix['type']!r:.60}")
+        from .index import INDEX_KINDS
+
+        if "type" in ix and ix["type"] not in INDEX_KINDS:
+            p.append(f"key 'index'.type must be one of {', '.join(INDEX_KINDS)}, got {ix['type']!r:.60}")
         for k in ("b", "nhash", "nflip"):
             if ix.get(k) is not None and not _is_int(ix[k]):
                 p.append(f"key 'index'.{k} must be an integer, got {ix[k]!r:.60}")

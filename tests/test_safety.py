@@ -299,8 +299,8 @@ def test_verify_cross_checks_code_index_against_shards(env, idx):
     assert len(problems) == 1 and "1 code(s) differ" in problems[0] and "id 5" in problems[0], problems
 
 
-@pytest.mark.parametrize("kind", ["hash", "multihash"])
-def test_verify_cross_checks_hash_indexes(env, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["hash", "multihash", "buckets"])
+def test_verify_cross_checks_every_index_kind(env, tmp_path, kind):
     from deephash_faiss.index import BinaryIndex, IndexSpec
 
     rows = corpus.read_index(env["idx"])

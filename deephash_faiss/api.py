@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +24,7 @@ from .errors import DhfError
 from .index import BinaryIndex, IndexSpec
 from .model import BACKBONES, build_model, file_sha256, load_model, read_checkpoint, resolve_device, save_checkpoint
 from .search import Searcher
-from .store import (FORMAT, FORMAT_VERSION, MANIFEST, now_iso, read_manifest, read_shard, write_manifest,
+from .store import (FORMAT, FORMAT_VERSION, now_iso, read_manifest, read_shard, write_manifest,
                     write_shard)
 from .train import TrainConfig, fit
 
@@ -160,38 +158,14 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
     return model, history, feats
 
 
-@dataclass
-class BuildReport:
-    index_dir: str
-    count: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    shards_written: int = 0
-    shards_reused: int = 0
-    seconds: float = 0.0
-    trained: bool = False
+from .layout import (CRASH_ENV, IndexLock, collect_garbage, commit_manifest, crash_point,  # noqa: F401
+                     current_manifest, file_stamps, finalize_build, gen_name, manifest_files, next_generation,
+                     publish_shards, read_skip_report, save_code_index, store_model, tsv_field, write_skip_report)
+from .layout import fsync_file as _fsync_file  # noqa: F401
+from .layout import job_key as _job_key  # noqa: F401
+from .pipeline import BuildReport, prepare_build  # noqa: F401
 
-
-def _job_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str, extra: str = "") -> str:
-    """Identifies a resumable encoding job; ``extra`` adds e.g. file stamps or the base generation."""
-    h = hashlib.sha256()
-    h.update(f"{model_sha}\n{shard_size}\n{feature_dtype}\n".encode())
-    for p in paths:
-        h.update(p.encode("utf-8", "surrogateescape") + b"\n")
-    if extra:
-        h.update(extra.encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-def file_stamps(paths: list[str]) -> str:
-    """(size, mtime) of every file: a partial shard is not reused once its images changed."""
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append(f"{st.st_size}:{st.st_mtime_ns}")
-        except OSError:
-            out.append("-")
-    return "\n".join(out)
+_collect_garbage = collect_garbage  # earlier name
 
 
 def encode_shards(
@@ -206,8 +180,10 @@ def encode_shards(
     progress: bool = True,
     shard_range: range | None = None,
     encode=None,
+    decoder: str = "pil",
 ) -> tuple[int, int]:
-    """Encode ``paths`` into ``part_dir/part-NNNNN.h5`` (+ ``.skip.json``), resumably.
+    """Encode ``paths`` into ``part_dir/part-NNNNN.h5`` (+ ``.skip.json``), resumably, in this
+    process (:func:`deephash_faiss.pipeline.encode_local`).
 
     Shard ``s`` holds the decodable images among positions ``[s * shard_size, (s+1) * shard_size)``;
     a shard already on disk (complete: files are only ever renamed into place) is reused.
@@ -218,342 +194,13 @@ def encode_shards(
     """
     from tqdm.auto import tqdm
 
-    from .extract import encode_paths
+    from .pipeline import EncodeJob, encode_local
 
-    encode_paths = encode or encode_paths
-
-    os.makedirs(part_dir, exist_ok=True)
-    nshards = (len(paths) + shard_size - 1) // shard_size
-    todo = shard_range if shard_range is not None else range(nshards)
-    written = reused = 0
-    with tqdm(total=sum(min(shard_size, len(paths) - s * shard_size) for s in todo), desc="encode", unit="img",
+    job = EncodeJob("", list(paths), np.asarray(labels), part_dir, shard_size, batch_size, feature_dtype, decoder)
+    todo = list(shard_range if shard_range is not None else range(job.nshards))
+    with tqdm(total=sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo), desc="encode", unit="img",
               disable=not progress) as bar:
-        for s in todo:
-            lo, hi = s * shard_size, min(len(paths), (s + 1) * shard_size)
-            shard_path = os.path.join(part_dir, f"part-{s:05d}.h5")
-            skip_path = os.path.join(part_dir, f"part-{s:05d}.skip.json")
-            if os.path.exists(shard_path) and os.path.exists(skip_path):
-                reused += 1
-                bar.update(hi - lo)
-                continue
-            sub = paths[lo:hi]
-            codes, feats, pos, bad = [], [], [], []
-            for p, c, f, b in encode_paths(model, sub, device, batch_size, feature_dtype):
-                pos.append(p + lo)
-                codes.append(c)
-                feats.append(f)
-                bad.extend((i + lo, r) for i, r in b)
-                bar.update(len(p) + len(b))
-            pos_a = np.concatenate(pos) if pos else np.zeros(0, np.int64)
-            codes_a = np.concatenate(codes) if codes else np.zeros((0, model.config.bits // 8), np.uint8)
-            feats_a = (np.concatenate(feats) if feats
-                       else np.zeros((0, model.config.feature_dim), feature_dtype))
-            from .store import atomic_write_bytes
-
-            atomic_write_bytes(skip_path, json.dumps([[paths[i], r] for i, r in bad]).encode())
-            crash_point(f"mid-shard-{s}")
-            write_shard(shard_path, codes_a, feats_a, pos_a, [paths[i] for i in pos_a], labels[pos_a])
-            written += 1
-            crash_point(f"shard-{s}")
-    return written, reused
-
-
-def _unique(dirpath: str, stem: str, ext: str, tag: str) -> str:
-    name = f"{stem}{ext}"
-    if os.path.exists(os.path.join(dirpath, name)):
-        name = f"{stem}-{tag}{ext}"
-    return name
-
-
-# ---------------------------------------------------------------- crash safety
-#
-# Files of an index generation are never overwritten: every commit (build, add, remove,
-# compact) takes a generation number above any found in the directory and names its new
-# files with it (generation 1 keeps the plain names part-00000.h5, codes.index,
-# skipped.tsv). The partial directory is only read by finalize (shards are copied, not
-# moved), so a crash at any point before the manifest rename leaves the old index intact
-# and the partial shards reusable; the rerun simply finalizes again. Orphans of a crashed
-# attempt are removed by the next commit's garbage collection.
-
-CRASH_ENV = "DHF_TEST_CRASH_AT"
-_GEN_RE = re.compile(r"-g(\d+)\.(?:h5|index|tsv)$")
-
-
-def crash_point(name: str) -> None:
-    """Test hook: ``DHF_TEST_CRASH_AT=<name>`` SIGKILLs this process here (like ``kill -9``).
-
-    Points: ``shard-<s>`` (shard s written to the partial dir), ``mid-shard-<s>`` (its skip
-    list written, its HDF5 file not yet), ``finalize-shard-<s>`` (shard s copied into the
-    index), ``before-manifest`` (all files written, manifest not yet renamed),
-    ``after-manifest`` (committed, before garbage collection and partial-dir cleanup).
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class IndexLock:
-    """An exclusive writer lock on ``INDEX/.lock`` (flock; released by the OS if the process dies)."""
-
-    def __init__(self, index_dir: str):
-        self.path = os.path.join(index_dir, ".lock")
-        self.fd: int | None = None
-
-    def __enter__(self) -> "IndexLock":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            pass
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise DhfError(f"another dhf command is writing {os.path.dirname(self.path)} (lock held); "
-                           f"wait for it to finish") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
-
-
-def current_manifest(index_dir: str) -> dict[str, Any] | None:
-    """The committed manifest, None when there is none or it is unreadable; an index of a
-    newer format is refused (a build must not overwrite what it cannot read)."""
-    if not os.path.exists(os.path.join(index_dir, MANIFEST)):
-        return None
-    try:
-        return read_manifest(index_dir)
-    except DhfError as err:
-        if "format version" in str(err):
-            raise DhfError(f"{err}; refusing to overwrite it") from None
-        return None
-
-
-def next_generation(index_dir: str, old: dict[str, Any] | None) -> int:
-    """A generation number above the current manifest's and above any file in the directory."""
-    gen = int(old.get("generation", 1)) if old else 0
-    names = os.listdir(index_dir) if os.path.isdir(index_dir) else []
-    sd = os.path.join(index_dir, "shards")
-    names += os.listdir(sd) if os.path.isdir(sd) else []
-    for n in names:
-        m = _GEN_RE.search(n)
-        if m:
-            gen = max(gen, int(m.group(1)))
-        elif n.endswith((".h5", ".index", ".tsv")) and not n.startswith("."):
-            gen = max(gen, 1)
-    return gen + 1
-
-
-def gen_name(stem: str, ext: str, gen: int) -> str:
-    return f"{stem}{ext}" if gen <= 1 else f"{stem}-g{gen}{ext}"
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def tsv_field(text: str) -> str:
-    """A path or reason as one TSV field: backslash, tab and newline escaped."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def read_skip_report(index_dir: str, manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """[(path, reason)] from the manifest's skip report (escapes undone)."""
-    p = os.path.join(index_dir, manifest.get("skipped_file", "skipped.tsv"))
-    if not os.path.exists(p):
-        return []
-    with open(p, encoding="utf-8", errors="surrogateescape") as f:
-        lines = f.read().split("\n")
-    out = []
-    for line in lines:
-        if line:
-            path, _, reason = line.partition("\t")
-            out.append((_untsv(path), _untsv(reason)))
-    return out
-
-
-def _untsv(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), text)
-
-
-def write_skip_report(index_dir: str, name: str, skipped: list[tuple[str, str]]) -> None:
-    from .data import one_line
-    from .store import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(index_dir, name), "".join(
-        f"{tsv_field(p)}\t{tsv_field(one_line(r))}\n" for p, r in skipped).encode("utf-8", "surrogateescape"))
-
-
-def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen: int, name_offset: int = 0):
-    """Copy partial shards into ``index_dir/shards`` under generation-``gen`` names with
-    global row ids from ``start``. The partial shards are not modified.
-
-    Returns (shard entries, list of code arrays, skipped [(path, reason)], next start).
-    """
-    import h5py
-
-    shard_dir = os.path.join(index_dir, "shards")
-    os.makedirs(shard_dir, exist_ok=True)
-    shards, codes, skipped = [], [], []
-    for s in shard_numbers:
-        src = os.path.join(part_dir, f"part-{s:05d}.h5")
-        with open(os.path.join(part_dir, f"part-{s:05d}.skip.json")) as f:
-            skipped.extend((p, r) for p, r in json.load(f))
-        name = gen_name(f"part-{s + name_offset:05d}", ".h5", gen)
-        dst = os.path.join(shard_dir, name)
-        tmp = os.path.join(shard_dir, f".tmp-{name}")
-        shutil.copyfile(src, tmp)
-        with h5py.File(tmp, "r+") as f:
-            rows = len(f["codes"])
-            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
-            codes.append(f["codes"][()])
-        _fsync_file(tmp)
-        sha = file_sha256(tmp)
-        os.replace(tmp, dst)
-        crash_point(f"finalize-shard-{s}")
-        shards.append({"file": name, "rows": rows, "start": start, "sha256": sha})
-        start += rows
-    return shards, codes, skipped, start
-
-
-def save_code_index(index_dir: str, index: BinaryIndex, gen: int) -> dict[str, str]:
-    """Write the FAISS code index under a generation name; returns {"file", "sha256"}."""
-    name = gen_name("codes", ".index", gen)
-    tmp = os.path.join(index_dir, f".tmp-{name}")
-    index.save(tmp)
-    _fsync_file(tmp)
-    sha = file_sha256(tmp)
-    os.replace(tmp, os.path.join(index_dir, name))
-    return {"file": name, "sha256": sha}
-
-
-def store_model(index_dir: str, model_path: str) -> tuple[str, str]:
-    """Copy the model into the index (content-addressed; reused when present). Returns (file, sha256)."""
-    model_sha = file_sha256(model_path)
-    for name in ("model.pt", f"model-{model_sha[:12]}.pt"):
-        mp = os.path.join(index_dir, name)
-        if os.path.exists(mp) and file_sha256(mp) == model_sha:
-            return name, model_sha
-    name = "model.pt" if not os.path.exists(os.path.join(index_dir, "model.pt")) else f"model-{model_sha[:12]}.pt"
-    tmp = os.path.join(index_dir, f".tmp-{name}")
-    shutil.copyfile(model_path, tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, os.path.join(index_dir, name))
-    return name, model_sha
-
-
-def commit_manifest(index_dir: str, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
-    """The one atomic step: rename the new manifest into place, then collect garbage."""
-    crash_point("before-manifest")
-    write_manifest(index_dir, manifest)
-    crash_point("after-manifest")
-    _collect_garbage(index_dir, manifest, old)
-
-
-def finalize_build(
-    index_dir: str,
-    part_dir: str,
-    nshards: int,
-    model_path: str,
-    model_cfg,
-    spec: IndexSpec,
-    feature_dtype: str,
-    classes: list[str],
-    source: str,
-    scan_skipped: list[tuple[str, str]],
-    tag: str = "",
-) -> dict[str, Any]:
-    """Number the rows, copy shards and model into ``index_dir``, build the code index,
-    and commit by writing the manifest (the one atomic step). Returns the manifest.
-
-    Crash-safe: the partial shards are copied, never moved or modified, and new files get
-    names of a fresh generation, so a crash anywhere leaves the previous index intact and
-    a rerun finalizes again from the same partial shards. ``tag`` is unused (kept for
-    callers of the earlier signature).
-    """
-    os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
-    old = current_manifest(index_dir)
-    gen = next_generation(index_dir, old)
-    shards, codes, skipped, count = publish_shards(index_dir, part_dir, range(nshards), 0, gen)
-    skipped = list(scan_skipped) + skipped
-    all_codes = np.concatenate(codes) if codes else np.zeros((0, model_cfg.bits // 8), np.uint8)
-    index_entry = save_code_index(index_dir, BinaryIndex.build(all_codes, spec), gen)
-    model_name, model_sha = store_model(index_dir, model_path)
-    skip_name = gen_name("skipped", ".tsv", gen)
-    write_skip_report(index_dir, skip_name, skipped)
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "generation": gen,
-        "created": now_iso(),
-        "source": os.path.abspath(source),
-        "model": {"file": model_name, "sha256": model_sha, "backbone": model_cfg.backbone,
-                  "input_size": model_cfg.input_size, "load_size": model_cfg.load_size},
-        "bits": model_cfg.bits,
-        "bit_order": "little (faiss): bit j in byte j//8 at position j%8",
-        "feature_dim": model_cfg.feature_dim,
-        "feature_dtype": feature_dtype,
-        "count": count,
-        "classes": classes,
-        "shards": shards,
-        "index": {**spec.to_dict(model_cfg.bits), **index_entry},
-        "skipped": len(skipped),
-        "skipped_file": skip_name,
-        "deleted": [],
-    }
-    commit_manifest(index_dir, manifest, old)
-    return manifest
-
-
-def manifest_files(m: dict[str, Any]) -> set[str]:
-    """Files (relative to the index dir) that a manifest refers to."""
-    files = {m["index"]["file"], m.get("skipped_file", "skipped.tsv")}
-    if m["model"].get("file"):
-        files.add(m["model"]["file"])
-    files |= {os.path.join("shards", s["file"]) for s in m["shards"]}
-    return files
-
-
-_OWN_FILE_RE = re.compile(r"^(?:part-\d+.*\.h5|codes.*\.index|skipped.*\.tsv|model.*\.pt|\.tmp-.*)$")
-
-
-def _collect_garbage(index_dir: str, new: dict[str, Any], old: dict[str, Any] | None) -> None:
-    """Remove files of generations before ``old`` and leftovers of crashed attempts
-    (``.tmp-*``): readers that opened ``old`` keep working. Only names dhf writes are
-    touched. Call with the writer lock held (or from the only writer)."""
-    keep = manifest_files(new) | (manifest_files(old) if old else set()) | {MANIFEST}
-    shard_dir = os.path.join(index_dir, "shards")
-    rels = list(os.listdir(index_dir)) + ([os.path.join("shards", f) for f in os.listdir(shard_dir)]
-                                          if os.path.isdir(shard_dir) else [])
-    for rel in rels:
-        p = os.path.join(index_dir, rel)
-        if rel in keep or os.path.isdir(p) or not _OWN_FILE_RE.match(os.path.basename(rel)):
-            continue
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-
-
-def prepare_build(images_dir: str, index_dir: str, spec: IndexSpec | None, feature_dtype: str, shard_size: int,
-                  batch_size: int) -> tuple[IndexSpec, ImageList]:
-    """Check build arguments, scan the images and create ``index_dir``: (spec, images)."""
-    if feature_dtype not in ("float32", "float16"):
-        raise DhfError("--feature-dtype must be float32 or float16")
-    if shard_size < 1 or batch_size < 1:
-        raise DhfError("--shard-size and --batch-size must be at least 1")
-    images = scan_images(images_dir)
-    if len(images) == 0:
-        raise DhfError(f"no images found under {images_dir}")
-    os.makedirs(index_dir, exist_ok=True)
-    return spec or IndexSpec(), images
+        return encode_local(model, job, todo, device, bar.update, encode=encode)
 
 
 def build_index(
@@ -568,6 +215,8 @@ def build_index(
     progress: bool = True,
     log: Log = _quiet,
     train_options: dict[str, Any] | None = None,
+    decoder: str = "auto",
+    decode_workers: int | None = None,
 ) -> BuildReport:
     """Encode every image under ``images_dir`` and write an index directory.
 
@@ -575,14 +224,17 @@ def build_index(
     first (``train_options`` go to :func:`train_model`); the model is saved in the index.
     An interrupted build is resumed by running the same call again: complete shards are
     kept in ``index_dir/.partial-<key>/``. An existing index in ``index_dir`` stays
-    intact and searchable until the new manifest replaces it.
+    intact and searchable until the new manifest replaces it. A non-empty folder that is
+    not a dhf index is refused.
+
+    ``decoder``: "auto" (nvjpeg on CUDA when available, else PIL), "pil" or "nvjpeg";
+    recorded in the manifest. Runs :func:`deephash_faiss.pipeline.build` with a
+    :class:`~deephash_faiss.pipeline.LocalExecutor`.
     """
-    t0 = time.perf_counter()
-    spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
-    with IndexLock(index_dir):
-        current_manifest(index_dir)  # refuses to overwrite an index of a newer format
-        return _build_locked(images, images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype,
-                             device, progress, log, train_options, t0)
+    from .pipeline import LocalExecutor, build
+
+    return build(images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype,
+                 LocalExecutor(device, workers=decode_workers), decoder, progress, log, train_options)
 
 
 TRAIN_DIR_PREFIX = ".train-"
@@ -634,35 +286,6 @@ def _remove_train_dirs(index_dir: str) -> None:
             shutil.rmtree(os.path.join(index_dir, name), ignore_errors=True)
 
 
-def _build_locked(images, images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, device,
-                  progress, log, train_options, t0) -> BuildReport:
-    trained = False
-    encode = None
-    work = None
-    dev = resolve_device(device)
-    if model_path is None:
-        model_path, work, encode = _train_for_build(images, images_dir, index_dir, dev, progress, log,
-                                                    dict(train_options or {}))
-        trained = True
-    model = load_model(model_path)
-    spec.check(model.config.bits)
-    model.to(dev)
-    key = _job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, file_stamps(images.paths))
-    part_dir = os.path.join(index_dir, f".partial-{key[:16]}")
-    nshards = (len(images) + shard_size - 1) // shard_size
-    log(f"encoding {len(images)} images in {nshards} shard(s) with {model.config.backbone} "
-        f"({model.config.bits} bits) on {dev}" + (" from the cached fc7 (no second decode)" if encode else ""))
-    written, reused = encode_shards(model, images.paths, images.labels, part_dir, shard_size, batch_size, dev,
-                                    feature_dtype, progress, encode=encode)
-    if reused:
-        log(f"resumed: reused {reused} complete shard(s) from an interrupted build")
-    manifest = finalize_build(index_dir, part_dir, nshards, model_path, model.config, spec, feature_dtype,
-                              images.classes, images_dir, images.skipped, key[:8])
-    shutil.rmtree(part_dir, ignore_errors=True)
-    if trained:
-        _remove_train_dirs(index_dir)
-    skipped = read_skip_report(index_dir, manifest)
-    return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained)
 
 
 def index_from_arrays(

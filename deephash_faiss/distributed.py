@@ -3,11 +3,12 @@
 Nothing here is a home-made cluster: scheduling, placement, restarts and retries are
 Ray's. ``ray`` is imported lazily (``pip install deephash-faiss[ray]``).
 
-**Build** (:func:`build_index_ray`). The image list is cut into the same shards as the
-single-process build (``shard_size`` images each). Each Ray actor loads the model once
-and encodes whole shards with :func:`deephash_faiss.api.encode_shards` (``shard_range``
-of one shard) into the same ``<index>/.partial-<key>/`` directory the local build uses,
-so a Ray build and a local build resume each other. Shards are renamed into place when
+**Build** (:func:`build_index_ray`): the one build pipeline of :mod:`deephash_faiss.pipeline`
+with its Ray executor. The image list is cut into the same shards as the single-process
+build (``shard_size`` images each). Each Ray actor loads the model once and encodes one
+shard per task with :func:`deephash_faiss.pipeline.encode_local` into the same
+``<index>/.partial-<key>/`` directory the local build uses, so a Ray build and a local
+build resume each other; the driver holds the index's writer lock throughout. Shards are renamed into place when
 complete and skipped when present, so a task that Ray retries after a worker died (actors
 are created with ``max_restarts`` / ``max_task_retries``) never writes a shard twice. The
 driver then calls :func:`deephash_faiss.api.finalize_build` (row numbering, code index,
@@ -52,20 +53,18 @@ or more queries are exact (tested). Everything here is about the CPU backend.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from collections import deque
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import DhfError
 
-Log = Callable[[str], None]
+from .pipeline import FAIL_ONCE_ENV, _node_ip  # noqa: F401  (FAIL_ONCE_ENV: a worker dies once, a test hook)
 
-FAIL_ONCE_ENV = "DHF_RAY_FAIL_ONCE"  # testing hook: a marker path; a worker dies once after its first shard
+Log = Callable[[str], None]
 
 
 def _quiet(_: str) -> None:
@@ -127,53 +126,6 @@ def _current_cluster_alive(timeout: float = 2.0) -> bool:
 
 # ---------------------------------------------------------------------------------- build
 
-class _EncoderActor:
-    """One Ray actor: loads the model once, encodes whole shards (``api.encode_shards``)."""
-
-    def __init__(self, model_path: str, paths: list[str], labels: np.ndarray, cwd: str, num_threads: int,
-                 device: str, fail_once_marker: str | None = None):
-        import torch
-
-        from .model import load_model
-
-        if os.path.isdir(cwd):
-            os.chdir(cwd)
-        torch.set_num_threads(max(1, int(num_threads)))
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
-        self.model = load_model(model_path, self.device)
-        self.paths = paths
-        self.labels = np.asarray(labels)
-        self.fail_once_marker = fail_once_marker
-        self.num_threads = torch.get_num_threads()
-
-    def encode(self, part_dir: str, shard: int, shard_size: int, batch_size: int, feature_dtype: str):
-        from .api import encode_shards
-
-        t0 = time.perf_counter()
-        written, reused = encode_shards(self.model, self.paths, self.labels, part_dir, shard_size, batch_size,
-                                        self.device, feature_dtype, progress=False,
-                                        shard_range=range(shard, shard + 1))
-        marker = self.fail_once_marker
-        if marker and written and not os.path.exists(marker):
-            with open(marker, "w") as f:  # die once, after the shard is in place, before replying
-                f.write(f"{os.getpid()} shard {shard}\n")
-            os._exit(1)
-        return {"shard": shard, "written": written, "reused": reused, "seconds": time.perf_counter() - t0,
-                "pid": os.getpid(), "node": _node_ip(), "threads": self.num_threads}
-
-
-def _node_ip() -> str:
-    """``IP/node-id prefix`` of the Ray node this runs on (several raylets may share an IP)."""
-    try:
-        import ray
-
-        return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
 def build_index_ray(
     images_dir: str,
     index_dir: str = "dhf-index",
@@ -190,128 +142,31 @@ def build_index_ray(
     progress: bool = True,
     log: Log = _quiet,
     train_options: dict[str, Any] | None = None,
+    decoder: str = "auto",
 ):
-    """:func:`deephash_faiss.api.build_index` with the encoding spread over Ray actors.
+    """:func:`deephash_faiss.api.build_index` with the encoding spread over Ray actors: the
+    one build pipeline (:func:`deephash_faiss.pipeline.build`) with a
+    :class:`~deephash_faiss.pipeline.RayExecutor` (same lock, job key, skip report and
+    finalize as the local build).
 
     Args:
         address: a running Ray cluster ("HOST:PORT" or "auto"); None: the current session,
             a running local instance, or a new local one.
         num_workers: actors (default: cluster CPUs // ``num_cpus_per_worker``, or GPUs //
             ``num_gpus_per_worker`` when GPUs are asked for; never more than the shards).
-        num_gpus_per_worker: > 0 encodes on CUDA in each actor.
+        num_gpus_per_worker: > 0 encodes on CUDA in each actor (1: one actor per GPU).
         num_cpus_per_worker: CPUs reserved per actor; its torch thread count.
         max_retries: actor restarts and task retries after a worker dies.
     Returns:
         :class:`deephash_faiss.api.BuildReport`.
     """
-    from tqdm.auto import tqdm
+    from .pipeline import RayExecutor, build
 
-    from . import api
-    from .model import file_sha256, load_model
-
-    t0 = time.perf_counter()
-    if num_workers is not None and num_workers < 1:
-        raise DhfError("--workers must be at least 1")
-    spec, images = api.prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
-    trained = False
+    executor = RayExecutor(address, num_workers, num_gpus_per_worker, num_cpus_per_worker, max_retries)
     if model_path is None:
-        if not images.labelled or len(images.classes) < 2:
-            raise DhfError(f"no --model given and {images_dir} has no class subfolders to train one on; "
-                           f"pass --model MODEL.pt (from `dhf train`)")
-        model_path = os.path.join(index_dir, ".trained-model.pt")
-        log("no --model given: fine-tuning a model on this machine first (training is not distributed)")
-        api.train_model(images_dir, model_path, progress=progress, log=log, **dict(train_options or {}))
-        trained = True
-    model = load_model(model_path)  # config and a check that it loads, before any worker starts
-    spec.check(model.config.bits)
-    key = api._job_key(file_sha256(model_path), images.paths, shard_size, feature_dtype)
-    part_dir = os.path.abspath(os.path.join(index_dir, f".partial-{key[:16]}"))
-    os.makedirs(part_dir, exist_ok=True)
-    nshards = (len(images) + shard_size - 1) // shard_size
-
-    def complete(s: int) -> bool:
-        return (os.path.exists(os.path.join(part_dir, f"part-{s:05d}.h5"))
-                and os.path.exists(os.path.join(part_dir, f"part-{s:05d}.skip.json")))
-
-    todo = [s for s in range(nshards) if not complete(s)]
-    reused = nshards - len(todo)
-    written = 0
-    if reused:
-        log(f"resumed: {reused} of {nshards} shard(s) already complete")
-    ray = _ray()
-    owns = init_ray(address, log=log) if todo else False
-    try:
-        if todo:
-            res = ray.cluster_resources()
-            if num_gpus_per_worker > 0:
-                if res.get("GPU", 0) < num_gpus_per_worker:
-                    raise DhfError(f"the Ray cluster has {res.get('GPU', 0):g} GPU(s); asked for "
-                                   f"{num_gpus_per_worker:g} per worker")
-                auto = int(res.get("GPU", 0) // num_gpus_per_worker)
-            else:
-                auto = int(res.get("CPU", 1) // max(num_cpus_per_worker, 1e-9))
-            nw = max(1, min(num_workers or auto or 1, len(todo)))
-            device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-            threads = max(1, int(round(num_cpus_per_worker)))
-            Actor = ray.remote(_EncoderActor).options(
-                num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
-                max_restarts=max_retries, max_task_retries=max_retries)
-            paths_ref = ray.put(list(images.paths))
-            labels_ref = ray.put(np.asarray(images.labels))
-            fail = os.environ.get(FAIL_ONCE_ENV) or None
-            actors = [Actor.remote(os.path.abspath(model_path), paths_ref, labels_ref, os.getcwd(), threads,
-                                   device, fail) for _ in range(nw)]
-            log(f"encoding {len(images)} images in {nshards} shard(s) ({len(todo)} to do) with "
-                f"{model.config.backbone} ({model.config.bits} bits) on {nw} Ray worker(s), "
-                f"{num_cpus_per_worker:g} CPU / {num_gpus_per_worker:g} GPU each")
-            queue = deque(todo)
-            pending: dict[Any, tuple[int, int]] = {}
-
-            def submit(a: int) -> None:
-                s = queue.popleft()
-                ref = actors[a].encode.remote(part_dir, s, shard_size, batch_size, feature_dtype)
-                pending[ref] = (s, a)
-
-            for _ in range(2):  # two in flight per actor: the next shard is queued while one runs
-                for a in range(nw):
-                    if queue:
-                        submit(a)
-            nodes: dict[str, int] = {}
-            with tqdm(total=len(todo), desc="encode shards", unit="shard", disable=not progress) as bar:
-                while pending:
-                    done, _ = ray.wait(list(pending), num_returns=1)
-                    s, a = pending.pop(done[0])
-                    try:
-                        out = ray.get(done[0])
-                    except ray.exceptions.RayError as err:
-                        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                        raise DhfError(f"Ray worker failed on shard {s} after {max_retries} retries: {msg}; "
-                                       f"complete shards are kept, run the same command again to resume") from None
-                    written += out["written"]
-                    reused += out["reused"]
-                    nodes[out["node"]] = nodes.get(out["node"], 0) + 1
-                    bar.update(1)
-                    if queue:
-                        submit(a)
-            log(f"shards per node: {json.dumps(nodes)}")
-            for a in actors:
-                ray.kill(a)
-    finally:
-        if owns:
-            ray.shutdown()
-    missing = [s for s in range(nshards) if not complete(s)]
-    if missing:
-        raise DhfError(f"shards {missing[:5]} missing after the Ray build; run the same command again")
-    manifest = api.finalize_build(index_dir, part_dir, nshards, model_path, model.config, spec, feature_dtype,
-                                  images.classes, images_dir, images.skipped, key[:8])
-    shutil.rmtree(part_dir, ignore_errors=True)
-    if trained:
-        os.unlink(model_path)
-    skipped = [tuple(line.split("\t", 1)) for line in
-               open(os.path.join(index_dir, manifest["skipped_file"]), encoding="utf-8",
-                    errors="surrogateescape").read().splitlines()]
-    return api.BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0,
-                           trained)
+        log("training is not distributed: a model is fine-tuned on this machine first")
+    return build(images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, executor, decoder,
+                 progress, log, train_options)
 
 
 # ---------------------------------------------------------------------------------- split

@@ -7,9 +7,31 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import iter_decoded
 from .index import pack_codes
 from .model import HashNet
+
+
+@torch.no_grad()
+def forward_batch(model: HashNet, xb: torch.Tensor, device: torch.device, amp: bool = True, to_host: bool = True):
+    """The model on one batch: uint8 [b, S, S, 3] (any device) -> (fc7 float32 [b, D], h float32 [b, bits]),
+    on the host (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``."""
+    x = model.preprocess(xb.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        fc7 = model.backbone(x)
+    fc7 = fc7.float()
+    h = torch.sigmoid(model.latent(fc7))
+    if to_host:
+        return fc7.cpu(), h.cpu()
+    return fc7, h
+
+
+def pack_codes_torch(h: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """:func:`deephash_faiss.index.pack_codes` on the device: float [n, bits] -> uint8 [n, bits / 8]
+    (FAISS bit order: bit j in byte j // 8 at position j % 8)."""
+    n, bits = h.shape
+    b = (h > threshold).view(n, bits // 8, 8).to(torch.uint8)
+    w = (1 << torch.arange(8, device=h.device, dtype=torch.uint8)).view(1, 1, 8)
+    return (b * w).sum(-1, dtype=torch.uint8)
 
 
 @torch.no_grad()
@@ -32,17 +54,12 @@ def encode_array(
     """
     model.eval()
     codes, feats, hs = [], [], []
-    use_amp = amp and device.type == "cuda"
     for start in range(0, len(images), batch_size):
-        xb = torch.as_tensor(images[start:start + batch_size]).to(device, non_blocking=True)
-        x = model.preprocess(xb).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            fc7 = model.backbone(x)
-        fc7 = fc7.float()
-        h = torch.sigmoid(model.latent(fc7)).cpu().numpy()
+        fc7, h = forward_batch(model, torch.as_tensor(images[start:start + batch_size]), device, amp)
+        h = h.numpy()
         hs.append(h)
         codes.append(pack_codes(h))
-        feats.append(fc7.cpu().numpy().astype(feature_dtype, copy=False))
+        feats.append(fc7.numpy().astype(feature_dtype, copy=False))
     bits, dim = model.config.bits, model.config.feature_dim
     if not codes:
         return np.zeros((0, bits // 8), np.uint8), np.zeros((0, dim), feature_dtype), np.zeros((0, bits), np.float32)
@@ -56,14 +73,22 @@ def encode_paths(
     batch_size: int = 256,
     feature_dtype: str = "float32",
     workers: int | None = None,
+    decoder: str = "pil",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-    """Decode and encode image files batch by batch, in order.
+    """Decode and encode image files batch by batch, in order (the streaming encoder,
+    :func:`deephash_faiss.stream.encode_stream`).
+
+    ``decoder``: "pil" or "nvjpeg" (the index's ``decoder``; "nvjpeg" needs CUDA and falls
+    back to "pil" on a CPU device).
 
     Yields:
         (positions int64 [b] into ``paths`` that encoded, codes uint8 [b, bits / 8],
         features [b, D], bad [(position, reason)] of files that could not be decoded).
     """
-    size = model.config.load_size
-    for imgs, pos, bad in iter_decoded(paths, size, batch_size, workers):
-        codes, feats, _ = encode_array(model, imgs, device, batch_size, feature_dtype)
+    from .stream import encode_stream
+
+    if decoder == "nvjpeg" and torch.device(device).type != "cuda":
+        decoder = "pil"
+    for _, _, pos, codes, feats, bad in encode_stream(model, paths, device, batch_size, feature_dtype, decoder,
+                                                      workers, decode_kind="thread"):
         yield pos, codes, feats, bad

@@ -1,11 +1,11 @@
 """Keeping an index directory alive: add images, remove rows, compact, verify.
 
 Every change is a new *generation*: new files get new names (see
-:func:`deephash_faiss.api.gen_name`), existing files are never modified, and the new
+:func:`deephash_faiss.layout.gen_name`), existing files are never modified, and the new
 ``manifest.json`` is renamed into place as the one atomic commit. Readers that opened
 the previous generation keep working: its files are kept until the next commit
-(:func:`deephash_faiss.api._collect_garbage`). Writers take ``INDEX/.lock``
-(:class:`deephash_faiss.api.IndexLock`), so two writers never interleave.
+(:func:`deephash_faiss.layout.collect_garbage`). Writers take ``INDEX/.lock``
+(:class:`deephash_faiss.layout.IndexLock`), so two writers never interleave.
 
 * :func:`add_images` encodes new images with the index's own model into new shards
   (resumable like a build: ``INDEX/.partial-add-<key>/``), appends their codes to the
@@ -106,8 +106,13 @@ def add_images(
     device: str = "auto",
     progress: bool = True,
     log: Log = _quiet,
+    executor=None,
 ) -> AddReport:
     """Append the images under ``images_dir`` to an existing index (a new generation).
+
+    Runs the build pipeline (:mod:`deephash_faiss.pipeline`): lock, job key, encode through
+    ``executor`` (default: a :class:`~deephash_faiss.pipeline.LocalExecutor` on ``device``;
+    the index's decoder), then publish and commit here.
 
     Class subfolders of ``images_dir`` map to the index's classes by name (new names are
     appended to the class list); images directly in ``images_dir`` are unlabelled.
@@ -116,10 +121,10 @@ def add_images(
         DhfError: no index, another writer holds the lock, ``model_path`` differs from
             the index's model, no images found.
     """
-    from . import api
+    from . import api, pipeline
     from .data import scan_images
     from .index import BinaryIndex, IndexSpec
-    from .model import file_sha256, load_model, resolve_device
+    from .model import file_sha256
     from .store import FeatureStore, check_open, checked_code_index_path, read_manifest
 
     t0 = time.perf_counter()
@@ -167,22 +172,15 @@ def add_images(
         if not new_paths:
             return AddReport(index_dir, 0, int(old["count"]), list(images.skipped), already,
                              seconds=time.perf_counter() - t0, generation=int(old.get("generation", 1)))
-        model = load_model(index_model)
         if model_path is None and file_sha256(index_model) != old["model"]["sha256"]:
             raise DhfError(f"{index_model} does not match the manifest's sha256 (run `dhf verify`)")
-        dev = resolve_device(device)
-        model.to(dev)
-        dtype = old["feature_dtype"]
-        key = api._job_key(old["model"]["sha256"], new_paths, shard_size, dtype,
-                           f"add:{old.get('generation', 1)}:{old['count']}\n" + api.file_stamps(new_paths))
-        part_dir = os.path.join(index_dir, f".partial-add-{key[:16]}")
-        nshards = (len(new_paths) + shard_size - 1) // shard_size
+        executor = executor or pipeline.LocalExecutor(device)
+        job = pipeline.add_job(index_dir, old, new_paths, np.asarray(new_labels, dtype=np.int32), shard_size,
+                               batch_size)
+        pipeline.check_executor_decoder(executor, job.decoder)
+        part_dir, nshards = job.part_dir, job.nshards
         log(f"adding {len(new_paths)} image(s) in {nshards} shard(s) to {index_dir} ({old['count']} rows)")
-        labels = np.asarray(new_labels, dtype=np.int32)
-        written, reused = api.encode_shards(model, new_paths, labels, part_dir, shard_size, batch_size, dev, dtype,
-                                            progress)
-        if reused:
-            log(f"resumed: reused {reused} complete shard(s) from an interrupted add")
+        written, reused = pipeline.encode(job, executor, progress, log)
         gen = api.next_generation(index_dir, old)
         shards, codes, bad, count = api.publish_shards(index_dir, part_dir, range(nshards), int(old["count"]), gen,
                                                        name_offset=len(old["shards"]))
@@ -204,7 +202,7 @@ def add_images(
             generation=gen, updated=api.now_iso(), count=count, classes=classes, shards=old["shards"] + shards,
             index={**spec.to_dict(int(old["bits"])), **index_entry}, skipped=len(report), skipped_file=skip_name,
         )
-        api.commit_manifest(index_dir, manifest, old)
+        api.commit_manifest(index_dir, manifest, old, keep_partial=part_dir)
         shutil.rmtree(part_dir, ignore_errors=True)
     return AddReport(index_dir, count - int(old["count"]), count, skipped_now, already, written, reused, gen,
                      time.perf_counter() - t0)
@@ -275,6 +273,7 @@ def compact(index_dir: str) -> CompactReport:
     """Rewrite the index without its deleted rows (ids are renumbered 0..n-1, order kept)."""
     from . import api
     from .index import BinaryIndex, IndexSpec
+    from .layout import own
     from .store import check_open, read_manifest, read_shard, write_shard
 
     read_manifest(index_dir)
@@ -297,6 +296,7 @@ def compact(index_dir: str) -> CompactReport:
             if rows == 0:
                 continue
             name = api.gen_name(f"part-{len(shards):05d}", ".h5", gen)
+            own(index_dir, [os.path.join("shards", name)])  # in the ledger before it exists
             info = write_shard(os.path.join(index_dir, "shards", name), d["codes"][keep], d["features"][keep],
                                np.arange(start, start + rows, dtype=np.int64),
                                [p for p, k in zip(d["paths"], keep) if k], d["labels"][keep])

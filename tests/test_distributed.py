@@ -20,6 +20,7 @@ from deephash_faiss import api  # noqa: E402
 from deephash_faiss.distributed import (FAIL_ONCE_ENV, ShardedSearcher, build_index_ray, merge_knn_batch,  # noqa: E402
                                         split_index)
 from deephash_faiss.index import BinaryIndex, IndexSpec  # noqa: E402
+from deephash_faiss.pipeline import build_key  # noqa: E402
 from deephash_faiss.store import FeatureStore, read_manifest  # noqa: E402
 
 SHARD = 16
@@ -133,7 +134,7 @@ def test_ray_build_resumes_local_partial(ray_session, data, tmp_path):
 
     out = str(tmp_path / "mixed")
     images = scan_images(data["images"])
-    key = api._job_key(file_sha256(data["model"]), images.paths, SHARD, "float32")
+    key = build_key(file_sha256(data["model"]), images.paths, SHARD, "float32", "pil")
     part = os.path.join(out, f".partial-{key[:16]}")
     model = load_model(data["model"])
     threads = torch.get_num_threads()
@@ -262,3 +263,102 @@ def test_cli_shard_and_ray_flag(ray_session, data, tmp_path):
                                   "--workers", "2", "--shard-size", str(SHARD), "--batch-size", "8", "-q"])
     assert r.exit_code == 0, r.output
     _same_index(data["local"], out)
+
+
+# ---------------------------------------------------------------- one pipeline: the three drifts are gone
+
+def test_ray_build_takes_the_writer_lock(ray_session, data, tmp_path):
+    """A Ray build racing a writer (`dhf add` holds the lock) refuses instead of losing its rows;
+    and a `dhf add` during a Ray build is refused while the build runs."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from deephash_faiss.errors import DhfError
+    from deephash_faiss.layout import IndexLock
+
+    out = str(tmp_path / "locked")
+    shutil.copytree(data["local"], out)
+    with IndexLock(out):
+        with pytest.raises(DhfError, match="lock held"):
+            build_index_ray(data["images"], out, data["model"], batch_size=8, shard_size=SHARD, num_workers=2,
+                            progress=False)
+    more = tmp_path / "more"
+    more.mkdir()
+    from PIL import Image
+
+    for j in range(4):
+        Image.fromarray(np.full((20, 20, 3), 40 * j, np.uint8)).save(more / f"new{j}.png")
+    errors = []
+
+    def ray_build():
+        try:
+            build_index_ray(data["images"], out, data["model"], batch_size=8, shard_size=SHARD // 2, num_workers=2,
+                            progress=False)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    t = threading.Thread(target=ray_build)
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not [n for n in os.listdir(out) if n.startswith(".partial-")]:
+        time.sleep(0.005)
+    r = subprocess.run([sys.executable, "-m", "deephash_faiss.cli", "add", out, str(more), "-q", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    t.join()
+    assert not errors, errors
+    m = read_manifest(out)
+    paths = FeatureStore(out, m).paths()
+    if r.returncode == 0:  # the add ran first (or after): its rows are in the index
+        assert all(str(more / f"new{j}.png") in paths for j in range(4)), r.stdout
+    else:
+        assert "lock held" in r.stderr + r.stdout
+    from deephash_faiss.maintain import verify
+
+    assert verify(out) == []
+
+
+def test_ray_resume_reencodes_an_image_changed_in_place(ray_session, data, tmp_path):
+    from PIL import Image
+
+    from deephash_faiss.data import scan_images
+    from deephash_faiss.model import file_sha256, load_model
+
+    imgs = str(tmp_path / "images")
+    shutil.copytree(data["images"], imgs)
+    out = str(tmp_path / "idx")
+    images = scan_images(imgs)
+    key = build_key(file_sha256(data["model"]), images.paths, SHARD, "float32", "pil")
+    part = os.path.join(out, f".partial-{key[:16]}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        api.encode_shards(load_model(data["model"]), images.paths, images.labels, part, SHARD, 8,
+                          torch.device("cpu"), "float32", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    changed = [p for p in images.paths if "img0" in p][0]
+    Image.fromarray(np.full((20, 20, 3), 250, np.uint8)).save(changed)  # same name, new pixels
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rep = build_index_ray(imgs, out, data["model"], batch_size=8, shard_size=SHARD, num_workers=2, progress=False)
+    assert rep.shards_reused == 0  # the stale partial belongs to another job (file stamps differ)
+    ref = str(tmp_path / "ref")
+    torch.set_num_threads(1)
+    try:
+        api.build_index(imgs, ref, data["model"], batch_size=8, shard_size=SHARD, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    _same_index(ref, out)
+
+
+def test_ray_skip_report_is_unescaped(ray_session, data, tmp_path):
+    imgs = str(tmp_path / "images")
+    shutil.copytree(data["images"], imgs)
+    odd = os.path.join(imgs, "class1", "bad\tname\\with\nnewline.png")
+    open(odd, "wb").write(b"not a png either")
+    out = str(tmp_path / "idx")
+    rep = build_index_ray(imgs, out, data["model"], batch_size=8, shard_size=SHARD, num_workers=2, progress=False)
+    assert odd in dict(rep.skipped)
+    assert rep.skipped == api.read_skip_report(out, read_manifest(out))

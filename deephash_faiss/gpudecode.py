@@ -1,0 +1,189 @@
+"""JPEG decode on the GPU (nvjpeg through ``torchvision.io.decode_jpeg``), with the CPU path
+as the fallback.
+
+A batch of encoded files is screened on the host (:func:`gpu_decodable`: a baseline,
+extended or progressive JPEG with 1 or 3 components, within PIL's pixel limit, no EXIF
+rotation, not an extreme aspect ratio); the screened files are decoded in one
+``decode_jpeg(list, device="cuda")`` call and squared on the device the way
+:func:`deephash_faiss.data.decode_image` squares on the CPU (shorter side resized to the
+load size, bilinear with antialiasing when shrinking, centre crop). Everything else -- other
+formats, CMYK, EXIF-rotated or corrupt files, anything nvjpeg rejects -- goes through
+:func:`deephash_faiss.data.decode_image`, so skip reasons are the CPU path's.
+
+The result differs from PIL's by resampling details (PIL decodes JPEGs at a reduced DCT
+scale first): an index records its ``decoder`` ("pil" or "nvjpeg") in the manifest and its
+queries are decoded the same way. ``benchmarks/bench_build.py --compare-decoders`` measures
+how close the codes and features are.
+
+``torchvision``'s CPU ``decode_jpeg`` runs the same logic on CPU tensors, which is how the
+CPU tests exercise screening, fallback and ordering.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import numpy as np
+
+_SOF_OK = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
+_SOF_ALL = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_header(data: bytes) -> dict | None:
+    """Parse a JPEG's markers up to its frame header.
+
+    Returns:
+        {"sof": marker, "width", "height", "components", "orientation" (EXIF, or None)},
+        or None when ``data`` is not a well-formed JPEG header.
+    """
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i, n, orientation = 2, len(data), None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seglen = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if seglen < 2 or i + 2 + seglen > n:
+            return None
+        seg = data[i + 4:i + 2 + seglen]
+        if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
+            orientation = _exif_orientation(seg[6:])
+        elif marker in _SOF_ALL:
+            if len(seg) < 6:
+                return None
+            h, w = struct.unpack(">HH", seg[1:5])
+            return {"sof": marker, "width": w, "height": h, "components": seg[5], "orientation": orientation}
+        elif marker == 0xDA:  # start of scan before a frame header
+            return None
+        i += 2 + seglen
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    try:
+        endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (off,) = struct.unpack(endian + "I", tiff[4:8])
+        (count,) = struct.unpack(endian + "H", tiff[off:off + 2])
+        for k in range(count):
+            e = off + 2 + 12 * k
+            tag, typ = struct.unpack(endian + "HH", tiff[e:e + 4])
+            if tag == 0x0112:
+                return int(struct.unpack(endian + "H", tiff[e + 8:e + 10])[0])
+    except (KeyError, struct.error, IndexError):
+        return -1  # unreadable EXIF: let the CPU path decide
+    return None
+
+
+def gpu_decodable(data: bytes, size: int) -> bool:
+    """Whether ``data`` (encoded bytes) goes to the GPU decoder for a ``size`` square."""
+    from PIL import Image
+
+    h = jpeg_header(data)
+    if h is None or h["sof"] not in _SOF_OK or h["components"] not in (1, 3):
+        return False
+    if h["orientation"] not in (None, 1):
+        return False
+    w, hh = h["width"], h["height"]
+    if w < 1 or hh < 1:
+        return False
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * hh > limit:
+        return False
+    scale = size / min(w, hh)
+    return max(round(w * scale), round(hh * scale)) <= 16 * size
+
+
+def square_tensor(img, size: int):
+    """uint8 [3, H, W] (any device) -> uint8 [size, size, 3]: shorter side resized to ``size``
+    (bilinear, antialiased when shrinking), centre crop, as :func:`deephash_faiss.data._square`."""
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    x = img
+    if (nw, nh) != (w, h):
+        x = F.interpolate(img.unsqueeze(0).float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=nw < w or nh < h)[0]
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return x[:, top:top + size, left:left + size].permute(1, 2, 0)
+
+
+def decode_batch(datas: Sequence[bytes], size: int, device) -> tuple[object, list[int]]:
+    """Decode screened JPEG bytes on ``device`` in one batch.
+
+    Returns:
+        (uint8 [m, size, size, 3] on ``device`` for the files that decoded, in input order
+        without the failures; positions (into ``datas``) that failed -- decode them on the CPU).
+    """
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), []
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        imgs = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        failed: list[int] = []
+    except Exception:  # noqa: BLE001 - one bad file fails the batch: find it file by file
+        imgs, failed = [], []
+        for j, t in enumerate(tensors):
+            try:
+                imgs.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+            except Exception:  # noqa: BLE001
+                imgs.append(None)
+                failed.append(j)
+    out = []
+    for j, im in enumerate(imgs):
+        if im is None:
+            continue
+        if im.ndim != 3 or im.shape[0] != 3:
+            failed.append(j)
+            continue
+        out.append(square_tensor(im, size))
+    failed.sort()
+    if not out:
+        return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), failed
+    return torch.stack(out), failed
+
+
+def read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def nvjpeg_available() -> bool:
+    """Whether torchvision can decode JPEGs on this machine's GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
+        img, failed = decode_batch([buf.getvalue()], 8, "cuda")
+        return not failed and tuple(img.shape) == (1, 8, 8, 3)
+    except Exception:  # noqa: BLE001 - any failure: not available
+        return False

@@ -1,0 +1,503 @@
+"""The on-disk contract of an index directory, in one place.
+
+Everything that creates, commits or deletes files of an index lives here: the target-folder
+check, the writer lock, job keys and partial directories, generations, publishing shards,
+the code index and the model, the skip report, the manifest commit, garbage collection and
+the crash points the crash tests kill at. :mod:`deephash_faiss.pipeline` (build / add, local
+or Ray) and :mod:`deephash_faiss.maintain` (add / remove / compact) only call these.
+
+Layout::
+
+    INDEX/manifest.json            the commit (renamed into place last)
+    INDEX/.dhf-files               the ledger: every file this index wrote, one relative path
+                                   a line (appended, fsynced, before the file is created)
+    INDEX/.lock                    the writer lock (flock)
+    INDEX/.partial-<key16>/        a resumable encoding job: part-NNNNN.h5 + part-NNNNN.skip.json
+    INDEX/.partial-add-<key16>/    the same for `dhf add`
+    INDEX/model[-<sha12>].pt, codes[-gN].index, skipped[-gN].tsv, shards/part-NNNNN[-gN].h5
+
+Rules:
+
+* Files of an index generation are never overwritten: every commit takes a generation above
+  any found in the folder and names its new files with it (generation 1 keeps the plain names).
+* The partial directory is only read by a finalize (shards are copied, not moved), so a crash
+  anywhere before the manifest rename leaves the old index intact and the partial shards
+  reusable; the rerun finalizes again.
+* Garbage collection (after each commit, under the writer lock) deletes only files the index
+  wrote -- those in the ledger, or named by a manifest it replaced -- that neither the new nor
+  the previous manifest names (readers of the previous generation keep working), ``.tmp-*``
+  leftovers of its atomic writes, and ``.partial-*`` folders of other (stale) jobs. A user's
+  ``model_v2_best.pt`` next to the index is never touched.
+* A build refuses a non-empty folder that is not a dhf index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import DhfError
+from .store import FORMAT, FORMAT_VERSION, MANIFEST, atomic_write_bytes, now_iso, read_manifest, write_manifest
+
+LEDGER = ".dhf-files"
+LOCK = ".lock"
+PARTIAL_PREFIX = ".partial-"
+CRASH_ENV = "DHF_TEST_CRASH_AT"
+_GEN_RE = re.compile(r"-g(\d+)\.(?:h5|index|tsv)$")
+# leftovers a killed dhf may leave in a folder before it has a manifest or ledger
+_LEFTOVER_RE = re.compile(r"^(?:\.lock|\.partial-.*|\.tmp-.*|\.trained-model\.pt)$")
+
+
+# ---------------------------------------------------------------- crash points
+
+def crash_point(name: str) -> None:
+    """Test hook: ``DHF_TEST_CRASH_AT=<name>`` SIGKILLs this process here (like ``kill -9``).
+
+    Points: ``shard-<s>`` (shard s written to the partial dir), ``mid-shard-<s>`` (its skip
+    list written, its HDF5 file not yet), ``finalize-shard-<s>`` (shard s copied into the
+    index), ``before-manifest`` (all files written, manifest not yet renamed),
+    ``after-manifest`` (committed, before garbage collection and partial-dir cleanup).
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- the target folder and the lock
+
+def prepare_target(index_dir: str) -> None:
+    """Create ``index_dir`` for a build, or check that an existing one is a dhf index.
+
+    A non-empty folder that has neither a manifest nor a ledger (and holds more than the
+    leftovers of a killed dhf: ``.lock``, ``.partial-*``, ``.tmp-*``, an empty ``shards/``)
+    is refused: a build never writes into (or collects garbage in) someone else's folder.
+    """
+    if os.path.exists(index_dir) and not os.path.isdir(index_dir):
+        raise DhfError(f"{index_dir} exists and is not a folder")
+    os.makedirs(index_dir, exist_ok=True)
+    names = os.listdir(index_dir)
+    if MANIFEST in names or LEDGER in names:
+        return
+    foreign = [n for n in names if not _LEFTOVER_RE.match(n)
+               and not (n == "shards" and os.path.isdir(os.path.join(index_dir, n))
+                        and not os.listdir(os.path.join(index_dir, n)))]
+    if foreign:
+        raise DhfError(f"{index_dir} is not empty and is not a dhf index (it holds {foreign[0]!r}"
+                       f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+                       f"choose a new or empty folder")
+    _ledger_write(index_dir, [])
+
+
+class IndexLock:
+    """An exclusive writer lock on ``INDEX/.lock`` (flock; released by the OS if the process dies)."""
+
+    def __init__(self, index_dir: str):
+        self.path = os.path.join(index_dir, LOCK)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "IndexLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            pass
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise DhfError(f"another dhf command is writing {os.path.dirname(self.path)} (lock held); "
+                           f"wait for it to finish") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+# ---------------------------------------------------------------- the ledger
+
+def _ledger_path(index_dir: str) -> str:
+    return os.path.join(index_dir, LEDGER)
+
+
+def _ledger_write(index_dir: str, rels: Iterable[str]) -> None:
+    atomic_write_bytes(_ledger_path(index_dir),
+                       "".join(f"{r}\n" for r in sorted(set(rels))).encode("utf-8", "surrogateescape"))
+
+
+def owned_files(index_dir: str) -> set[str]:
+    """Relative paths recorded in the ledger (empty when there is none)."""
+    try:
+        with open(_ledger_path(index_dir), encoding="utf-8", errors="surrogateescape") as f:
+            return {ln for ln in f.read().split("\n") if ln}
+    except FileNotFoundError:
+        return set()
+
+
+def own(index_dir: str, rels: Iterable[str]) -> None:
+    """Record files (relative paths) in the ledger *before* creating them, so that the
+    orphans of a crashed attempt are collected later. Call with the writer lock held."""
+    rels = [r for r in rels if "\n" not in r]
+    if not os.path.exists(_ledger_path(index_dir)):
+        # an index written before the ledger existed: what its manifest names is its own
+        old = current_manifest(index_dir)
+        _ledger_write(index_dir, manifest_files(old) if old else [])
+    if not rels:
+        return
+    with open(_ledger_path(index_dir), "a", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("".join(f"{r}\n" for r in rels))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- jobs and partial directories
+
+def job_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str, extra: str = "") -> str:
+    """Identifies a resumable encoding job; ``extra`` adds e.g. the decoder or the base generation.
+
+    The pipeline always adds :func:`file_stamps` of the paths: a partial shard is never
+    reused once one of its images changed.
+    """
+    h = hashlib.sha256()
+    h.update(f"{model_sha}\n{shard_size}\n{feature_dtype}\n".encode())
+    for p in paths:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    if extra:
+        h.update(extra.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def file_stamps(paths: list[str]) -> str:
+    """(size, mtime) of every file: a partial shard is not reused once its images changed."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append("-")
+    return "\n".join(out)
+
+
+def partial_dir(index_dir: str, key: str, kind: str = "") -> str:
+    """``INDEX/.partial-[kind-]<key16>`` (absolute: Ray workers may run elsewhere)."""
+    return os.path.abspath(os.path.join(index_dir, f"{PARTIAL_PREFIX}{kind + '-' if kind else ''}{key[:16]}"))
+
+
+def part_files(part_dir: str, s: int) -> tuple[str, str]:
+    """(HDF5 shard, skip list) of partial shard ``s``."""
+    return os.path.join(part_dir, f"part-{s:05d}.h5"), os.path.join(part_dir, f"part-{s:05d}.skip.json")
+
+
+def part_complete(part_dir: str, s: int) -> bool:
+    """Whether partial shard ``s`` is complete (both files are only ever renamed into place)."""
+    h5, skip = part_files(part_dir, s)
+    return os.path.exists(h5) and os.path.exists(skip)
+
+
+def write_part(part_dir: str, s: int, codes: np.ndarray, feats: np.ndarray, pos: np.ndarray, paths: list[str],
+               labels: np.ndarray, bad: list[tuple[int, str]]) -> None:
+    """Write partial shard ``s``: its skip list (``[[path, reason]]``), then its HDF5 file
+    (ids = positions in ``paths``, renumbered by :func:`publish_shards`)."""
+    from .store import write_shard
+
+    h5, skip = part_files(part_dir, s)
+    os.makedirs(part_dir, exist_ok=True)
+    atomic_write_bytes(skip, json.dumps([[paths[i], r] for i, r in bad]).encode("utf-8", "surrogateescape"))
+    crash_point(f"mid-shard-{s}")
+    write_shard(h5, codes, feats, pos, [paths[i] for i in pos], labels[pos])
+    crash_point(f"shard-{s}")
+
+
+def read_part_skips(part_dir: str, s: int) -> list[tuple[str, str]]:
+    with open(part_files(part_dir, s)[1], encoding="utf-8", errors="surrogateescape") as f:
+        return [(p, r) for p, r in json.load(f)]
+
+
+# ---------------------------------------------------------------- generations and files
+
+def current_manifest(index_dir: str) -> dict[str, Any] | None:
+    """The committed manifest, None when there is none or it is unreadable; an index of a
+    newer format is refused (a build must not overwrite what it cannot read)."""
+    if not os.path.exists(os.path.join(index_dir, MANIFEST)):
+        return None
+    try:
+        return read_manifest(index_dir)
+    except DhfError as err:
+        if "format version" in str(err):
+            raise DhfError(f"{err}; refusing to overwrite it") from None
+        return None
+
+
+def next_generation(index_dir: str, old: dict[str, Any] | None) -> int:
+    """A generation number above the current manifest's and above any file in the directory."""
+    gen = int(old.get("generation", 1)) if old else 0
+    names = os.listdir(index_dir) if os.path.isdir(index_dir) else []
+    sd = os.path.join(index_dir, "shards")
+    names += os.listdir(sd) if os.path.isdir(sd) else []
+    for n in names:
+        m = _GEN_RE.search(n)
+        if m:
+            gen = max(gen, int(m.group(1)))
+        elif n.endswith((".h5", ".index", ".tsv")) and not n.startswith("."):
+            gen = max(gen, 1)
+    return gen + 1
+
+
+def gen_name(stem: str, ext: str, gen: int) -> str:
+    return f"{stem}{ext}" if gen <= 1 else f"{stem}-g{gen}{ext}"
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def manifest_files(m: dict[str, Any]) -> set[str]:
+    """Files (relative to the index dir) that a manifest refers to."""
+    files = {m["index"]["file"], m.get("skipped_file", "skipped.tsv")}
+    if m["model"].get("file"):
+        files.add(m["model"]["file"])
+    files |= {os.path.join("shards", s["file"]) for s in m["shards"]}
+    return files
+
+
+# ---------------------------------------------------------------- the skip report
+
+def tsv_field(text: str) -> str:
+    """A path or reason as one TSV field: backslash, tab and newline escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _untsv(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), text)
+
+
+def read_skip_report(index_dir: str, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(path, reason)] from the manifest's skip report (escapes undone). The one reader."""
+    p = os.path.join(index_dir, manifest.get("skipped_file", "skipped.tsv"))
+    if not os.path.exists(p):
+        return []
+    with open(p, encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().split("\n")
+    out = []
+    for line in lines:
+        if line:
+            path, _, reason = line.partition("\t")
+            out.append((_untsv(path), _untsv(reason)))
+    return out
+
+
+def write_skip_report(index_dir: str, name: str, skipped: list[tuple[str, str]]) -> None:
+    from .data import one_line
+
+    own(index_dir, [name])
+    atomic_write_bytes(os.path.join(index_dir, name), "".join(
+        f"{tsv_field(p)}\t{tsv_field(one_line(r))}\n" for p, r in skipped).encode("utf-8", "surrogateescape"))
+
+
+# ---------------------------------------------------------------- publishing a generation
+
+def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen: int, name_offset: int = 0):
+    """Copy partial shards into ``index_dir/shards`` under generation-``gen`` names with
+    global row ids from ``start``. The partial shards are not modified.
+
+    Returns (shard entries, list of code arrays uint8 [rows, B], skipped [(path, reason)], next start).
+    """
+    import h5py
+
+    from .model import file_sha256
+
+    shard_dir = os.path.join(index_dir, "shards")
+    os.makedirs(shard_dir, exist_ok=True)
+    shard_numbers = list(shard_numbers)
+    names = [gen_name(f"part-{s + name_offset:05d}", ".h5", gen) for s in shard_numbers]
+    own(index_dir, [os.path.join("shards", n) for n in names])
+    shards, codes, skipped = [], [], []
+    for s, name in zip(shard_numbers, names):
+        src = part_files(part_dir, s)[0]
+        skipped.extend(read_part_skips(part_dir, s))
+        dst = os.path.join(shard_dir, name)
+        tmp = os.path.join(shard_dir, f".tmp-{name}")
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "r+") as f:
+            rows = len(f["codes"])
+            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
+            codes.append(f["codes"][()])
+        fsync_file(tmp)
+        sha = file_sha256(tmp)
+        os.replace(tmp, dst)
+        crash_point(f"finalize-shard-{s}")
+        shards.append({"file": name, "rows": rows, "start": start, "sha256": sha})
+        start += rows
+    return shards, codes, skipped, start
+
+
+def save_code_index(index_dir: str, index, gen: int) -> dict[str, str]:
+    """Write the FAISS code index (a :class:`deephash_faiss.index.BinaryIndex`) under a
+    generation name; returns {"file", "sha256"}."""
+    from .model import file_sha256
+
+    name = gen_name("codes", ".index", gen)
+    own(index_dir, [name])
+    tmp = os.path.join(index_dir, f".tmp-{name}")
+    index.save(tmp)
+    fsync_file(tmp)
+    sha = file_sha256(tmp)
+    os.replace(tmp, os.path.join(index_dir, name))
+    return {"file": name, "sha256": sha}
+
+
+def store_model(index_dir: str, model_path: str) -> tuple[str, str]:
+    """Copy the model into the index (content-addressed; reused when present). Returns (file, sha256).
+
+    ``model.pt`` is reused only when the index owns it (a user's file of that name is not
+    the index's model and is never overwritten).
+    """
+    from .model import file_sha256
+
+    model_sha = file_sha256(model_path)
+    own(index_dir, [])
+    mine = owned_files(index_dir) if os.path.exists(_ledger_path(index_dir)) else set()
+    cur = current_manifest(index_dir)
+    mine |= manifest_files(cur) if cur else set()
+    for name in ("model.pt", f"model-{model_sha[:12]}.pt"):
+        mp = os.path.join(index_dir, name)
+        if name in mine and os.path.exists(mp) and file_sha256(mp) == model_sha:
+            own(index_dir, [name])
+            return name, model_sha
+    name = "model.pt" if not os.path.exists(os.path.join(index_dir, "model.pt")) else f"model-{model_sha[:12]}.pt"
+    own(index_dir, [name])
+    tmp = os.path.join(index_dir, f".tmp-{name}")
+    shutil.copyfile(model_path, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, os.path.join(index_dir, name))
+    return name, model_sha
+
+
+def commit_manifest(index_dir: str, manifest: dict[str, Any], old: dict[str, Any] | None,
+                    keep_partial: str | None = None) -> None:
+    """The one atomic step: rename the new manifest into place, then collect garbage.
+    Call with the writer lock held."""
+    own(index_dir, sorted(manifest_files(manifest) - owned_files(index_dir)))
+    crash_point("before-manifest")
+    write_manifest(index_dir, manifest)
+    crash_point("after-manifest")
+    collect_garbage(index_dir, manifest, old, keep_partial)
+
+
+def collect_garbage(index_dir: str, new: dict[str, Any], old: dict[str, Any] | None,
+                    keep_partial: str | None = None) -> list[str]:
+    """Delete files the index wrote that neither ``new`` nor ``old`` names (readers that
+    opened ``old`` keep working), ``.tmp-*`` leftovers of its atomic writes, and
+    ``.partial-*`` folders other than ``keep_partial`` (stale jobs). Files the index did
+    not write are never touched. Call with the writer lock held. Returns what was removed."""
+    keep = manifest_files(new) | (manifest_files(old) if old else set()) | {MANIFEST}
+    removed, left = [], []
+    for rel in owned_files(index_dir) | (manifest_files(old) if old else set()):
+        if rel in keep:
+            continue
+        p = os.path.join(index_dir, rel)
+        try:
+            if os.path.isfile(p):
+                os.unlink(p)
+                removed.append(rel)
+        except OSError:
+            left.append(rel)
+    shard_dir = os.path.join(index_dir, "shards")
+    for d, prefix in ((index_dir, ""), (shard_dir, "shards")):
+        for name in (os.listdir(d) if os.path.isdir(d) else []):
+            p = os.path.join(d, name)
+            if name.startswith(".tmp-") and os.path.isfile(p):
+                try:
+                    os.unlink(p)
+                    removed.append(os.path.join(prefix, name))
+                except OSError:
+                    pass
+    keep_part = os.path.basename(os.path.normpath(keep_partial)) if keep_partial else None
+    for name in os.listdir(index_dir):
+        p = os.path.join(index_dir, name)
+        if name.startswith(PARTIAL_PREFIX) and name != keep_part and os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(name)
+    _ledger_write(index_dir, keep | set(left) - {MANIFEST})
+    return removed
+
+
+def build_manifest(*, gen: int, source: str, model_name: str, model_sha: str, model_cfg, spec, feature_dtype: str,
+                   count: int, classes: list[str], shards: list[dict], index_entry: dict, skipped: int,
+                   skipped_file: str, decoder: str = "pil") -> dict[str, Any]:
+    """The manifest of a freshly built index (``decoder``: which image decoder encoded it)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "generation": gen,
+        "created": now_iso(),
+        "source": os.path.abspath(source),
+        "model": {"file": model_name, "sha256": model_sha, "backbone": model_cfg.backbone,
+                  "input_size": model_cfg.input_size, "load_size": model_cfg.load_size},
+        "bits": model_cfg.bits,
+        "bit_order": "little (faiss): bit j in byte j//8 at position j%8",
+        "feature_dim": model_cfg.feature_dim,
+        "feature_dtype": feature_dtype,
+        "decoder": decoder,
+        "count": count,
+        "classes": classes,
+        "shards": shards,
+        "index": {**spec.to_dict(model_cfg.bits), **index_entry},
+        "skipped": skipped,
+        "skipped_file": skipped_file,
+        "deleted": [],
+    }
+
+
+def finalize_build(
+    index_dir: str,
+    part_dir: str,
+    nshards: int,
+    model_path: str,
+    model_cfg,
+    spec,
+    feature_dtype: str,
+    classes: list[str],
+    source: str,
+    scan_skipped: list[tuple[str, str]],
+    tag: str = "",
+    decoder: str = "pil",
+) -> dict[str, Any]:
+    """Number the rows, copy shards and model into ``index_dir``, build the code index,
+    and commit by writing the manifest (the one atomic step). Returns the manifest.
+
+    Crash-safe: the partial shards are copied, never moved or modified, and new files get
+    names of a fresh generation, so a crash anywhere leaves the previous index intact and
+    a rerun finalizes again from the same partial shards. ``tag`` is unused (kept for
+    callers of the earlier signature).
+    """
+    from .index import BinaryIndex
+
+    os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
+    old = current_manifest(index_dir)
+    gen = next_generation(index_dir, old)
+    shards, codes, skipped, count = publish_shards(index_dir, part_dir, range(nshards), 0, gen)
+    skipped = list(scan_skipped) + skipped
+    all_codes = np.concatenate(codes) if codes else np.zeros((0, model_cfg.bits // 8), np.uint8)
+    index_entry = save_code_index(index_dir, BinaryIndex.build(all_codes, spec), gen)
+    model_name, model_sha = store_model(index_dir, model_path)
+    skip_name = gen_name("skipped", ".tsv", gen)
+    write_skip_report(index_dir, skip_name, skipped)
+    manifest = build_manifest(gen=gen, source=source, model_name=model_name, model_sha=model_sha,
+                              model_cfg=model_cfg, spec=spec, feature_dtype=feature_dtype, count=count,
+                              classes=classes, shards=shards, index_entry=index_entry, skipped=len(skipped),
+                              skipped_file=skip_name, decoder=decoder)
+    commit_manifest(index_dir, manifest, old, keep_partial=part_dir)
+    return manifest

@@ -1,0 +1,423 @@
+"""One build pipeline for ``dhf build-index``, ``dhf add`` and the Ray build.
+
+    prepare (check arguments, scan, check the target folder)
+      -> lock (``INDEX/.lock``)
+      -> job key (model sha256, image list, shard size, dtype, decoder, file stamps, [base generation])
+      -> encode the missing shards of ``INDEX/.partial-<key>/`` through an *executor*
+      -> finalize (publish shards, code index, skip report, manifest commit: :mod:`deephash_faiss.layout`)
+
+The executor is the only thing that differs:
+
+* :class:`LocalExecutor`: this process (its GPU or CPU), the streaming encoder
+  (:func:`deephash_faiss.stream.encode_stream`) over all missing shards, shards written in a
+  background thread.
+* :class:`RayExecutor`: Ray actors (one per GPU with ``num_gpus=1`` each, or one per CPU
+  group), each running the same :func:`encode_local` on one shard per task.
+
+Because the lock, the key and the skip report are the pipeline's, a Ray build and a local
+build behave the same under a racing ``dhf add``, an image changed in place, and odd file
+names; and because batches are fixed by shard (see :mod:`deephash_faiss.stream`), their
+results are bit for bit equal on CPU (at equal torch thread counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import layout
+from .errors import DhfError
+
+Log = Callable[[str], None]
+
+FAIL_ONCE_ENV = "DHF_RAY_FAIL_ONCE"  # testing hook: a marker path; a worker dies once after its first shard
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    count: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    shards_written: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0
+    trained: bool = False
+    decoder: str = "pil"
+
+
+@dataclass
+class EncodeJob:
+    """What an executor encodes: ``paths`` cut into shards of ``shard_size`` in ``part_dir``."""
+
+    model_path: str
+    paths: list[str]
+    labels: np.ndarray
+    part_dir: str
+    shard_size: int
+    batch_size: int
+    feature_dtype: str
+    decoder: str = "pil"
+
+    @property
+    def nshards(self) -> int:
+        return (len(self.paths) + self.shard_size - 1) // self.shard_size
+
+    def bounds(self, s: int) -> tuple[int, int]:
+        return s * self.shard_size, min(len(self.paths), (s + 1) * self.shard_size)
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.nshards) if not layout.part_complete(self.part_dir, s)]
+
+
+def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=None, workers: int | None = None,
+                 decode_kind: str = "auto") -> tuple[int, int]:
+    """Encode ``shards`` of ``job`` in this process (the streaming encoder); shard files are
+    written by a background thread, one at a time, in order. A shard already complete is reused.
+
+    ``progress``: called with the number of images done after every batch.
+    Returns (shards written, shards reused).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .stream import encode_stream
+
+    todo = [s for s in shards if not layout.part_complete(job.part_dir, s)]
+    reused = len(shards) - len(todo)
+    if progress:
+        progress(sum(np.subtract(*job.bounds(s)[::-1]) for s in shards if s not in todo))
+    if not todo:
+        return 0, reused
+    os.makedirs(job.part_dir, exist_ok=True)
+    bits, dim = model.config.bits, model.config.feature_dim
+    acc: dict[str, list] = {"pos": [], "codes": [], "feats": [], "bad": []}
+    writer = ThreadPoolExecutor(1, thread_name_prefix="dhf-shard-writer")
+    writes: deque = deque()
+    try:
+        for si, last, pos, codes, feats, bad in encode_stream(
+                model, job.paths, device, job.batch_size, job.feature_dtype, job.decoder, workers, decode_kind,
+                segments=[job.bounds(s) for s in todo]):
+            acc["pos"].append(pos)
+            acc["codes"].append(codes)
+            acc["feats"].append(feats)
+            acc["bad"].extend(bad)
+            if progress:
+                progress(len(pos) + len(bad))
+            if not last:
+                continue
+            s = todo[si]
+            pos_a = np.concatenate(acc["pos"]) if acc["pos"] else np.zeros(0, np.int64)
+            codes_a = np.concatenate(acc["codes"]) if acc["codes"] else np.zeros((0, bits // 8), np.uint8)
+            feats_a = np.concatenate(acc["feats"]) if acc["feats"] else np.zeros((0, dim), job.feature_dtype)
+            writes.append(writer.submit(layout.write_part, job.part_dir, s, codes_a, feats_a, pos_a, job.paths,
+                                        job.labels, list(acc["bad"])))
+            acc = {"pos": [], "codes": [], "feats": [], "bad": []}
+            while len(writes) > 1:  # bounded: at most one shard waiting behind the one being written
+                writes.popleft().result()
+        while writes:
+            writes.popleft().result()
+    finally:
+        writer.shutdown(wait=True)
+    return len(todo), reused
+
+
+class LocalExecutor:
+    """Encode in this process, on ``device`` ("auto", "cpu", "cuda")."""
+
+    name = "local"
+
+    def __init__(self, device: str = "auto", workers: int | None = None, decode_kind: str = "auto"):
+        from .model import resolve_device
+
+        self.device = resolve_device(device)
+        self.workers = workers
+        self.decode_kind = decode_kind
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def run(self, job: EncodeJob, todo: list[int], progress: bool, log: Log) -> tuple[int, int]:
+        from tqdm.auto import tqdm
+
+        from .model import load_model
+
+        model = load_model(job.model_path)
+        model.to(self.device)
+        n = sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)
+        log(f"encoding {n} images in {len(todo)} shard(s) with {model.config.backbone} ({model.config.bits} bits) "
+            f"on {self.device}, decoder {job.decoder}")
+        with tqdm(total=n, desc="encode", unit="img", disable=not progress) as bar:
+            return encode_local(model, job, todo, self.device, bar.update, self.workers, self.decode_kind)
+
+
+class _ShardWorker:
+    """One Ray actor: loads the model once, encodes one shard per task with :func:`encode_local`."""
+
+    def __init__(self, model_path: str, cwd: str, num_threads: int, device: str, fail_once_marker: str | None = None):
+        import torch
+
+        from .model import load_model
+
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU(s)
+        self.model = load_model(model_path, self.device)
+        self.fail_once_marker = fail_once_marker
+        self.num_threads = torch.get_num_threads()
+        self.workers = max(1, int(num_threads)) if self.device.type == "cpu" else None
+
+    def encode(self, job: EncodeJob, shard: int):
+        t0 = time.perf_counter()
+        written, reused = encode_local(self.model, job, [shard], self.device, workers=self.workers,
+                                       decode_kind="thread")
+        marker = self.fail_once_marker
+        if marker and written and not os.path.exists(marker):
+            with open(marker, "w") as f:  # die once, after the shard is in place, before replying
+                f.write(f"{os.getpid()} shard {shard}\n")
+            os._exit(1)
+        return {"shard": shard, "written": written, "reused": reused, "seconds": time.perf_counter() - t0,
+                "pid": os.getpid(), "node": _node_ip(), "threads": self.num_threads}
+
+
+def _node_ip() -> str:
+    """``IP/node-id prefix`` of the Ray node this runs on (several raylets may share an IP)."""
+    try:
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+class RayExecutor:
+    """Encode on Ray actors: ``num_gpus_per_worker`` > 0 puts one actor on each GPU (or
+    fraction) and encodes on CUDA there; otherwise one actor per ``num_cpus_per_worker`` CPUs.
+
+    Args:
+        address: a running Ray cluster ("HOST:PORT" or "auto"); None: the current session,
+            a running local instance, or a new local one.
+        num_workers: actors (default: as many as the cluster's GPUs or CPUs allow; never more
+            than the shards to do).
+        max_retries: actor restarts and task retries after a worker dies.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_workers: int | None = None, num_gpus_per_worker: float = 0,
+                 num_cpus_per_worker: float = 1, max_retries: int = 3):
+        if num_workers is not None and num_workers < 1:
+            raise DhfError("--workers must be at least 1")
+        self.address = address
+        self.num_workers = num_workers
+        self.num_gpus_per_worker = num_gpus_per_worker
+        self.num_cpus_per_worker = num_cpus_per_worker
+        self.max_retries = max_retries
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.num_gpus_per_worker > 0 else "cpu"
+
+    def run(self, job: EncodeJob, todo: list[int], progress: bool, log: Log) -> tuple[int, int]:
+        from tqdm.auto import tqdm
+
+        from .distributed import _ray, init_ray
+
+        ray = _ray()
+        owns = init_ray(self.address, log=log)
+        written = reused = 0
+        try:
+            res = ray.cluster_resources()
+            if self.num_gpus_per_worker > 0:
+                if res.get("GPU", 0) < self.num_gpus_per_worker:
+                    raise DhfError(f"the Ray cluster has {res.get('GPU', 0):g} GPU(s); asked for "
+                                   f"{self.num_gpus_per_worker:g} per worker")
+                auto = int(res.get("GPU", 0) // self.num_gpus_per_worker)
+            else:
+                auto = int(res.get("CPU", 1) // max(self.num_cpus_per_worker, 1e-9))
+            nw = max(1, min(self.num_workers or auto or 1, len(todo)))
+            threads = max(1, int(round(self.num_cpus_per_worker)))
+            Actor = ray.remote(_ShardWorker).options(
+                num_cpus=self.num_cpus_per_worker, num_gpus=self.num_gpus_per_worker,
+                max_restarts=self.max_retries, max_task_retries=self.max_retries)
+            fail = os.environ.get(FAIL_ONCE_ENV) or None
+            actors = [Actor.remote(os.path.abspath(job.model_path), os.getcwd(), threads, self.device_type, fail)
+                      for _ in range(nw)]
+            log(f"encoding {sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)} images in {len(todo)} shard(s) "
+                f"on {nw} Ray worker(s), {self.num_cpus_per_worker:g} CPU / {self.num_gpus_per_worker:g} GPU each, "
+                f"decoder {job.decoder}")
+            job_ref = ray.put(job)
+            queue = deque(todo)
+            pending: dict[Any, tuple[int, int]] = {}
+
+            def submit(a: int) -> None:
+                s = queue.popleft()
+                pending[actors[a].encode.remote(job_ref, s)] = (s, a)
+
+            for _ in range(2):  # two in flight per actor: the next shard is queued while one runs
+                for a in range(nw):
+                    if queue:
+                        submit(a)
+            nodes: dict[str, int] = {}
+            with tqdm(total=len(todo), desc="encode shards", unit="shard", disable=not progress) as bar:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    s, a = pending.pop(done[0])
+                    try:
+                        out = ray.get(done[0])
+                    except ray.exceptions.RayError as err:
+                        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                        raise DhfError(f"Ray worker failed on shard {s} after {self.max_retries} retries: {msg}; "
+                                       f"complete shards are kept, run the same command again to resume") from None
+                    written += out["written"]
+                    reused += out["reused"]
+                    nodes[out["node"]] = nodes.get(out["node"], 0) + 1
+                    bar.update(1)
+                    if queue:
+                        submit(a)
+            log(f"shards per node: {json.dumps(nodes)}")
+            for a in actors:
+                ray.kill(a)
+        finally:
+            if owns:
+                ray.shutdown()
+        return written, reused
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def resolve_decoder(decoder: str, device_type: str) -> str:
+    """"auto" -> "nvjpeg" when encoding on CUDA and torchvision can decode there, else "pil"."""
+    if decoder not in ("auto", "pil", "nvjpeg"):
+        raise DhfError(f"--decoder must be auto, pil or nvjpeg, not {decoder!r}")
+    if decoder == "auto":
+        if device_type != "cuda":
+            return "pil"
+        from .gpudecode import nvjpeg_available
+
+        return "nvjpeg" if nvjpeg_available() else "pil"
+    if decoder == "nvjpeg" and device_type != "cuda" and not ALLOW_NVJPEG_ON_CPU:
+        raise DhfError("--decoder nvjpeg decodes on the GPU: it needs --device cuda")
+    return decoder
+
+
+ALLOW_NVJPEG_ON_CPU = False  # tests: run the nvjpeg path with torchvision's CPU decoder
+
+
+def encode(job: EncodeJob, executor, progress: bool = True, log: Log = _quiet) -> tuple[int, int]:
+    """Encode the missing shards of ``job`` through ``executor``; returns (written, reused).
+
+    Raises DhfError if a shard is still missing afterwards."""
+    todo = job.missing()
+    reused = job.nshards - len(todo)
+    written = 0
+    if reused:
+        log(f"resumed: {reused} of {job.nshards} shard(s) already complete")
+    if todo:
+        written, again = executor.run(job, todo, progress, log)
+        reused += again
+    missing = job.missing()
+    if missing:
+        raise DhfError(f"shards {missing[:5]} missing after encoding; run the same command again")
+    return written, reused
+
+
+def prepare_build(images_dir: str, index_dir: str, spec, feature_dtype: str, shard_size: int, batch_size: int):
+    """Check build arguments, scan the images and create or check ``index_dir``: (spec, images)."""
+    from .data import scan_images
+    from .index import IndexSpec
+
+    if feature_dtype not in ("float32", "float16"):
+        raise DhfError("--feature-dtype must be float32 or float16")
+    if shard_size < 1 or batch_size < 1:
+        raise DhfError("--shard-size and --batch-size must be at least 1")
+    images = scan_images(images_dir)
+    if len(images) == 0:
+        raise DhfError(f"no images found under {images_dir}")
+    layout.prepare_target(index_dir)
+    return spec or IndexSpec(), images
+
+
+def build(
+    images_dir: str,
+    index_dir: str,
+    model_path: str | None,
+    spec=None,
+    batch_size: int = 128,
+    shard_size: int = 50_000,
+    feature_dtype: str = "float32",
+    executor=None,
+    decoder: str = "auto",
+    progress: bool = True,
+    log: Log = _quiet,
+    train_options: dict[str, Any] | None = None,
+) -> BuildReport:
+    """The build: prepare -> lock -> (train) -> job key -> encode via ``executor`` -> finalize.
+    See :func:`deephash_faiss.api.build_index`."""
+    from .model import file_sha256, load_model
+
+    t0 = time.perf_counter()
+    executor = executor or LocalExecutor()
+    spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
+    with layout.IndexLock(index_dir):
+        layout.current_manifest(index_dir)  # refuses to overwrite an index of a newer format
+        trained = False
+        if model_path is None:
+            from .api import _train_first
+
+            model_path = _train_first(images, images_dir, index_dir, train_options, progress, log)
+            trained = True
+        model = load_model(model_path)  # config and a check that it loads, before any worker starts
+        spec.check(model.config.bits)
+        dec = resolve_decoder(decoder, executor.device_type)
+        key = build_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, dec)
+        job = EncodeJob(os.path.abspath(model_path), list(images.paths), np.asarray(images.labels),
+                        layout.partial_dir(index_dir, key), shard_size, batch_size, feature_dtype, dec)
+        written, reused = encode(job, executor, progress, log)
+        manifest = layout.finalize_build(index_dir, job.part_dir, job.nshards, model_path, model.config, spec,
+                                         feature_dtype, images.classes, images_dir, images.skipped, decoder=dec)
+        shutil.rmtree(job.part_dir, ignore_errors=True)
+        if trained:
+            os.unlink(model_path)
+        skipped = layout.read_skip_report(index_dir, manifest)
+    return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec)
+
+
+def build_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str, decoder: str) -> str:
+    """The job key of a build: model, image list, shard size, dtype, decoder and file stamps."""
+    return layout.job_key(model_sha, paths, shard_size, feature_dtype,
+                          (f"decoder:{decoder}\n" if decoder != "pil" else "") + layout.file_stamps(paths))
+
+
+def add_job(index_dir: str, old: dict[str, Any], paths: list[str], labels: np.ndarray, shard_size: int,
+            batch_size: int) -> EncodeJob:
+    """The encoding job of ``dhf add``: the index's model, dtype and decoder; the key adds the
+    base generation and row count (an add on top of another generation is another job)."""
+    dtype = old["feature_dtype"]
+    dec = old.get("decoder", "pil")
+    key = layout.job_key(old["model"]["sha256"], paths, shard_size, dtype,
+                         f"add:{old.get('generation', 1)}:{old['count']}\n"
+                         + (f"decoder:{dec}\n" if dec != "pil" else "") + layout.file_stamps(paths))
+    return EncodeJob(os.path.abspath(os.path.join(index_dir, old["model"]["file"])), list(paths),
+                     np.asarray(labels, np.int32), layout.partial_dir(index_dir, key, "add"), shard_size, batch_size,
+                     dtype, dec)
+
+
+def check_executor_decoder(executor, decoder: str) -> None:
+    """An index encoded with nvjpeg is extended with nvjpeg only (codes stay comparable)."""
+    if decoder == "nvjpeg" and executor.device_type != "cuda" and not ALLOW_NVJPEG_ON_CPU:
+        raise DhfError("this index was encoded with the GPU JPEG decoder (manifest decoder: nvjpeg): "
+                       "add images with --device cuda")

@@ -1,0 +1,254 @@
+"""The build pipeline and the on-disk contract (deephash_faiss.pipeline, layout, stream, gpudecode).
+
+References are independent: images decoded one by one with ``data.decode_image`` and encoded
+with ``extract.encode_array`` (the pre-streaming path), numpy's packbits, hand-made JPEG
+headers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+import corpus  # noqa: E402
+
+from deephash_faiss import api, gpudecode, layout, maintain, pipeline  # noqa: E402
+from deephash_faiss.cli import main  # noqa: E402
+from deephash_faiss.data import decode_image, scan_images  # noqa: E402
+from deephash_faiss.extract import encode_array, pack_codes_torch  # noqa: E402
+from deephash_faiss.index import pack_codes  # noqa: E402
+from deephash_faiss.model import load_model  # noqa: E402
+from deephash_faiss.stream import encode_stream  # noqa: E402
+
+
+def _reference(model, paths, batch_size):
+    """One image at a time through decode_image, then encode_array in the same batches."""
+    size = model.config.load_size
+    codes, feats, pos = [], [], []
+    for lo in range(0, len(paths), batch_size):
+        imgs, ok = [], []
+        for i in range(lo, min(len(paths), lo + batch_size)):
+            try:
+                imgs.append(decode_image(paths[i], size))
+                ok.append(i)
+            except Exception:  # noqa: BLE001
+                pass
+        if imgs:
+            c, f, _ = encode_array(model, np.stack(imgs), torch.device("cpu"), batch_size)
+            codes.append(c)
+            feats.append(f)
+            pos += ok
+    return np.concatenate(codes), np.concatenate(feats), np.asarray(pos)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_stream_equals_one_by_one_reference(image_folder, trained_model, kind):
+    model = load_model(trained_model)
+    paths = scan_images(image_folder).paths + ["/nonexistent.png"]
+    rc, rf, rp = _reference(model, paths, 16)
+    got = list(encode_stream(model, paths, torch.device("cpu"), 16, "float32", "pil", workers=2, decode_kind=kind,
+                             prefetch=3))
+    pos = np.concatenate([g[2] for g in got])
+    assert np.array_equal(pos, rp)  # in order
+    assert np.array_equal(np.concatenate([g[3] for g in got]), rc)
+    assert np.array_equal(np.concatenate([g[4] for g in got]), rf)
+    bad = [b for g in got for b in g[5]]
+    assert [i for i, _ in bad] == [len(paths) - 1] and "not found" in bad[0][1]
+
+
+def test_stream_segments_never_share_a_batch(image_folder, trained_model):
+    model = load_model(trained_model)
+    paths = scan_images(image_folder).paths[:40]
+    got = list(encode_stream(model, paths, torch.device("cpu"), 16, segments=[(0, 10), (10, 40)]))
+    assert [(g[0], g[1], len(g[2])) for g in got] == [(0, True, 10), (1, False, 16), (1, True, 14)]
+
+
+def test_pack_codes_torch_equals_numpy():
+    h = torch.rand(37, 48)
+    h[0, :8] = 0.5  # the threshold is strict
+    assert np.array_equal(pack_codes_torch(h).numpy(), pack_codes(h.numpy()))
+
+
+# ---------------------------------------------------------------- the GPU decoder's host-side logic
+
+def _jpeg(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_gpu_screening():
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
+    j = _jpeg(rgb, quality=90)
+    assert gpudecode.jpeg_header(j)["width"] == 60 and gpudecode.jpeg_header(j)["height"] == 40
+    assert gpudecode.gpu_decodable(j, 32)
+    assert gpudecode.gpu_decodable(_jpeg(rgb, progressive=True), 32)
+    gray = io.BytesIO()
+    Image.fromarray(rgb[..., 0]).save(gray, format="JPEG")
+    assert gpudecode.gpu_decodable(gray.getvalue(), 32)
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, format="JPEG")
+    assert not gpudecode.gpu_decodable(cmyk.getvalue(), 32)  # 4 components: the CPU path
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    assert not gpudecode.gpu_decodable(png.getvalue(), 32)
+    assert not gpudecode.gpu_decodable(j[:20], 32)  # truncated before the frame header
+    assert not gpudecode.gpu_decodable(b"", 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: PIL's path applies (or not) the orientation, not nvjpeg
+    assert not gpudecode.gpu_decodable(_jpeg(rgb, exif=exif.tobytes()), 32)
+    exif[0x0112] = 1
+    assert gpudecode.gpu_decodable(_jpeg(rgb, exif=exif.tobytes()), 32)
+    assert not gpudecode.gpu_decodable(_jpeg(np.zeros((2, 200, 3), np.uint8)), 32)  # extreme aspect ratio
+
+
+def test_square_tensor_matches_pil_geometry():
+    rgb = np.random.default_rng(1).integers(0, 255, (48, 80, 3), np.uint8)
+    out = gpudecode.square_tensor(torch.from_numpy(rgb).permute(2, 0, 1), 24).numpy()
+    ref = decode_image(io.BytesIO(_png(rgb)).getvalue(), 24)
+    assert out.shape == ref.shape == (24, 24, 3)
+    assert np.abs(out.astype(int) - ref.astype(int)).mean() < 3  # resampling differs slightly, geometry not
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def nvjpeg_on_cpu(monkeypatch):
+    monkeypatch.setattr(pipeline, "ALLOW_NVJPEG_ON_CPU", True)
+
+
+def _mixed_folder(root):
+    """JPEGs (RGB, progressive, CMYK), PNGs and a corrupt JPEG, in two classes."""
+    rng = np.random.default_rng(2)
+    for c in ("a", "b"):
+        os.makedirs(os.path.join(root, c))
+        for i in range(9):
+            a = rng.integers(0, 255, (30, 40, 3), np.uint8)
+            p = os.path.join(root, c, f"{i:02d}")
+            img = Image.fromarray(a)
+            if i % 4 == 0:
+                img.save(p + ".png")
+            elif i % 4 == 1:
+                img.convert("CMYK").save(p + ".jpg")
+            else:
+                img.save(p + ".jpg", progressive=i % 4 == 3)
+    open(os.path.join(root, "a", "zz-corrupt.jpg"), "wb").write(_jpeg(np.zeros((30, 30, 3), np.uint8))[:300])
+    return root
+
+
+def test_nvjpeg_path_falls_back_and_keeps_order(tmp_path, trained_model, nvjpeg_on_cpu):
+    """The nvjpeg code path (torchvision's decoder on CPU tensors here) keeps the PIL path's
+    positions and skip reasons; what it decodes itself is close to PIL's pixels."""
+    model = load_model(trained_model)
+    paths = scan_images(_mixed_folder(str(tmp_path / "m"))).paths
+    cpu = torch.device("cpu")
+    pil = list(encode_stream(model, paths, cpu, 8, decoder="pil", decode_kind="thread"))
+    nv = list(encode_stream(model, paths, cpu, 8, decoder="nvjpeg", decode_kind="thread"))
+    assert [g[2].tolist() for g in pil] == [g[2].tolist() for g in nv]
+    assert [g[5] for g in pil] == [g[5] for g in nv]
+    assert len([b for g in nv for b in g[5]]) == 1  # the corrupt file, with the CPU path's reason
+    fp, fn = np.concatenate([g[4] for g in pil]), np.concatenate([g[4] for g in nv])
+    cos = (fp * fn).sum(1) / np.linalg.norm(fp, axis=1) / np.linalg.norm(fn, axis=1)
+    assert cos.min() > 0.9
+    # PNG and CMYK went through PIL in both: identical rows
+    nonjpeg = [i for i, p in enumerate(np.concatenate([g[2] for g in pil])) if paths[p].endswith(".png")]
+    assert np.array_equal(fp[nonjpeg], fn[nonjpeg])
+
+
+def test_manifest_records_the_decoder(tmp_path, image_folder, trained_model, nvjpeg_on_cpu):
+    d1, d2 = str(tmp_path / "pil"), str(tmp_path / "nv")
+    api.build_index(image_folder, d1, trained_model, device="cpu", progress=False)
+    assert api.read_manifest(d1)["decoder"] == "pil"
+    rep = api.build_index(image_folder, d2, trained_model, device="cpu", progress=False, decoder="nvjpeg")
+    assert rep.decoder == "nvjpeg" and api.read_manifest(d2)["decoder"] == "nvjpeg"
+    assert maintain.verify(d2) == []
+
+
+def test_nvjpeg_needs_cuda(tmp_path, image_folder, trained_model):
+    with pytest.raises(api.DhfError, match="needs --device cuda"):
+        api.build_index(image_folder, str(tmp_path / "x"), trained_model, device="cpu", progress=False,
+                        decoder="nvjpeg")
+    assert pipeline.resolve_decoder("auto", "cpu") == "pil"
+
+
+# ---------------------------------------------------------------- the on-disk contract (issue 11)
+
+def _one_line_error(r):
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    return lines[0]
+
+
+def test_build_refuses_a_foreign_non_empty_folder(tmp_path, image_folder, trained_model):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("my notes")
+    (d / "model_v2_best.pt").write_bytes(b"weights")
+    r = CliRunner().invoke(main, ["build-index", image_folder, "--model", trained_model, "-o", str(d), "-q",
+                                  "--device", "cpu"])
+    assert "is not empty and is not a dhf index" in _one_line_error(r)
+    assert sorted(os.listdir(d)) == ["model_v2_best.pt", "notes.txt"]  # nothing written, nothing removed
+    # an empty folder, or one holding only a killed build's leftovers, is fine
+    e = tmp_path / "empty"
+    (e / ".partial-0123456789abcdef").mkdir(parents=True)
+    (e / "shards").mkdir()
+    api.build_index(image_folder, str(e), trained_model, device="cpu", progress=False)
+    assert maintain.verify(str(e)) == []
+
+
+def test_rebuilds_never_delete_files_the_index_did_not_write(tmp_path, image_folder, trained_model):
+    d = str(tmp_path / "idx")
+    api.build_index(image_folder, d, trained_model, device="cpu", progress=False, shard_size=30)
+    user = ["model_v2_best.pt", "codes_backup.index", "skipped_mine.tsv", os.path.join("shards", "part-00099x.h5"),
+            "model.pt.bak"]
+    for u in user:
+        with open(os.path.join(d, u), "wb") as f:
+            f.write(b"user data")
+    first = layout.manifest_files(api.read_manifest(d))
+    for _ in range(3):  # three generations: the first one's files are collected
+        api.build_index(image_folder, d, trained_model, device="cpu", progress=False, shard_size=40)
+    maintain.remove(d, ids=[0])
+    for u in user:
+        assert open(os.path.join(d, u), "rb").read() == b"user data", u
+    live = layout.manifest_files(api.read_manifest(d))
+    for f in first - live:
+        assert not os.path.exists(os.path.join(d, f)), f  # the index's own old files are gone
+    assert maintain.verify(d) == []
+
+
+def test_stale_partials_are_collected_under_the_lock(tmp_path, image_folder, trained_model):
+    d = str(tmp_path / "idx")
+    api.build_index(image_folder, d, trained_model, device="cpu", progress=False)
+    stale = os.path.join(d, ".partial-deadbeefdeadbeef")
+    os.makedirs(stale)
+    open(os.path.join(stale, "part-00000.skip.json"), "w").write("[]")
+    os.makedirs(os.path.join(d, ".partial-add-0000000000000000"))
+    api.build_index(image_folder, d, trained_model, device="cpu", progress=False, shard_size=20)
+    assert not [n for n in os.listdir(d) if n.startswith(".partial-")]
+
+
+def test_a_rebuild_resumes_its_own_partial(tmp_path, image_folder, trained_model):
+    """The partial of the job being resumed is reused, not collected."""
+    d = str(tmp_path / "idx")
+    api.build_index(image_folder, d, trained_model, device="cpu", progress=False)
+    images = scan_images(image_folder)
+    from deephash_faiss.model import file_sha256
+
+    key = pipeline.build_key(file_sha256(trained_model), images.paths, 20, "float32", "pil")
+    api.encode_shards(load_model(trained_model), images.paths, images.labels, layout.partial_dir(d, key), 20, 8,
+                      torch.device("cpu"), "float32", progress=False, shard_range=range(0, 2))
+    rep = api.build_index(image_folder, d, trained_model, device="cpu", progress=False, shard_size=20)
+    assert rep.shards_reused == 2 and rep.shards_written == len(images) // 20 + 1 - 2

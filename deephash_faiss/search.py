@@ -509,7 +509,9 @@ class Searcher:
         codes, feats, bad = [], [], []
         with tqdm(total=len(paths), desc="encoding queries", unit="img", disable=not progress,
                   leave=False) as bar:
-            for p, c, f, b in encode_paths(self.model, list(paths), self.device, batch_size):
+            # queries are decoded like the database (manifest "decoder"; nvjpeg needs CUDA, else PIL)
+            for p, c, f, b in encode_paths(self.model, list(paths), self.device, batch_size,
+                                           decoder=self.manifest.get("decoder", "pil")):
                 codes.append(c)
                 feats.append(f)
                 bad.extend(b)

@@ -358,13 +358,17 @@ def _index_options(f):
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Encode on Ray workers: a cluster at ADDRESS (HOST:PORT), or a local Ray without one "
                    "(needs the ray extra).")
-@click.option("--workers", default=None, type=int, help="Ray workers (default: one per CPU of the cluster).")
+@click.option("--workers", default=None, type=int,
+              help="Ray workers (default: one per GPU with --device cuda, else one per CPU of the cluster).")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pil", "nvjpeg"]),
+              help="Image decoder: nvjpeg decodes JPEGs on the GPU (auto: with --device cuda); "
+                   "recorded in the index, queries use the same.")
 @_train_options
 @_device_opt
 @_quiet_opt
 @click.pass_context
 def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nflip, batch_size, shard_size,
-                feature_dtype, ray_address, workers, device, quiet, **kw):
+                feature_dtype, ray_address, workers, decoder, device, quiet, **kw):
     """Encode every image under IMAGES (recursively) into an index directory.
 
     Bad images are skipped and listed in OUT/skipped.tsv. An interrupted build resumes
@@ -389,10 +393,10 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
         rep = build_index_ray(images, out, model_path, spec, batch_size, shard_size, feature_dtype,
                               address=None if ray_address in (None, "local") else ray_address, num_workers=workers,
                               num_gpus_per_worker=1 if device == "cuda" else 0, progress=not quiet, log=_log,
-                              train_options=train_opts)
+                              train_options=train_opts, decoder=decoder)
     else:
         rep = api.build_index(images, out, model_path, spec, batch_size, shard_size, feature_dtype, device,
-                              progress=not quiet, log=_log, train_options=train_opts)
+                              progress=not quiet, log=_log, train_options=train_opts, decoder=decoder)
     click.echo(f"indexed {_plural(rep.count, 'image')} into {out} in {rep.seconds:.1f} s "
                f"({_plural(rep.shards_written, 'shard')} written, {rep.shards_reused} reused); "
                f"skipped {_plural(len(rep.skipped), 'bad file')}" + (f", see {out}/skipped.tsv" if rep.skipped else ""))

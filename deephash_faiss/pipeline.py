@@ -68,16 +68,26 @@ class EncodeJob:
     batch_size: int
     feature_dtype: str
     decoder: str = "pil"
+    first_shard: int = 0  # paths[0] is the first image of shard ``first_shard`` (see :meth:`for_shard`)
 
     @property
     def nshards(self) -> int:
-        return (len(self.paths) + self.shard_size - 1) // self.shard_size
+        """One past the last shard number."""
+        return self.first_shard + (len(self.paths) + self.shard_size - 1) // self.shard_size
 
     def bounds(self, s: int) -> tuple[int, int]:
-        return s * self.shard_size, min(len(self.paths), (s + 1) * self.shard_size)
+        """Positions in ``paths`` of shard ``s``."""
+        lo = (s - self.first_shard) * self.shard_size
+        return lo, min(len(self.paths), lo + self.shard_size)
 
     def missing(self) -> list[int]:
-        return [s for s in range(self.nshards) if not layout.part_complete(self.part_dir, s)]
+        return [s for s in range(self.first_shard, self.nshards) if not layout.part_complete(self.part_dir, s)]
+
+    def for_shard(self, s: int) -> "EncodeJob":
+        """The job of shard ``s`` alone (what a Ray task receives: one shard's paths, not all)."""
+        lo, hi = self.bounds(s)
+        return EncodeJob(self.model_path, self.paths[lo:hi], self.labels[lo:hi], self.part_dir, self.shard_size,
+                         self.batch_size, self.feature_dtype, self.decoder, s)
 
 
 def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=None, workers: int | None = None,
@@ -259,13 +269,12 @@ class RayExecutor:
             log(f"encoding {sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)} images in {len(todo)} shard(s) "
                 f"on {nw} Ray worker(s), {self.num_cpus_per_worker:g} CPU / {self.num_gpus_per_worker:g} GPU each, "
                 f"decoder {job.decoder}")
-            job_ref = ray.put(job)
             queue = deque(todo)
             pending: dict[Any, tuple[int, int]] = {}
 
             def submit(a: int) -> None:
                 s = queue.popleft()
-                pending[actors[a].encode.remote(job_ref, s)] = (s, a)
+                pending[actors[a].encode.remote(job.for_shard(s), s)] = (s, a)
 
             for _ in range(2):  # two in flight per actor: the next shard is queued while one runs
                 for a in range(nw):

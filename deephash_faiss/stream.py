@@ -17,8 +17,10 @@ so results do not depend on how shards are spread over workers. On CPU the model
 same function on the same batches as :func:`deephash_faiss.extract.encode_array`.
 
 Decode workers: ``"thread"`` or ``"process"`` (spawned, no torch in them); ``"auto"``
-picks processes for big jobs (the GIL makes threads slow on tiny JPEGs, where Python
-overhead dominates) and threads for small ones (no start-up cost).
+picks processes for big jobs on machines with 4 or more cores (with many threads the GIL
+makes decoding tiny JPEGs slower than one thread: 16 threads 2,234 img/s vs 1 thread 4,267
+on the H200 host, issue 12) and threads otherwise (no start-up cost; on 2 cores threads
+measured faster: ``benchmarks/results/build/``).
 ``benchmarks/bench_build.py`` measures both.
 """
 
@@ -33,6 +35,7 @@ import numpy as np
 
 DECODERS = ("pil", "nvjpeg")
 PROCESS_MIN_IMAGES = 4096  # "auto": processes pay a start-up of about a second
+PROCESS_MIN_CPUS = 4  # "auto": on 2 cores threads measured faster (benchmarks/results/build/)
 
 
 def decode_chunk(paths: Sequence[str], size: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
@@ -84,7 +87,7 @@ def pick_decode_kind(kind: str, n: int) -> str:
     if kind not in ("auto", "thread", "process"):
         raise ValueError(f"decode workers must be auto, thread or process, not {kind!r}")
     if kind == "auto":
-        return "process" if n >= PROCESS_MIN_IMAGES and (os.cpu_count() or 1) > 1 else "thread"
+        return "process" if n >= PROCESS_MIN_IMAGES and (os.cpu_count() or 1) >= PROCESS_MIN_CPUS else "thread"
     return kind
 
 

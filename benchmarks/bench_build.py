@@ -179,7 +179,8 @@ def main() -> None:
     from deephash_faiss.stream import pick_decode_kind
 
     res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "machine": {**machine_basics(), **versions()}, "args": vars(a), "errors": {}}
+                 "machine": {**machine_basics(), **versions(), "load_avg_start": list(os.getloadavg())},
+                 "args": vars(a), "errors": {}}
     try:
         if a.make_model:
             make_model(a.model, a.backbone, a.bits, a.load_size, a.input_size)
@@ -253,6 +254,7 @@ def main() -> None:
         res["ratio_product_vs_min_stage"] = p / min(m, d)
         if res.get("product_inner_img_s"):
             res["ratio_product_inner_vs_min_stage"] = res["product_inner_img_s"] / min(m, d)
+    res["machine"]["load_avg_end"] = list(os.getloadavg())
     write_json(a.json, res)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
            if k.endswith(("_img_s", "_s")) or k.startswith("ratio")})

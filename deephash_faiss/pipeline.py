@@ -91,11 +91,12 @@ class EncodeJob:
 
 
 def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=None, workers: int | None = None,
-                 decode_kind: str = "auto") -> tuple[int, int]:
+                 decode_kind: str = "auto", pool=None) -> tuple[int, int]:
     """Encode ``shards`` of ``job`` in this process (the streaming encoder); shard files are
     written by a background thread, one at a time, in order. A shard already complete is reused.
 
-    ``progress``: called with the number of images done after every batch.
+    ``progress``: called with the number of images done after every batch. ``pool``: a
+    :class:`deephash_faiss.stream.DecodePool` to reuse (default: one for this call).
     Returns (shards written, shards reused).
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -116,7 +117,7 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
     try:
         for si, last, pos, codes, feats, bad in encode_stream(
                 model, job.paths, device, job.batch_size, job.feature_dtype, job.decoder, workers, decode_kind,
-                segments=[job.bounds(s) for s in todo]):
+                segments=[job.bounds(s) for s in todo], pool=pool):
             acc["pos"].append(pos)
             acc["codes"].append(codes)
             acc["feats"].append(feats)
@@ -174,7 +175,8 @@ class LocalExecutor:
 class _ShardWorker:
     """One Ray actor: loads the model once, encodes one shard per task with :func:`encode_local`."""
 
-    def __init__(self, model_path: str, cwd: str, num_threads: int, device: str, fail_once_marker: str | None = None):
+    def __init__(self, model_path: str, cwd: str, num_threads: int, device: str, fail_once_marker: str | None = None,
+                 decode_share: int | None = None):
         import torch
 
         from .model import load_model
@@ -188,12 +190,19 @@ class _ShardWorker:
         self.model = load_model(model_path, self.device)
         self.fail_once_marker = fail_once_marker
         self.num_threads = torch.get_num_threads()
-        self.workers = max(1, int(num_threads)) if self.device.type == "cpu" else None
+        # decode workers of their own, kept across tasks: on a CPU worker as many threads as
+        # its CPUs (they share them with torch); on a GPU worker the host's share of cores
+        from .stream import DecodePool, pick_decode_kind
+
+        if self.device.type == "cpu":
+            self.pool = DecodePool("thread", max(1, int(num_threads)))
+        else:
+            n = max(1, min(16, (os.cpu_count() or 1) // max(1, decode_share or 1)))
+            self.pool = DecodePool(pick_decode_kind("auto", 1 << 30), n)
 
     def encode(self, job: EncodeJob, shard: int):
         t0 = time.perf_counter()
-        written, reused = encode_local(self.model, job, [shard], self.device, workers=self.workers,
-                                       decode_kind="thread")
+        written, reused = encode_local(self.model, job, [shard], self.device, pool=self.pool)
         marker = self.fail_once_marker
         if marker and written and not os.path.exists(marker):
             with open(marker, "w") as f:  # die once, after the shard is in place, before replying
@@ -264,7 +273,9 @@ class RayExecutor:
                 num_cpus=self.num_cpus_per_worker, num_gpus=self.num_gpus_per_worker,
                 max_restarts=self.max_retries, max_task_retries=self.max_retries)
             fail = os.environ.get(FAIL_ONCE_ENV) or None
-            actors = [Actor.remote(os.path.abspath(job.model_path), os.getcwd(), threads, self.device_type, fail)
+            # GPU actors split the node's cores for decoding: workers on one node share them
+            share = nw if self.num_gpus_per_worker > 0 and len(ray.nodes()) == 1 else None
+            actors = [Actor.remote(os.path.abspath(job.model_path), os.getcwd(), threads, self.device_type, fail, share)
                       for _ in range(nw)]
             log(f"encoding {sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)} images in {len(todo)} shard(s) "
                 f"on {nw} Ray worker(s), {self.num_cpus_per_worker:g} CPU / {self.num_gpus_per_worker:g} GPU each, "

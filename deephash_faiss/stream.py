@@ -211,6 +211,7 @@ def encode_stream(
     decode_kind: str = "auto",
     segments: Sequence[tuple[int, int]] | None = None,
     prefetch: int | None = None,
+    pool: "DecodePool | None" = None,
 ) -> Iterator[tuple[int, bool, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]]:
     """Decode and encode ``paths`` batch by batch, stages overlapped, in order.
 
@@ -220,6 +221,8 @@ def encode_stream(
         workers: decode workers (default: the CPU count, at most 16).
         segments: [(lo, hi)] position ranges to encode (default: all); batches never cross one.
         prefetch: batches decoded ahead (default: 2 x workers + 2).
+        pool: a :class:`DecodePool` to use (and leave open), e.g. one kept by a Ray actor
+            across its tasks; default: a new one for this call.
     Yields:
         (segment index, last batch of the segment, positions int64 [b] into ``paths`` that
         encoded, codes uint8 [b, bits / 8], features [b, D] of ``feature_dtype``,
@@ -235,14 +238,15 @@ def encode_stream(
     segments = [(0, len(paths))] if segments is None else [tuple(s) for s in segments]
     plan = batches_of(segments, batch_size)
     total = sum(hi - lo for lo, hi in segments)
-    workers = workers or default_workers()
-    kind = pick_decode_kind(decode_kind, total)
-    prefetch = prefetch or (2 * workers + 2)
+    own_pool = pool is None
+    if pool is None:
+        workers = workers or default_workers()
+        pool = DecodePool(pick_decode_kind(decode_kind, total), workers)
+    prefetch = prefetch or (2 * pool.workers + 2)
     model.eval()
     cuda = torch.device(device).type == "cuda"
     runner = _CudaRunner(model, device, feature_dtype) if cuda else _CpuRunner(model, device, feature_dtype)
     fn = read_screen_chunk if decoder == "nvjpeg" else decode_chunk
-    pool = DecodePool(kind, workers)
     pending: deque = deque()
     it = iter(plan)
 
@@ -301,4 +305,5 @@ def encode_stream(
     finally:
         for _, f in pending:
             f.cancel()
-        pool.close()
+        if own_pool:
+            pool.close()

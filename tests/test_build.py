@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))
-import corpus  # noqa: E402
 
 from deephash_faiss import api, gpudecode, layout, maintain, pipeline  # noqa: E402
 from deephash_faiss.cli import main  # noqa: E402

@@ -97,3 +97,112 @@ def test_cuda_searcher_matches_numpy(tmp_path):
         er = np.lexsort((np.arange(n), l2a))[:k]
         same_ranking(es[j].ids, er, l2a[er])
         np.testing.assert_allclose(es[j].distance, l2a[er], rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------- build on CUDA (issue 12)
+
+def _jpeg_folder(root, n=40, size=(48, 64)):
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n // 2):
+            a = rng.integers(0, 255, (*size, 3), np.uint8)
+            img = Image.fromarray(a)
+            if i == 3:
+                img.save(os.path.join(root, c, f"{i:03d}.png"))  # not a JPEG: the CPU path
+            elif i == 4:
+                img.convert("CMYK").save(os.path.join(root, c, f"{i:03d}.jpg"))  # CMYK: the CPU path
+            else:
+                img.save(os.path.join(root, c, f"{i:03d}.jpg"), quality=90)
+    with open(os.path.join(root, "a", "zzz-corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tmp_path_factory):
+    from deephash_faiss.model import build_model, save_checkpoint
+
+    p = str(tmp_path_factory.mktemp("m") / "m.pt")
+    save_checkpoint(build_model("smallcnn", 48, ["a", "b"], weights="none", load_size=32, seed=0), p)
+    return p
+
+
+def test_cuda_stream_equals_encode_array(tmp_path, cuda_model):
+    """The overlapped CUDA encoder (pinned H2D on a side stream, codes packed on the device,
+    deferred D2H) returns what the plain batch function returns on the same batches."""
+    from deephash_faiss.data import load_images, scan_images
+    from deephash_faiss.extract import encode_array
+    from deephash_faiss.model import load_model
+    from deephash_faiss.stream import encode_stream
+
+    paths = scan_images(_jpeg_folder(str(tmp_path / "i"))).paths
+    dev = torch.device("cuda")
+    model = load_model(cuda_model, dev)
+    got = list(encode_stream(model, paths, dev, 8, "float32", "pil", decode_kind="thread"))
+    pos = np.concatenate([g[2] for g in got])
+    imgs, rpos, bad = load_images(paths, model.config.load_size)
+    assert np.array_equal(pos, rpos) and [b for g in got for b in g[5]] == bad
+    codes, feats = [], []
+    for lo in range(0, len(paths), 8):  # the same batches: positions [lo, lo + 8) that decoded
+        sel = (rpos >= lo) & (rpos < lo + 8)
+        if sel.any():
+            c, f, _ = encode_array(model, imgs[sel], dev, 8)
+            codes.append(c)
+            feats.append(f)
+    assert np.array_equal(np.concatenate([g[3] for g in got]), np.concatenate(codes))
+    np.testing.assert_allclose(np.concatenate([g[4] for g in got]), np.concatenate(feats), rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_nvjpeg_build_falls_back_and_records_decoder(tmp_path, cuda_model):
+    from deephash_faiss import maintain
+    from deephash_faiss.gpudecode import nvjpeg_available
+
+    if not nvjpeg_available():
+        pytest.skip("torchvision cannot decode JPEGs on this GPU")
+    imgs = _jpeg_folder(str(tmp_path / "i"))
+    a, b = str(tmp_path / "pil"), str(tmp_path / "nv")
+    ra = api.build_index(imgs, a, cuda_model, device="cuda", decoder="pil", progress=False, batch_size=8)
+    rb = api.build_index(imgs, b, cuda_model, device="cuda", progress=False, batch_size=8)
+    assert rb.decoder == "nvjpeg" and api.read_manifest(b)["decoder"] == "nvjpeg"
+    assert api.read_manifest(a)["decoder"] == "pil"
+    assert ra.count == rb.count and ra.skipped == rb.skipped and len(rb.skipped) == 1
+    sa, sb = Searcher(a, device="cuda"), Searcher(b, device="cuda")
+    assert sa.store.paths() == sb.store.paths()
+    fa, fb = sa.store.load_features(), sb.store.load_features()
+    cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
+    assert cos.min() > 0.9
+    nonjpeg = [i for i, p in enumerate(sa.store.paths()) if p.endswith(".png") or p.endswith("004.jpg")]
+    np.testing.assert_allclose(fa[nonjpeg], fb[nonjpeg], rtol=1e-3, atol=1e-3)  # the CPU path in both
+    q = [p for p in sb.store.paths()[:3]]
+    codes, feats, _ = sb.encode(q)  # queries decoded with the index's decoder: themselves first
+    res = sb.search("hds", codes, feats, k=1)
+    assert [r.ids[0] for r in res.results] == [0, 1, 2]
+    assert maintain.verify(b) == []
+    rep = maintain.add_images(b, imgs, device="cuda", progress=False)  # nothing new: all already indexed
+    assert rep.added == 0
+
+
+def test_cuda_ray_build_one_gpu_equals_local(tmp_path, cuda_model):
+    """The N-GPU code path (one Ray actor per GPU, num_gpus=1) with N = the GPUs here."""
+    ray = pytest.importorskip("ray")
+    from deephash_faiss.distributed import build_index_ray
+    from deephash_faiss.store import FeatureStore
+
+    imgs = _jpeg_folder(str(tmp_path / "i"))
+    a, b = str(tmp_path / "local"), str(tmp_path / "ray")
+    api.build_index(imgs, a, cuda_model, device="cuda", progress=False, batch_size=8, shard_size=10)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        rep = build_index_ray(imgs, b, cuda_model, batch_size=8, shard_size=10, num_gpus_per_worker=1,
+                              progress=False)
+    finally:
+        ray.shutdown()
+    ma, mb = api.read_manifest(a), api.read_manifest(b)
+    assert ma["decoder"] == mb["decoder"] and rep.count == ma["count"]
+    ca, cb = FeatureStore(a, ma).codes(), FeatureStore(b, mb).codes()
+    assert np.array_equal(ca, cb)

@@ -190,7 +190,7 @@ def main() -> None:
         size = model.config.load_size
         paths = scan_images(a.images).paths
         workers = a.workers or default_workers()
-        decoder = resolve_decoder(a.decoder, device.type)
+        decoder = resolve_decoder(a.decoder, device.type, paths)
         kind = pick_decode_kind("auto", len(paths))
         res.update(n=len(paths), device=str(device), decoder=decoder, backbone=model.config.backbone,
                    bits=model.config.bits, load_size=size, input_size=model.config.input_size,
@@ -219,9 +219,10 @@ def main() -> None:
         res[f"decode_pil_{k}_img_s"] = stage(f"decode pil {k}",
                                              lambda k=k: time_decode(paths, size, k, workers, a.batch_size, "pil",
                                                                      device))
-    if decoder == "nvjpeg":
+    if device.type == "cuda":
         res["decode_nvjpeg_img_s"] = stage("decode nvjpeg", lambda: time_decode(paths, size, "thread", workers,
                                                                                  a.batch_size, "nvjpeg", device))
+    if decoder == "nvjpeg":
         res["decode_img_s"] = res["decode_nvjpeg_img_s"]
     else:
         res["decode_img_s"] = res.get(f"decode_pil_{kind}_img_s")

@@ -319,13 +319,39 @@ class RayExecutor:
 
 # ---------------------------------------------------------------- the pipeline
 
-def resolve_decoder(decoder: str, device_type: str) -> str:
-    """"auto" -> "nvjpeg" when encoding on CUDA and torchvision can decode there, else "pil"."""
+NVJPEG_MIN_PIXELS = 128 * 128  # "auto": below this (e.g. CIFAR's 32 x 32) CPU decode workers keep up and leave the GPU to the model
+
+
+def typical_pixels(paths: Sequence[str], sample: int = 16) -> int | None:
+    """Median width x height of the first ``sample`` JPEGs among ``paths`` (None: no JPEG)."""
+    from .gpudecode import jpeg_header
+
+    px = []
+    for p in paths[:4 * sample]:
+        try:
+            with open(p, "rb") as f:
+                h = jpeg_header(f.read(1 << 16))
+        except OSError:
+            continue
+        if h:
+            px.append(h["width"] * h["height"])
+        if len(px) >= sample:
+            break
+    return int(np.median(px)) if px else None
+
+
+def resolve_decoder(decoder: str, device_type: str, paths: Sequence[str] | None = None) -> str:
+    """"auto" -> "nvjpeg" when encoding on CUDA, torchvision can decode there and the images
+    are JPEGs of at least :data:`NVJPEG_MIN_PIXELS` (judged from the first few); else "pil"."""
     if decoder not in ("auto", "pil", "nvjpeg"):
         raise DhfError(f"--decoder must be auto, pil or nvjpeg, not {decoder!r}")
     if decoder == "auto":
         if device_type != "cuda":
             return "pil"
+        if paths is not None:
+            px = typical_pixels(paths)
+            if px is None or px < NVJPEG_MIN_PIXELS:
+                return "pil"
         from .gpudecode import nvjpeg_available
 
         return "nvjpeg" if nvjpeg_available() else "pil"
@@ -402,7 +428,7 @@ def build(
             trained = True
         model = load_model(model_path)  # config and a check that it loads, before any worker starts
         spec.check(model.config.bits)
-        dec = resolve_decoder(decoder, executor.device_type)
+        dec = resolve_decoder(decoder, executor.device_type, images.paths)
         key = build_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, dec)
         job = EncodeJob(os.path.abspath(model_path), list(images.paths), np.asarray(images.labels),
                         layout.partial_dir(index_dir, key), shard_size, batch_size, feature_dtype, dec)

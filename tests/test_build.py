@@ -180,6 +180,22 @@ def test_nvjpeg_needs_cuda(tmp_path, image_folder, trained_model):
     assert pipeline.resolve_decoder("auto", "cpu") == "pil"
 
 
+def test_auto_decoder_picks_by_image_size(tmp_path, monkeypatch):
+    import deephash_faiss.gpudecode as gd
+
+    monkeypatch.setattr(gd, "nvjpeg_available", lambda: True)
+    small, big = tmp_path / "s.jpg", tmp_path / "b.jpg"
+    small.write_bytes(_jpeg(np.zeros((32, 32, 3), np.uint8)))
+    big.write_bytes(_jpeg(np.zeros((480, 640, 3), np.uint8)))
+    png = tmp_path / "p.png"
+    png.write_bytes(_png(np.zeros((480, 640, 3), np.uint8)))
+    assert pipeline.typical_pixels([str(big)]) == 640 * 480
+    assert pipeline.resolve_decoder("auto", "cuda", [str(small)]) == "pil"  # tiny: CPU workers keep up
+    assert pipeline.resolve_decoder("auto", "cuda", [str(big)]) == "nvjpeg"
+    assert pipeline.resolve_decoder("auto", "cuda", [str(png)]) == "pil"
+    assert pipeline.resolve_decoder("auto", "cpu", [str(big)]) == "pil"
+
+
 # ---------------------------------------------------------------- the on-disk contract (issue 11)
 
 def _one_line_error(r):

@@ -167,7 +167,7 @@ def test_cuda_nvjpeg_build_falls_back_and_records_decoder(tmp_path, cuda_model):
     imgs = _jpeg_folder(str(tmp_path / "i"))
     a, b = str(tmp_path / "pil"), str(tmp_path / "nv")
     ra = api.build_index(imgs, a, cuda_model, device="cuda", decoder="pil", progress=False, batch_size=8)
-    rb = api.build_index(imgs, b, cuda_model, device="cuda", progress=False, batch_size=8)
+    rb = api.build_index(imgs, b, cuda_model, device="cuda", decoder="nvjpeg", progress=False, batch_size=8)
     assert rb.decoder == "nvjpeg" and api.read_manifest(b)["decoder"] == "nvjpeg"
     assert api.read_manifest(a)["decoder"] == "pil"
     assert ra.count == rb.count and ra.skipped == rb.skipped and len(rb.skipped) == 1

@@ -166,8 +166,8 @@ def test_bad_queries(env, tmp_path):
 
 def test_bad_arguments(env):
     idx, q = env["clean"], env["good"].good[0]
-    assert_one_error(run("search", "--query", q, "--index", idx, "-k", 0, ok=False), "-k")
-    assert_one_error(run("search", "--query", q, "--index", idx, "-k", -3, ok=False), "-k")
+    assert_one_error(run("search", "--query", q, "--index", idx, "-k", 0, ok=False), "k must be at least 1")
+    assert_one_error(run("search", "--query", q, "--index", idx, "-k", -3, ok=False), "k must be at least 1")
     assert_one_error(run("search", "--query", q, "--index", idx, "--radius", -1, ok=False), "radius")
     assert_one_error(run("search", "--query", q, "--index", idx, "-k", 10_000, ok=False), "larger than the index")
     assert_one_error(run("search", "--query", q, "--index", idx, "--max-candidates", 0, ok=False), "max-candidates")

@@ -194,15 +194,24 @@ class _ShardWorker:
         # its CPUs (they share them with torch); on a GPU worker the host's share of cores
         from .stream import DecodePool, pick_decode_kind
 
+        self._pools: dict[str, DecodePool] = {}
         if self.device.type == "cpu":
-            self.pool = DecodePool("thread", max(1, int(num_threads)))
+            self._decode = ("thread", max(1, int(num_threads)))
         else:
-            n = max(1, min(16, (os.cpu_count() or 1) // max(1, decode_share or 1)))
-            self.pool = DecodePool(pick_decode_kind("auto", 1 << 30), n)
+            self._decode = (pick_decode_kind("auto", 1 << 30), max(1, min(16, (os.cpu_count() or 1)
+                                                                      // max(1, decode_share or 1))))
+
+    def _pool(self, decoder: str):
+        from .stream import DecodePool
+
+        kind = "thread" if decoder == "nvjpeg" else self._decode[0]  # nvjpeg: threads only read files
+        if kind not in self._pools:
+            self._pools[kind] = DecodePool(kind, self._decode[1])
+        return self._pools[kind]
 
     def encode(self, job: EncodeJob, shard: int):
         t0 = time.perf_counter()
-        written, reused = encode_local(self.model, job, [shard], self.device, pool=self.pool)
+        written, reused = encode_local(self.model, job, [shard], self.device, pool=self._pool(job.decoder))
         marker = self.fail_once_marker
         if marker and written and not os.path.exists(marker):
             with open(marker, "w") as f:  # die once, after the shard is in place, before replying

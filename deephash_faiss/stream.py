@@ -241,7 +241,9 @@ def encode_stream(
     own_pool = pool is None
     if pool is None:
         workers = workers or default_workers()
-        pool = DecodePool(pick_decode_kind(decode_kind, total), workers)
+        # nvjpeg: the workers only read files and parse headers (the GIL is released on reads):
+        # threads, no pickling of the encoded bytes
+        pool = DecodePool("thread" if decoder == "nvjpeg" else pick_decode_kind(decode_kind, total), workers)
     prefetch = prefetch or (2 * pool.workers + 2)
     model.eval()
     cuda = torch.device(device).type == "cuda"

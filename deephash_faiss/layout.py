@@ -51,7 +51,7 @@ PARTIAL_PREFIX = ".partial-"
 CRASH_ENV = "DHF_TEST_CRASH_AT"
 _GEN_RE = re.compile(r"-g(\d+)\.(?:h5|index|tsv)$")
 # leftovers a killed dhf may leave in a folder before it has a manifest or ledger
-_LEFTOVER_RE = re.compile(r"^(?:\.lock|\.partial-.*|\.tmp-.*|\.trained-model\.pt)$")
+_LEFTOVER_RE = re.compile(r"^(?:\.lock|\.partial-.*|\.train-.*|\.tmp-.*|\.trained-model\.pt)$")
 
 
 # ---------------------------------------------------------------- crash points
@@ -76,7 +76,7 @@ def prepare_target(index_dir: str) -> None:
     """Create ``index_dir`` for a build, or check that an existing one is a dhf index.
 
     A non-empty folder that has neither a manifest nor a ledger (and holds more than the
-    leftovers of a killed dhf: ``.lock``, ``.partial-*``, ``.tmp-*``, an empty ``shards/``)
+    leftovers of a killed dhf: ``.lock``, ``.partial-*``, ``.train-*``, ``.tmp-*``, an empty ``shards/``)
     is refused: a build never writes into (or collects garbage in) someone else's folder.
     """
     if os.path.exists(index_dir) and not os.path.isdir(index_dir):

@@ -90,13 +90,26 @@ class EncodeJob:
                          self.batch_size, self.feature_dtype, self.decoder, s)
 
 
+def _custom_stream(encode, model, job: EncodeJob, todo: Sequence[int], device):
+    """``encode`` (the signature of :func:`deephash_faiss.extract.encode_paths`, e.g. the cached
+    fc7 encoder of a frozen-backbone build) shard by shard, as :func:`encode_stream` yields."""
+    for si, s in enumerate(todo):
+        lo, hi = job.bounds(s)
+        for pos, codes, feats, bad in encode(model, job.paths[lo:hi], device, job.batch_size, job.feature_dtype):
+            yield si, False, np.asarray(pos, np.int64) + lo, codes, feats, [(i + lo, r) for i, r in bad]
+        yield (si, True, np.zeros(0, np.int64), np.zeros((0, model.config.bits // 8), np.uint8),
+               np.zeros((0, model.config.feature_dim), job.feature_dtype), [])
+
+
 def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=None, workers: int | None = None,
-                 decode_kind: str = "auto", pool=None) -> tuple[int, int]:
+                 decode_kind: str = "auto", pool=None, encode=None) -> tuple[int, int]:
     """Encode ``shards`` of ``job`` in this process (the streaming encoder); shard files are
     written by a background thread, one at a time, in order. A shard already complete is reused.
 
     ``progress``: called with the number of images done after every batch. ``pool``: a
     :class:`deephash_faiss.stream.DecodePool` to reuse (default: one for this call).
+    ``encode``: another encoder with :func:`deephash_faiss.extract.encode_paths`'s signature
+    (default: the streaming encoder).
     Returns (shards written, shards reused).
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -115,9 +128,10 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
     writer = ThreadPoolExecutor(1, thread_name_prefix="dhf-shard-writer")
     writes: deque = deque()
     try:
-        for si, last, pos, codes, feats, bad in encode_stream(
-                model, job.paths, device, job.batch_size, job.feature_dtype, job.decoder, workers, decode_kind,
-                segments=[job.bounds(s) for s in todo], pool=pool):
+        stream = (_custom_stream(encode, model, job, todo, device) if encode is not None else encode_stream(
+            model, job.paths, device, job.batch_size, job.feature_dtype, job.decoder, workers, decode_kind,
+            segments=[job.bounds(s) for s in todo], pool=pool))
+        for si, last, pos, codes, feats, bad in stream:
             acc["pos"].append(pos)
             acc["codes"].append(codes)
             acc["feats"].append(feats)
@@ -147,12 +161,13 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, device: str = "auto", workers: int | None = None, decode_kind: str = "auto"):
+    def __init__(self, device: str = "auto", workers: int | None = None, decode_kind: str = "auto", encode=None):
         from .model import resolve_device
 
         self.device = resolve_device(device)
         self.workers = workers
         self.decode_kind = decode_kind
+        self.encode = encode  # another encoder (the cached fc7 of a frozen-backbone build), or None
 
     @property
     def device_type(self) -> str:
@@ -169,7 +184,8 @@ class LocalExecutor:
         log(f"encoding {n} images in {len(todo)} shard(s) with {model.config.backbone} ({model.config.bits} bits) "
             f"on {self.device}, decoder {job.decoder}")
         with tqdm(total=n, desc="encode", unit="img", disable=not progress) as bar:
-            return encode_local(model, job, todo, self.device, bar.update, self.workers, self.decode_kind)
+            return encode_local(model, job, todo, self.device, bar.update, self.workers, self.decode_kind,
+                                encode=self.encode)
 
 
 class _ShardWorker:
@@ -431,10 +447,18 @@ def build(
         layout.current_manifest(index_dir)  # refuses to overwrite an index of a newer format
         trained = False
         if model_path is None:
-            from .api import _train_first
+            # training is not distributed: it runs here (INDEX/.train-<key>/, resumable); a
+            # frozen-backbone model comes with an encoder reading the fc7 cached while training
+            from .api import _train_for_build
+            from .model import resolve_device
 
-            model_path = _train_first(images, images_dir, index_dir, train_options, progress, log)
+            dev = getattr(executor, "device", None) or resolve_device("auto")
+            model_path, _, cached = _train_for_build(images, images_dir, index_dir, dev, progress, log,
+                                                     dict(train_options or {}))
             trained = True
+            if cached is not None:
+                log("encoding from the fc7 cached while training (no second decode)")
+                executor, decoder = LocalExecutor(str(dev), encode=cached), "pil"
         model = load_model(model_path)  # config and a check that it loads, before any worker starts
         spec.check(model.config.bits)
         dec = resolve_decoder(decoder, executor.device_type, images.paths)
@@ -446,7 +470,9 @@ def build(
                                          feature_dtype, images.classes, images_dir, images.skipped, decoder=dec)
         shutil.rmtree(job.part_dir, ignore_errors=True)
         if trained:
-            os.unlink(model_path)
+            from .api import _remove_train_dirs
+
+            _remove_train_dirs(index_dir)
         skipped = layout.read_skip_report(index_dir, manifest)
     return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec)
 

@@ -100,7 +100,7 @@ def test_frozen_build_codes_equal_encoding_with_saved_model(image_folder, tmp_pa
     assert np.allclose(feats, shard["features"], rtol=1e-5, atol=1e-6)  # CPU kernels vary with batch size
     # only files `dhf info` counts are left behind (no .train-* work dir, no fc7 cache)
     found = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
-    assert found - set(info["sizes"]) <= {"manifest.json", ".lock"}
+    assert found - set(info["sizes"]) <= {"manifest.json", ".lock", ".dhf-files"}  # + the ledger of written files
 
 
 def test_frozen_training_resumes_after_interruption(image_folder, tmp_path, monkeypatch):

@@ -65,22 +65,18 @@ def read_screen_chunk(paths: Sequence[str], size: int):
         (gpu: [(local position, bytes)], cpu: (uint8 [m, size, size, 3], local positions [m]),
         bad [(local position, reason)]).
     """
-    from .data import ImageDecodeError, decode_image
     from .gpudecode import gpu_decodable, read_bytes
 
-    gpu, cpu_imgs, cpu_pos, bad = [], [], [], []
+    gpu, rest = [], []
     for j, p in enumerate(paths):
         data = read_bytes(p)
         if data and gpu_decodable(data, size):
             gpu.append((j, data))
-            continue
-        try:
-            cpu_imgs.append(decode_image(p, size))
-            cpu_pos.append(j)
-        except ImageDecodeError as err:
-            bad.append((j, str(err)))
-    arr = np.stack(cpu_imgs) if cpu_imgs else np.zeros((0, size, size, 3), np.uint8)
-    return gpu, (arr, np.asarray(cpu_pos, np.int64)), bad
+        else:
+            rest.append(j)
+    arr, ok, bad = decode_chunk([paths[j] for j in rest], size)
+    rest = np.asarray(rest, np.int64)
+    return gpu, (arr, rest[ok]), [(int(rest[i]), why) for i, why in bad]
 
 
 def pick_decode_kind(kind: str, n: int) -> str:

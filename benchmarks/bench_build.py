@@ -102,7 +102,7 @@ def time_model(model, imgs, device, batch, dtype) -> float:
     from deephash_faiss.stream import _CpuRunner, _CudaRunner
 
     cuda = device.type == "cuda"
-    runner = _CudaRunner(model, device, dtype) if cuda else _CpuRunner(model, device, dtype)
+    runner = _CudaRunner(model, device, dtype, batch=batch) if cuda else _CpuRunner(model, device, dtype)
     for _ in range(2):  # warm-up (cudnn autotune, allocator)
         runner.push(imgs[:batch], None)
     runner.flush()

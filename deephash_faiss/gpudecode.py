@@ -104,19 +104,25 @@ def gpu_decodable(data: bytes, size: int) -> bool:
 def square_tensor(img, size: int):
     """uint8 [3, H, W] (any device) -> uint8 [size, size, 3]: shorter side resized to ``size``
     (bilinear, antialiased when shrinking), centre crop, as :func:`deephash_faiss.data._square`."""
+    return square_batch(img.unsqueeze(0), size)[0]
+
+
+def square_batch(imgs, size: int):
+    """:func:`square_tensor` on images of one shape at once: uint8 [m, 3, H, W] ->
+    uint8 [m, size, size, 3] (one resize for the group; the same values per image)."""
     import torch
     import torch.nn.functional as F
 
-    _, h, w = img.shape
+    _, _, h, w = imgs.shape
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    x = img
+    x = imgs
     if (nw, nh) != (w, h):
-        x = F.interpolate(img.unsqueeze(0).float(), size=(nh, nw), mode="bilinear", align_corners=False,
-                          antialias=nw < w or nh < h)[0]
+        x = F.interpolate(imgs.float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=nw < w or nh < h)
         x = x.round_().clamp_(0, 255).to(torch.uint8)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return x[:, top:top + size, left:left + size].permute(1, 2, 0)
+    return x[:, :, top:top + size, left:left + size].permute(0, 2, 3, 1)
 
 
 def decode_batch(datas: Sequence[bytes], size: int, device) -> tuple[object, list[int]]:
@@ -148,18 +154,24 @@ def decode_batch(datas: Sequence[bytes], size: int, device) -> tuple[object, lis
             except Exception:  # noqa: BLE001
                 imgs.append(None)
                 failed.append(j)
-    out = []
+    groups: dict[tuple[int, int], list[int]] = {}  # images of one shape are resized together
     for j, im in enumerate(imgs):
         if im is None:
             continue
         if im.ndim != 3 or im.shape[0] != 3:
             failed.append(j)
             continue
-        out.append(square_tensor(im, size))
+        groups.setdefault(tuple(im.shape[1:]), []).append(j)
     failed.sort()
-    if not out:
+    kept = sorted(j for js in groups.values() for j in js)
+    if not kept:
         return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), failed
-    return torch.stack(out), failed
+    out = torch.empty((len(kept), size, size, 3), dtype=torch.uint8, device=imgs[kept[0]].device)
+    slot = {j: i for i, j in enumerate(kept)}
+    for js in groups.values():
+        sq = square_batch(torch.stack([imgs[j] for j in js]), size)
+        out[torch.as_tensor([slot[j] for j in js], device=out.device)] = sq
+    return out, failed
 
 
 def read_bytes(path: str) -> bytes | None:

@@ -26,7 +26,9 @@ measured faster: ``benchmarks/results/build/``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -87,6 +89,24 @@ def pick_decode_kind(kind: str, n: int) -> str:
     return kind
 
 
+@contextlib.contextmanager
+def _main_hidden():
+    """Spawned children run the parent's main module first (as ``__mp_main__``): for
+    ``dhf build-index`` that is the CLI, i.e. torch and the whole package, seconds per worker
+    and 16 at once on the H200 host. The decode workers need only this module (the tasks are
+    pickled by reference), so the main module is hidden while they start."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__["__spec__"] = None
+            main.__dict__.pop("__file__", None)
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 class DecodePool:
     """Decodes whole batches in worker threads or processes; ``submit`` returns a Future."""
 
@@ -97,6 +117,9 @@ class DecodePool:
             import multiprocessing as mp
 
             self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            with _main_hidden():  # every worker starts now, without re-importing the main module
+                for f in [self.pool.submit(os.getpid) for _ in range(workers)]:
+                    f.result()
         else:
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="dhf-decode")
 
@@ -131,13 +154,19 @@ class _CpuRunner:
 class _CudaRunner:
     """The model on CUDA: H2D copies on a side stream from pinned memory, compute on the
     current stream, D2H into pinned buffers; results are collected ``depth`` batches later
-    so the host never waits for the batch it just queued."""
+    so the host never waits for the batch it just queued.
 
-    def __init__(self, model, device, feature_dtype: str, depth: int = 2):
+    Every batch runs at the one shape ``[batch, S, S, 3]``: a short batch (a segment's last)
+    is padded with zeros and its outputs cut back. A new input shape costs the first call's
+    cuDNN plan building again -- seconds for EfficientNet at 224 px on the H200, more than the
+    whole encode of 4,000 images (issue 12) -- and padding costs at most one batch of compute.
+    """
+
+    def __init__(self, model, device, feature_dtype: str, depth: int = 2, batch: int | None = None):
         import torch
 
         self.torch = torch
-        self.model, self.device, self.depth = model, device, depth
+        self.model, self.device, self.depth, self.batch = model, device, depth, batch
         self.tdtype = {"float32": torch.float32, "float16": torch.float16}[feature_dtype]
         self.copy = torch.cuda.Stream(device)
         self.inflight: deque = deque()
@@ -146,21 +175,25 @@ class _CudaRunner:
         from .extract import forward_batch, pack_codes_torch
 
         torch = self.torch
-        if len(x) == 0:
+        n = len(x)
+        if n == 0:
             self.inflight.append((meta, None))
             return self._drain(self.depth)
+        full = max(n, self.batch or n)
         compute = torch.cuda.current_stream(self.device)
         if isinstance(x, np.ndarray):
-            host = torch.from_numpy(x).pin_memory()
+            host = torch.empty((full, *x.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            host[:n].copy_(torch.from_numpy(x))
+            host[n:].zero_()
             with torch.cuda.stream(self.copy):
                 xd = host.to(self.device, non_blocking=True)
             compute.wait_stream(self.copy)
             xd.record_stream(compute)
         else:
-            xd = x
+            xd = x if n == full else torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))])
         fc7, h = forward_batch(self.model, xd, self.device, to_host=False)
-        codes = pack_codes_torch(h)
-        feats = fc7.to(self.tdtype)
+        codes = pack_codes_torch(h[:n])
+        feats = fc7[:n].to(self.tdtype)
         codes_h = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
         feats_h = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
         codes_h.copy_(codes, non_blocking=True)
@@ -184,6 +217,86 @@ class _CudaRunner:
 
     def flush(self) -> list:
         return self._drain(0)
+
+
+GPU_AHEAD = 3  # nvjpeg: batches decoded on the GPU ahead of the model
+GIL_SWITCH_S = 1e-4  # the interpreter's switch interval while a CUDA encode runs
+
+
+class _GpuHalf:
+    """nvjpeg's device half, in one background thread with its own CUDA stream: the screened
+    JPEG bytes decoded and squared on the GPU, merged in position order with what the CPU
+    decoded. The consumer waits on the batch's event, so the model never waits for decoding
+    it does not need yet."""
+
+    def __init__(self, paths, size: int, device, cuda: bool):
+        import torch
+
+        self.paths, self.size, self.device, self.cuda = paths, size, device, cuda
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dhf-gpu-decode")
+
+    def submit(self, read_future: Future, lo: int) -> Future:
+        return self.pool.submit(self._run, read_future, lo)
+
+    def _run(self, read_future: Future, lo: int):
+        import torch
+
+        if not self.cuda:
+            return self._assemble(read_future.result(), lo), None
+        with torch.cuda.stream(self.stream):
+            out = self._assemble(read_future.result(), lo)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return out, ev
+
+    def result(self, fut: Future):
+        """(x: uint8 [m, S, S, 3] on the device (a numpy array on CPU), ok positions, bad)."""
+        import torch
+
+        (x, ok, bad), ev = fut.result()
+        if ev is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ev)
+            x.record_stream(compute)
+        return x, ok, bad
+
+    def _assemble(self, screened, lo: int):
+        import torch
+
+        from .data import ImageDecodeError, decode_image
+        from .gpudecode import decode_batch
+
+        size, device = self.size, self.device
+        gpu, (cpu_arr, cpu_pos), bad = screened
+        gimgs, failed = decode_batch([d for _, d in gpu], size, device)
+        failed_set = set(failed)
+        gpos = [j for k, (j, _) in enumerate(gpu) if k not in failed_set]
+        extra, extra_pos = [], []
+        for k in failed:  # nvjpeg refused it: the CPU path decides (same skip reasons)
+            j = gpu[k][0]
+            try:
+                extra.append(decode_image(self.paths[lo + j], size))
+                extra_pos.append(j)
+            except ImageDecodeError as err:
+                bad.append((j, str(err)))
+        host = np.concatenate([cpu_arr, np.stack(extra)]) if extra else cpu_arr
+        hpos = np.concatenate([cpu_pos, np.asarray(extra_pos, np.int64)])
+        allpos = np.concatenate([np.asarray(gpos, np.int64), hpos])
+        order = np.argsort(allpos, kind="stable")
+        if len(hpos):
+            ht = torch.from_numpy(host)
+            if self.cuda:
+                ht = ht.pin_memory().to(device, non_blocking=True)
+            x = torch.cat([gimgs, ht.to(gimgs.device)])[torch.as_tensor(order, device=gimgs.device)]
+        else:
+            x = gimgs
+        if not self.cuda:
+            x = x.cpu().numpy()
+        return x, allpos[order], bad
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def batches_of(segments: Sequence[tuple[int, int]], batch_size: int) -> list[tuple[int, int, int, bool]]:
@@ -226,7 +339,7 @@ def encode_stream(
     """
     import torch
 
-    from .data import ImageDecodeError, decode_image, default_workers
+    from .data import default_workers
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
@@ -243,17 +356,25 @@ def encode_stream(
     prefetch = prefetch or (2 * pool.workers + 2)
     model.eval()
     cuda = torch.device(device).type == "cuda"
-    runner = _CudaRunner(model, device, feature_dtype) if cuda else _CpuRunner(model, device, feature_dtype)
+    runner = (_CudaRunner(model, device, feature_dtype, batch=batch_size) if cuda
+              else _CpuRunner(model, device, feature_dtype))
     fn = read_screen_chunk if decoder == "nvjpeg" else decode_chunk
-    pending: deque = deque()
+    # nvjpeg: the GPU half (decode_jpeg, resize, merge with the CPU fallbacks) runs in its own
+    # thread on its own CUDA stream, GPU_AHEAD batches ahead of the model
+    gpu_half = _GpuHalf(paths, size, device, cuda) if decoder == "nvjpeg" else None
+    pending: deque = deque()  # [batch, decode future, GPU-half future or None], in order
     it = iter(plan)
 
     def fill() -> None:
         while len(pending) < prefetch:
             b = next(it, None)
             if b is None:
-                return
-            pending.append((b, pool.submit(fn, list(paths[b[1]:b[2]]), size)))
+                break
+            pending.append([b, pool.submit(fn, list(paths[b[1]:b[2]]), size), None])
+        if gpu_half is not None:
+            for entry in list(pending)[:GPU_AHEAD]:
+                if entry[2] is None:
+                    entry[2] = gpu_half.submit(entry[1], entry[0][1])
 
     def finish(done):
         for (si, last, pos, bad), codes, feats in done:
@@ -262,46 +383,31 @@ def encode_stream(
                 feats = np.zeros((0, model.config.feature_dim), feature_dtype)
             yield si, last, pos, codes, feats, bad
 
+    # the model's thread launches hundreds of kernels per batch, each releasing the GIL: with
+    # decode threads busy in Python it waits up to the switch interval (5 ms) to get it back
+    # each time. 0.1 ms: the H200 CIFAR-10 build took 10.9 s instead of 14.5 (issue 12).
+    switch = sys.getswitchinterval()
+    if cuda:
+        sys.setswitchinterval(GIL_SWITCH_S)
     try:
         fill()
         while pending:
-            (si, lo, hi, last), fut = pending.popleft()
+            (si, lo, hi, last), fut, gfut = pending.popleft()
             fill()
-            if decoder == "nvjpeg":
-                from .gpudecode import decode_batch
-
-                gpu, (cpu_arr, cpu_pos), bad = fut.result()
-                gimgs, failed = decode_batch([d for _, d in gpu], size, device)
-                gpos = [j for k, (j, _) in enumerate(gpu) if k not in set(failed)]
-                extra, extra_pos = [], []
-                for k in failed:  # nvjpeg refused it: the CPU path decides (same skip reasons)
-                    j = gpu[k][0]
-                    try:
-                        extra.append(decode_image(paths[lo + j], size))
-                        extra_pos.append(j)
-                    except ImageDecodeError as err:
-                        bad.append((j, str(err)))
-                host = np.concatenate([cpu_arr, np.stack(extra)]) if extra else cpu_arr
-                hpos = np.concatenate([cpu_pos, np.asarray(extra_pos, np.int64)])
-                allpos = np.concatenate([np.asarray(gpos, np.int64), hpos])
-                order = np.argsort(allpos, kind="stable")
-                if len(hpos):
-                    ht = torch.from_numpy(host)
-                    if cuda:
-                        ht = ht.pin_memory().to(device, non_blocking=True)
-                    x = torch.cat([gimgs, ht.to(gimgs.device)])[torch.as_tensor(order, device=gimgs.device)]
-                else:
-                    x = gimgs
-                ok = allpos[order]
-                if not cuda:
-                    x = x.cpu().numpy()
+            if gpu_half is not None:
+                x, ok, bad = gpu_half.result(gfut)
             else:
                 x, ok, bad = fut.result()
             meta = (si, last, ok + lo, sorted((j + lo, r) for j, r in bad))
             yield from finish(runner.push(x, meta))
         yield from finish(runner.flush())
     finally:
-        for _, f in pending:
+        sys.setswitchinterval(switch)
+        for _, f, g in pending:
             f.cancel()
+            if g is not None:
+                g.cancel()
+        if gpu_half is not None:
+            gpu_half.close()
         if own_pool:
             pool.close()

@@ -10,7 +10,8 @@ Timed in one run:
                 packed on the device, D2H) on images decoded into memory beforehand
   product       `dhf build-index DIR --model M -o TMP --device D` as a subprocess: wall time
                 of the command, start-up included (``product_img_s``); the build's own time
-                as the command reports it is ``product_inner_img_s``
+                as the command reports it is ``product_inner_img_s``, its phases (prepare,
+                key, encode, first batch, finalize) ``product.phases_s``
 and writes n, device, decoder, decode_img_s, model_only_img_s, product_img_s,
 ratio_product_vs_model, ratio_product_vs_min_stage (+ machine, versions, date). The JSON
 is written even if a stage fails (its error is recorded).
@@ -139,7 +140,7 @@ def run_product(images, model_path, device, batch, decoder, extra) -> dict:
     out = tempfile.mkdtemp(prefix="bench-build-")
     shutil.rmtree(out)
     cmd = [sys.executable, "-m", "deephash_faiss.cli", "build-index", images, "--model", model_path, "-o", out,
-           "--device", device, "--batch-size", str(batch), "--decoder", decoder, "-q", *extra]
+           "--device", device, "--batch-size", str(batch), "--decoder", decoder, *extra]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -148,8 +149,10 @@ def run_product(images, model_path, device, batch, decoder, extra) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"build-index exit {r.returncode}: {(r.stderr or r.stdout).strip()[-500:]}")
     m = re.search(r"indexed (\d+) images .* in ([\d.]+) s", r.stdout)
+    phases = {k.strip().replace(" ", "_"): float(v) for k, v in re.findall(r"([a-z ]+) ([\d.]+) s", r.stdout.split("time:")[-1])} \
+        if "time:" in r.stdout else {}
     return {"wall_s": wall, "inner_s": float(m.group(2)) if m else None, "count": int(m.group(1)) if m else None,
-            "command": " ".join(cmd[2:])}
+            "phases_s": phases, "command": " ".join(cmd[2:])}
 
 
 def main() -> None:

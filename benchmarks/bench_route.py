@@ -141,17 +141,24 @@ def cuda_grid(a, rng):
             del g
             torch.cuda.empty_cache()
     # the GPU only where no dictionary applies (route() sends those to "dict" first)
+    th = cuda_thresholds(rows)
+    return th, {"grid": rows, "device_name": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
+def cuda_thresholds(rows):
+    """routing keys from the CUDA grid: the grid itself (routing.cuda_wins picks the nearest
+    measured point) and, as a fallback, the smallest (rows, batch) from which the GPU beat the
+    flat scan at every larger measured point."""
     flat_rows = [r for r in rows if r["cpu_path"] == "flat"]
-    good = [(r["n"], r["batch"]) for r in flat_rows if r["gpu_ms"] <= r["cpu_ms"]]
-    cand = sorted(set(good))
     best = None
-    for n0, b0 in cand:
+    for n0, b0 in sorted({(r["n"], r["batch"]) for r in flat_rows if r["gpu_ms"] <= r["cpu_ms"]}):
         if all(r["gpu_ms"] <= r["cpu_ms"] for r in flat_rows if r["n"] >= n0 and r["batch"] >= b0):
-            if best is None or (n0, b0) < best:
-                best = (n0, b0)
+            best = (n0, b0)
+            break
     th = {"cuda_min_rows": int(best[0]), "cuda_min_batch": int(best[1])} if best else \
         {"cuda_min_rows": None, "cuda_min_batch": None}
-    return th, {"grid": rows, "device_name": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    th["cuda_grid"] = [[r["n"], r["distinct"], r["batch"], round(r["gpu_ms"], 5), round(r["cpu_ms"], 5)] for r in rows]
+    return th
 
 
 def main():

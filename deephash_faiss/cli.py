@@ -401,6 +401,8 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
     click.echo(f"indexed {_plural(rep.count, 'image')} into {out} in {rep.seconds:.1f} s "
                f"({_plural(rep.shards_written, 'shard')} written, {rep.shards_reused} reused); "
                f"skipped {_plural(len(rep.skipped), 'bad file')}" + (f", see {out}/skipped.tsv" if rep.skipped else ""))
+    if not quiet and rep.phases:
+        click.echo("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rep.phases.items()))
 
 
 # ---------------------------------------------------------------- search

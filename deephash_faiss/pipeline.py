@@ -54,6 +54,7 @@ class BuildReport:
     seconds: float = 0.0
     trained: bool = False
     decoder: str = "pil"
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: prepare, key, encode, first_batch, finalize
 
 
 @dataclass
@@ -183,8 +184,16 @@ class LocalExecutor:
         n = sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)
         log(f"encoding {n} images in {len(todo)} shard(s) with {model.config.backbone} ({model.config.bits} bits) "
             f"on {self.device}, decoder {job.decoder}")
+        t0 = time.perf_counter()
+        self.first_batch_s = None
+
+        def update(k: int) -> None:
+            if self.first_batch_s is None and k:
+                self.first_batch_s = time.perf_counter() - t0
+            bar.update(k)
+
         with tqdm(total=n, desc="encode", unit="img", disable=not progress) as bar:
-            return encode_local(model, job, todo, self.device, bar.update, self.workers, self.decode_kind,
+            return encode_local(model, job, todo, self.device, update, self.workers, self.decode_kind,
                                 encode=self.encode)
 
 
@@ -439,6 +448,7 @@ def build(
     t0 = time.perf_counter()
     executor = executor or LocalExecutor()
     spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
+    phases = {"prepare": time.perf_counter() - t0}
     with layout.IndexLock(index_dir):
         layout.current_manifest(index_dir)  # refuses to overwrite an index of a newer format
         trained = False
@@ -455,13 +465,20 @@ def build(
             if cached is not None:
                 log("encoding from the fc7 cached while training (no second decode)")
                 executor, decoder = LocalExecutor(str(dev), encode=cached), "pil"
+        t1 = time.perf_counter()
         model = load_model(model_path)  # config and a check that it loads, before any worker starts
         spec.check(model.config.bits)
         dec = resolve_decoder(decoder, executor.device_type, images.paths)
         key = build_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, dec)
         job = EncodeJob(os.path.abspath(model_path), list(images.paths), np.asarray(images.labels),
                         layout.partial_dir(index_dir, key), shard_size, batch_size, feature_dtype, dec)
+        t2 = time.perf_counter()
+        phases["key"] = t2 - t1
         written, reused = encode(job, executor, progress, log)
+        t3 = time.perf_counter()
+        phases["encode"] = t3 - t2
+        if getattr(executor, "first_batch_s", None) is not None:
+            phases["first_batch"] = executor.first_batch_s
         manifest = layout.finalize_build(index_dir, job.part_dir, job.nshards, model_path, model.config, spec,
                                          feature_dtype, images.classes, images_dir, images.skipped, decoder=dec)
         shutil.rmtree(job.part_dir, ignore_errors=True)
@@ -470,7 +487,9 @@ def build(
 
             _remove_train_dirs(index_dir)
         skipped = layout.read_skip_report(index_dir, manifest)
-    return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec)
+        phases["finalize"] = time.perf_counter() - t3
+    return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec,
+                       phases)
 
 
 def build_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str, decoder: str) -> str:

@@ -27,6 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "cuda_min_batch": None,
     # CUDA: ... and indexes with fewer live rows than this
     "cuda_min_rows": 0,
+    # CUDA: the measured grid [[rows, distinct codes, batch, gpu ms/query, cpu ms/query], ...]
+    # (bench_route.py --device cuda); when present it decides, nearest measured point
+    "cuda_grid": None,
 }
 
 
@@ -55,11 +58,17 @@ def route(live: int, distinct: int | None, batch: int, device_type: str, saved: 
         distinct / live <= ``dict_knn_max_ratio`` (it then costs ~distinct, not live), else the
         flat scan (a saved dictionary below those sizes is searched by a flat scan built from
         the codes: the measured faster path there);
-      * on CUDA, the GPU kernels take a batch of at least ``cuda_min_batch`` queries over at
+      * on CUDA with a measured grid (``cuda_grid``): the GPU when it was faster than the CPU
+        path at the nearest measured point (:func:`cuda_wins`), else the CPU rules;
+      * on CUDA without one, the GPU kernels take a batch of at least ``cuda_min_batch`` queries over at
         least ``cuda_min_rows`` live rows when no dictionary applies; smaller calls stay on the
         CPU (GPU start-up and transfers would not be won back). Unmeasured -> CPU.
     """
     t = thresholds()
+    if device_type == "cuda" and t.get("cuda_grid"):
+        if cuda_wins(t["cuda_grid"], live, live if distinct is None else distinct, batch):
+            return "gpu"
+        device_type = "cpu"  # the CPU rules below pick the CPU path the grid compared with
     if distinct is not None and live >= int(t["auto_buckets_min_rows"]) \
             and distinct <= float(t["dict_knn_max_ratio"]) * live:
         return "dict"
@@ -70,3 +79,17 @@ def route(live: int, distinct: int | None, batch: int, device_type: str, saved: 
         if mb is not None and batch >= int(mb) and live >= int(mr or 0):
             return "gpu"
     return "faiss" if saved in ("hash", "multihash") else "flat"  # "faiss": the saved hash index
+
+
+def cuda_wins(grid, live: int, distinct: int, batch: int) -> bool:
+    """Whether the GPU beat the CPU at the measured point nearest (rows, distinct codes,
+    batch), nearness in (log10 rows, log10 distinct, log10 batch); rows [n, U, b, gpu_ms, cpu_ms].
+    Below the smallest measured batch or rows the CPU is kept (start-up not won back)."""
+    import math
+
+    pts = [(math.log10(max(r[0], 1)), math.log10(max(r[1], 1)), math.log10(max(r[2], 1)), r[3] < r[4]) for r in grid]
+    if not pts or batch < min(r[2] for r in grid) or live < min(r[0] for r in grid):
+        return False
+    x = (math.log10(max(live, 1)), math.log10(max(distinct, 1)), math.log10(max(batch, 1)))
+    best = min(pts, key=lambda p: (p[0] - x[0]) ** 2 + (p[1] - x[1]) ** 2 + (p[2] - x[2]) ** 2)
+    return best[3]

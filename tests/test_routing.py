@@ -69,12 +69,18 @@ def test_route_rules():
     assert route(10_000, None, 1, "cpu", saved="hash") == "faiss"
     # CUDA: a single query over a small index stays on the CPU (no GPU start-up to win back)
     assert route(50_000, None, 1, "cuda") == "flat"
-    big = max(int(t.get("cuda_min_rows") or 0), 1)
-    mb = t.get("cuda_min_batch")
-    if mb is not None:
-        assert route(big, None, int(mb), "cuda") == "gpu"
-        if int(mb) > 1:
-            assert route(big, None, int(mb) - 1, "cuda") == "flat"
+    for n, u, b, gpu_ms, cpu_ms in t.get("cuda_grid") or []:  # at every measured point: the faster
+        assert (route(n, u, b, "cuda") == "gpu") == (gpu_ms < cpu_ms), (n, u, b)
+
+
+def test_cuda_grid_nearest_point():
+    from deephash_faiss.routing import cuda_wins
+
+    grid = [[1e4, 1e4, 1, 2.0, 0.1], [1e4, 1e4, 1024, 0.01, 0.1], [1e8, 1e8, 1, 3.0, 200.0], [1e8, 2, 1, 3.0, 0.05]]
+    assert not cuda_wins(grid, 20_000, 20_000, 1) and cuda_wins(grid, 20_000, 20_000, 900)
+    assert cuda_wins(grid, 5 * 10**7, 5 * 10**7, 1) and not cuda_wins(grid, 5 * 10**7, 3, 1)
+    assert not cuda_wins(grid, 100, 100, 1024)  # below the smallest measured index: the CPU
+    assert not cuda_wins([], 10**8, 10**8, 1024)
 
 
 def test_search_params_validation():

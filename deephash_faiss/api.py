@@ -160,7 +160,8 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
 
 from .layout import (CRASH_ENV, IndexLock, collect_garbage, commit_manifest, crash_point,  # noqa: F401
                      current_manifest, file_stamps, finalize_build, gen_name, manifest_files, next_generation,
-                     publish_shards, read_skip_report, save_code_index, store_model, tsv_field, write_skip_report)
+                     publish_shards, read_skip_report, save_code_index, save_fine_index, store_model, tsv_field,
+                     write_skip_report)
 from .layout import fsync_file as _fsync_file  # noqa: F401
 from .layout import job_key as _job_key  # noqa: F401
 from .pipeline import BuildReport, prepare_build  # noqa: F401

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DhfError
+from .fine import FineParams
 
 DEBUG_ENV = "DHF_DEBUG"
 DEFAULT_INDEX = "dhf-index"
@@ -204,12 +205,13 @@ def main(debug: bool) -> None:
     Typical use:
       dhf train images/ -o model.pt --backbone efficientnet_lite0 --bits 48
       dhf build-index images/ --model model.pt -o dhf-index
+      dhf fine-index dhf-index            (optional: HDS ranks inside pools with it)
       dhf search --query q.jpg --index dhf-index --mode hds -k 10
 
     \b
     Conventions:
       --index DIR     the index, in every command (default dhf-index); info, verify,
-                      add, remove, compact and shard also take it as first argument
+                      add, remove, compact, shard and fine-index also take it as first argument
       --json          JSON on stdout instead of the table (search, info, evaluate)
       errors          one "Error: ..." line on stderr, exit status 1 (--debug: traceback)
     """
@@ -418,6 +420,14 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
               help="HDS pools codes at Hamming distance < RADIUS (0 to bits + 1, which pools all).")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int,
               help="HDS pool cap (nearest codes first).")
+@click.option("--hds-mode", default="auto", show_default=True, type=click.Choice(["exact", "ivf", "auto"]),
+              help="HDS ranking: exact ranks the whole pool by L2; ivf ranks inside it with the fine index "
+                   "(`dhf fine-index`: the cells nearest the query, exact refine); auto = ivf when the index "
+                   "has a fine index, else exact.")
+@click.option("--nprobe", default=FineParams.nprobe, show_default=True, type=int,
+              help="ivf: rows probed per query, in cells (nprobe x cell size rows, nearest cells first).")
+@click.option("--refine", default=FineParams.refine, show_default=True, type=int,
+              help="ivf: candidates re-ranked exactly on the stored features.")
 @click.option("--model", "model_path", default=None,
               help="Encode queries with this checkpoint; must be the index's model (same sha256).")
 @click.option("--allow-other-model", is_flag=True,
@@ -426,26 +436,33 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
               help="Print JSON instead of a table: always a list, one object per query.")
 @_device_opt
 @_quiet_opt
-def search(queries, index_opt, mode, k, radius, max_candidates, model_path, allow_other_model, as_json, device,
-           quiet):
+def search(queries, index_opt, mode, k, radius, max_candidates, hds_mode, nprobe, refine, model_path,
+           allow_other_model, as_json, device, quiet):
     """Search the index with one or more query images.
 
     \b
     --json prints a list with one object per query, in input order:
       {"query", "mode", "results": [{"rank", "id", "path", "label", "hamming",
        "distance"}], "candidates", "truncated", "timing_ms", "encode_ms"}
+    and in hds mode also "hds_mode" (the ranking that ran for this query: ivf, or exact
+    for pools small enough to rank whole) and "examined" (ivf: rows scored).
+    truncated: --max-candidates cut the pool (exact) or the rows examined (ivf).
     label is null for unlabelled images, distance null in bcs mode. A query file that
     cannot be decoded is skipped with a line on stderr and, in JSON, listed as
     {"query", "mode", "error", "results": []}; only all queries failing is an error.
     """
     from . import api
     from .data import scan_inputs
-    from .search import check_search_args, results_to_records
+    from .search import SearchParams, results_to_records
 
     index_dir = _index_dir(None, index_opt)
     paths = scan_inputs(queries)
     s = api.open_index(index_dir, device=device)
-    check_search_args(k, radius, max_candidates, s.live_count(), s.bits)
+    SearchParams(k, radius, max_candidates, mode, hds_mode, nprobe, refine).check(s.live_count(), s.bits)
+    if mode == "hds" and hds_mode == "ivf" and s.fine_index() is None:
+        raise DhfError(f"{index_dir} has no usable fine index"
+                       + (f" ({s.fine_problem})" if s.fine_problem else "")
+                       + f": build one with `dhf fine-index --index {index_dir}`, or use --hds-mode exact")
     if k > s.live_count():
         raise DhfError(f"-k {k} is larger than the index ({_plural(s.live_count(), 'image')})")
     if model_path:
@@ -457,7 +474,11 @@ def search(queries, index_opt, mode, k, radius, max_candidates, model_path, allo
     good = [p for i, p in enumerate(paths) if i not in reasons]
     for i, reason in bad:
         _log(f"skipped query {_cell(paths[i])}: {reason}")
-    batch = s.search(mode, codes, feats, k, radius, max_candidates)
+    batch = s.search(mode, codes, feats, k, radius, max_candidates, hds_mode=hds_mode, nprobe=nprobe, refine=refine)
+    if batch.extra.get("fine"):
+        _log(f"fine index {batch.extra['fine']}; HDS ran exact")
+    qmodes = iter(batch.extra.get("query_modes") or [])
+    examined = iter(batch.extra.get("examined") or [])
     records = iter(results_to_records(batch, s))
     results = iter(batch.results)
     per_q_ms = batch.timing_ms / max(1, len(good))
@@ -467,19 +488,27 @@ def search(queries, index_opt, mode, k, radius, max_candidates, model_path, allo
             outs.append({"query": p, "mode": mode, "error": reasons[i], "results": []})
             continue
         r, res = next(records), next(results)
-        outs.append({"query": p, "mode": mode,
-                     "results": [{kk: row[kk] for kk in ("rank", "id", "path", "label", "hamming", "distance")}
-                                 for row in r],
-                     "candidates": int(res.candidates), "truncated": bool(res.truncated),
-                     "timing_ms": round(per_q_ms, 3), "encode_ms": round(encode_ms / len(good), 3)})
+        o = {"query": p, "mode": mode,
+             "results": [{kk: row[kk] for kk in ("rank", "id", "path", "label", "hamming", "distance")}
+                         for row in r],
+             "candidates": int(res.candidates), "truncated": bool(res.truncated),
+             "timing_ms": round(per_q_ms, 3), "encode_ms": round(encode_ms / len(good), 3)}
+        if mode == "hds":
+            o["hds_mode"] = next(qmodes, "exact")
+            ex = next(examined, None)
+            o["examined"] = int(ex) if ex is not None and o["hds_mode"] == "ivf" else int(res.candidates)
+        outs.append(o)
     if as_json:
         click.echo(json.dumps(outs, indent=2))
         return
     for o in outs:
         if "error" in o:
             continue
-        click.echo(f"query {_cell(o['query'])}  mode {mode}  {_plural(o['candidates'], 'candidate')}"
-                   + ("  (pool capped at --max-candidates)" if o["truncated"] else "")
+        click.echo(f"query {_cell(o['query'])}  mode {mode}"
+                   + (f" ({o['hds_mode']})" if "hds_mode" in o else "")
+                   + f"  {_plural(o['candidates'], 'candidate')}"
+                   + (f", {o['examined']} examined" if o.get("hds_mode") == "ivf" else "")
+                   + ("  (truncated at --max-candidates)" if o["truncated"] else "")
                    + f"  {o['timing_ms']:.2f} ms search, {o['encode_ms']:.1f} ms encode")
         click.echo(f"{'rank':>4}  {'ham':>3}  {'L2^2':>10}  {'label':<12}  path")
         for row in o["results"]:
@@ -568,14 +597,44 @@ def compact(index_pos, index_opt):
     from .maintain import compact as do_compact
 
     index_dir = _index_dir(index_pos, index_opt)
-    rep = do_compact(index_dir)
+    rep = do_compact(index_dir, log=_log)
     click.echo(f"compacted {index_dir}: dropped {_plural(rep.dropped, 'deleted row')}, {_plural(rep.count, 'row')}")
+
+
+@main.command("fine-index")
+@_index_dir_options(positional=True)
+@click.option("--cell-size", default=1024, show_default=True, type=int,
+              help="Target rows per list: codes holding more rows are split into k-means cells of fc7.")
+@click.option("--storage", default="sq8", show_default=True, type=click.Choice(["sq8", "fp16"]),
+              help="Compressed features in the lists (sq8: 1 byte per dimension; fp16: 2).")
+@click.option("--drop", is_flag=True, help="Remove the index's fine index instead of building one.")
+def fine_index(index_pos, index_opt, cell_size, storage, drop):
+    """Build the HDS fine index of the index (INDEX_DIR or --index) and save it with it.
+
+    HDS then ranks inside each Hamming pool with inverted lists keyed by (code, k-means
+    cell of fc7) holding compressed features, probes the cells nearest the query and
+    re-ranks the best exactly (`dhf search --hds-mode auto|ivf --nprobe --refine`), instead
+    of ranking (or cutting) the whole pool. `dhf add` puts new rows into it, `dhf compact`
+    renumbers it, removed rows are filtered at search; `dhf verify` checks it. Building it
+    again replaces it (after many adds, the cells of the old k-means are refreshed).
+    """
+    from .maintain import build_fine
+
+    index_dir = _index_dir(index_pos, index_opt)
+    rep = build_fine(index_dir, cell_size, storage, drop=drop, log=_log)
+    if drop:
+        click.echo(f"dropped the fine index of {index_dir}")
+        return
+    click.echo(f"built the fine index of {index_dir}: {_plural(rep.lists, 'list')} over "
+               f"{_plural(rep.rows, 'row')}, {storage}, cell size {cell_size}, {rep.bytes / 2**20:.1f} MiB "
+               f"({rep.file}) in {rep.seconds:.1f} s")
 
 
 @main.command()
 @_index_dir_options(positional=True)
 def verify(index_pos, index_opt):
-    """Check the index (INDEX_DIR or --index): checksums, row counts, the code index, the model.
+    """Check the index (INDEX_DIR or --index): checksums, row counts, the code index, the model,
+    the fine index.
 
     Prints OK, or one PROBLEM line each and exits with status 1.
     """
@@ -597,6 +656,18 @@ def _index_type_text(spec: dict) -> str:
     """``flat index (codes.index)``, ``hash index, hash_bits 16, nflip 2 (codes.index)``."""
     params = ", ".join(f"{k} {v}" for k, v in spec.items() if k not in ("type", "file", "sha256", "size"))
     return f"{spec.get('type', '?')} index" + (f", {params}" if params else "") + f" ({_cell(spec.get('file'))})"
+
+
+def _fine_text(m: dict) -> str:
+    """``sq8 lists, 11,248 lists, cell size 1024, 1000000 rows (fine.index)`` or ``none (...)``."""
+    fe = m.get("fine")
+    if not fe:
+        return "none (HDS ranks whole pools; `dhf fine-index` builds one)"
+    from .layout import fine_entry_problem
+
+    problem = fine_entry_problem(m)
+    return (f"{fe.get('storage')} lists, {fe.get('lists')} lists, cell size {fe.get('cell_size')}, "
+            f"{fe.get('rows')} rows ({_cell(fe.get('file'))})" + (f"  NOT USED: {problem}" if problem else ""))
 
 
 @main.command()
@@ -622,6 +693,7 @@ def info(index_pos, index_opt, as_json):
         ("codes", f"{m.get('bits')} bits, {_index_type_text(m.get('index', {}))}"),
         ("features", f"{m.get('feature_dim')}-d {m.get('feature_dtype')} in "
                      f"{_plural(len(m.get('shards', [])), 'shard')}"),
+        ("fine", _fine_text(m)),
         ("classes", f"{len(classes)}" + (": " + ", ".join(_cell(c) for c in classes[:10]) if classes else "")
                     + (" …" if len(classes) > 10 else "")),
         ("on disk", f"{inf['total_bytes'] / 2**20:.1f} MiB"),

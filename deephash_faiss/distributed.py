@@ -195,6 +195,8 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise DhfError(f"{out_dir} exists and is not empty")
     spec = IndexSpec.from_dict(m["index"])
+    if m.get("fine"):
+        log("the fine index is not split: build one per shard with `dhf fine-index` if wanted")
     deleted = np.asarray(m.get("deleted") or [], dtype=np.int64)
     bounds = [int(round(i * count / n)) for i in range(n + 1)]
     model_src = os.path.join(index_dir, m["model"]["file"]) if m["model"].get("file") else None
@@ -237,6 +239,7 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
                "skipped": 0, "skipped_file": "skipped.tsv", "deleted": [int(x) for x in local_del],
                "id_offset": lo,
                "split": {"source": os.path.abspath(index_dir), "part": i, "parts": n, "total_count": count}}
+        man.pop("fine", None)  # not split: each shard can build its own (`dhf fine-index`)
         write_manifest(d, man)
         log(f"{d}: ids {lo}..{hi - 1} ({hi - lo} rows)")
         out.append(d)

@@ -19,7 +19,11 @@ index instead:
   those exactly on the stored features (``gather``), ties by id. A pool of at most
   ``exact_max`` live rows is ranked exactly instead (cheaper than probing).
 
-Deleted rows are left out when the index is built (build it from the current index).
+Deleted rows are left out when the index is built; rows removed later stay in the lists and
+are filtered at search (like every other path). :meth:`FineIndex.add` (``dhf add``) puts new
+rows in the nearest list of their code (a code new to the index gets a list of its own) and
+:meth:`FineIndex.compact` renumbers (``dhf compact``), so the saved index never goes stale.
+Saved with the index (``dhf fine-index``, manifest key ``fine``; :meth:`save` / :meth:`load`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,17 @@ from typing import Callable
 import numpy as np
 
 from .errors import DhfError
+
+FINE_MAGIC = b"DHFFINE1"
+STORAGES = ("sq8", "fp16")
+
+
+def _new_ivf(d: int, nlist: int, storage: str):
+    """An empty faiss IndexIVFScalarQuantizer (no residual) with ``nlist`` lists."""
+    import faiss
+
+    qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}[storage]
+    return faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, max(1, nlist), qt, faiss.METRIC_L2, False)
 
 
 @dataclass
@@ -53,20 +68,28 @@ class FineParams:
 class FineIndex:
     """IVF lists keyed by (dictionary code, k-means cell of fc7 within the code).
 
-    Arrays: list_offsets int64 [U + 1] (code c's lists are list_offsets[c]..list_offsets[c+1]-1),
-    centroids float32 [L, D]; ``ivf``: faiss IndexIVFScalarQuantizer with L lists whose
-    ids are database row ids.
+    Arrays: codes uint8 [G, B] (the codes it holds lists for, matched by value to the
+    dictionary it serves: :meth:`attach`), list_offsets int64 [G + 1] (code g's lists are
+    list_offsets[g]..list_offsets[g+1]-1), centroids float32 [L, D]; ``ivf``: faiss
+    IndexIVFScalarQuantizer with L lists whose ids are database row ids; rows: the rows
+    (ids 0..rows-1) it covers.
     """
 
     def __init__(self, buckets, list_offsets: np.ndarray, centroids: np.ndarray, ivf, cell_size: int,
-                 storage: str):
-        self.buckets = buckets
-        self.list_offsets = list_offsets
-        self.centroids = centroids
+                 storage: str, codes: np.ndarray | None = None, rows: int | None = None):
+        self.list_offsets = np.asarray(list_offsets, np.int64)
+        self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.ivf = ivf
         self.cell_size = int(cell_size)
         self.storage = storage
-        self.dim = int(centroids.shape[1]) if centroids.ndim == 2 else 0
+        self.dim = int(ivf.d)
+        self.codes = np.asarray(buckets.dict_codes if codes is None else codes, np.uint8)
+        self.rows = int(buckets.ntotal if rows is None else rows)
+        self._lsizes = None
+        self.buckets = None
+        self._dict2fine = None
+        if buckets is not None:
+            self.attach(buckets)
 
     @property
     def n_lists(self) -> int:
@@ -89,11 +112,13 @@ class FineIndex:
 
         from .rerank import _to_float32
 
-        if storage not in ("sq8", "fp16"):
+        if storage not in STORAGES:
             raise DhfError(f"unknown fine-index storage {storage!r} (sq8 or fp16)")
         n, D = features.shape
         if n != buckets.ntotal:
             raise DhfError(f"{n} feature rows for {buckets.ntotal} codes")
+        if cell_size < 1:
+            raise DhfError("the cell size must be at least 1 (--cell-size)")
         rng = np.random.default_rng(seed)
         live, _ = buckets._counts()
         U = buckets.n_codes
@@ -144,10 +169,9 @@ class FineIndex:
             assign[rows] = list_offsets[c] + a[:, 0]
             if log and (j % 50 == 0 or j == len(big) - 1):
                 log(f"fine index: k-means {j + 1}/{len(big)} big codes")
-        qt = {"sq8": faiss.ScalarQuantizer.QT_8bit, "fp16": faiss.ScalarQuantizer.QT_fp16}[storage]
-        quantizer = faiss.IndexFlatL2(D)
-        ivf = faiss.IndexIVFScalarQuantizer(quantizer, D, max(1, L), qt, faiss.METRIC_L2, False)
-        if storage == "sq8":
+        ivf = _new_ivf(D, L, storage)
+        ivf.quantizer.add(centroids)  # the list centroids (saved with the IVF; search never uses it)
+        if storage == "sq8" and n:
             samp = np.sort(rng.choice(n, min(n, 100_000), replace=False))
             ivf.sq.train(_to_float32(np.asarray(features[samp])))
         ivf.is_trained = True
@@ -160,6 +184,208 @@ class FineIndex:
             rid = np.arange(s, s + len(a), dtype=np.int64)[keep]
             add_preassigned(ivf, x, np.ascontiguousarray(a[keep]), rid)
         return cls(buckets, list_offsets, centroids, ivf, cell_size, storage)
+    # -- the code dictionary it serves ---------------------------------------------------
+    def attach(self, buckets) -> "FineIndex":
+        """Serve the dictionary ``buckets`` (its numbering may differ from the one the index was
+        built with: codes are matched by value). Every code of ``buckets`` that holds rows must
+        have lists here, and the index must cover exactly ``buckets.ntotal`` rows, else the
+        fine index is stale.
+
+        Raises:
+            DhfError: stale (rows or codes the fine index does not hold)."""
+        from .index import _row_keys
+
+        if self.rows != buckets.ntotal:
+            raise DhfError(f"the fine index covers {self.rows} rows, the index holds {buckets.ntotal}: it is stale "
+                           f"(rebuild it with `dhf fine-index`)")
+        U = buckets.n_codes
+        m = np.full(U, -1, np.int64)
+        if U and len(self.codes):
+            fk = _row_keys(np.ascontiguousarray(self.codes, np.uint8))
+            dk = _row_keys(np.ascontiguousarray(buckets.dict_codes, np.uint8))
+            o = np.argsort(fk, kind="stable")
+            pos = np.minimum(np.searchsorted(fk[o], dk), len(fk) - 1)
+            hit = fk[o][pos] == dk
+            m[hit] = o[pos[hit]]
+        missing = np.flatnonzero((m < 0) & (np.asarray(buckets.sizes) > 0))
+        if len(missing):
+            raise DhfError(f"the fine index has no lists for {len(missing)} code(s) of the index: it is stale "
+                           f"(rebuild it with `dhf fine-index`)")
+        self.buckets = buckets
+        self._dict2fine = m
+        return self
+
+    # -- lists as arrays (for updates and saving) -------------------------------------
+    def export_lists(self):
+        """(sizes int64 [L], ids int64 [N], codes uint8 [N, code_size]) in list order."""
+        import faiss
+
+        inv, cs, L = self.ivf.invlists, int(self.ivf.code_size), int(self.ivf.nlist)
+        sizes = np.array([inv.list_size(i) for i in range(L)], np.int64)
+        ids = np.empty(int(sizes.sum()), np.int64)
+        codes = np.empty((int(sizes.sum()), cs), np.uint8)
+        pos = 0
+        for i in np.flatnonzero(sizes):
+            s = int(sizes[i])
+            ids[pos:pos + s] = faiss.rev_swig_ptr(inv.get_ids(int(i)), s)
+            codes[pos:pos + s] = faiss.rev_swig_ptr(inv.get_codes(int(i)), s * cs).reshape(s, cs)
+            pos += s
+        return sizes, ids, codes
+
+    def _set_lists(self, centroids: np.ndarray, sizes: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Replace the IVF by one with ``len(centroids)`` lists holding these entries (the
+        scalar quantizer's training is kept)."""
+        import faiss
+
+        old = self.ivf
+        ivf = _new_ivf(old.d, len(centroids), self.storage)
+        faiss.copy_array_to_vector(faiss.vector_to_array(old.sq.trained), ivf.sq.trained)
+        ivf.is_trained = True
+        ivf.quantizer.add(np.ascontiguousarray(centroids, np.float32))
+        inv, starts = ivf.invlists, np.concatenate([[0], np.cumsum(sizes)])
+        ids = np.ascontiguousarray(ids, np.int64)
+        codes = np.ascontiguousarray(codes, np.uint8)
+        for i in np.flatnonzero(sizes):
+            a, b = int(starts[i]), int(starts[i + 1])
+            inv.add_entries(int(i), b - a, faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(codes[a:b]))
+        ivf.ntotal = int(sizes.sum())
+        self.ivf, self.centroids, self._lsizes = ivf, np.ascontiguousarray(centroids, np.float32), None
+
+    def add(self, codes: np.ndarray, features: np.ndarray) -> None:
+        """Index new rows (ids ``rows``..``rows + m - 1``): a row whose code has lists goes to
+        the nearest of them (by centroid); rows of a code new to the index form one new list
+        per code (centroid: their mean). ``attach`` the grown dictionary afterwards.
+
+        Args:
+            codes: uint8 [m, B]; features: float32/float16 [m, D]."""
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        from .index import _row_keys
+        from .rerank import _to_float32
+
+        m = len(codes)
+        if m == 0:
+            return
+        x = np.ascontiguousarray(_to_float32(np.asarray(features)))
+        fk = _row_keys(np.ascontiguousarray(self.codes, np.uint8))
+        nk = _row_keys(np.ascontiguousarray(codes, np.uint8))
+        o = np.argsort(fk, kind="stable")
+        pos = np.minimum(np.searchsorted(fk[o], nk), max(0, len(fk) - 1))
+        known = (fk[o][pos] == nk) if len(fk) else np.zeros(m, bool)
+        group = np.where(known, o[pos] if len(fk) else 0, -1)
+        assign = np.empty(m, np.int64)
+        for g in np.unique(group[known]):
+            r = np.flatnonzero(group == g)
+            a, b = int(self.list_offsets[g]), int(self.list_offsets[g + 1])
+            d = ((x[r, None, :] - self.centroids[None, a:b, :]) ** 2).sum(2) if b - a > 1 else np.zeros((len(r), 1))
+            assign[r] = a + np.argmin(d, axis=1)
+        ids = np.arange(self.rows, self.rows + m, dtype=np.int64)
+        new = np.flatnonzero(~known)
+        if len(new):  # new codes: new lists (the IVF is rebuilt with more lists)
+            uk, first, inv = np.unique(nk[new], return_index=True, return_inverse=True)
+            G, L = len(self.codes), self.n_lists
+            cents = np.zeros((len(uk), x.shape[1]), np.float64)
+            np.add.at(cents, inv, x[new])
+            cents /= np.bincount(inv, minlength=len(uk))[:, None]
+            assign[new] = L + inv
+            sizes, oids, ocodes = self.export_lists()
+            self.codes = np.concatenate([np.asarray(self.codes, np.uint8), np.asarray(codes, np.uint8)[new[first]]])
+            self.list_offsets = np.concatenate([self.list_offsets, L + 1 + np.arange(len(uk), dtype=np.int64)])
+            assert len(self.codes) == G + len(uk)
+            self._set_lists(np.vstack([self.centroids, cents.astype(np.float32)]),
+                            np.concatenate([sizes, np.zeros(len(uk), np.int64)]), oids, ocodes)
+        add_preassigned(self.ivf, x, assign, ids)
+        self.rows += m
+        self._lsizes = None
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Renumber after ``dhf compact``: rows with ``keep`` False are dropped, the others get
+        ids 0.. in their old order. keep: bool [rows]."""
+        keep = np.asarray(keep, bool)
+        if len(keep) != self.rows:
+            raise DhfError(f"compact mask has {len(keep)} rows, the fine index {self.rows}")
+        newid = np.cumsum(keep) - 1
+        sizes, ids, codes = self.export_lists()
+        ok = keep[ids]
+        owner = np.repeat(np.arange(len(sizes)), sizes)[ok]
+        self._set_lists(self.centroids, np.bincount(owner, minlength=len(sizes)).astype(np.int64),
+                        newid[ids[ok]], codes[ok])
+        self.rows = int(keep.sum())
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """One file: magic, a JSON header, the code and list-offset arrays, then the faiss IVF
+        (faiss.write_index; its coarse quantizer holds the list centroids)."""
+        import json
+
+        import faiss
+
+        arrays = {"codes": np.ascontiguousarray(self.codes, np.uint8),
+                  "list_offsets": np.ascontiguousarray(self.list_offsets, "<i8")}
+        header = {"rows": self.rows, "cell_size": self.cell_size, "storage": self.storage, "dim": self.dim,
+                  "n_codes": int(len(self.codes)), "n_lists": self.n_lists, "arrays": {}}
+        for _ in range(2):
+            hb = json.dumps(header, sort_keys=True).encode()
+            pos = -(-(len(FINE_MAGIC) + 8 + len(hb) + 64) // 64) * 64
+            layout = {}
+            for name, a in arrays.items():
+                layout[name] = {"offset": pos, "dtype": a.dtype.str, "shape": list(a.shape)}
+                pos = -(-(pos + a.nbytes) // 64) * 64
+            header["arrays"], header["faiss_offset"] = layout, pos
+        hb = json.dumps(header, sort_keys=True).encode()
+        if self.ivf.quantizer.ntotal != self.n_lists:
+            self.ivf.quantizer.reset()
+            self.ivf.quantizer.add(np.ascontiguousarray(self.centroids, np.float32))
+        with open(path, "wb") as f:
+            f.write(FINE_MAGIC)
+            f.write(len(hb).to_bytes(8, "little"))
+            f.write(hb)
+            for name, a in arrays.items():
+                f.seek(layout[name]["offset"])
+                f.write(a.tobytes())
+            f.seek(header["faiss_offset"])
+            w = faiss.PyCallbackIOWriter(f.write)
+            faiss.write_index(self.ivf, w)
+            del w
+
+    @classmethod
+    def load(cls, path: str) -> "FineIndex":
+        """Read a file written by :meth:`save` (``attach`` a dictionary before searching).
+
+        Raises:
+            DhfError: not a fine-index file, truncated or inconsistent."""
+        import json
+
+        import faiss
+
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(FINE_MAGIC)) != FINE_MAGIC:
+                    raise ValueError("not a dhf fine-index file")
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                arrs = {}
+                for name, a in header["arrays"].items():
+                    f.seek(a["offset"])
+                    shape = tuple(a["shape"])
+                    nbytes = int(np.prod(shape)) * np.dtype(a["dtype"]).itemsize
+                    buf = f.read(nbytes)
+                    if len(buf) != nbytes:
+                        raise ValueError(f"{name} runs past the end of the file (truncated)")
+                    arrs[name] = np.frombuffer(buf, a["dtype"]).reshape(shape).copy()
+                f.seek(header["faiss_offset"])
+                ivf = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+            lo = arrs["list_offsets"]
+            L = int(lo[-1]) if len(lo) else 0
+            if (len(lo) != int(header["n_codes"]) + 1 or len(arrs["codes"]) != int(header["n_codes"])
+                    or L != int(header["n_lists"]) or ivf.nlist != max(1, L) or ivf.quantizer.ntotal != L):
+                raise ValueError("inconsistent fine-index arrays")
+            if header["storage"] not in ("sq8", "fp16"):
+                raise ValueError(f"unknown storage {header['storage']!r}")
+        except (ValueError, KeyError, TypeError, OSError, RuntimeError) as err:
+            raise DhfError(f"cannot read fine index {path}: {err}") from None
+        cents = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, L) if L else np.zeros((0, ivf.d), np.float32)
+        fi = cls(None, lo, cents, ivf, int(header["cell_size"]), header["storage"], arrs["codes"], int(header["rows"]))
+        return fi
 
     def memory_bytes(self) -> int:
         """Bytes of compressed features + ids in the lists, centroids and list offsets."""
@@ -188,6 +414,8 @@ class FineIndex:
         p = params or FineParams()
         p.check()
         b = self.buckets
+        if b is None:
+            raise DhfError("the fine index serves no code dictionary (attach one)")
         live, _ = b._counts()
         lims, Dc, Ic = b.reach(qcodes, radius)
         m = len(qcodes)
@@ -201,7 +429,7 @@ class FineIndex:
             if pool <= p.exact_max:
                 out[i] = (np.zeros(0, np.int64), np.zeros(0, np.float32), pool, pool, False, True)
                 continue
-            ls = _ranges_of(self.list_offsets, codes)
+            ls = _ranges_of(self.list_offsets, self._dict2fine[codes[live[codes] > 0]])
             ls = ls[list_rows[ls] > 0]
             cd = ((self.centroids[ls] - q[i]) ** 2).sum(1)
             o = np.argsort(cd, kind="stable")
@@ -230,6 +458,8 @@ class FineIndex:
             R = max(k, p.refine)
             _, I = search_preassigned(self.ivf, q[approx], R, Iq, Dq)
             cands = [row[row >= 0] for row in I]
+            if b.deleted is not None and b.deleted.any():  # rows removed after the build
+                cands = [c[~b.deleted[c]] for c in cands]
             # exact refine on the stored features; candidates in id order so ties go by id
             cands = [np.sort(c) for c in cands]
             ranked = rank_pools_cpu(q[approx], cands, gather, k)

@@ -15,6 +15,9 @@ Layout::
     INDEX/.partial-<key16>/        a resumable encoding job: part-NNNNN.h5 + part-NNNNN.skip.json
     INDEX/.partial-add-<key16>/    the same for `dhf add`
     INDEX/model[-<sha12>].pt, codes[-gN].index, skipped[-gN].tsv, shards/part-NNNNN[-gN].h5
+    INDEX/fine[-gN].index          optional: the HDS fine index (manifest key ``fine``,
+                                   :mod:`deephash_faiss.fine`; written by ``dhf fine-index``,
+                                   updated by ``dhf add`` / ``compact``)
 
 Rules:
 
@@ -269,6 +272,8 @@ def manifest_files(m: dict[str, Any]) -> set[str]:
     if m["model"].get("file"):
         files.add(m["model"]["file"])
     files |= {os.path.join("shards", s["file"]) for s in m["shards"]}
+    if isinstance(m.get("fine"), dict) and m["fine"].get("file"):
+        files.add(m["fine"]["file"])
     return files
 
 
@@ -356,6 +361,38 @@ def save_code_index(index_dir: str, index, gen: int) -> dict[str, str]:
     sha = file_sha256(tmp)
     os.replace(tmp, os.path.join(index_dir, name))
     return {"file": name, "sha256": sha}
+
+
+def save_fine_index(index_dir: str, fine, gen: int, index_entry: dict[str, Any]) -> dict[str, Any]:
+    """Write the HDS fine index (:class:`deephash_faiss.fine.FineIndex`) under a generation
+    name; returns its manifest entry {"file", "sha256", "storage", "cell_size", "lists",
+    "rows", "index_sha256"} (``index_sha256``: the code index it was made for, so a reader
+    can tell a fine index that no longer matches; the size is stamped at the commit)."""
+    from .model import file_sha256
+
+    name = gen_name("fine", ".index", gen)
+    own(index_dir, [name])
+    tmp = os.path.join(index_dir, f".tmp-{name}")
+    fine.save(tmp)
+    fsync_file(tmp)
+    sha = file_sha256(tmp)
+    os.replace(tmp, os.path.join(index_dir, name))
+    return {"file": name, "sha256": sha, "storage": fine.storage, "cell_size": fine.cell_size,
+            "lists": fine.n_lists, "rows": fine.rows, "index_sha256": index_entry.get("sha256")}
+
+
+def fine_entry_problem(manifest: dict[str, Any]) -> str | None:
+    """Why the manifest's fine index does not belong to its code index (None: it does, or
+    there is none): another row count or another code index than the one it was made for."""
+    fe = manifest.get("fine")
+    if not fe:
+        return None
+    if int(fe.get("rows", -1)) != int(manifest["count"]):
+        return f"fine index {fe['file']} covers {fe.get('rows')} rows, the index holds {manifest['count']}"
+    want = (manifest.get("index") or {}).get("sha256")
+    if fe.get("index_sha256") and want and fe["index_sha256"] != want:
+        return f"fine index {fe['file']} was made for another code index (sha256 {fe['index_sha256'][:12]}…)"
+    return None
 
 
 def store_model(index_dir: str, model_path: str) -> tuple[str, str]:

@@ -16,7 +16,12 @@ the previous generation keep working: its files are kept until the next commit
   Ids stay stable.
 * :func:`compact` rewrites the shards without the deleted rows and rebuilds the code
   index: ids are renumbered (0..n-1 in the old order).
-* :func:`verify` checks checksums, row counts, the code index and the model.
+* :func:`verify` checks checksums, row counts, the code index, the model and the fine index.
+* :func:`build_fine` (``dhf fine-index``) builds the HDS fine index
+  (:class:`deephash_faiss.fine.FineIndex`) and saves it with the index (manifest ``fine``);
+  ``add`` puts the new rows into it, ``compact`` renumbers it, ``remove`` leaves it (removed
+  rows are filtered at search). One that cannot be read is dropped by ``add`` / ``compact``
+  with one line saying so, never carried over stale.
 """
 
 from __future__ import annotations
@@ -149,7 +154,7 @@ def add_images(
         # the new code index is the old one plus the new codes: check it (sha256) and the
         # shards' sizes before building on them, or a tampered file would be committed with
         # a fresh checksum and `verify` would call it OK
-        check_open(index_dir, old)
+        check_open(index_dir, _without_fine(old))  # the fine index: _fine_for_update (dropped if unusable)
         code_index_path = checked_code_index_path(index_dir, old)
         store = FeatureStore(index_dir, old)
         deleted = set(int(i) for i in old.get("deleted", []))
@@ -192,16 +197,28 @@ def add_images(
         for c in codes:
             idx.add(c)
         index_entry = api.save_code_index(index_dir, idx, gen)
+        fine = _fine_for_update(index_dir, old, log)
+        if fine is not None:
+            from .store import read_shard as _rs
+
+            new_codes = np.concatenate(codes) if codes else np.zeros((0, int(old["bits"]) // 8), np.uint8)
+            new_feats = [_rs(os.path.join(index_dir, "shards", s["file"]))["features"] for s in shards]
+            fine.add(new_codes, np.concatenate(new_feats) if new_feats else np.zeros((0, int(old["feature_dim"]))))
+            fine_entry = api.save_fine_index(index_dir, fine, gen, index_entry)
+            log(f"fine index: {len(new_codes)} row(s) added ({fine.n_lists} lists)")
         skipped_now = list(images.skipped) + bad
         report = api.read_skip_report(index_dir, old) + skipped_now + [
             (p, "already indexed (dhf add does not index a path twice)") for p in already]
         skip_name = api.gen_name("skipped", ".tsv", gen)
         api.write_skip_report(index_dir, skip_name, report)
         manifest = dict(old)
+        manifest.pop("fine", None)
         manifest.update(
             generation=gen, updated=api.now_iso(), count=count, classes=classes, shards=old["shards"] + shards,
             index={**spec.to_dict(int(old["bits"])), **index_entry}, skipped=len(report), skipped_file=skip_name,
         )
+        if fine is not None:
+            manifest["fine"] = fine_entry
         api.commit_manifest(index_dir, manifest, old, keep_partial=part_dir)
         shutil.rmtree(part_dir, ignore_errors=True)
     return AddReport(index_dir, count - int(old["count"]), count, skipped_now, already, written, reused, gen,
@@ -269,7 +286,7 @@ class CompactReport:
     generation: int
 
 
-def compact(index_dir: str) -> CompactReport:
+def compact(index_dir: str, log: Log = _quiet) -> CompactReport:
     """Rewrite the index without its deleted rows (ids are renumbered 0..n-1, order kept)."""
     from . import api
     from .index import BinaryIndex, IndexSpec
@@ -286,7 +303,7 @@ def compact(index_dir: str) -> CompactReport:
             return CompactReport(index_dir, 0, int(old["count"]), int(old.get("generation", 1)))
         # compact rewrites every shard and the code index from the shards: check them all
         # (sha256) first, or tampered rows would be committed under fresh checksums
-        check_open(index_dir, old, full=True)
+        check_open(index_dir, _without_fine(old), full=True)
         gen = api.next_generation(index_dir, old)
         shards, codes, start = [], [], 0
         for j, s in enumerate(old["shards"]):
@@ -308,10 +325,172 @@ def compact(index_dir: str) -> CompactReport:
         idx = BinaryIndex.build(np.concatenate(codes) if codes else np.zeros((0, nb), np.uint8), spec)
         index_entry = api.save_code_index(index_dir, idx, gen)
         manifest = dict(old)
+        manifest.pop("fine", None)
         manifest.update(generation=gen, updated=api.now_iso(), count=start, shards=shards, deleted=[],
                         index={**spec.to_dict(int(old["bits"])), **index_entry})
+        fine = _fine_for_update(index_dir, old, log)
+        if fine is not None:
+            fine.compact(~deleted)
+            manifest["fine"] = api.save_fine_index(index_dir, fine, gen, index_entry)
+            log(f"fine index: renumbered ({fine.rows} rows)")
         api.commit_manifest(index_dir, manifest, old)
     return CompactReport(index_dir, int(deleted.sum()), start, gen)
+
+
+def _without_fine(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k != "fine"}
+
+
+def _fine_for_update(index_dir: str, old: dict[str, Any], log: Log):
+    """The saved fine index, fully checked (sha256), to be updated by a writer; None when there
+    is none or it cannot be used (then it is dropped from the new generation, with one line)."""
+    fe = old.get("fine")
+    if not fe:
+        return None
+    from .fine import FineIndex
+    from .layout import fine_entry_problem
+    from .store import check_fine_file
+
+    try:
+        problem = fine_entry_problem(old)
+        if problem:
+            raise DhfError(problem)
+        return FineIndex.load(check_fine_file(index_dir, fe, full=True))
+    except DhfError as err:
+        log(f"fine index dropped: {err}; build a new one with `dhf fine-index`")
+        return None
+
+
+@dataclass
+class FineReport:
+    index_dir: str
+    lists: int
+    rows: int
+    file: str | None
+    bytes: int
+    generation: int
+    seconds: float
+
+
+class _RowSource:
+    """Feature rows of an index by id through :meth:`FeatureStore.gather` (``x[ids]``,
+    ``x[a:b]``), so a build reads shards row block by row block instead of loading them all."""
+
+    def __init__(self, store):
+        self.store, self.shape = store, (store.count, store.dim)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(self.store.count))
+        return self.store.gather(np.asarray(key, np.int64))
+
+
+def build_fine(index_dir: str, cell_size: int = 1024, storage: str = "sq8", drop: bool = False,
+               log: Log = _quiet) -> FineReport:
+    """Build the HDS fine index of ``index_dir`` (k-means cells of fc7 inside the codes of
+    more than ``cell_size`` rows, ``storage`` "sq8" or "fp16" lists; see
+    :mod:`deephash_faiss.fine`) and commit it with the index as a new generation; ``drop``
+    removes it instead. Deleted rows are left out.
+
+    Raises:
+        DhfError: no index, another writer holds the lock, a shard or the code index does not
+            match its checksum, bad ``cell_size`` / ``storage``."""
+    from . import api
+    from .fine import STORAGES, FineIndex
+    from .index import BinaryIndex, BucketIndex, IndexSpec
+    from .store import FeatureStore, check_open, read_manifest
+
+    t0 = time.perf_counter()
+    if storage not in STORAGES:
+        raise DhfError(f"unknown fine-index storage {storage!r}; choose from {', '.join(STORAGES)} (--storage)")
+    if cell_size < 1:
+        raise DhfError("the cell size must be at least 1 (--cell-size)")
+    read_manifest(index_dir)
+    with api.IndexLock(index_dir):
+        old = read_manifest(index_dir)
+        gen = api.next_generation(index_dir, old)
+        manifest = dict(old)
+        manifest.pop("fine", None)
+        manifest.update(generation=gen, updated=api.now_iso())
+        if drop:
+            if not old.get("fine"):
+                raise DhfError(f"{index_dir} has no fine index to drop")
+            api.commit_manifest(index_dir, manifest, old)
+            return FineReport(index_dir, 0, 0, None, 0, gen, time.perf_counter() - t0)
+        # the lists are built from the shards' features and the codes: check them all first
+        check_open(index_dir, _without_fine(old), full=True)
+        store = FeatureStore(index_dir, old)
+        idx = BinaryIndex.load(os.path.join(index_dir, old["index"]["file"]), IndexSpec.from_dict(old["index"]),
+                               int(old["bits"]))
+        d = idx if isinstance(idx, BucketIndex) else BucketIndex.build(store.codes())
+        if old.get("deleted"):
+            mask = np.zeros(store.count, bool)
+            mask[np.asarray(old["deleted"], np.int64)] = True
+            d.deleted = mask
+        log(f"building the fine index of {index_dir}: {store.count} rows, {d.n_codes} distinct codes, "
+            f"cell size {cell_size}, {storage}")
+        fine = FineIndex.build(d, _RowSource(store), cell_size=cell_size, storage=storage, log=log)
+        entry = api.save_fine_index(index_dir, fine, gen, old["index"])
+        manifest["fine"] = entry
+        api.commit_manifest(index_dir, manifest, old)
+    size = os.path.getsize(os.path.join(index_dir, entry["file"]))
+    return FineReport(index_dir, fine.n_lists, fine.rows, entry["file"], size, gen, time.perf_counter() - t0)
+
+
+def _verify_fine(index_dir: str, m: dict[str, Any], shard_codes: list) -> list[str]:
+    """Problems of the fine index: file (present, size, sha256, readable), made for this code
+    index and row count, its entries (each live row exactly once, ids in range) and each row
+    in a list of its own code (when the shards' codes could be read)."""
+    from .fine import FineIndex
+    from .layout import fine_entry_problem
+    from .model import file_sha256
+
+    fe = m["fine"]
+    name = fe["file"]
+    path = os.path.join(index_dir, name)
+    if not os.path.exists(path):
+        return [f"fine index {name}: missing"]
+    if "size" in fe and os.path.getsize(path) != fe["size"]:
+        return [f"fine index {name}: {os.path.getsize(path)} bytes, the manifest recorded {fe['size']}"]
+    if file_sha256(path) != fe.get("sha256"):
+        return [f"fine index {name}: checksum mismatch (modified or truncated)"]
+    try:
+        fine = FineIndex.load(path)
+    except DhfError as err:
+        return [str(err)]
+    problems = []
+    stale = fine_entry_problem(m)
+    if stale:
+        problems.append(stale)
+    count = int(m["count"])
+    if fine.rows != count:
+        problems.append(f"fine index {name}: covers {fine.rows} rows, the index {count}")
+        return problems
+    if fine.dim != int(m["feature_dim"]):
+        problems.append(f"fine index {name}: {fine.dim}-d, the features {m['feature_dim']}-d")
+    if fine.storage != fe.get("storage") or fine.cell_size != fe.get("cell_size"):
+        problems.append(f"fine index {name}: storage/cell size differ from the manifest's")
+    sizes, ids, _ = fine.export_lists()
+    if len(ids) and (ids.min() < 0 or ids.max() >= count):
+        return problems + [f"fine index {name}: ids outside 0..{count - 1}"]
+    seen = np.bincount(ids, minlength=count)
+    deleted = np.zeros(count, bool)
+    if m.get("deleted"):
+        deleted[np.asarray(m["deleted"], np.int64)] = True
+    if (seen > 1).any():
+        problems.append(f"fine index {name}: {int((seen > 1).sum())} row(s) in more than one list")
+    lost = np.flatnonzero((seen == 0) & ~deleted)
+    if len(lost):
+        problems.append(f"fine index {name}: {len(lost)} live row(s) in no list (first: id {lost[0]})")
+    if shard_codes and all(c is not None for c in shard_codes) and len(ids):
+        rowcodes = np.concatenate(shard_codes)
+        group_of_list = np.repeat(np.arange(len(fine.codes)), np.diff(fine.list_offsets))
+        owner = np.repeat(np.arange(len(sizes)), sizes)
+        wrong = np.flatnonzero((fine.codes[group_of_list[owner]] != rowcodes[ids]).any(axis=1))
+        if len(wrong):
+            problems.append(f"fine index {name}: {len(wrong)} row(s) in a list of another code "
+                            f"(first: id {ids[wrong[0]]})")
+    return problems
 
 
 def verify(index_dir: str, check_model: bool = True) -> list[str]:
@@ -324,7 +503,8 @@ def verify(index_dir: str, check_model: bool = True) -> list[str]:
     index (present, size and sha256 when recorded, readable, ntotal = count, bits, and its
     codes equal the shards' codes row by row, padding zero), deleted ids unique, the model
     file (present, size, sha256, loadable, same bits and feature size), the skip report
-    (present, as many lines as the manifest's ``skipped``).
+    (present, as many lines as the manifest's ``skipped``), the fine index when there is one
+    (:func:`_verify_fine`).
     """
     import h5py
 
@@ -425,6 +605,8 @@ def verify(index_dir: str, check_model: bool = True) -> list[str]:
                     problems.append(f"model {mod['file']}: {cfg['feature_dim']}-d features, the index {dim}-d")
             except (DhfError, KeyError, TypeError, ValueError) as err:
                 problems.append(f"model {mod['file']}: {err}")
+    if m.get("fine"):
+        problems += _verify_fine(index_dir, m, shard_codes)
     sk = m.get("skipped_file")
     if sk and not os.path.exists(os.path.join(index_dir, sk)):
         problems.append(f"skip report {sk}: missing")

@@ -11,7 +11,10 @@ HDS has two modes (``hds_mode``): ``"exact"`` ranks the whole pool (``max_candid
 it, nearest codes first: a reported safety limit), ``"ivf"`` ranks inside the pool with
 :class:`deephash_faiss.fine.FineIndex` (lists keyed by (code, k-means cell of fc7), the
 cells nearest the query probed, exact refine) so that no pool is ever cut at random;
-``"auto"`` takes ``ivf`` when a fine index is at hand and ``exact`` otherwise.
+``"auto"`` takes ``ivf`` when a fine index is at hand (given, built by :meth:`Searcher.build_fine_index`,
+or saved with the index by ``dhf fine-index``: loaded on first use) and ``exact`` otherwise. A
+saved fine index that does not match the index (:func:`deephash_faiss.layout.fine_entry_problem`)
+is never used: ``auto`` runs exact and says why in ``extra["fine"]``; ``ivf`` refuses.
 
 Routing (:func:`deephash_faiss.routing.route`): per call the Searcher picks the code path
 (``"dict"``: the code dictionary, ``"flat"``: the FAISS index's scan, ``"gpu"``: the CUDA
@@ -30,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DhfError
+from .fine import FineParams
 from .index import BinaryIndex, BucketIndex, IndexSpec
 from .rerank import exhaustive_knn, pick_backend, rank_pools_cpu
 from .store import FeatureStore, check_open, checked_model_path, is_index_model, other_model_error, read_manifest
@@ -69,13 +73,17 @@ def _popcount_rows(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.unpackbits(x, axis=1).sum(1, dtype=np.int32) if len(x) else np.zeros(0, np.int32)
 
 
-def dispatch_mode(searcher, mode: str, qcodes, qfeats, k: int, radius: int, max_candidates: int | None):
+def dispatch_mode(searcher, mode: str, qcodes, qfeats, k: int, radius: int, max_candidates: int | None,
+                  **hds_kw):
     """Run ``mode`` ("bcs", "hds" or "es") on any object with ``bcs``/``hds``/``es`` methods
-    (:class:`Searcher`, :class:`deephash_faiss.distributed.ShardedSearcher`)."""
+    (:class:`Searcher`, :class:`deephash_faiss.distributed.ShardedSearcher`); ``hds_kw``
+    (hds_mode, nprobe, refine: :meth:`Searcher.hds`) go to ``hds``, those set to None are
+    left out."""
     if mode == "bcs":
         return searcher.bcs(qcodes, k)
     if mode == "hds":
-        return searcher.hds(qcodes, qfeats, k, radius, max_candidates)
+        return searcher.hds(qcodes, qfeats, k, radius, max_candidates,
+                            **{kk: v for kk, v in hds_kw.items() if v is not None})
     if mode == "es":
         return searcher.es(qfeats, qcodes, k)
     raise DhfError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -102,8 +110,8 @@ class SearchParams:
     max_candidates: int | None = DEFAULT_MAX_CANDIDATES
     mode: str = "hds"
     hds_mode: str = "auto"
-    nprobe: int = 32
-    refine: int = 100
+    nprobe: int = FineParams.nprobe
+    refine: int = FineParams.refine
 
     def check(self, live: int, bits: int | None = None) -> "SearchParams":
         """Refuse what no backend can honour, with one :class:`DhfError` line; returns self.
@@ -130,8 +138,10 @@ class SearchParams:
                                f"{bits + 1} (pools hold distances < radius; {bits + 1} pools every code) (--radius)")
         if self.max_candidates is not None and not 1 <= self.max_candidates <= MAX_CANDIDATES_LIMIT:
             raise DhfError(f"max_candidates must be between 1 and {MAX_CANDIDATES_LIMIT} (--max-candidates)")
-        if self.nprobe < 1 or self.refine < 1:
-            raise DhfError("nprobe and refine must be at least 1")
+        if self.nprobe < 1:
+            raise DhfError("nprobe must be at least 1 (--nprobe)")
+        if self.refine < 1:
+            raise DhfError("refine must be at least 1 (--refine)")
         if live == 0:
             raise DhfError("the index is empty")
         return self
@@ -365,6 +375,8 @@ class Searcher:
         self.code_backend = code_backend
         self.hds_mode = hds_mode
         self.fine = fine
+        self.fine_problem: str | None = None  # why the saved fine index is not used (None: no problem)
+        self._fine_tried = fine is not None
         self.last_path: str | None = None
         if features_in_memory:
             self.store.load_features()
@@ -424,7 +436,24 @@ class Searcher:
         return self.code_index(1)
 
     def fine_index(self):
-        """The :class:`~deephash_faiss.fine.FineIndex` (None until given or built)."""
+        """The :class:`~deephash_faiss.fine.FineIndex`: given, built, or the one saved with the
+        index (manifest ``fine``, loaded on the first call, its size and checksum checked like
+        the code index's on open); None when there is none or the saved one does not match
+        this index (``fine_problem`` says why)."""
+        if self.fine is None and not self._fine_tried:
+            self._fine_tried = True
+            entry = self.manifest.get("fine")
+            if entry:
+                from .fine import FineIndex
+                from .layout import fine_entry_problem
+
+                self.fine_problem = fine_entry_problem(self.manifest)
+                if self.fine_problem is None:
+                    try:
+                        self.fine = FineIndex.load(os.path.join(self.index_dir, entry["file"])).attach(
+                            self.dictionary())
+                    except DhfError as err:
+                        self.fine_problem = str(err)
         return self.fine
 
     def build_fine_index(self, cell_size: int = 1024, storage: str = "sq8", **kw):
@@ -434,6 +463,7 @@ class Searcher:
 
         self.fine = FineIndex.build(self.dictionary(), self.store.load_features(), cell_size=cell_size,
                                     storage=storage, **kw)
+        self._fine_tried, self.fine_problem = True, None
         return self.fine
 
     # -- metadata -----------------------------------------------------------------------
@@ -539,27 +569,38 @@ class Searcher:
 
     def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = DEFAULT_RADIUS,
             max_candidates: int | None = DEFAULT_MAX_CANDIDATES, hds_mode: str | None = None,
-            nprobe: int = 32, refine: int = 100) -> SearchBatch:
+            nprobe: int = FineParams.nprobe, refine: int = FineParams.refine) -> SearchBatch:
         """Pool by Hamming radius, rank the pool by L2 on fc7. qfeats float32 [m, D].
 
         ``hds_mode`` (default: the Searcher's): "exact" ranks the whole pool (cut at
-        ``max_candidates``), "ivf" ranks inside it with the fine index (``nprobe`` lists,
-        ``refine`` exact re-ranks; ``max_candidates`` bounds the rows examined), "auto" is
-        "ivf" when a fine index is at hand."""
+        ``max_candidates``), "ivf" ranks inside it with the fine index (``nprobe`` x cell size
+        rows probed, ``refine`` exact re-ranks; ``max_candidates`` bounds the rows examined;
+        without a fine index one is built in memory), "auto" is "ivf" when a fine index is at
+        hand (:meth:`fine_index`), else "exact". ``extra["hds_mode"]``: the mode that ran;
+        ``extra["query_modes"]``: per query ("ivf", or "exact" for pools of at most
+        ``FineParams.exact_max`` rows); ``QueryResult.truncated``: the safety limit cut it."""
         p = SearchParams(k, radius, max_candidates, "hds", hds_mode or self.hds_mode, nprobe, refine)
         p.check(self.live_count(), self.bits)
         mode = p.hds_mode
         if mode == "auto":
-            mode = "ivf" if self.fine is not None else "exact"
+            mode = "ivf" if self.fine_index() is not None else "exact"
+        elif mode == "ivf" and self.fine_index() is None and self.fine_problem:
+            raise DhfError(f"the saved fine index is not usable: {self.fine_problem}; "
+                           f"rebuild it with `dhf fine-index` or use --hds-mode exact")
         if mode == "ivf":
-            return self._hds_ivf(qcodes, qfeats, p)
-        return self._hds_exact(qcodes, qfeats, k, radius, max_candidates)
+            b = self._hds_ivf(qcodes, qfeats, p)
+        else:
+            b = self._hds_exact(qcodes, qfeats, k, radius, max_candidates)
+            b.extra["query_modes"] = ["exact"] * len(qcodes)
+        if self.fine_problem:
+            b.extra["fine"] = f"not used: {self.fine_problem}"
+        return b
 
     def _hds_ivf(self, qcodes: np.ndarray, qfeats: np.ndarray, p: SearchParams) -> SearchBatch:
         from .fine import FineParams
 
         t0 = time.perf_counter()
-        fine = self.fine if self.fine is not None else self.build_fine_index()
+        fine = self.fine_index() or self.build_fine_index()
         t1 = time.perf_counter()
         fp = FineParams(nprobe=p.nprobe, refine=p.refine, exact_max=max(p.k, FineParams.exact_max))
         out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather, fp, p.max_candidates)
@@ -570,6 +611,7 @@ class Searcher:
             for i, r in zip(small, b.results):
                 res[i] = r
         d = self.dictionary()
+        qmodes = ["exact" if res[i] is not None else "ivf" for i in range(len(out))]
         for i, o in enumerate(out):
             if res[i] is None:
                 ids, dist, pool, examined, trunc, _ = o
@@ -579,7 +621,8 @@ class Searcher:
         t2 = time.perf_counter()
         return SearchBatch("hds", res, (t2 - t0) * 1e3,
                            {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": len(small),
-                            "examined": [int(o[3]) for o in out]})
+                            "examined": [int(o[3]) for o in out], "query_modes": qmodes,
+                            "nprobe": p.nprobe, "refine": p.refine})
 
     def _hds_exact(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int,
                    max_candidates: int | None) -> SearchBatch:
@@ -644,9 +687,12 @@ class Searcher:
         return SearchBatch("es", res, ms)
 
     def search(self, mode: str, qcodes: np.ndarray, qfeats: np.ndarray, k: int = 10,
-               radius: int = DEFAULT_RADIUS, max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> SearchBatch:
-        """Dispatch to :meth:`bcs`, :meth:`hds` or :meth:`es`."""
-        return dispatch_mode(self, mode, qcodes, qfeats, k, radius, max_candidates)
+               radius: int = DEFAULT_RADIUS, max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+               hds_mode: str | None = None, nprobe: int | None = None, refine: int | None = None) -> SearchBatch:
+        """Dispatch to :meth:`bcs`, :meth:`hds` (with ``hds_mode``, ``nprobe``, ``refine``)
+        or :meth:`es`."""
+        return dispatch_mode(self, mode, qcodes, qfeats, k, radius, max_candidates, hds_mode=hds_mode,
+                             nprobe=nprobe, refine=refine)
 
     # -- GPU feature cache -------------------------------------------------------------
     def _gpu_features(self):

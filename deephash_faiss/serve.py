@@ -5,8 +5,10 @@ loaded once, when the app is created. Endpoints:
 
 * ``POST /search`` - a multipart upload (field ``image``) or JSON ``{"id": N}`` (a
   database image as the query), with ``mode`` (bcs|hds|es), ``k``, ``radius``,
-  ``max_candidates`` as form/JSON fields or query parameters. The answer is what
-  ``dhf search --json`` prints for one query, plus ``thumbnail_url`` per result.
+  ``max_candidates``, ``hds_mode`` (exact|ivf|auto), ``nprobe``, ``refine`` as form/JSON
+  fields or query parameters. The answer is what ``dhf search --json`` prints for one
+  query (``hds_mode``: the ranking that ran; ``truncated``: the safety limit cut it), plus
+  ``thumbnail_url`` per result.
 * ``GET /images/{id}`` - a database image by integer id (``?thumb=1``: a JPEG thumbnail
   of at most 128 px). Only the integer reaches the lookup: the file path comes from the
   index's own shards, never from the request.
@@ -45,7 +47,8 @@ from . import __version__
 from .data import (ImageDecodeError, ImageTooLargeError, _to_rgb, check_pixels, decode_image, exif_oriented,
                    one_line, reduce_while_decoding, release_memory)
 from .errors import DhfError
-from .search import (DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, check_search_args,
+from .fine import FineParams
+from .search import (DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, SearchParams,
                      results_to_records)
 
 try:  # the "serve" extra: pip install 'deephash-faiss[serve]'
@@ -208,6 +211,7 @@ class IndexView:
 
     def __init__(self, searcher: Searcher, stamp: tuple[int, int, int] | None = None):
         self.s = searcher
+        searcher.fine_index()  # the saved fine index, loaded with the rest (not on a request)
         self.stamp = stamp
         self.generation = int(searcher.manifest.get("generation", 1))
         # Load everything lazily-loaded now, on this thread, before any request sees it.
@@ -259,18 +263,24 @@ class IndexView:
         return self.codes[ids], self.s.store.gather(ids).astype(np.float32)
 
     def search(self, mode: str, codes: np.ndarray, feats: np.ndarray, k: int, radius: int,
-               max_candidates: int) -> dict[str, Any]:
+               max_candidates: int, hds_mode: str | None = None, nprobe: int | None = None,
+               refine: int | None = None) -> dict[str, Any]:
         """One query through :meth:`Searcher.search` -> the ``dhf search --json`` record
         (without ``query``; ``path`` relative to the indexed folder). Worker thread only."""
-        batch = self.s.search(mode, codes, feats, k, radius, max_candidates)
+        batch = self.s.search(mode, codes, feats, k, radius, max_candidates, hds_mode=hds_mode, nprobe=nprobe,
+                              refine=refine)
         rows = results_to_records(batch, self.s)[0]
         res = batch.results[0]
         for row in rows:
             row["path"] = self.public_path(row["id"])
             row["thumbnail_url"] = f"/images/{row['id']}?thumb=1"
             row["image_url"] = f"/images/{row['id']}"
-        return {"mode": mode, "results": rows, "timing_ms": round(batch.timing_ms, 3),
-                "candidates": int(res.candidates), "truncated": bool(res.truncated)}
+        out = {"mode": mode, "results": rows, "timing_ms": round(batch.timing_ms, 3),
+               "candidates": int(res.candidates), "truncated": bool(res.truncated)}
+        if mode == "hds":
+            out["hds_mode"] = (batch.extra.get("query_modes") or ["exact"])[0]
+            out["examined"] = int(batch.extra["examined"][0]) if out["hds_mode"] == "ivf" else int(res.candidates)
+        return out
 
     # -- images -----------------------------------------------------------------------------
     def image_path(self, image_id: int) -> str:
@@ -347,7 +357,9 @@ class IndexView:
             # radius: pools hold distances < radius, so bits + 1 pools every code (search.check_search_args)
             "limits": {"k_max": self.k_max, "radius_max": int(m["bits"]) + 1, "max_candidates_min": 1},
             "defaults": {"mode": "hds", "k": min(10, self.k_max), "radius": DEFAULT_RADIUS,
-                         "max_candidates": DEFAULT_MAX_CANDIDATES},
+                         "max_candidates": DEFAULT_MAX_CANDIDATES, "hds_mode": "auto",
+                         "nprobe": FineParams.nprobe, "refine": FineParams.refine},
+            "fine_index": bool(m.get("fine")),
         }
 
 
@@ -523,23 +535,35 @@ def _bad(msg: str, status: int = 422):
     return HTTPException(status_code=status, detail=msg)
 
 
-def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, int, int]:
-    """(mode, k, radius, max_candidates) from request fields, or 422 with one line: the
-    bounds of :func:`deephash_faiss.search.check_search_args` (the CLI's and the API's),
-    plus k <= min(K_LIMIT, live images)."""
+HDS_PARAMS = ("hds_mode", "nprobe", "refine")
+
+
+def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, int, int, dict[str, Any]]:
+    """(mode, k, radius, max_candidates, {hds_mode, nprobe, refine}) from request fields, or
+    422 with one line: the bounds of :class:`deephash_faiss.search.SearchParams` (the CLI's
+    and the API's), plus k <= min(K_LIMIT, live images)."""
     mode = str(params.get("mode") or "hds").lower()
     if mode not in MODES:
         raise _bad(f"mode must be one of {', '.join(MODES)}, got {mode[:20]!r}")
     k = _int_param(params, "k", min(10, view.k_max))
     radius = _int_param(params, "radius", DEFAULT_RADIUS)
     maxc = _int_param(params, "max_candidates", DEFAULT_MAX_CANDIDATES)
+    hds = {"hds_mode": str(params.get("hds_mode") or "auto").lower(),
+           "nprobe": _int_param(params, "nprobe", FineParams.nprobe),
+           "refine": _int_param(params, "refine", FineParams.refine)}
     try:
-        check_search_args(k, radius, maxc, view.s.live_count(), bits=view.s.bits)
+        SearchParams(k, radius, maxc, mode, **hds).check(view.s.live_count(), bits=view.s.bits)
     except DhfError as err:
-        raise _bad(str(err).replace("max-candidates", "max_candidates")) from None
+        msg = str(err)
+        for opt in ("max-candidates", "hds-mode", "nprobe", "refine", "radius"):
+            msg = msg.replace(f" (--{opt})", "")
+        raise _bad(msg.replace("max-candidates", "max_candidates").replace("HDS mode", "hds_mode")) from None
     if k > view.k_max:
         raise _bad(f"k must be between 1 and {view.k_max} (the index holds {view.s.live_count()} images)")
-    return mode, k, radius, maxc
+    if mode == "hds" and hds["hds_mode"] == "ivf" and view.s.fine is None:
+        raise _bad("hds_mode ivf needs a fine index (`dhf fine-index`)"
+                   + (f": {view.s.fine_problem}" if view.s.fine_problem else "; this index has none"))
+    return mode, k, radius, maxc, hds
 
 
 async def _read_body_limited(request, limit: int) -> bytes:
@@ -562,6 +586,14 @@ async def _read_body_limited(request, limit: int) -> bytes:
 
 # ---------------------------------------------------------------- the app
 
+_HDS_SCHEMA = {
+    "hds_mode": {"type": "string", "enum": ["exact", "ivf", "auto"], "default": "auto",
+                 "description": "exact: rank the whole pool; ivf: the fine index (dhf fine-index); auto: ivf when the "
+                                "index has one"},
+    "nprobe": {"type": "integer", "minimum": 1, "default": FineParams.nprobe},
+    "refine": {"type": "integer", "minimum": 1, "default": FineParams.refine},
+}
+
 _SEARCH_OPENAPI = {
     "requestBody": {
         "required": True,
@@ -574,6 +606,7 @@ _SEARCH_OPENAPI = {
                     "k": {"type": "integer", "minimum": 1, "default": 10},
                     "radius": {"type": "integer", "minimum": 0, "default": DEFAULT_RADIUS},
                     "max_candidates": {"type": "integer", "minimum": 1, "default": DEFAULT_MAX_CANDIDATES},
+                    **_HDS_SCHEMA,
                 }}},
             "application/json": {"schema": {
                 "type": "object", "required": ["id"],
@@ -583,13 +616,14 @@ _SEARCH_OPENAPI = {
                     "k": {"type": "integer", "minimum": 1, "default": 10},
                     "radius": {"type": "integer", "minimum": 0, "default": DEFAULT_RADIUS},
                     "max_candidates": {"type": "integer", "minimum": 1, "default": DEFAULT_MAX_CANDIDATES},
+                    **_HDS_SCHEMA,
                 }}},
         },
     },
     "responses": {
         "413": {"description": "upload larger than the limit"},
         "415": {"description": "the upload is not an image, or the body is neither multipart nor JSON"},
-        "422": {"description": "a parameter out of range (k, radius, max_candidates, mode, id)"},
+        "422": {"description": "a parameter out of range (k, radius, max_candidates, mode, hds_mode, nprobe, refine, id)"},
         "503": {"description": "too many searches waiting"},
         "504": {"description": "the search took longer than the request timeout"},
     },
@@ -708,7 +742,7 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
                 raise
             except Exception as err:  # noqa: BLE001 - malformed multipart
                 raise _bad(f"cannot parse the multipart body: {str(err)[:120]}", 400) from None
-            for key in ("mode", "k", "radius", "max_candidates", "id"):
+            for key in ("mode", "k", "radius", "max_candidates", "id", *HDS_PARAMS):
                 v = form.get(key)
                 if isinstance(v, str):
                     params[key] = v
@@ -737,7 +771,7 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
             params.update(data)
         elif "id" not in params:
             raise _bad("send multipart/form-data with an 'image' file, or JSON {\"id\": N}", 415)
-        mode, k, radius, maxc = _search_params(view, params)
+        mode, k, radius, maxc, hds = _search_params(view, params)
         if upload is None:
             query_id = _int_param(params, "id", -1)
             if params.get("id") is None:
@@ -760,19 +794,22 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
                 t = time.perf_counter()
                 codes, feats = view.encode(img)
                 enc = (time.perf_counter() - t) * 1e3
-                return enc, view.search(mode, codes, feats, k, radius, maxc)
+                return enc, view.search(mode, codes, feats, k, radius, maxc, **hds)
         else:
             def job():
                 t = time.perf_counter()
                 codes, feats = view.stored_query(query_id)
                 enc = (time.perf_counter() - t) * 1e3
-                return enc, view.search(mode, codes, feats, k, radius, maxc)
+                return enc, view.search(mode, codes, feats, k, radius, maxc, **hds)
 
         encode_ms, rec = await _run(job)
         out = {"mode": rec["mode"], "query": query_name, "query_id": query_id, "results": rec["results"],
                "timing_ms": rec["timing_ms"], "encode_ms": round(encode_ms, 3),
                "candidates": rec["candidates"], "truncated": rec["truncated"],
                "k": k, "radius": radius, "max_candidates": maxc,
+               **({"hds_mode": rec["hds_mode"], "nprobe": hds["nprobe"], "refine": hds["refine"]}
+                  if "hds_mode" in rec else {}),
+               **({"examined": rec["examined"]} if "examined" in rec else {}),
                "total_ms": round((time.perf_counter() - t0) * 1e3, 3), "generation": view.generation}
         return SafeJSONResponse(out)
 

@@ -74,6 +74,9 @@ def stamp_files(index_dir: str, manifest: dict[str, Any]) -> None:
     mod = manifest.get("model") or {}
     if mod.get("file"):
         entries.append((os.path.join(index_dir, mod["file"]), mod))
+    fine = manifest.get("fine") or {}
+    if fine.get("file"):
+        entries.append((os.path.join(index_dir, fine["file"]), fine))
     for path, entry in entries:
         if "size" not in entry and os.path.exists(path):
             entry["size"] = os.path.getsize(path)
@@ -130,7 +133,8 @@ def validate_manifest(m: dict[str, Any]) -> list[str]:
     multiple of 8), ``count``, ``feature_dim``, ``feature_dtype`` (float32/float16),
     ``shards`` (file names without directory parts, ``rows``, ``start`` = the running row
     total, ``sha256``), ``index`` (``file``), ``model`` (``file`` or null, ``sha256``),
-    ``classes`` (strings), ``deleted`` (unique ids in ``0..count-1``), ``skipped_file``.
+    ``classes`` (strings), ``deleted`` (unique ids in ``0..count-1``), ``skipped_file``,
+    ``fine`` (optional: ``file``, ``sha256``, ``storage``, ``cell_size``, ``rows``).
     """
     p: list[str] = []
 
@@ -190,6 +194,18 @@ def validate_manifest(m: dict[str, Any]) -> list[str]:
         p.append(f"key 'classes' must be a list of strings, got {m['classes']!r:.60}")
     if m.get("skipped_file") is not None and not _plain_name(m["skipped_file"]):
         p.append(f"key 'skipped_file' must be a file name without directory parts, got {m['skipped_file']!r:.60}")
+    fine = m.get("fine")
+    if fine is not None:
+        if not isinstance(fine, dict):
+            p.append(f"key 'fine' must be an object or null, got {fine!r:.60}")
+        else:
+            need("file", _plain_name, "a file name without directory parts", fine, "'fine'.file")
+            need("sha256", lambda v: isinstance(v, str), "a string", fine, "'fine'.sha256")
+            need("storage", lambda v: v in ("sq8", "fp16"), "'sq8' or 'fp16'", fine, "'fine'.storage")
+            need("cell_size", lambda v: _is_int(v) and v > 0, "a positive integer", fine, "'fine'.cell_size")
+            need("rows", lambda v: _is_int(v) and v >= 0, "a non-negative integer", fine, "'fine'.rows")
+            if "size" in fine and not (_is_int(fine["size"]) and fine["size"] >= 0):
+                p.append(f"key 'fine'.size must be a non-negative integer, got {fine['size']!r:.60}")
     deleted = m.get("deleted")
     if deleted is not None:
         if not (isinstance(deleted, list) and all(_is_int(i) for i in deleted)):
@@ -471,9 +487,10 @@ def check_open(index_dir: str, manifest: dict[str, Any], hash_limit: int = OPEN_
                full: bool = False) -> None:
     """Cheap integrity checks before an index is searched.
 
-    Every shard and the code index must exist and have the byte size the manifest recorded
-    (:func:`stamp_files`; entries of older manifests without ``size`` are not size-checked);
-    the code index's sha256 is checked when the file is at most ``hash_limit`` bytes.
+    Every shard, the code index and the fine index (when there is one) must exist and have
+    the byte size the manifest recorded (:func:`stamp_files`; entries of older manifests
+    without ``size`` are not size-checked); the code index's and the fine index's sha256 are
+    checked when the file is at most ``hash_limit`` bytes.
     ``full``: also check every shard's sha256 (the cost of reading the whole index once).
     The model is checked when it is loaded (:func:`checked_model_path`).
 
@@ -493,6 +510,25 @@ def check_open(index_dir: str, manifest: dict[str, Any], hash_limit: int = OPEN_
     if ix.get("sha256") and (full or size <= hash_limit) and file_sha256(path) != ix["sha256"]:
         raise DhfError(f"{index_dir}: code index {ix['file']} does not match its checksum in the manifest "
                        f"(modified or replaced); {hint}")
+    fine = manifest.get("fine")
+    if fine:
+        check_fine_file(index_dir, fine, hash_limit, full)
+
+
+def check_fine_file(index_dir: str, fine: dict[str, Any], hash_limit: int = OPEN_HASH_LIMIT,
+                    full: bool = False) -> str:
+    """The fine index's path after checking its size and (when at most ``hash_limit`` bytes,
+    or ``full``) its sha256 against the manifest entry ``fine``.
+
+    Raises:
+        DhfError: missing, truncated, modified or replaced (one line)."""
+    hint = f"run `dhf verify {index_dir}`"
+    path = os.path.join(index_dir, fine["file"])
+    size = _check_size(index_dir, path, fine, f"fine index {fine['file']}", hint)
+    if (full or size <= hash_limit) and file_sha256(path) != fine.get("sha256"):
+        raise DhfError(f"{index_dir}: fine index {fine['file']} does not match its checksum in the manifest "
+                       f"(modified or replaced); {hint}")
+    return path
 
 
 def _check_size(index_dir: str, path: str, entry: dict[str, Any], what: str, hint: str) -> int:

@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--model-n", type=int, default=None, help="images for the model-only stage (default: all)")
     ap.add_argument("--compare-decoders", type=int, default=0, metavar="N",
                     help="CUDA: compare PIL and nvjpeg on the first N images")
+    ap.add_argument("--decode-kinds", default="thread,process", help="PIL decode worker kinds to time")
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
 
@@ -218,7 +219,7 @@ def main() -> None:
         finally:
             write_json(a.json, res)
 
-    for k in ("thread", "process"):
+    for k in a.decode_kinds.split(","):
         res[f"decode_pil_{k}_img_s"] = stage(f"decode pil {k}",
                                              lambda k=k: time_decode(paths, size, k, workers, a.batch_size, "pil",
                                                                      device))

@@ -109,6 +109,10 @@ def main():
                     del s
                 a_, b_ = out["cpu"].results, out["cuda"].results
                 row["ids_equal"] = all(np.array_equal(x.ids, y.ids) for x, y in zip(a_, b_))
+                row["queries_ids_equal"] = float(np.mean([np.array_equal(x.ids, y.ids) for x, y in zip(a_, b_)]))
+                # where ids differ: are the distances at each rank the same (a float near-tie flip)?
+                row["distances_close"] = all(len(x.distance) == len(y.distance) and np.allclose(
+                    x.distance, y.distance, rtol=1e-4, atol=1e-3) for x, y in zip(a_, b_))
                 row["cuda_vs_cpu"] = row["cuda_ms"] / row["cpu_ms"]
                 res["rows"].append(row)
                 print(row, flush=True)

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     # CUDA: the measured grid [[rows, distinct codes, batch, gpu ms/query, cpu ms/query], ...]
     # (bench_route.py --device cuda); when present it decides, nearest measured point
     "cuda_grid": None,
+    # CUDA exact HDS (pools + rerank on the GPU) from this batch size on; None = never
+    "cuda_hds_min_batch": None,
 }
 
 

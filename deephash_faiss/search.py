@@ -419,9 +419,23 @@ class Searcher:
         return route(self.live_count(), distinct, batch, self.device.type,
                      saved="dict" if isinstance(self.index, BucketIndex) else self.index.spec.kind)
 
-    def code_index(self, batch: int):
-        """The code index for a batch (records ``last_path``)."""
+    def hds_path(self, batch: int) -> str:
+        """The code path of exact HDS: :meth:`code_path`, except that the GPU takes HDS batches
+        only from ``cuda_hds_min_batch`` queries (measured: pools + rerank on the GPU were
+        slower than the CPU at batches of 1 and 16, ``benchmarks/bench_searcher_cuda.py``)."""
+        from .routing import route, thresholds
+
         path = self.code_path(batch)
+        mb = thresholds().get("cuda_hds_min_batch")
+        if path == "gpu" and self.code_backend == "auto" and (mb is None or batch < int(mb)):
+            distinct = self._dict.n_codes if self._dict is not None else None
+            path = route(self.live_count(), distinct, batch, "cpu",
+                         saved="dict" if isinstance(self.index, BucketIndex) else self.index.spec.kind)
+        return path
+
+    def code_index(self, batch: int, path: str | None = None):
+        """The code index for a batch, on ``path`` (default :meth:`code_path`; records ``last_path``)."""
+        path = path or self.code_path(batch)
         self.last_path = path
         if path == "gpu":
             return self.gpu_index()
@@ -565,7 +579,8 @@ class Searcher:
 
     def pools(self, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None):
         """HDS candidate pools: list of (ids int64 [p], hamming int32 [p], truncated)."""
-        return hamming_pools(self.code_index(len(qcodes)), qcodes, k, radius, max_candidates, self.live_count())
+        return hamming_pools(self.code_index(len(qcodes), self.hds_path(len(qcodes))), qcodes, k, radius,
+                             max_candidates, self.live_count())
 
     def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = DEFAULT_RADIUS,
             max_candidates: int | None = DEFAULT_MAX_CANDIDATES, hds_mode: str | None = None,
@@ -627,7 +642,7 @@ class Searcher:
     def _hds_exact(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int,
                    max_candidates: int | None) -> SearchBatch:
         t0 = time.perf_counter()
-        path = self.code_path(len(qcodes))
+        path = self.hds_path(len(qcodes))
         if (path == "gpu" and self.backend == "torch"
                 and (self.index.deleted is None or not self.index.deleted.any())):
             self.last_path = path

@@ -81,6 +81,39 @@ def read_screen_chunk(paths: Sequence[str], size: int):
     return gpu, (arr, rest[ok]), [(int(rest[i]), why) for i, why in bad]
 
 
+class _Chunks:
+    """One batch decoded as several tasks (its first images do not wait for one worker to
+    decode the whole batch: 256 photo-sized JPEGs are ~2 s on one core); ``result()`` merges
+    them in order, as one :func:`decode_chunk` / :func:`read_screen_chunk` call would return."""
+
+    def __init__(self, futures: list, offsets: list[int], screened: bool):
+        self.futures, self.offsets, self.screened = futures, offsets, screened
+
+    def result(self):
+        parts = [f.result() for f in self.futures]
+        if self.screened:
+            gpu = [(j + o, d) for (g, _, _), o in zip(parts, self.offsets) for j, d in g]
+            arrs = [a for _, (a, _), _ in parts]
+            pos = np.concatenate([np.asarray(p, np.int64) + o for (_, (_, p), _), o in zip(parts, self.offsets)])
+            bad = [(j + o, r) for (_, _, b), o in zip(parts, self.offsets) for j, r in b]
+            return gpu, (np.concatenate(arrs), pos), bad
+        arr = np.concatenate([a for a, _, _ in parts])
+        ok = np.concatenate([np.asarray(k, np.int64) + o for (_, k, _), o in zip(parts, self.offsets)])
+        bad = [(j + o, r) for (_, _, b), o in zip(parts, self.offsets) for j, r in b]
+        return arr, ok, bad
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
+def submit_chunks(pool: "DecodePool", fn, paths: Sequence[str], size: int, chunk: int) -> _Chunks:
+    """``fn(paths, size)`` as tasks of at most ``chunk`` paths each."""
+    offs = list(range(0, len(paths), chunk)) or [0]
+    return _Chunks([pool.submit(fn, list(paths[o:o + chunk]), size) for o in offs], offs,
+                   fn is read_screen_chunk)
+
+
 def pick_decode_kind(kind: str, n: int) -> str:
     if kind not in ("auto", "thread", "process"):
         raise ValueError(f"decode workers must be auto, thread or process, not {kind!r}")
@@ -219,6 +252,7 @@ class _CudaRunner:
         return self._drain(0)
 
 
+DECODE_CHUNK_MIN = 16  # images per decode task, at least (task overhead)
 GPU_AHEAD = 3  # nvjpeg: batches decoded on the GPU ahead of the model
 GIL_SWITCH_S = 1e-4  # the interpreter's switch interval while a CUDA encode runs
 
@@ -354,6 +388,8 @@ def encode_stream(
         # threads, no pickling of the encoded bytes
         pool = DecodePool("thread" if decoder == "nvjpeg" else pick_decode_kind(decode_kind, total), workers)
     prefetch = prefetch or (2 * pool.workers + 2)
+    # a batch is split over the workers (at least DECODE_CHUNK_MIN images a task)
+    chunk = max(DECODE_CHUNK_MIN, -(-batch_size // pool.workers))
     model.eval()
     cuda = torch.device(device).type == "cuda"
     runner = (_CudaRunner(model, device, feature_dtype, batch=batch_size) if cuda
@@ -370,7 +406,7 @@ def encode_stream(
             b = next(it, None)
             if b is None:
                 break
-            pending.append([b, pool.submit(fn, list(paths[b[1]:b[2]]), size), None])
+            pending.append([b, submit_chunks(pool, fn, paths[b[1]:b[2]], size, chunk), None])
         if gpu_half is not None:
             for entry in list(pending)[:GPU_AHEAD]:
                 if entry[2] is None:

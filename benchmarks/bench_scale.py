@@ -20,9 +20,10 @@ Timed, same queries, batched (ms per query = batch time / queries), one warm-up:
   flat   faiss IndexBinaryFlat (codes zero-padded to 64 bits) k=10
   es     faiss.knn (exhaustive L2, BLAS) over all features held in RAM as float32 ("ES at its best")
   hds    FineIndex (ivf HDS: (code, cell) lists, SQ8, nprobe, exact refine from the float32
-         features in RAM), recall@10 against exact HDS
+         features in RAM; the product defaults unless --cell-size / --nprobe / --refine), recall@10
+         against exact HDS; --sweep adds other settings (hds_sweep)
   hds_exact  the whole radius pool ranked by L2 (BucketIndex.range_search + rank_pools_cpu)
-  peers  FAISS HNSW32 (efSearch 64) and IVF-PQ (IVF sqrt(n)*4, PQ D/4 x 8 bit, nprobe 16) +
+  peers  FAISS HNSW32 (efSearch: the fastest of --hnsw-ef reaching recall 0.95 vs ES) and IVF-PQ (IVF sqrt(n)*4, PQ D/4 x 8 bit, nprobe 16) +
          exact refine of 100, recall@10 against ES; skipped past --peer-max-n (build time)
 Class precision@10 (same label as the query) for every mode.
 """
@@ -53,17 +54,26 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def timed(fn, warmup=1):
+REPEAT = 1  # timed runs per measurement (the fastest counts): --repeat
+
+
+def timed(fn, warmup=1, repeat=None):
+    """(result, seconds of the fastest of ``repeat`` runs after ``warmup`` runs)."""
     for _ in range(warmup):
         fn()
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeat or REPEAT):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
 
 
 def recall(ref: list, got: list, k: int = 10) -> float:
-    r = [len(np.intersect1d(np.asarray(a)[:k], np.asarray(b)[:k])) / max(1, min(k, len(a)))
-         for a, b in zip(ref, got)]
+    """Mean recall@k of ``got`` against ``ref`` over the queries whose reference is not empty
+    (an empty exact-HDS pool has no neighbours to find; both sides return nothing)."""
+    r = [len(np.intersect1d(np.asarray(a)[:k], np.asarray(b)[:k])) / min(k, len(a))
+         for a, b in zip(ref, got) if len(a)]
     return float(np.mean(r)) if r else float("nan")
 
 
@@ -85,15 +95,25 @@ def main() -> None:
     ap.add_argument("--radius", type=int, default=3)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--noise", type=float, default=0.3, help="feature noise x class std")
-    ap.add_argument("--cell-size", type=int, default=1024)
-    ap.add_argument("--nprobe", type=int, default=32)
-    ap.add_argument("--refine", type=int, default=100)
+    ap.add_argument("--cell-size", type=int, default=None, help="default: fine.default_cell_size(n)")
+    ap.add_argument("--nprobe", type=int, default=None, help="default: FineParams.nprobe")
+    ap.add_argument("--refine", type=int, default=None, help="default: FineParams.refine")
     ap.add_argument("--storage", default="sq8", choices=["sq8", "fp16"])
+    ap.add_argument("--exact-max", type=int, default=None, help="pools of at most this many rows ranked exactly "
+                    "(default: FineParams.exact_max)")
+    ap.add_argument("--sweep", default="", metavar="CELL:NPROBE,...;...",
+                    help="also measure these fine-index settings, e.g. '256:8,16,32;1024:4,8,16' (one build per "
+                         "cell size): hds_sweep in the JSON, recall@10 vs exact HDS and ms per query of each")
+    ap.add_argument("--hnsw-ef", default="64", help="HNSW32 efSearch values to time (comma separated)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="keep the HNSW32 / IVF-PQ peer indexes here between runs (keyed by source, n, dim, seed)")
     ap.add_argument("--codes-only", action="store_true", help="BCS and flat only (e.g. 1e8 codes)")
     ap.add_argument("--peer-max-n", type=float, default=1e5,
                     help="HNSW32 only up to this n (its build: 52 s at 1e5, >30 min at 1e6 on the shared 2 cores)")
     ap.add_argument("--ivfpq-max-n", type=float, default=1e5, help="IVF-PQ + refine only up to this n")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed runs of the search measurements (the fastest counts; the machine is shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
     ap.add_argument("--json", required=True)
@@ -107,6 +127,13 @@ def main() -> None:
 
     if a.threads:
         faiss.omp_set_num_threads(a.threads)
+    global REPEAT
+    REPEAT = max(1, a.repeat)
+    from deephash_faiss.fine import default_cell_size
+
+    a.cell_size = a.cell_size or default_cell_size(int(a.n))
+    a.nprobe = a.nprobe or FineParams.nprobe
+    a.refine = a.refine or FineParams.refine
     n = int(a.n)
     rng = np.random.default_rng(a.seed)
     out: dict = {"source": a.source, "n": n, "device": a.device, "k": a.k, "radius": a.radius,
@@ -157,7 +184,7 @@ def main() -> None:
     out["build_flat_s"] = round(time.perf_counter() - t, 2)
     qpad = pad_codes(np.ascontiguousarray(qcodes), nbp)
     (Db, Ib), s_b = timed(lambda: bidx.search(qcodes, a.k))
-    (Df, If), s_f = timed(lambda: flat.search(qpad, a.k), warmup=0 if n >= 5e7 else 1)
+    (Df, If), s_f = timed(lambda: flat.search(qpad, a.k), warmup=0 if n >= 5e7 else 1, repeat=1 if n >= 5e7 else None)
     out["bcs_ms_per_query"] = s_b / nq * 1e3
     out["flat_ms_per_query"] = s_f / nq * 1e3
     out["bcs_exact"] = bool(np.array_equal(Db, Df) and np.array_equal(Ib, If))
@@ -207,7 +234,7 @@ def main() -> None:
         x32 = np.empty(feats.shape, np.float32)
         for s in range(0, n, 1 << 20):
             x32[s:s + (1 << 20)] = feats[s:s + (1 << 20)]
-    (De, Ie), s_e = timed(lambda: faiss.knn(qf, x32, a.k), warmup=0 if n >= 5e6 else 1)
+    (De, Ie), s_e = timed(lambda: faiss.knn(qf, x32, a.k), warmup=0 if n >= 5e6 else 1, repeat=1 if n >= 1e6 else None)
     out["es_ms_per_query"] = s_e / nq * 1e3
     out["es_class_p10"] = class_precision(list(Ie), labels, qlabels)
     out["speedup_bcs_vs_es"] = out["es_ms_per_query"] / out["bcs_ms_per_query"]
@@ -221,10 +248,11 @@ def main() -> None:
         pl = [I2[l2[i]:l2[i + 1]] for i in range(ne)]
         r = rank_pools_cpu(qf[:ne], pl, gather, a.k)
         return [p[o] for p, (o, _) in zip(pl, r)]
-    ex, s_x = timed(hds_exact, warmup=0)
+    ex, s_x = timed(hds_exact, warmup=0, repeat=1)
     out["hds_exact_ms_per_query"] = s_x / ne * 1e3
     out["hds_exact_queries"] = ne
     out["hds_exact_recall_at10_vs_es"] = recall(list(Ie[:ne]), ex)
+    out["hds_exact_empty_pools"] = int(sum(len(x) == 0 for x in ex))
 
     # ivf HDS
     t = time.perf_counter()
@@ -232,9 +260,11 @@ def main() -> None:
     out["fine_build_s"] = round(time.perf_counter() - t, 1)
     out["fine"] = {"lists": fine.n_lists, "cell_size": a.cell_size, "storage": a.storage, "nprobe": a.nprobe,
                    "refine": a.refine, "memory_gb": round(fine.memory_bytes() / 2**30, 3)}
-    fp = FineParams(nprobe=a.nprobe, refine=a.refine, exact_max=max(a.k, FineParams.exact_max))
+    exact_max = FineParams.exact_max if a.exact_max is None else a.exact_max
+    out["fine"]["exact_max"] = exact_max
+    fp = FineParams(nprobe=a.nprobe, refine=a.refine, exact_max=max(a.k, exact_max))
 
-    def hds_ivf():
+    def hds_ivf(fine=fine, fp=fp):
         res = fine.search(qcodes, qf, a.k, a.radius, gather, fp)
         small = [i for i, o in enumerate(res) if o[5]]
         ids = [o[0] for o in res]
@@ -256,20 +286,60 @@ def main() -> None:
     out["speedup_hds_vs_es"] = out["es_ms_per_query"] / out["hds_ms_per_query"]
     out["rss_gb_after_hds"] = rss_gb()
     write_json(a.json, out)
+    sweep = []
+    for part in [x for x in a.sweep.split(";") if x.strip()]:
+        cell, probes = part.split(":")
+        cell = int(cell)
+        if cell == a.cell_size:
+            f2, bs = fine, out["fine_build_s"]
+        else:
+            t = time.perf_counter()
+            f2 = FineIndex.build(bidx, feats, cell_size=cell, storage=a.storage, seed=a.seed)
+            bs = round(time.perf_counter() - t, 1)
+        for npb in [int(x) for x in probes.split(",")]:
+            for ref in sorted({a.refine, 2 * a.refine} if npb == int(probes.split(",")[-1]) else {a.refine}):
+                fp2 = FineParams(nprobe=npb, refine=ref, exact_max=max(a.k, exact_max))
+                (hi2, hres2), s2 = timed(lambda: hds_ivf(f2, fp2))
+                sweep.append({"cell_size": cell, "nprobe": npb, "refine": ref, "lists": f2.n_lists,
+                              "build_s": bs, "ms_per_query": s2 / nq * 1e3,
+                              "recall_at10_vs_exact": recall(ex, hi2[:ne]),
+                              "recall_at10_vs_es": recall(list(Ie), hi2),
+                              "examined_mean": float(np.mean([o[3] for o in hres2]))})
+                print(sweep[-1], flush=True)
+                out["hds_sweep"] = sweep
+                write_json(a.json, out)
+        if f2 is not fine:
+            del f2
     del fine
 
     # peers on the same features
     peers = {}
+    key = f"{os.path.basename(os.path.normpath(a.source))}-n{n}-d{out['dim']}-{a.feature_dtype}-s{a.seed}"
     if n <= a.peer_max_n:
+        cpath = os.path.join(a.cache_dir, f"hnsw32-{key}.faiss") if a.cache_dir else None
         t = time.perf_counter()
-        h = faiss.IndexHNSWFlat(x32.shape[1], 32)
-        h.hnsw.efConstruction = 40
-        h.add(x32)
-        bt = time.perf_counter() - t
-        h.hnsw.efSearch = 64
-        (_, Ih), s_p = timed(lambda: h.search(qf, a.k))
-        peers["hnsw32"] = {"ms_per_query": s_p / nq * 1e3, "recall_at10_vs_es": recall(list(Ie), list(Ih)),
-                           "build_s": round(bt, 1), "efSearch": 64}
+        if cpath and os.path.exists(cpath):
+            h = faiss.read_index(cpath)
+            bt = None
+        else:
+            h = faiss.IndexHNSWFlat(x32.shape[1], 32)
+            h.hnsw.efConstruction = 40
+            h.add(x32)
+            bt = round(time.perf_counter() - t, 1)
+            if cpath:
+                os.makedirs(a.cache_dir, exist_ok=True)
+                faiss.write_index(h, cpath)
+        sweep_h = []
+        for ef in [int(x) for x in a.hnsw_ef.split(",")]:
+            h.hnsw.efSearch = ef
+            (_, Ih), s_p = timed(lambda: h.search(qf, a.k))
+            sweep_h.append({"efSearch": ef, "ms_per_query": s_p / nq * 1e3,
+                            "recall_at10_vs_es": recall(list(Ie), list(Ih))})
+            print("hnsw32", sweep_h[-1], flush=True)
+        # the peer at recall >= 0.95 against ES: the fastest setting that reaches it (else the best recall)
+        ok = [x for x in sweep_h if x["recall_at10_vs_es"] >= 0.95]
+        best = min(ok, key=lambda x: x["ms_per_query"]) if ok else max(sweep_h, key=lambda x: x["recall_at10_vs_es"])
+        peers["hnsw32"] = {**best, "build_s": bt, "build_cached": bt is None, "sweep": sweep_h}
         out["peers"] = peers
         write_json(a.json, out)
         del h

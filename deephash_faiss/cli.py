@@ -603,8 +603,9 @@ def compact(index_pos, index_opt):
 
 @main.command("fine-index")
 @_index_dir_options(positional=True)
-@click.option("--cell-size", default=1024, show_default=True, type=int,
-              help="Target rows per list: codes holding more rows are split into k-means cells of fc7.")
+@click.option("--cell-size", default=None, type=int,
+              help="Target rows per list: codes holding more rows are split into k-means cells of fc7 "
+                   "(default: by the index's rows, a power of two near sqrt(rows) / 16 between 64 and 1024).")
 @click.option("--storage", default="sq8", show_default=True, type=click.Choice(["sq8", "fp16"]),
               help="Compressed features in the lists (sq8: 1 byte per dimension; fp16: 2).")
 @click.option("--drop", is_flag=True, help="Remove the index's fine index instead of building one.")
@@ -626,7 +627,7 @@ def fine_index(index_pos, index_opt, cell_size, storage, drop):
         click.echo(f"dropped the fine index of {index_dir}")
         return
     click.echo(f"built the fine index of {index_dir}: {_plural(rep.lists, 'list')} over "
-               f"{_plural(rep.rows, 'row')}, {storage}, cell size {cell_size}, {rep.bytes / 2**20:.1f} MiB "
+               f"{_plural(rep.rows, 'row')}, {storage}, cell size {rep.cell_size}, {rep.bytes / 2**20:.1f} MiB "
                f"({rep.file}) in {rep.seconds:.1f} s")
 
 

@@ -56,13 +56,72 @@ class FineParams:
     probed until ``nprobe x cell_size`` rows; refine: candidates re-ranked exactly (>= k);
     exact_max: pools of at most this many rows are ranked exactly."""
 
-    nprobe: int = 32
+    nprobe: int = 64
     refine: int = 100
     exact_max: int = 2048
 
     def check(self) -> None:
         if self.nprobe < 1 or self.refine < 1 or self.exact_max < 0:
             raise DhfError("nprobe and refine must be at least 1, exact-max at least 0")
+
+
+def default_cell_size(rows: int) -> int:
+    """The default rows per list for an index of ``rows`` live rows: a power of two near
+    sqrt(rows) / 16, between 64 and 1024 (64 up to ~1.5e6 rows, 256 at 1e7, 512 at 1e8).
+
+    A query pays for ranking the lists its pool reaches (pool / cell_size centroids, float32)
+    and for scanning the rows of the lists it probes (nprobe x cell_size rows, SQ8); pools grow
+    with the index, so the balance of the two moves with sqrt(rows). Measured:
+    docs/benchmarks.md (bench_scale.py --sweep)."""
+    c = 2 ** int(round(np.log2(max(1.0, np.sqrt(max(1, rows)) / 16))))
+    return int(min(1024, max(64, c)))
+
+
+TWO_LEVEL_MIN = 64  # codes split into more cells than this: two-level k-means (sqrt(k) coarse, then cells)
+
+
+def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, max_train: int, rng):
+    """(centroids float32 [k', D], cell of each row int64 [len(x)]): faiss k-means trained on at
+    most ``k * max_train`` sampled rows."""
+    import faiss
+
+    k = max(1, min(k, len(x)))
+    ntrain = min(len(x), k * max_train)
+    train = x[np.sort(rng.choice(len(x), ntrain, replace=False))] if ntrain < len(x) else x
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1,
+                      max_points_per_centroid=max_train)
+    km.train(np.ascontiguousarray(train, np.float32))
+    _, a = km.index.search(np.ascontiguousarray(x, np.float32), 1)
+    return km.centroids, a[:, 0].astype(np.int64)
+
+
+def _cells(x: np.ndarray, k: int, cell_size: int, niter: int, seed: int, max_train: int, rng):
+    """Split the rows x float32 [r, D] of one code into about ``k`` cells of ``cell_size`` rows.
+
+    Up to ``TWO_LEVEL_MIN`` cells: k-means. More: two levels (sqrt(k) coarse clusters, then
+    each coarse cluster split into round(rows / cell_size) cells), so that training and
+    assignment cost r x 2 sqrt(k) distances instead of r x k (a 3e6-row code at cell size 256
+    is 12,000 cells). Returns (centroids float32 [k', D], cell of each row int64 [r])."""
+    if k <= TWO_LEVEL_MIN:
+        return _kmeans(x, k, niter, seed, max_train, rng)
+    k1 = int(np.ceil(np.sqrt(k)))
+    _, a1 = _kmeans(x, k1, niter, seed, max_train, rng)
+    order = np.argsort(a1, kind="stable")
+    bounds = np.searchsorted(a1[order], np.arange(k1 + 1))
+    cents, assign, base = [], np.empty(len(x), np.int64), 0
+    for i in range(k1):
+        r = order[bounds[i]:bounds[i + 1]]
+        if len(r) == 0:
+            continue
+        k2 = max(1, int(round(len(r) / cell_size)))
+        if k2 == 1:
+            c2, a2 = x[r].mean(0, keepdims=True).astype(np.float32), np.zeros(len(r), np.int64)
+        else:
+            c2, a2 = _kmeans(x[r], k2, niter, seed + 7919 * (i + 1), max_train, rng)
+        cents.append(c2)
+        assign[r] = base + a2
+        base += len(c2)
+    return np.vstack(cents), assign
 
 
 class FineIndex:
@@ -96,18 +155,18 @@ class FineIndex:
         return int(self.list_offsets[-1])
 
     @classmethod
-    def build(cls, buckets, features, cell_size: int = 1024, storage: str = "sq8", seed: int = 0,
+    def build(cls, buckets, features, cell_size: int | None = None, storage: str = "sq8", seed: int = 0,
               niter: int = 10, max_train: int = 64, chunk: int = 1 << 18, log: Callable[[str], None] | None = None):
         """Build from a :class:`~deephash_faiss.index.BucketIndex` and the features.
 
         Args:
             buckets: the code dictionary (its ``deleted`` rows are left out).
             features: float32/float16 [n, D] (array or memory map), row i = id i.
-            cell_size: target rows per (code, cell) list.
+            cell_size: target rows per (code, cell) list (None: :func:`default_cell_size` of
+                the live rows).
             storage: "sq8" or "fp16" (compressed features held in the lists).
             max_train: k-means trains on at most ``max_train`` rows per cell (sampled).
         """
-        import faiss
         from faiss.contrib.ivf_tools import add_preassigned
 
         from .rerank import _to_float32
@@ -117,22 +176,45 @@ class FineIndex:
         n, D = features.shape
         if n != buckets.ntotal:
             raise DhfError(f"{n} feature rows for {buckets.ntotal} codes")
+        live, _ = buckets._counts()
+        if cell_size is None:
+            cell_size = default_cell_size(int(live.sum()))
         if cell_size < 1:
             raise DhfError("the cell size must be at least 1 (--cell-size)")
         rng = np.random.default_rng(seed)
-        live, _ = buckets._counts()
         U = buckets.n_codes
         ncell = np.maximum(1, np.ceil(live / max(1, cell_size)).astype(np.int64))
         ncell[live == 0] = 1
+        deleted = buckets.deleted
+        offsets, ids = np.asarray(buckets.offsets), buckets.ids
+        big = np.flatnonzero(ncell > 1)
+        small = np.flatnonzero(ncell == 1)
+        # big codes first: their cells (k-means, two-level when large), local cell of each row
+        local = np.zeros(n, np.int64)
+        big_cents: dict[int, np.ndarray] = {}
+        for j, c in enumerate(big):
+            rows = np.asarray(ids[offsets[c]:offsets[c + 1]], np.int64)
+            if deleted is not None:
+                rows = rows[~deleted[rows]]
+            x = _to_float32(np.asarray(features[rows]))
+            cents, a = _cells(x, int(ncell[c]), cell_size, niter, seed + int(c), max_train, rng)
+            big_cents[int(c)] = cents
+            local[rows] = a
+            ncell[c] = len(cents)
+            if log and (j % 50 == 0 or j == len(big) - 1):
+                log(f"fine index: k-means {j + 1}/{len(big)} big codes")
         list_offsets = np.concatenate([[0], np.cumsum(ncell)]).astype(np.int64)
         L = int(list_offsets[-1])
         centroids = np.zeros((L, D), np.float32)
         assign = np.empty(n, np.int64)  # row id -> list (deleted rows: -1)
         assign.fill(-1)
-        deleted = buckets.deleted
-        offsets, ids = np.asarray(buckets.offsets), buckets.ids
-        big = np.flatnonzero(ncell > 1)
-        small = np.flatnonzero(ncell == 1)
+        for c, cents in big_cents.items():
+            centroids[list_offsets[c]:list_offsets[c + 1]] = cents
+            rows = np.asarray(ids[offsets[c]:offsets[c + 1]], np.int64)
+            if deleted is not None:
+                rows = rows[~deleted[rows]]
+            assign[rows] = list_offsets[c] + local[rows]
+        del local, big_cents
         # small codes: one list each; centroid = mean (used only to rank lists)
         for s in range(0, len(small), 4096):
             cs = small[s:s + 4096]
@@ -153,22 +235,6 @@ class FineIndex:
             cnt = np.bincount(owner, minlength=len(cs))
             centroids[list_offsets[cs]] = (sums / np.maximum(cnt, 1)[:, None]).astype(np.float32)
             assign[rows] = list_offsets[cs][owner]
-        for j, c in enumerate(big):
-            rows = np.asarray(ids[offsets[c]:offsets[c + 1]], np.int64)
-            if deleted is not None:
-                rows = rows[~deleted[rows]]
-            kc = int(ncell[c])
-            x = _to_float32(np.asarray(features[rows]))
-            ntrain = min(len(rows), kc * max_train)
-            train = x[np.sort(rng.choice(len(rows), ntrain, replace=False))] if ntrain < len(rows) else x
-            km = faiss.Kmeans(D, kc, niter=niter, seed=seed + int(c), min_points_per_centroid=1,
-                              max_points_per_centroid=max_train)
-            km.train(train)
-            _, a = km.index.search(x, 1)
-            centroids[list_offsets[c]:list_offsets[c + 1]] = km.centroids
-            assign[rows] = list_offsets[c] + a[:, 0]
-            if log and (j % 50 == 0 or j == len(big) - 1):
-                log(f"fine index: k-means {j + 1}/{len(big)} big codes")
         ivf = _new_ivf(D, L, storage)
         ivf.quantizer.add(centroids)  # the list centroids (saved with the IVF; search never uses it)
         if storage == "sq8" and n:
@@ -250,6 +316,7 @@ class FineIndex:
             inv.add_entries(int(i), b - a, faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(codes[a:b]))
         ivf.ntotal = int(sizes.sum())
         self.ivf, self.centroids, self._lsizes = ivf, np.ascontiguousarray(centroids, np.float32), None
+        self._cnorms = None
 
     def add(self, codes: np.ndarray, features: np.ndarray) -> None:
         """Index new rows (ids ``rows``..``rows + m - 1``): a row whose code has lists goes to
@@ -379,7 +446,7 @@ class FineIndex:
             if (len(lo) != int(header["n_codes"]) + 1 or len(arrs["codes"]) != int(header["n_codes"])
                     or L != int(header["n_lists"]) or ivf.nlist != max(1, L) or ivf.quantizer.ntotal != L):
                 raise ValueError("inconsistent fine-index arrays")
-            if header["storage"] not in ("sq8", "fp16"):
+            if header["storage"] not in STORAGES:
                 raise ValueError(f"unknown storage {header['storage']!r}")
         except (ValueError, KeyError, TypeError, OSError, RuntimeError) as err:
             raise DhfError(f"cannot read fine index {path}: {err}") from None
@@ -423,31 +490,49 @@ class FineIndex:
         out: list = [None] * m
         approx, lists, coarse, sizes_ex, trunc = [], [], [], [], []
         list_rows = self._list_sizes()
-        for i in range(m):
-            codes = Ic[lims[i]:lims[i + 1]]
-            pool = int(live[codes].sum()) if len(codes) else 0
-            if pool <= p.exact_max:
-                out[i] = (np.zeros(0, np.int64), np.zeros(0, np.float32), pool, pool, False, True)
-                continue
-            ls = _ranges_of(self.list_offsets, self._dict2fine[codes[live[codes] > 0]])
-            ls = ls[list_rows[ls] > 0]
-            cd = ((self.centroids[ls] - q[i]) ** 2).sum(1)
-            o = np.argsort(cd, kind="stable")
-            ls, cd = ls[o], cd[o]
-            rows = np.cumsum(list_rows[ls])
-            # probe the nearest lists until nprobe x cell_size rows (small codes are lists of
-            # a few rows: counting rows, not lists, keeps the work and the recall even)
-            cut = int(np.searchsorted(rows, p.nprobe * self.cell_size)) + 1
-            ls, cd, rows = ls[:cut], cd[:cut], rows[:cut]
-            t = False
-            if max_candidates is not None and rows[-1] > max_candidates:
-                cut = max(1, int(np.searchsorted(rows, max_candidates, side="right")))
-                ls, cd, rows, t = ls[:cut], cd[:cut], rows[:cut], True
-            approx.append(i)
-            lists.append(ls)
-            coarse.append(cd)
-            sizes_ex.append((pool, int(rows[-1])))
-            trunc.append(t)
+        cum = np.concatenate([[0], np.cumsum(live[Ic])]) if len(Ic) else np.zeros(1, np.int64)
+        pools = cum[lims[1:]] - cum[lims[:-1]]  # live rows in each query's radius pool
+        todo = np.flatnonzero(pools > p.exact_max)
+        for i in np.flatnonzero(pools <= p.exact_max):
+            out[i] = (np.zeros(0, np.int64), np.zeros(0, np.float32), int(pools[i]), int(pools[i]), False, True)
+        cn = self._centroid_norms()
+        budget = p.nprobe * self.cell_size
+        step = max(1, (1 << 24) // max(1, self.n_lists))  # query blocks of <= 16M distances
+        for s0 in range(0, len(todo), step):
+            blk = todo[s0:s0 + step]
+            # squared distances to every list centroid: |c|^2 - 2 c.q + |q|^2 (one GEMM per block)
+            dots = q[blk] @ self.centroids.T
+            qn = np.einsum("ij,ij->i", q[blk], q[blk])
+            for j, i in enumerate(blk):
+                codes = Ic[lims[i]:lims[i + 1]]
+                ls = _ranges_of(self.list_offsets, self._dict2fine[codes[live[codes] > 0]])
+                ls = ls[list_rows[ls] > 0]
+                cd = cn[ls] - 2 * dots[j, ls] + qn[j]
+                # the nearest lists first; most probes need about nprobe lists, so sort only the
+                # nearest 4 x nprobe (all of them when those hold fewer rows than the budget)
+                kk = 4 * p.nprobe
+                if len(ls) > kk:
+                    o = np.argpartition(cd, kk)[:kk]
+                    o = o[np.lexsort((o, cd[o]))]
+                    if list_rows[ls[o]].sum() < budget:
+                        o = np.argsort(cd, kind="stable")
+                else:
+                    o = np.argsort(cd, kind="stable")
+                ls, cd = ls[o], cd[o]
+                rows = np.cumsum(list_rows[ls])
+                # probe the nearest lists until nprobe x cell_size rows (small codes are lists of
+                # a few rows: counting rows, not lists, keeps the work and the recall even)
+                cut = int(np.searchsorted(rows, budget)) + 1
+                ls, cd, rows = ls[:cut], cd[:cut], rows[:cut]
+                t = False
+                if max_candidates is not None and rows[-1] > max_candidates:
+                    cut = max(1, int(np.searchsorted(rows, max_candidates, side="right")))
+                    ls, cd, rows, t = ls[:cut], cd[:cut], rows[:cut], True
+                approx.append(int(i))
+                lists.append(ls)
+                coarse.append(cd)
+                sizes_ex.append((int(pools[i]), int(rows[-1])))
+                trunc.append(t)
         if approx:
             P = max(len(x) for x in lists)
             Iq = np.full((len(approx), P), -1, np.int64)
@@ -467,6 +552,11 @@ class FineIndex:
                 o, d = ranked[j]
                 out[i] = (cands[j][o], d, sizes_ex[j][0], sizes_ex[j][1], trunc[j], False)
         return out
+
+    def _centroid_norms(self) -> np.ndarray:
+        if getattr(self, "_cnorms", None) is None or len(self._cnorms) != len(self.centroids):
+            self._cnorms = np.einsum("ij,ij->i", self.centroids, self.centroids)
+        return self._cnorms
 
     def _list_sizes(self) -> np.ndarray:
         if getattr(self, "_lsizes", None) is None:

@@ -364,6 +364,7 @@ def _fine_for_update(index_dir: str, old: dict[str, Any], log: Log):
 @dataclass
 class FineReport:
     index_dir: str
+    cell_size: int
     lists: int
     rows: int
     file: str | None
@@ -385,10 +386,11 @@ class _RowSource:
         return self.store.gather(np.asarray(key, np.int64))
 
 
-def build_fine(index_dir: str, cell_size: int = 1024, storage: str = "sq8", drop: bool = False,
+def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "sq8", drop: bool = False,
                log: Log = _quiet) -> FineReport:
     """Build the HDS fine index of ``index_dir`` (k-means cells of fc7 inside the codes of
-    more than ``cell_size`` rows, ``storage`` "sq8" or "fp16" lists; see
+    more than ``cell_size`` rows (None: :func:`deephash_faiss.fine.default_cell_size` of the
+    live rows), ``storage`` "sq8" or "fp16" lists; see
     :mod:`deephash_faiss.fine`) and commit it with the index as a new generation; ``drop``
     removes it instead. Deleted rows are left out.
 
@@ -403,7 +405,7 @@ def build_fine(index_dir: str, cell_size: int = 1024, storage: str = "sq8", drop
     t0 = time.perf_counter()
     if storage not in STORAGES:
         raise DhfError(f"unknown fine-index storage {storage!r}; choose from {', '.join(STORAGES)} (--storage)")
-    if cell_size < 1:
+    if cell_size is not None and cell_size < 1:
         raise DhfError("the cell size must be at least 1 (--cell-size)")
     read_manifest(index_dir)
     with api.IndexLock(index_dir):
@@ -416,7 +418,7 @@ def build_fine(index_dir: str, cell_size: int = 1024, storage: str = "sq8", drop
             if not old.get("fine"):
                 raise DhfError(f"{index_dir} has no fine index to drop")
             api.commit_manifest(index_dir, manifest, old)
-            return FineReport(index_dir, 0, 0, None, 0, gen, time.perf_counter() - t0)
+            return FineReport(index_dir, 0, 0, 0, None, 0, gen, time.perf_counter() - t0)
         # the lists are built from the shards' features and the codes: check them all first
         check_open(index_dir, _without_fine(old), full=True)
         store = FeatureStore(index_dir, old)
@@ -428,13 +430,13 @@ def build_fine(index_dir: str, cell_size: int = 1024, storage: str = "sq8", drop
             mask[np.asarray(old["deleted"], np.int64)] = True
             d.deleted = mask
         log(f"building the fine index of {index_dir}: {store.count} rows, {d.n_codes} distinct codes, "
-            f"cell size {cell_size}, {storage}")
+            f"cell size {cell_size or 'auto'}, {storage}")
         fine = FineIndex.build(d, _RowSource(store), cell_size=cell_size, storage=storage, log=log)
         entry = api.save_fine_index(index_dir, fine, gen, old["index"])
         manifest["fine"] = entry
         api.commit_manifest(index_dir, manifest, old)
     size = os.path.getsize(os.path.join(index_dir, entry["file"]))
-    return FineReport(index_dir, fine.n_lists, fine.rows, entry["file"], size, gen, time.perf_counter() - t0)
+    return FineReport(index_dir, fine.cell_size, fine.n_lists, fine.rows, entry["file"], size, gen, time.perf_counter() - t0)
 
 
 def _verify_fine(index_dir: str, m: dict[str, Any], shard_codes: list) -> list[str]:

@@ -61,11 +61,31 @@ def main():
         p = r.get("peers", {})
         h, v = p.get("hnsw32"), p.get("ivfpq_refine")
         src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
+        hs = (f(h['ms_per_query']) + ' (' + f(h['recall_at10_vs_es'])
+              + (f", efSearch {h['efSearch']}" if h.get("efSearch") else "")
+              + (', ' + f(h['build_s']) if h.get('build_s') is not None else '') + ')') if h else '-'
         print(f"| {src} | {fmt_n(r['n'])} | {f(r['es_ms_per_query'])} "
               f"| {f(r['hds_ms_per_query'])} ({f(r['hds_recall_at10_vs_exact'])} / {f(r['hds_recall_at10_vs_es'])}) "
-              f"| {(f(h['ms_per_query']) + ' (' + f(h['recall_at10_vs_es']) + ', ' + f(h['build_s']) + ')') if h else '-'} "
+              f"| {hs} "
               f"| {(f(v['ms_per_query']) + ' (' + f(v['recall_at10_vs_es']) + ', ' + f(v['build_s']) + ')') if v else '-'} "
               f"| {f(r.get('bcs_class_p10'))} / {f(r.get('hds_class_p10'))} / {f(r.get('es_class_p10'))} |")
+    if any(r.get("hds_sweep") for r in runs):
+        print()
+        print("| N | fine index (cell size x nprobe = rows budget, refine) | lists | build s | HDS ms/q "
+              "| rows examined | recall@10 vs exact HDS | vs ES |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in runs:
+            fd = r.get("fine", {})
+            rows = [{"cell_size": fd.get("cell_size"), "nprobe": fd.get("nprobe"), "refine": fd.get("refine"),
+                     "lists": fd.get("lists"), "build_s": r.get("fine_build_s"), "ms_per_query": r.get("hds_ms_per_query"),
+                     "examined_mean": r.get("hds_examined_mean"), "recall_at10_vs_exact": r.get("hds_recall_at10_vs_exact"),
+                     "recall_at10_vs_es": r.get("hds_recall_at10_vs_es"), "default": True}] if r.get("hds_sweep") else []
+            for x in rows + r.get("hds_sweep", []):
+                budget = (x["cell_size"] or 0) * (x["nprobe"] or 0)
+                print(f"| {fmt_n(r['n'])} | {x['cell_size']} x {x['nprobe']} = {budget:,}, refine {x['refine']}"
+                      f"{' (**defaults**, incl. small-pool exact path)' if x.get('default') else ''} | {f(x['lists'])} "
+                      f"| {f(x['build_s'])} | {f(x['ms_per_query'])} | {f(x['examined_mean'])} "
+                      f"| {f(x['recall_at10_vs_exact'])} | {f(x['recall_at10_vs_es'])} |")
     print()
     print("Machine: " + "; ".join(sorted({f"{r['machine']['cpus']} CPUs, {r['machine']['mem_gb']} GB, "
                                            f"faiss {r['faiss']}, numpy {r['numpy']}" for r in runs})))

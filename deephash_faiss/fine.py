@@ -497,17 +497,28 @@ class FineIndex:
             out[i] = (np.zeros(0, np.int64), np.zeros(0, np.float32), int(pools[i]), int(pools[i]), False, True)
         cn = self._centroid_norms()
         budget = p.nprobe * self.cell_size
-        step = max(1, (1 << 24) // max(1, self.n_lists))  # query blocks of <= 16M distances
-        for s0 in range(0, len(todo), step):
-            blk = todo[s0:s0 + step]
-            # squared distances to every list centroid: |c|^2 - 2 c.q + |q|^2 (one GEMM per block)
-            dots = q[blk] @ self.centroids.T
-            qn = np.einsum("ij,ij->i", q[blk], q[blk])
-            for j, i in enumerate(blk):
+        # queries in blocks of similar codes (sorted by code: their radii reach the same codes),
+        # each block's lists ranked by one GEMM over the union of the lists its queries reach
+        if len(todo):
+            from .index import _row_keys
+
+            todo = todo[np.argsort(_row_keys(np.ascontiguousarray(qcodes[todo], np.uint8)), kind="stable")]
+        for s0 in range(0, len(todo), 32):
+            blk = todo[s0:s0 + 32]
+            per = []
+            for i in blk:
                 codes = Ic[lims[i]:lims[i + 1]]
                 ls = _ranges_of(self.list_offsets, self._dict2fine[codes[live[codes] > 0]])
-                ls = ls[list_rows[ls] > 0]
-                cd = cn[ls] - 2 * dots[j, ls] + qn[j]
+                per.append(ls[list_rows[ls] > 0])
+            union = np.unique(np.concatenate(per)) if per else np.zeros(0, np.int64)
+            # squared distances |c|^2 - 2 c.q + |q|^2; over every centroid (no copy) when the
+            # block's union is a large part of them
+            whole = len(union) * 4 > self.n_lists
+            dots = q[blk] @ (self.centroids if whole else self.centroids[union]).T
+            qn = np.einsum("ij,ij->i", q[blk], q[blk])
+            for j, i in enumerate(blk):
+                ls = per[j]
+                cd = cn[ls] - 2 * dots[j, ls if whole else np.searchsorted(union, ls)] + qn[j]
                 # the nearest lists first; most probes need about nprobe lists, so sort only the
                 # nearest 4 x nprobe (all of them when those hold fewer rows than the budget)
                 kk = 4 * p.nprobe

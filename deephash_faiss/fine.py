@@ -60,7 +60,7 @@ class FineParams:
 
     nprobe: int = 64
     refine: int = 100
-    exact_max: int = 2048
+    exact_max: int = 128
 
     def check(self) -> None:
         if self.nprobe < 1 or self.refine < 1 or self.exact_max < 0:

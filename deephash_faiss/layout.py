@@ -351,16 +351,21 @@ def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen
 def save_code_index(index_dir: str, index, gen: int) -> dict[str, str]:
     """Write the FAISS code index (a :class:`deephash_faiss.index.BinaryIndex`) under a
     generation name; returns {"file", "sha256"}."""
+    name, sha = _write_owned(index_dir, gen_name("codes", ".index", gen), index.save)
+    return {"file": name, "sha256": sha}
+
+
+def _write_owned(index_dir: str, name: str, save) -> tuple[str, str]:
+    """Record ``name`` in the ledger, ``save(tmp)``, fsync, hash, rename: (name, sha256)."""
     from .model import file_sha256
 
-    name = gen_name("codes", ".index", gen)
     own(index_dir, [name])
     tmp = os.path.join(index_dir, f".tmp-{name}")
-    index.save(tmp)
+    save(tmp)
     fsync_file(tmp)
     sha = file_sha256(tmp)
     os.replace(tmp, os.path.join(index_dir, name))
-    return {"file": name, "sha256": sha}
+    return name, sha
 
 
 def save_fine_index(index_dir: str, fine, gen: int, index_entry: dict[str, Any]) -> dict[str, Any]:
@@ -368,15 +373,7 @@ def save_fine_index(index_dir: str, fine, gen: int, index_entry: dict[str, Any])
     name; returns its manifest entry {"file", "sha256", "storage", "cell_size", "lists",
     "rows", "index_sha256"} (``index_sha256``: the code index it was made for, so a reader
     can tell a fine index that no longer matches; the size is stamped at the commit)."""
-    from .model import file_sha256
-
-    name = gen_name("fine", ".index", gen)
-    own(index_dir, [name])
-    tmp = os.path.join(index_dir, f".tmp-{name}")
-    fine.save(tmp)
-    fsync_file(tmp)
-    sha = file_sha256(tmp)
-    os.replace(tmp, os.path.join(index_dir, name))
+    name, sha = _write_owned(index_dir, gen_name("fine", ".index", gen), fine.save)
     return {"file": name, "sha256": sha, "storage": fine.storage, "cell_size": fine.cell_size,
             "lists": fine.n_lists, "rows": fine.rows, "index_sha256": index_entry.get("sha256")}
 

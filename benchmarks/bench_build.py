@@ -7,7 +7,10 @@ Timed in one run:
                 pool; nvjpeg: host read + screening in the pool and decode_jpeg + resize on
                 the GPU, synchronised); both worker kinds are timed for PIL
   model         the product's encode function (the stream runner: pinned H2D, model, codes
-                packed on the device, D2H) on images decoded into memory beforehand
+                packed on the device, D2H) on images decoded into memory beforehand; on
+                CUDA in each convolution layout (``model_only_by_layout_img_s``), the
+                fastest being ``model_only_img_s`` (the build itself picks one by job size:
+                ``product_layout``, see deephash_faiss.extract.cuda_layout)
   product       `dhf build-index DIR --model M -o TMP --device D` as a subprocess: wall time
                 of the command, start-up included (``product_img_s``); the build's own time
                 as the command reports it is ``product_inner_img_s``, its phases (prepare,
@@ -20,7 +23,9 @@ is written even if a stage fails (its error is recorded).
 nvjpeg: share of identical codes, mean Hamming distance, fc7 cosine (mean, min).
 
 --make-model OUT: write an untrained model file first (``--backbone``, ``--bits``,
-``--load-size``; weights are random: the rate does not depend on them) and use it.
+``--load-size``, ``--weights``: random by default, the rate does not depend on them) and use
+it. ``--compare-decoders`` needs ``--weights default``: a random backbone's fc7 is ~1e-7,
+where bf16 rounding decides the cosine.
 
 The photo-sized set: benchmarks/make_photos.py.
 """
@@ -65,10 +70,11 @@ def versions() -> dict:
     return out
 
 
-def make_model(out: str, backbone: str, bits: int, load_size: int | None, input_size: int | None) -> str:
+def make_model(out: str, backbone: str, bits: int, load_size: int | None, input_size: int | None,
+               weights: str = "none") -> str:
     from deephash_faiss.model import build_model, save_checkpoint
 
-    m = build_model(backbone, bits, ["a", "b"], weights="none", input_size=input_size, load_size=load_size, seed=0)
+    m = build_model(backbone, bits, ["a", "b"], weights=weights, input_size=input_size, load_size=load_size, seed=0)
     save_checkpoint(m, out)
     return out
 
@@ -97,13 +103,14 @@ def time_decode(paths, size, kind, workers, batch, decoder, device) -> float:
         pool.close()
 
 
-def time_model(model, imgs, device, batch, dtype) -> float:
+def time_model(model, imgs, device, batch, dtype, layout=None) -> float:
     import torch
 
     from deephash_faiss.stream import _CpuRunner, _CudaRunner
 
     cuda = device.type == "cuda"
-    runner = _CudaRunner(model, device, dtype, batch=batch) if cuda else _CpuRunner(model, device, dtype)
+    runner = (_CudaRunner(model, device, dtype, batch=batch, layout=layout) if cuda
+              else _CpuRunner(model, device, dtype))
     for _ in range(2):  # warm-up (cudnn autotune, allocator)
         runner.push(imgs[:batch], None)
     runner.flush()
@@ -161,6 +168,9 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="model file (written first with --make-model)")
     ap.add_argument("--make-model", action="store_true", help="write an untrained model to --model first")
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--weights", default="none",
+                    help="--make-model's backbone weights: none (random: fine for rates) or default "
+                         "(ImageNet; needed for --compare-decoders, random fc7 is ~1e-7 and bf16 noise)")
     ap.add_argument("--bits", type=int, default=48)
     ap.add_argument("--load-size", type=int, default=None, help="decode size (default: the backbone input size)")
     ap.add_argument("--input-size", type=int, default=None)
@@ -187,7 +197,7 @@ def main() -> None:
                  "args": vars(a), "errors": {}}
     try:
         if a.make_model:
-            make_model(a.model, a.backbone, a.bits, a.load_size, a.input_size)
+            make_model(a.model, a.backbone, a.bits, a.load_size, a.input_size, a.weights)
         model = load_model(a.model)
         device = torch.device(a.device)
         model.to(device).eval()
@@ -238,7 +248,15 @@ def main() -> None:
             raise RuntimeError("no decodable images")
         reps = max(1, int(np.ceil(2 * a.batch_size / len(imgs))))
         imgs = np.concatenate([imgs] * reps) if reps > 1 else imgs
-        return time_model(model, imgs, device, a.batch_size, "float32")
+        if device.type != "cuda":
+            return time_model(model, imgs, device, a.batch_size, "float32")
+        # the model's own rate is its fastest layout's; the build picks one by job size
+        from deephash_faiss.extract import CUDA_LAYOUTS, cuda_layout
+
+        res["model_only_by_layout_img_s"] = {lay: time_model(model, imgs, device, a.batch_size, "float32", lay)
+                                             for lay in CUDA_LAYOUTS}
+        res["product_layout"] = cuda_layout(model, len(paths))
+        return max(res["model_only_by_layout_img_s"].values())
 
     res["model_only_img_s"] = stage("model only", model_stage)
     if a.compare_decoders and device.type == "cuda":

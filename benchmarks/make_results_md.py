@@ -56,7 +56,13 @@ def render(runs, results_dir) -> str:
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     paper = baselines.CIFAR10_MAP_AT_1000_PERCENT if hasattr(baselines, "CIFAR10_MAP_AT_1000_PERCENT") else {}
     order = sorted(runs, key=lambda n: (runs[n]["dataset"], runs[n]["protocol"], runs[n]["backbone"],
-                                        runs[n]["bits"]))
+                                        runs[n].get("method", "finetune"), runs[n]["bits"],
+                                        runs[n]["train_config"]["epochs"]))
+
+    def tag(r) -> str:
+        """' scratch' / ' frozen' / '': how the backbone was trained."""
+        return " scratch" if not r["pretrained"] else (" frozen" if r.get("method") == "frozen" else "")
+
     for name in order:
         r = runs[name]
         if r["protocol"] != "paper":
@@ -64,6 +70,8 @@ def render(runs, results_dir) -> str:
         m = r["metrics"]
         pap = paper.get(r["bits"]) if r["dataset"] == "cifar10" else None
         src = f"{r['backbone']}{' from scratch' if not r['pretrained'] else ' (ImageNet)'}"
+        if r.get("method") == "frozen":
+            src += ", frozen backbone"
         w(f"| {r['dataset']} ({src}) | {r['bits']} | {fmt(pap / 100 if pap else None)} | "
           f"**{fmt(m['bcs']['map_at_k'])}** | {fmt(m['hds']['map_at_k'])} | {fmt(m['es']['map_at_k'])} | "
           f"{fmt(m['bcs']['map_full'])} | {fmt(m['bcs']['precision_radius'])} | {fmt(r['query_accuracy'])} | "
@@ -79,8 +87,7 @@ def render(runs, results_dir) -> str:
             continue
         for mode in ("bcs", "hds", "es"):
             d = r["metrics"][mode]
-            w(f"| ours {mode.upper()}, {r['dataset']} {r['bits']} bits, {r['backbone']}"
-              f"{' scratch' if not r['pretrained'] else ''} | " + " | ".join(fmt(_pk(d, k), 3) for k in ks) + " |")
+            w(f"| ours {mode.upper()}, {r['dataset']} {r['bits']} bits, {r['backbone']}{tag(r)} | " + " | ".join(fmt(_pk(d, k), 3) for k in ks) + " |")
     try:
         base = baselines.baseline_precision_at_k("cifar10", 48)
         for meth, curve in base.items():
@@ -97,7 +104,7 @@ def render(runs, results_dir) -> str:
         if r["protocol"] != "cifar10-1":
             continue
         m = r["metrics"]
-        w(f"| {r['bits']} | {r['backbone']} | **{fmt(m['bcs']['map_full'])}** | {fmt(m['hds']['map_full'])} | "
+        w(f"| {r['bits']} | {r['backbone']}{tag(r)}, {r['train_config']['epochs']} epochs | **{fmt(m['bcs']['map_full'])}** | {fmt(m['hds']['map_full'])} | "
           f"{fmt(m['es']['map_full'])} | about 0.78-0.82 |")
     w("")
     w("## Search time in the same runs (H200 machine, 1,000 queries in one batch, k = 100, ms per query)\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -11,11 +12,51 @@ from .index import pack_codes
 from .model import HashNet
 
 
+CUDA_LAYOUTS = ("channels_last", "contiguous")
+NHWC_MIN_IMAGES = 100_000  # depthwise models: channels_last from this many images of one job on
+
+
+def has_depthwise(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has depthwise convolutions (groups == in_channels > 1)."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in model.modules())
+
+
+def cuda_layout(model: torch.nn.Module, n: int) -> str:
+    """The convolutions' memory layout on CUDA for a job of ``n`` images: "channels_last"
+    (NHWC) or "contiguous" (NCHW).
+
+    NHWC is the fast layout on tensor cores, but cuDNN builds its NHWC depthwise kernels at their
+    first call in every process. Measured on the H200 (EfficientNet-Lite0, 224 px, batch 256,
+    ``benchmarks/bench_first_batch.py``, issue 12): first forward pass 4.9-7.2 s in NHWC (2.4 s
+    with CUDA's kernel cache warm), of which 6.2 s in the depthwise layers, against 0.5 s in
+    NCHW; then 18,600 against 11,400 img/s. A model with depthwise convolutions therefore runs
+    NCHW below :data:`NHWC_MIN_IMAGES` images (break-even 56,000-128,000), NHWC above; others
+    always NHWC. The layout is a property of the whole job (the Ray build's actors and a resume
+    choose the same). ``DHF_CUDA_LAYOUT`` (one of :data:`CUDA_LAYOUTS`) overrides it."""
+    forced = os.environ.get("DHF_CUDA_LAYOUT")
+    if forced:
+        if forced not in CUDA_LAYOUTS:
+            raise ValueError(f"DHF_CUDA_LAYOUT must be one of {CUDA_LAYOUTS}, not {forced!r}")
+        return forced
+    if n < NHWC_MIN_IMAGES and has_depthwise(model):
+        return "contiguous"
+    return "channels_last"
+
+
 @torch.no_grad()
-def forward_batch(model: HashNet, xb: torch.Tensor, device: torch.device, amp: bool = True, to_host: bool = True):
+def forward_batch(model: HashNet, xb: torch.Tensor, device: torch.device, amp: bool = True, to_host: bool = True,
+                  layout: str | None = None):
     """The model on one batch: uint8 [b, S, S, 3] (any device) -> (fc7 float32 [b, D], h float32 [b, bits]),
-    on the host (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``."""
-    x = model.preprocess(xb.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+    on the host (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``.
+    ``layout``: the convolutions' memory layout on CUDA (default :func:`cuda_layout` for ``b``
+    images); on the CPU always channels_last."""
+    if device.type != "cuda":
+        layout = "channels_last"
+    elif layout is None:
+        layout = cuda_layout(model, len(xb))
+    fmt = torch.contiguous_format if layout == "contiguous" else torch.channels_last
+    x = model.preprocess(xb.to(device, non_blocking=True)).contiguous(memory_format=fmt)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         fc7 = model.backbone(x)
     fc7 = fc7.float()
@@ -54,8 +95,9 @@ def encode_array(
     """
     model.eval()
     codes, feats, hs = [], [], []
+    lay = cuda_layout(model, len(images)) if torch.device(device).type == "cuda" else None
     for start in range(0, len(images), batch_size):
-        fc7, h = forward_batch(model, torch.as_tensor(images[start:start + batch_size]), device, amp)
+        fc7, h = forward_batch(model, torch.as_tensor(images[start:start + batch_size]), device, amp, layout=lay)
         h = h.numpy()
         hs.append(h)
         codes.append(pack_codes(h))

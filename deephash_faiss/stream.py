@@ -195,19 +195,40 @@ class _CudaRunner:
     whole encode of 4,000 images (issue 12) -- and padding costs at most one batch of compute.
     """
 
-    def __init__(self, model, device, feature_dtype: str, depth: int = 2, batch: int | None = None):
+    def __init__(self, model, device, feature_dtype: str, depth: int = 2, batch: int | None = None,
+                 layout: str | None = None, warm_shape: tuple[int, ...] | None = None):
         import torch
 
         self.torch = torch
-        self.model, self.device, self.depth, self.batch = model, device, depth, batch
+        self.model, self.device, self.depth, self.batch, self.layout = model, device, depth, batch, layout
         self.tdtype = {"float32": torch.float32, "float16": torch.float16}[feature_dtype]
         self.copy = torch.cuda.Stream(device)
         self.inflight: deque = deque()
+        self._warm: Future | None = None
+        if warm_shape is not None:
+            # the first forward pass at the batch shape pays cuDNN's plan building and CUDA's
+            # kernel loading (0.5-7 s, extract.cuda_layout): done on zeros in a thread while the
+            # decode workers start and decode the first batches; its outputs are discarded
+            self._warm_pool = ThreadPoolExecutor(1, thread_name_prefix="dhf-warmup")
+            self._warm = self._warm_pool.submit(self._warmup, warm_shape)
+            self._warm_pool.shutdown(wait=False)
+
+    def _warmup(self, shape) -> None:
+        from .extract import forward_batch
+
+        torch = self.torch
+        with torch.cuda.device(self.device):
+            x = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            forward_batch(self.model, x, self.device, to_host=False, layout=self.layout)
+            torch.cuda.synchronize(self.device)
 
     def push(self, x, meta) -> list:
         from .extract import forward_batch, pack_codes_torch
 
         torch = self.torch
+        if self._warm is not None:
+            self._warm, warm = None, self._warm
+            warm.result()
         n = len(x)
         if n == 0:
             self.inflight.append((meta, None))
@@ -224,7 +245,7 @@ class _CudaRunner:
             xd.record_stream(compute)
         else:
             xd = x if n == full else torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))])
-        fc7, h = forward_batch(self.model, xd, self.device, to_host=False)
+        fc7, h = forward_batch(self.model, xd, self.device, to_host=False, layout=self.layout)
         codes = pack_codes_torch(h[:n])
         feats = fc7[:n].to(self.tdtype)
         codes_h = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
@@ -269,6 +290,22 @@ class _GpuHalf:
         self.paths, self.size, self.device, self.cuda = paths, size, device, cuda
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dhf-gpu-decode")
+        if cuda:  # nvjpeg's handle and first kernels, before the first batch needs them
+            self.pool.submit(self._warmup)
+
+    def _warmup(self) -> None:
+        import io
+
+        import torch
+        from PIL import Image
+
+        from .gpudecode import decode_batch
+
+        buf = io.BytesIO()
+        Image.new("RGB", (2 * self.size, self.size + 8)).save(buf, format="JPEG")
+        with torch.cuda.stream(self.stream):
+            decode_batch([buf.getvalue()] * 2, self.size, self.device)
+        self.stream.synchronize()
 
     def submit(self, read_future: Future, lo: int) -> Future:
         return self.pool.submit(self._run, read_future, lo)
@@ -381,6 +418,21 @@ def encode_stream(
     segments = [(0, len(paths))] if segments is None else [tuple(s) for s in segments]
     plan = batches_of(segments, batch_size)
     total = sum(hi - lo for lo, hi in segments)
+    model.eval()
+    cuda = torch.device(device).type == "cuda"
+    # the model warms up (CUDA) and nvjpeg initialises while the decode workers start
+    if cuda:
+        from .extract import cuda_layout
+
+        runner = _CudaRunner(model, device, feature_dtype, batch=batch_size,
+                             layout=cuda_layout(model, len(paths)),  # the whole job's size
+                             warm_shape=(batch_size, size, size, 3) if plan else None)
+    else:
+        runner = _CpuRunner(model, device, feature_dtype)
+    fn = read_screen_chunk if decoder == "nvjpeg" else decode_chunk
+    # nvjpeg: the GPU half (decode_jpeg, resize, merge with the CPU fallbacks) runs in its own
+    # thread on its own CUDA stream, GPU_AHEAD batches ahead of the model
+    gpu_half = _GpuHalf(paths, size, device, cuda) if decoder == "nvjpeg" else None
     own_pool = pool is None
     if pool is None:
         workers = workers or default_workers()
@@ -390,14 +442,6 @@ def encode_stream(
     prefetch = prefetch or (2 * pool.workers + 2)
     # a batch is split over the workers (at least DECODE_CHUNK_MIN images a task)
     chunk = max(DECODE_CHUNK_MIN, -(-batch_size // pool.workers))
-    model.eval()
-    cuda = torch.device(device).type == "cuda"
-    runner = (_CudaRunner(model, device, feature_dtype, batch=batch_size) if cuda
-              else _CpuRunner(model, device, feature_dtype))
-    fn = read_screen_chunk if decoder == "nvjpeg" else decode_chunk
-    # nvjpeg: the GPU half (decode_jpeg, resize, merge with the CPU fallbacks) runs in its own
-    # thread on its own CUDA stream, GPU_AHEAD batches ahead of the model
-    gpu_half = _GpuHalf(paths, size, device, cuda) if decoder == "nvjpeg" else None
     pending: deque = deque()  # [batch, decode future, GPU-half future or None], in order
     it = iter(plan)
 

@@ -132,17 +132,19 @@ def cuda_model(tmp_path_factory):
     return p
 
 
-def test_cuda_stream_equals_encode_array(tmp_path, cuda_model):
-    """The overlapped CUDA encoder (pinned H2D on a side stream, codes packed on the device,
-    deferred D2H) returns what the plain batch function returns on the same batches."""
+@pytest.mark.parametrize("backbone", ["smallcnn", "efficientnet_lite0"])
+def test_cuda_stream_equals_encode_array(tmp_path, backbone):
+    """The overlapped CUDA encoder (warm-up forward in a thread, pinned H2D on a side stream,
+    codes packed on the device, deferred D2H) returns what the plain batch function returns on
+    the same batches (efficientnet_lite0: depthwise, NCHW for this small job)."""
     from deephash_faiss.data import load_images, scan_images
     from deephash_faiss.extract import encode_array
-    from deephash_faiss.model import load_model
+    from deephash_faiss.model import build_model
     from deephash_faiss.stream import encode_stream
 
     paths = scan_images(_jpeg_folder(str(tmp_path / "i"))).paths
     dev = torch.device("cuda")
-    model = load_model(cuda_model, dev)
+    model = build_model(backbone, 48, ["a", "b"], weights="none", load_size=32, seed=0).to(dev)
     got = list(encode_stream(model, paths, dev, 8, "float32", "pil", decode_kind="thread"))
     pos = np.concatenate([g[2] for g in got])
     imgs, rpos, bad = load_images(paths, model.config.load_size)
@@ -208,3 +210,18 @@ def test_cuda_ray_build_one_gpu_equals_local(tmp_path, cuda_model):
     assert ma["decoder"] == mb["decoder"] and rep.count == ma["count"]
     ca, cb = FeatureStore(a, ma).codes(), FeatureStore(b, mb).codes()
     assert np.array_equal(ca, cb)
+
+
+def test_cuda_layouts_agree():
+    """NCHW and NHWC give the same fc7 and H up to rounding (float32, no autocast)."""
+    from deephash_faiss.extract import forward_batch
+    from deephash_faiss.model import build_model
+
+    dev = torch.device("cuda")
+    m = build_model("efficientnet_lite0", 48, ["a", "b"], weights="none", load_size=32, seed=0).to(dev).eval()
+    x = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    a = forward_batch(m, x, dev, amp=False, layout="channels_last")
+    b = forward_batch(m, x, dev, amp=False, layout="contiguous")
+    cos = torch.nn.functional.cosine_similarity(a[0], b[0]).min().item()
+    assert cos > 0.9999
+    np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), atol=2e-3)

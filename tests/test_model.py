@@ -114,3 +114,24 @@ def test_bits_must_be_multiple_of_8():
     with pytest.raises(DhfError, match="unknown backbone"):
         build_model("lenet", 16, ["a", "b"])
     assert set(BACKBONES) >= {"alexnet", "resnet50", "efficientnet_lite0", "smallcnn"}
+
+
+def test_cuda_layout_by_job_size_and_depthwise(monkeypatch):
+    """Depthwise models run NCHW on CUDA for small jobs (cuDNN's NHWC depthwise kernels cost
+    seconds at their first call), NHWC from NHWC_MIN_IMAGES on; other models always NHWC."""
+    from deephash_faiss import extract
+
+    monkeypatch.delenv("DHF_CUDA_LAYOUT", raising=False)
+    lite = build_model("efficientnet_lite0", 48, ["a", "b"], weights="none", load_size=32, seed=0)
+    small = build_model("smallcnn", 48, ["a", "b"], weights="none", load_size=32, seed=0)
+    dw = [m for m in lite.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert dw and extract.has_depthwise(lite) and not extract.has_depthwise(small)
+    assert extract.cuda_layout(lite, 1) == "contiguous"
+    assert extract.cuda_layout(lite, extract.NHWC_MIN_IMAGES - 1) == "contiguous"
+    assert extract.cuda_layout(lite, extract.NHWC_MIN_IMAGES) == "channels_last"
+    assert extract.cuda_layout(small, 1) == "channels_last"
+    monkeypatch.setenv("DHF_CUDA_LAYOUT", "channels_last")
+    assert extract.cuda_layout(lite, 1) == "channels_last"
+    monkeypatch.setenv("DHF_CUDA_LAYOUT", "nhwc")
+    with pytest.raises(ValueError, match="DHF_CUDA_LAYOUT"):
+        extract.cuda_layout(lite, 1)

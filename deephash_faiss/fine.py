@@ -385,34 +385,19 @@ class FineIndex:
     def save(self, path: str) -> None:
         """One file: magic, a JSON header, the code and list-offset arrays, then the faiss IVF
         (faiss.write_index; its coarse quantizer holds the list centroids)."""
-        import json
-
         import faiss
+
+        from .index import write_array_file
 
         arrays = {"codes": np.ascontiguousarray(self.codes, np.uint8),
                   "list_offsets": np.ascontiguousarray(self.list_offsets, "<i8")}
         header = {"rows": self.rows, "cell_size": self.cell_size, "storage": self.storage, "dim": self.dim,
-                  "n_codes": int(len(self.codes)), "n_lists": self.n_lists, "arrays": {}}
-        for _ in range(2):
-            hb = json.dumps(header, sort_keys=True).encode()
-            pos = -(-(len(FINE_MAGIC) + 8 + len(hb) + 64) // 64) * 64
-            layout = {}
-            for name, a in arrays.items():
-                layout[name] = {"offset": pos, "dtype": a.dtype.str, "shape": list(a.shape)}
-                pos = -(-(pos + a.nbytes) // 64) * 64
-            header["arrays"], header["faiss_offset"] = layout, pos
-        hb = json.dumps(header, sort_keys=True).encode()
+                  "n_codes": int(len(self.codes)), "n_lists": self.n_lists}
         if self.ivf.quantizer.ntotal != self.n_lists:
             self.ivf.quantizer.reset()
             self.ivf.quantizer.add(np.ascontiguousarray(self.centroids, np.float32))
         with open(path, "wb") as f:
-            f.write(FINE_MAGIC)
-            f.write(len(hb).to_bytes(8, "little"))
-            f.write(hb)
-            for name, a in arrays.items():
-                f.seek(layout[name]["offset"])
-                f.write(a.tobytes())
-            f.seek(header["faiss_offset"])
+            f.seek(write_array_file(f, FINE_MAGIC, header, arrays, tail_key="faiss_offset"))
             w = faiss.PyCallbackIOWriter(f.write)
             faiss.write_index(self.ivf, w)
             del w
@@ -423,15 +408,13 @@ class FineIndex:
 
         Raises:
             DhfError: not a fine-index file, truncated or inconsistent."""
-        import json
-
         import faiss
+
+        from .index import read_array_file_header
 
         try:
             with open(path, "rb") as f:
-                if f.read(len(FINE_MAGIC)) != FINE_MAGIC:
-                    raise ValueError("not a dhf fine-index file")
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                header = read_array_file_header(f, FINE_MAGIC, "a dhf fine-index file")
                 arrs = {}
                 for name, a in header["arrays"].items():
                     f.seek(a["offset"])

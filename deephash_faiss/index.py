@@ -356,6 +356,46 @@ def _as_codes(codes) -> np.ndarray:
 # ------------------------------------------------------------------------ code dictionary
 
 BUCKET_MAGIC = b"DHFBKT01"
+
+
+def write_array_file(f, magic: bytes, header: dict, arrays: dict[str, np.ndarray], tail_key: str | None = None) -> int:
+    """The dhf array-file layout (code dictionary, fine index): ``magic``, the JSON header's
+    length (8 bytes, little-endian), the header, then ``arrays`` at 64-byte aligned offsets.
+    ``header["arrays"]`` gets each array's {"offset", "dtype", "shape"}, and
+    ``header[tail_key]`` (when given) the aligned offset after the last array, where the
+    caller writes more. Returns that offset."""
+    import json
+
+    for _ in range(2):  # two passes: the offsets depend on the header's length
+        hb = json.dumps(header, sort_keys=True).encode()
+        pos = -(-(len(magic) + 8 + len(hb) + 64) // 64) * 64
+        layout = {}
+        for name, a in arrays.items():
+            layout[name] = {"offset": pos, "dtype": a.dtype.str, "shape": list(a.shape)}
+            pos = -(-(pos + a.nbytes) // 64) * 64
+        header["arrays"] = layout
+        if tail_key:
+            header[tail_key] = pos
+    hb = json.dumps(header, sort_keys=True).encode()
+    f.write(magic)
+    f.write(len(hb).to_bytes(8, "little"))
+    f.write(hb)
+    for name, a in arrays.items():
+        f.seek(layout[name]["offset"])
+        f.write(a.tobytes())
+    return pos
+
+
+def read_array_file_header(f, magic: bytes, what: str) -> dict:
+    """The JSON header of a :func:`write_array_file` file open at its start.
+
+    Raises:
+        ValueError: the file does not start with ``magic`` (``what``: what it should be)."""
+    import json
+
+    if f.read(len(magic)) != magic:
+        raise ValueError(f"not {what}")
+    return json.loads(f.read(int.from_bytes(f.read(8), "little")))
 # "auto" picks the dictionary when distinct codes / rows is at most this (the measured
 # crossover: benchmarks/bench_route.py writes deephash_faiss/routing.json).
 AUTO_BUCKETS_MAX_RATIO = 0.25
@@ -531,42 +571,20 @@ class BucketIndex(BinaryIndex):
     def save(self, path: str) -> None:
         """One file: magic, a JSON header, then the three arrays 64-byte aligned (raw,
         little-endian; :meth:`load` memory-maps them)."""
-        import json
-
         arrays = {"dict_codes": np.ascontiguousarray(self.dict_codes, np.uint8),
                   "offsets": np.ascontiguousarray(self.offsets, "<i8"),
                   "ids": np.ascontiguousarray(self.ids, "<i8")}
         header = {"bits": self.bits, "stored_nbytes": self.stored_nbytes, "n_codes": self.n_codes,
-                  "ntotal": self.ntotal, "arrays": {}}
-        # two passes: offsets depend on the header's length
-        for _ in range(2):
-            hb = json.dumps(header, sort_keys=True).encode()
-            pos = -(-(len(BUCKET_MAGIC) + 8 + len(hb) + 64) // 64) * 64
-            layout = {}
-            for name, a in arrays.items():
-                layout[name] = {"offset": pos, "dtype": a.dtype.str, "shape": list(a.shape)}
-                pos = -(-(pos + a.nbytes) // 64) * 64
-            header["arrays"] = layout
-        hb = json.dumps(header, sort_keys=True).encode()
+                  "ntotal": self.ntotal}
         with open(path, "wb") as f:
-            f.write(BUCKET_MAGIC)
-            f.write(len(hb).to_bytes(8, "little"))
-            f.write(hb)
-            for name, a in arrays.items():
-                f.seek(layout[name]["offset"])
-                f.write(a.tobytes())
-            f.truncate(max(f.tell(), pos))
+            end = write_array_file(f, BUCKET_MAGIC, header, arrays)
+            f.truncate(max(f.tell(), end))
 
     @classmethod
     def load(cls, path: str, spec: IndexSpec, bits: int | None = None) -> "BucketIndex":
-        import json
-
         try:
             with open(path, "rb") as f:
-                if f.read(len(BUCKET_MAGIC)) != BUCKET_MAGIC:
-                    raise ValueError("not a dhf code-dictionary file")
-                hb = f.read(int.from_bytes(f.read(8), "little"))
-                header = json.loads(hb)
+                header = read_array_file_header(f, BUCKET_MAGIC, "a dhf code-dictionary file")
             size = os.path.getsize(path)
             arrs = {}
             for name, a in header["arrays"].items():

@@ -60,8 +60,10 @@ def render(runs, results_dir) -> str:
                                         runs[n]["train_config"]["epochs"]))
 
     def tag(r) -> str:
-        """' scratch' / ' frozen' / '': how the backbone was trained."""
-        return " scratch" if not r["pretrained"] else (" frozen" if r.get("method") == "frozen" else "")
+        """' scratch' / ' frozen' / ' cutmix' / '': how the backbone was trained."""
+        mix = r["train_config"].get("mix", "none")
+        return (" scratch" if not r["pretrained"] else (" frozen" if r.get("method") == "frozen" else "")) + (
+            f" {mix}" if mix != "none" and r.get("method") != "frozen" else "")
 
     for name in order:
         r = runs[name]
@@ -72,6 +74,8 @@ def render(runs, results_dir) -> str:
         src = f"{r['backbone']}{' from scratch' if not r['pretrained'] else ' (ImageNet)'}"
         if r.get("method") == "frozen":
             src += ", frozen backbone"
+        elif r["train_config"].get("mix", "none") != "none":
+            src += f", {r['train_config']['mix']} p={r['train_config']['mix_prob']}"
         w(f"| {r['dataset']} ({src}) | {r['bits']} | {fmt(pap / 100 if pap else None)} | "
           f"**{fmt(m['bcs']['map_at_k'])}** | {fmt(m['hds']['map_at_k'])} | {fmt(m['es']['map_at_k'])} | "
           f"{fmt(m['bcs']['map_full'])} | {fmt(m['bcs']['precision_radius'])} | {fmt(r['query_accuracy'])} | "

@@ -171,7 +171,8 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       schedule="cosine", warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
                       hflip=hflip, crop_pad=0.125, val_fraction=0.0, seed=args.seed, amp=True,
-                      weight_decay=args.weight_decay, new_layer_lr_mult=args.new_layer_lr_mult)
+                      weight_decay=args.weight_decay, new_layer_lr_mult=args.new_layer_lr_mult,
+                      mix=args.mix, mix_alpha=args.mix_alpha, mix_prob=args.mix_prob)
     weights = "none" if args.from_scratch else "default"
     method = "frozen" if args.frozen else "finetune"
     model = build_model(args.backbone, bits, classes, weights=weights, input_size=args.input_size,
@@ -234,7 +235,8 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
         "command": " ".join(sys.argv),
     }
     name = (f"{dataset}{'-1' if protocol == 'cifar10-1' else ''}_{args.backbone}"
-            f"{'_scratch' if args.from_scratch else ''}{'_frozen' if args.frozen else ''}_{bits}bits")
+            f"{'_scratch' if args.from_scratch else ''}{'_frozen' if args.frozen else ''}"
+            f"{'_' + args.mix if args.mix != 'none' and not args.frozen else ''}_{bits}bits")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(rec, f, indent=2, default=float)
@@ -281,6 +283,10 @@ def main(argv=None):
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--mix", default="none", choices=["none", "cutmix", "mixup"],
+                   help="CutMix or Mixup of training batches (train.mix_batch)")
+    p.add_argument("--mix-alpha", type=float, default=1.0)
+    p.add_argument("--mix-prob", type=float, default=0.5)
     p.add_argument("--input-size", type=int, default=None, help="network input side (default: the backbone's)")
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--hds-radius", type=int, default=3)

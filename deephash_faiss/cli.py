@@ -247,6 +247,9 @@ def _train_options(f):
         click.option("--load-size", type=int, default=None,
                      help="Side images are decoded to (default: their size, capped at the input size)."),
         click.option("--no-flip", is_flag=True, help="No horizontal-flip augmentation (digits, text)."),
+        click.option("--mix", default="none", show_default=True, type=click.Choice(["none", "cutmix", "mixup"]),
+                     help="Mix half the fine-tuning batches with CutMix or Mixup (a regulariser for "
+                          "longer schedules; ignored by --frozen and --unsupervised)."),
         click.option("--val-fraction", default=0.1, show_default=True, type=float,
                      help="Share of the training images held out for validation accuracy."),
         click.option("--seed", default=0, show_default=True, type=int,
@@ -258,7 +261,7 @@ def _train_options(f):
 
 
 _TRAIN_PARAMS = ("backbone", "bits", "weights", "epochs", "lr", "optimizer", "schedule", "input_size", "load_size",
-                 "no_flip", "val_fraction", "seed", "method")
+                 "no_flip", "mix", "val_fraction", "seed", "method")
 
 
 def _collect_train(kw) -> dict:
@@ -266,7 +269,8 @@ def _collect_train(kw) -> dict:
         backbone=kw.pop("backbone"), bits=kw.pop("bits"), weights=kw.pop("weights"), epochs=kw.pop("epochs"),
         lr=kw.pop("lr"), optimizer=kw.pop("optimizer"), schedule=kw.pop("schedule"),
         input_size=kw.pop("input_size"), load_size=kw.pop("load_size"), hflip=not kw.pop("no_flip"),
-        val_fraction=kw.pop("val_fraction"), seed=kw.pop("seed"), method=kw.pop("method") or "auto",
+        mix=kw.pop("mix"), val_fraction=kw.pop("val_fraction"), seed=kw.pop("seed"),
+        method=kw.pop("method") or "auto",
     )
 
 

@@ -3,8 +3,8 @@
 :func:`fit` fine-tunes the whole network, as the paper: SGD with momentum 0.9 and weight
 decay 5e-4, the new layers (H and the classifier) at 10x the base learning rate. Images
 are held in memory as uint8 [N, S, S, 3] (decoded once at the model's ``load_size``);
-augmentation (random crop with reflection padding, horizontal flip), resizing and
-normalisation run on the training device, batch by batch. bf16 autocast on CUDA.
+augmentation (random crop with reflection padding, horizontal flip, optionally CutMix or
+Mixup), resizing and normalisation run on the training device, batch by batch. bf16 autocast on CUDA.
 
 :func:`fit_head` trains only H and the classifier on cached fc7 features of a frozen
 backbone (laptop mode: seconds on a CPU).
@@ -44,6 +44,9 @@ class TrainConfig:
     augment: bool = True
     hflip: bool = True
     crop_pad: float = 0.125  # random-crop padding as a fraction of the image side
+    mix: str = "none"  # "none", "cutmix" (Yun et al. 2019) or "mixup" (Zhang et al. 2018), fit only
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing ratio
+    mix_prob: float = 0.5  # share of batches mixed
     val_fraction: float = 0.1
     seed: int = 0
     amp: bool = True
@@ -64,6 +67,10 @@ class TrainConfig:
             raise DhfError(f"unknown schedule {self.schedule!r} (cosine, step or constant)")
         if not 0 <= self.val_fraction < 1:
             raise DhfError("--val-fraction must be in [0, 1)")
+        if self.mix not in ("none", "cutmix", "mixup"):
+            raise DhfError(f"unknown mix {self.mix!r} (none, cutmix or mixup)")
+        if self.mix != "none" and not (self.mix_alpha > 0 and 0 <= self.mix_prob <= 1):
+            raise DhfError("--mix-alpha must be positive and --mix-prob in [0, 1]")
 
 
 #: Fine-tuning on a CPU keeps every activation of a batch for the backward pass: about
@@ -129,6 +136,33 @@ def augment_batch(x: torch.Tensor, pad_frac: float, hflip: bool, gen: torch.Gene
         flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(2), x)
     return x
+
+
+def mix_batch(x: torch.Tensor, kind: str, alpha: float, prob: float, gen: torch.Generator):
+    """CutMix or Mixup of a batch with a shuffled copy of itself.
+
+    Args:
+        x: uint8 [B, S, S, 3] on the training device.
+    Returns:
+        (x uint8 [B, S, S, 3], partner int64 [B] (positions in the batch) or None when this
+        batch is not mixed, lam float: the weight of each image's own label).
+    """
+    b, s = x.shape[0], x.shape[1]
+    if kind == "none" or b < 2 or float(torch.rand((), generator=gen)) >= prob:
+        return x, None, 1.0
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (), generator=gen))).beta(alpha, alpha))
+    partner = torch.randperm(b, generator=gen).to(x.device)
+    if kind == "mixup":
+        mixed = x.float() * lam + x[partner].float() * (1 - lam)
+        return mixed.round_().clamp_(0, 255).to(torch.uint8), partner, lam
+    # cutmix: a box of area (1 - lam) S^2 at a uniform centre, clipped; lam from the clipped box
+    cut = int(round(s * math.sqrt(1 - lam)))
+    cy, cx = (int(v) for v in torch.randint(0, s, (2,), generator=gen))
+    y0, y1 = max(0, cy - cut // 2), min(s, cy + (cut - cut // 2))
+    x0, x1 = max(0, cx - cut // 2), min(s, cx + (cut - cut // 2))
+    out = x.clone()
+    out[:, y0:y1, x0:x1] = x[partner, y0:y1, x0:x1]
+    return out, partner, 1.0 - (y1 - y0) * (x1 - x0) / (s * s)
 
 
 def _lr_factor(cfg: TrainConfig, progress: float) -> float:
@@ -376,6 +410,8 @@ def fit(
             yb = ydata[idx].to(device, non_blocking=True)
             if cfg.augment:
                 xb = augment_batch(xb, cfg.crop_pad, cfg.hflip, gen)
+            xb, partner, lam = mix_batch(xb, cfg.mix, cfg.mix_alpha, cfg.mix_prob, gen)
+            yb2 = yb[partner] if partner is not None else None
             factor = _lr_factor(cfg, (epoch * steps_per_epoch + step) / total_steps)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -386,6 +422,9 @@ def fit(
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     _, _, logits = model(x)
                     loss = F.cross_entropy(logits.float(), yb[sub], label_smoothing=cfg.label_smoothing)
+                    if yb2 is not None:
+                        loss = lam * loss + (1 - lam) * F.cross_entropy(
+                            logits.float(), yb2[sub], label_smoothing=cfg.label_smoothing)
                 (loss * (len(sub) / len(idx))).backward()
                 tot_loss += loss.detach() * len(sub)
                 tot_correct += (logits.argmax(1) == yb[sub]).sum()

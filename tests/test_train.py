@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deephash_faiss.model import build_model, read_checkpoint
-from deephash_faiss.train import TrainConfig, augment_batch, fit, make_optimizer, split_validation
+from deephash_faiss.train import TrainConfig, augment_batch, fit, make_optimizer, mix_batch, split_validation
 
 
 def _toy(n_per=30, size=16, seed=0):
@@ -70,6 +70,47 @@ def test_augment_keeps_shape_and_pixels():
     assert y.shape == x.shape and y.dtype == torch.uint8
     same = augment_batch(x, 0.0, False, g)
     assert torch.equal(same, x)
+
+
+def test_cutmix_pastes_one_box_and_weights_labels_by_area():
+    x = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 16, 16, 3).contiguous() * 40
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        y, partner, lam = mix_batch(x, "cutmix", 1.0, 1.0, g)
+        assert partner is not None and y.shape == x.shape and y.dtype == torch.uint8
+        for i in range(6):
+            own = (y[i] == x[i]).all(-1)
+            other = (y[i] == x[int(partner[i])]).all(-1)
+            assert bool((own | other).all())
+            if int(partner[i]) != i:  # the pasted pixels form one box; lam = share kept
+                assert abs(float(own.float().mean()) - lam) < 1e-6
+                rows, cols = torch.nonzero(~own, as_tuple=True)
+                if len(rows):
+                    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+                    assert int(box) == len(rows)
+    # the same generator seed gives the same batch
+    a = mix_batch(x, "cutmix", 1.0, 1.0, torch.Generator().manual_seed(3))
+    b = mix_batch(x, "cutmix", 1.0, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+
+
+def test_mixup_is_a_convex_combination_and_prob_zero_is_identity():
+    x = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8)
+    y, partner, lam = mix_batch(x, "mixup", 0.4, 1.0, torch.Generator().manual_seed(1))
+    ref = np.rint(x.numpy() * lam + x[partner].numpy() * (1 - lam))
+    assert np.abs(y.numpy().astype(float) - ref).max() <= 1 and 0 <= lam <= 1
+    same, p0, lam0 = mix_batch(x, "cutmix", 1.0, 0.0, torch.Generator().manual_seed(1))
+    assert p0 is None and lam0 == 1.0 and torch.equal(same, x)
+
+
+def test_fit_with_cutmix_learns():
+    imgs, labels = _toy()
+    m = build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=0)
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=0.005, val_fraction=0.2, seed=0, mix="cutmix")
+    hist = fit(m, imgs, labels, cfg, torch.device("cpu"), progress=False)
+    assert hist[-1]["val_acc"] >= 2 / 3  # chance is 1/3
+    with pytest.raises(Exception, match="unknown mix"):
+        TrainConfig(mix="blend").check()
 
 
 # ---------------------------------------------------------------- laptop mode (frozen backbone)

@@ -314,7 +314,9 @@ def index_from_arrays(
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     n = len(codes)
     labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
-    paths = [f"row-{i}" for i in range(n)] if paths is None else list(paths)
+    paths = _RowNames(n) if paths is None else list(paths)
+    if len(paths) != n:
+        raise DhfError(f"{len(paths)} paths for {n} codes")
     spec = spec or IndexSpec()
     bits = codes.shape[1] * 8
     os.makedirs(os.path.join(index_dir, "shards"), exist_ok=True)
@@ -340,6 +342,20 @@ def index_from_arrays(
     }
     write_manifest(index_dir, manifest)
     return manifest
+
+
+class _RowNames:
+    """``"row-<id>"`` for ids [0, n), made per slice (index_from_arrays writes shard by shard, so
+    a 1e8-row benchmark index never holds 1e8 strings at once)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, sl: slice) -> list[str]:
+        return [f"row-{i}" for i in range(*sl.indices(self.n))]
 
 
 def open_index(index_dir: str, device: str = "auto", features_in_memory: bool = False) -> Searcher:

@@ -77,6 +77,16 @@ def interleaved_ms(fns, rounds=7):
     return [b * 1e3 for b in best]
 
 
+def count_distinct(codes: np.ndarray) -> int:
+    """Distinct rows of uint8 [n, B] codes (B <= 8: as uint64 keys, 10x faster than
+    np.unique(axis=0) at 1e7 rows)."""
+    if codes.shape[1] > 8:
+        return len(np.unique(codes, axis=0))
+    keys = np.zeros((len(codes), 8), np.uint8)
+    keys[:, :codes.shape[1]] = codes
+    return len(np.unique(keys.view(np.uint64).ravel()))
+
+
 def realgen_case(source: str, n: int, rng):
     """Codes grown from a real index's statistics (benchmarks/realgen.py), with its real test
     codes as queries; features are 4-d zeros (BCS only: HDS at 1e8 needs features that do not
@@ -122,7 +132,7 @@ def main():
             qpool, modes = None, ("bcs", "hds")
         d = tempfile.mkdtemp(prefix=f"bench-sc-{kind}-")
         api.index_from_arrays(d, codes, feats, labels=labels, spec=IndexSpec("auto"))
-        distinct = len(np.unique(codes, axis=0))
+        distinct = count_distinct(codes)
         print(kind, "index of", len(codes), "rows,", distinct, "distinct codes, written in",
               round(time.perf_counter() - t0, 1), "s", flush=True)
         if kind == "realgen":
@@ -155,7 +165,7 @@ def main():
                 row["queries_ids_equal"] = float(np.mean([np.array_equal(x.ids, y.ids) for x, y in zip(a_, b_)]))
                 # where ids differ: are the distances at each rank the same (a float near-tie flip)?
                 row["distances_close"] = all(len(x.distance) == len(y.distance) and np.allclose(
-                    x.distance, y.distance, rtol=1e-4, atol=1e-3) for x, y in zip(a_, b_))
+                    x.distance, y.distance, rtol=1e-4, atol=1e-3, equal_nan=True) for x, y in zip(a_, b_))
                 row["cuda_vs_cpu"] = row["cuda_ms"] / row["cpu_ms"]
                 if mode == "bcs":
                     row["cuda_qps"] = 1e3 / row["cuda_ms"]

@@ -378,6 +378,7 @@ class Searcher:
         self.fine_problem: str | None = None  # why the saved fine index is not used (None: no problem)
         self._fine_tried = fine is not None
         self.last_path: str | None = None
+        self._routes: dict = {}  # (live, distinct codes, batch) -> code path (code_path)
         if features_in_memory:
             self.store.load_features()
             if self.device.type == "cuda":
@@ -416,8 +417,14 @@ class Searcher:
         if cb in ("dict", "flat", "gpu"):
             return cb
         distinct = self._dict.n_codes if self._dict is not None else None
-        return route(self.live_count(), distinct, batch, self.device.type,
-                     saved="dict" if isinstance(self.index, BucketIndex) else self.index.spec.kind)
+        key = (self.live_count(), distinct, batch)
+        path = self._routes.get(key)
+        if path is None:  # the rule is pure in its inputs: decided once per (live, distinct, batch)
+            if len(self._routes) > 4096:
+                self._routes.clear()
+            path = self._routes[key] = route(key[0], distinct, batch, self.device.type,
+                                             saved="dict" if isinstance(self.index, BucketIndex) else self.index.spec.kind)
+        return path
 
     def hds_path(self, batch: int) -> str:
         """The code path of exact HDS: :meth:`code_path`, except that the GPU takes HDS batches

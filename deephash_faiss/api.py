@@ -103,7 +103,10 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
         w = BACKBONES[backbone].default_weights if weights == "default" else weights
         method, reason = plan or featurecache.choose_method(method, labelled, dev, w not in (None, "none"))
         if bits is None:
-            bits = itq.DEFAULT_UNSUPERVISED_BITS if method == "itq" else 48
+            bits = itq.default_bits(len(images)) if method == "itq" else 48
+            if method == "itq" and bits < itq.DEFAULT_UNSUPERVISED_BITS:
+                log(f"{bits}-bit codes: {len(images)} images give at most that many PCA directions "
+                    f"(the default is {itq.DEFAULT_UNSUPERVISED_BITS})")
         isize = input_size or BACKBONES[backbone].input_size
         lsize = load_size or probe_load_size(images.paths, isize)
         classes = [] if method == "itq" else images.classes

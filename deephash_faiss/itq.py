@@ -31,7 +31,7 @@ def fit_itq(features: np.ndarray, bits: int, seed: int = 0, max_train: int | Non
 
     Args:
         features: float [n, D] (fc7 of the images), n >= 2.
-        bits: code length (<= D).
+        bits: code length (<= D and <= n).
         seed: ITQ's random initial rotation.
         max_train: at most this many rows are used (default: faiss's 10 per dimension,
             at least 20,000).
@@ -46,6 +46,9 @@ def fit_itq(features: np.ndarray, bits: int, seed: int = 0, max_train: int | Non
     n, d = x.shape
     if not 0 < bits <= d:
         raise DhfError(f"--bits {bits} must be at most the feature dimension {d} for unsupervised codes")
+    if bits > n:
+        raise DhfError(f"{bits}-bit unsupervised codes need at least {bits} images ({n} given): "
+                       f"add images or pass --bits {max(8, n // 8 * 8) if n >= 8 else 8}")
     if not np.isfinite(x).all():
         raise DhfError("features hold NaN or infinite values")
     limit = max_train or max(20_000, 10 * d)
@@ -61,6 +64,13 @@ def fit_itq(features: np.ndarray, bits: int, seed: int = 0, max_train: int | Non
     r = faiss.vector_to_array(rot.A).reshape(bits, bits)
     w = (r.astype(np.float64) @ p.astype(np.float64)).astype(np.float32)
     return mean, w
+
+
+def default_bits(n_images: int) -> int:
+    """The code length of an unsupervised model for ``n_images`` images:
+    :data:`DEFAULT_UNSUPERVISED_BITS`, lowered to a multiple of 8 within the image count
+    (PCA yields at most one direction per image)."""
+    return int(min(DEFAULT_UNSUPERVISED_BITS, max(8, n_images // 8 * 8)))
 
 
 def projection_scale(features: np.ndarray, mean: np.ndarray, w: np.ndarray) -> float:

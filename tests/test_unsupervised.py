@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deephash_faiss import DhfError, api
+from deephash_faiss import DhfError, api, itq
 from deephash_faiss.featurecache import choose_method, codes_from_features
 from deephash_faiss.index import unpack_codes
 from deephash_faiss.itq import fit_itq, fit_latent, set_latent
@@ -120,3 +120,22 @@ def test_unsupervised_on_labelled_folder_and_train_command(image_folder, tmp_pat
     m2 = load_model(out)
     assert m2.config.method == "itq" and m2.config.bits == 24
     assert not [n for n in os.listdir(tmp_path) if "fc7-cache" in n]  # the cache is removed
+
+
+def test_small_unlabelled_folder_lowers_the_default_bits_and_refuses_too_many(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from deephash_faiss.cli import main
+
+    flat = _flat_folder(image_folder, str(tmp_path / "photos"))  # 36 images, default 128 bits
+    assert itq.default_bits(36) == 32 and itq.default_bits(10_000) == itq.DEFAULT_UNSUPERVISED_BITS
+    logs = []
+    rep = api.build_index(flat, str(tmp_path / "idx"), device="cpu", progress=False, log=logs.append,
+                          train_options={"backbone": "smallcnn"})
+    assert rep.count == 36 and api.open_index(str(tmp_path / "idx"), device="cpu").model.config.bits == 32
+    assert any("32-bit codes: 36 images" in line for line in logs)
+    # asked for more bits than images: one line, no traceback, non-zero exit
+    r = CliRunner().invoke(main, ["build-index", flat, "--out", str(tmp_path / "idx2"), "--backbone", "smallcnn",
+                                  "--bits", "64", "--device", "cpu", "-q"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "64-bit unsupervised codes need at least 64 images (36 given)" in r.output

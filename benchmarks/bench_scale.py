@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--cell-size", type=int, default=None, help="default: fine.default_cell_size(n)")
     ap.add_argument("--nprobe", type=int, default=None, help="default: FineParams.nprobe")
     ap.add_argument("--refine", type=int, default=None, help="default: FineParams.refine")
-    ap.add_argument("--storage", default="sq8", choices=["sq8", "fp16"])
+    ap.add_argument("--storage", default="pq4", choices=["pq4", "sq8", "fp16"], help="fine-index list storage")
     ap.add_argument("--exact-max", type=int, default=None, help="pools of at most this many rows ranked exactly "
                     "(default: FineParams.exact_max)")
     ap.add_argument("--sweep", default="", metavar="CELL:NPROBE,...;...",

@@ -38,12 +38,7 @@ from .errors import DhfError
 
 FINE_MAGIC = b"DHFFINE1"
 STORAGES = ("pq4", "sq8", "fp16")
-
-
-def _pq4_m(d: int) -> int:
-    """Sub-quantizers of the "pq4" storage for d dimensions: one per 4 dimensions (2 or 1 when
-    d is not a multiple of 4)."""
-    return d // 4 if d % 4 == 0 else (d // 2 if d % 2 == 0 else d)
+DEFAULT_STORAGE = "pq4"
 
 
 def _new_ivf(d: int, nlist: int, storage: str):
@@ -52,9 +47,11 @@ def _new_ivf(d: int, nlist: int, storage: str):
     import faiss
 
     if storage == "pq4":
-        # 4-bit PQ, one sub-quantizer per 4 dimensions, scanned by faiss's SIMD fast-scan kernels
-        # (blocks of 32 rows; about 8x faster than SQ8 per row, the exact refine restores recall)
-        ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d), d, max(1, nlist), _pq4_m(d), 4, faiss.METRIC_L2, 32)
+        # 4-bit PQ with one sub-quantizer per dimension (16 trained levels each: d / 2 bytes a
+        # row), scanned by faiss's SIMD fast-scan kernels in blocks of 32 rows: ~4x faster than
+        # SQ8 per row. Coarser sub-quantizers (2 or 4 dimensions) scan faster still but lose
+        # recall@10 that a larger refine must buy back (measured: docs/benchmarks.md).
+        ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d), d, max(1, nlist), d, 4, faiss.METRIC_L2, 32)
         ivf.by_residual = False
         return ivf
     # sq8: one byte per dimension over one range for all dimensions (QT_8bit_uniform: scanned
@@ -261,7 +258,7 @@ class FineIndex:
         return int(self.list_offsets[-1])
 
     @classmethod
-    def build(cls, buckets, features, cell_size: int | None = None, storage: str = "sq8", seed: int = 0,
+    def build(cls, buckets, features, cell_size: int | None = None, storage: str = DEFAULT_STORAGE, seed: int = 0,
               niter: int = 10, max_train: int = 64, chunk: int = 1 << 18, log: Callable[[str], None] | None = None):
         """Build from a :class:`~deephash_faiss.index.BucketIndex` and the features.
 
@@ -270,7 +267,8 @@ class FineIndex:
             features: float32/float16 [n, D] (array or memory map), row i = id i.
             cell_size: target rows per (code, cell) list (None: :func:`default_cell_size` of
                 the live rows).
-            storage: "sq8" or "fp16" (compressed features held in the lists).
+            storage: "pq4" (4-bit PQ, one sub-quantizer per dimension, faiss fast-scan),
+                "sq8" or "fp16" (compressed features held in the lists).
             max_train: k-means trains on at most ``max_train`` rows per cell (sampled).
         """
         from .rerank import _to_float32
@@ -647,30 +645,38 @@ class FineIndex:
         Returns:
             (lists int64 [b, w] (-1 past each query's cut), centroid distances float32 [b, w],
             rows examined int64 [b], truncated bool [b])."""
+        import faiss
+
         list_rows = self._list_sizes()
         budget = p.nprobe * self.cell_size
         nb = len(qb)
-        union, col = np.unique(lists, return_inverse=True)
+        # the union of the block's lists (a mark over all lists: cheaper than np.unique)
+        mark = np.zeros(self.n_lists, bool)
+        mark[lists] = True
+        union = np.flatnonzero(mark)
         if len(union) == 0:
             return np.full((nb, 1), -1, np.int64), np.zeros((nb, 1), np.float32), np.zeros(nb, np.int64), np.zeros(nb, bool)
-        reach = np.zeros((nown, len(union)), bool)
-        reach[owner, col.ravel()] = True
-        cd = self._centroid_norms()[union][None, :] - 2 * (qb @ self.centroids[union].T)
-        cd += np.einsum("ij,ij->i", qb, qb)[:, None]
-        cd[~reach[qown]] = np.inf
+        col = np.empty(self.n_lists, np.int64)
+        col[union] = np.arange(len(union))
+        off = np.full((nown, len(union)), np.inf, np.float32)  # +inf: not in the code's reach
+        off[owner, col[lists]] = 0
+        # faiss's GEMM (OpenMP threads, like the scan after it: numpy's BLAS threads would
+        # still be spinning when the scan starts and take its cores)
+        cd = faiss.pairwise_distances(qb, self.centroids[union]) + off[qown]
         lr = list_rows[union]
-        nfin = reach.sum(1)[qown]
-        # most probes need about nprobe lists: sort only the nearest 4 x nprobe of each query
-        # (all of them when those hold fewer rows than the budget for a query that has more)
-        kk = 4 * p.nprobe
-        whole = np.broadcast_to(np.arange(len(union)), cd.shape)
-        o = whole
-        if len(union) > kk:
+        nfin = np.isfinite(off).sum(1)[qown]
+        # most probes need about nprobe lists (of cell_size rows): select the nearest
+        # 2 x nprobe of each query, 4x more while those hold fewer rows than the budget for a
+        # query that has more (lists of small codes hold a few rows), then sort them
+        kk, o = 2 * p.nprobe, None
+        while o is None and kk < len(union):
             o = np.argpartition(cd, kk - 1, axis=1)[:, :kk]
-            o.sort(axis=1)  # list order, so that the stable sort below breaks ties by it
-            d = np.take_along_axis(cd, o, 1)
-            if ((np.where(np.isfinite(d), lr[o], 0).sum(1) < budget) & (nfin > kk)).any():
-                o = whole
+            if ((np.where(np.isfinite(np.take_along_axis(cd, o, 1)), lr[o], 0).sum(1) < budget) & (nfin > kk)).any():
+                o, kk = None, 4 * kk
+            else:
+                o.sort(axis=1)  # list order, so that the stable sort below breaks ties by list number
+        if o is None:
+            o = np.broadcast_to(np.arange(len(union)), cd.shape)
         d = np.take_along_axis(cd, o, 1)
         s = np.argsort(d, axis=1, kind="stable")
         o, d = np.take_along_axis(o, s, 1), np.take_along_axis(d, s, 1)
@@ -704,11 +710,10 @@ def _ranges_of(list_offsets: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return _ranges(list_offsets[codes], list_offsets[codes + 1] - list_offsets[codes])
 
 
-def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int, block: int = 16):
+def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int, block_bytes: int = 1 << 25):
     """Exact top k of each query among its candidates (squared L2 on the stored features,
-    ties by id), batched: for ``block`` queries at a time one ``gather`` of their
-    candidates' rows and |x|^2 - 2 x.q + |q|^2 over the [block, R, D] rows (cache-sized;
-    ~1.5x the cost of the gather copy itself).
+    ties by id), batched: ``gather`` of a block of queries' candidates at a time (at most
+    ``block_bytes`` of float32 rows) and faiss's ``fvec_L2sqr_by_idx`` over them.
 
     Args:
         q: float32 [m, D]; cand: int64 [m, R] candidate ids, -1 for none.
@@ -716,9 +721,12 @@ def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int, block: int = 16):
     Returns:
         (ids int64 [m, k'], squared distances float32 [m, k']) nearest first, -1 / inf past
         a query's candidates; k' = min(k, R)."""
+    import faiss
+
     from .rerank import _to_float32
 
     m, R = cand.shape
+    D = q.shape[1]
     kk = min(k, R)
     big = np.iinfo(np.int64).max
     c = np.sort(np.where(cand < 0, big, cand), axis=1)  # id order: the stable sort keeps ties by id
@@ -727,11 +735,13 @@ def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int, block: int = 16):
         return np.full((m, kk), -1, np.int64), np.full((m, kk), np.inf, np.float32)
     safe = np.where(valid, c, c[valid][0])  # a real row in the empty slots (masked below)
     d = np.empty((m, R), np.float32)
-    for s in range(0, m, block):
-        x = _to_float32(np.asarray(gather(safe[s:s + block].ravel()))).reshape(-1, R, q.shape[1])
-        d[s:s + block] = np.einsum("brd,brd->br", x, x) - 2 * np.matmul(x, q[s:s + block, :, None])[..., 0]
-    d += np.einsum("ij,ij->i", q, q)[:, None]
-    np.maximum(d, 0, out=d)
+    step = max(1, block_bytes // (R * D * 4))
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        x = np.ascontiguousarray(_to_float32(np.asarray(gather(safe[s:e].ravel()))))
+        pos = np.arange((e - s) * R, dtype=np.int64)
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d[s:e]), faiss.swig_ptr(q[s:e]), faiss.swig_ptr(x),
+                                faiss.swig_ptr(pos), D, e - s, R)
     d[~valid] = np.inf
     o = np.argsort(d, axis=1, kind="stable")[:, :kk]
     ids = np.take_along_axis(c, o, 1)

@@ -470,7 +470,7 @@ class Searcher:
                         self.fine_problem = str(err)
         return self.fine
 
-    def build_fine_index(self, cell_size: int | None = None, storage: str = "sq8", **kw):
+    def build_fine_index(self, cell_size: int | None = None, storage: str = "pq4", **kw):
         """Build the HDS fine index over this index's dictionary and features (k-means per big
         code; minutes at 1e7 rows on 2 cores) and use it for ``hds_mode`` "ivf" / "auto"."""
         from .fine import FineIndex

@@ -290,13 +290,14 @@ def main() -> None:
     fp = FineParams(nprobe=a.nprobe, refine=a.refine, exact_max=max(a.k, exact_max))
 
     def hds_ivf(fine=fine, fp=fp):
-        res = fine.search(qcodes, qf, a.k, a.radius, gather, fp)
+        inplace = feats if feats.dtype == np.float32 else gather  # float32 in RAM: read in place
+        res = fine.search(qcodes, qf, a.k, a.radius, inplace, fp)
         small = [i for i, o in enumerate(res) if o[5]]
         ids = [o[0] for o in res]
         if small:  # the exact path for small pools (as Searcher.hds does)
             l2, D2, I2 = bidx.range_search(qcodes[small], a.radius)
             pl = [I2[l2[j]:l2[j + 1]] for j in range(len(small))]
-            r = rank_pools_cpu(qf[small], pl, gather, a.k)
+            r = rank_pools_cpu(qf[small], pl, inplace, a.k)
             for j, i in enumerate(small):
                 ids[i] = pl[j][r[j][0]]
         return ids, res

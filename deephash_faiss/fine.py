@@ -9,15 +9,22 @@ index instead:
   :class:`~deephash_faiss.index.BucketIndex` with more than ``cell_size`` rows is split
   by k-means on its rows' features into ``ceil(rows / cell_size)`` cells
   (:class:`faiss.Kmeans`); smaller codes are one list. Each list has a centroid.
-* **Compressed features in the lists**: a :class:`faiss.IndexIVFScalarQuantizer`
-  (``"sq8"``: 1 byte per dimension, one range for all; or ``"fp16"``) whose inverted lists are these
-  (code, cell) lists, filled with ``faiss.contrib.ivf_tools.add_preassigned`` (the IVF's
-  own coarse quantizer is never used).
-* **Search**: the query's radius reaches a set of codes (``BucketIndex.reach``); among their
-  lists it probes those whose centroids are nearest the query's fc7, nearest first, until
-  ``nprobe x cell_size`` rows (``search_preassigned``), keeps the ``refine`` best by compressed distance, and re-ranks
-  those exactly on the stored features (``gather``), ties by id. A pool of at most
-  ``exact_max`` live rows is ranked exactly instead (cheaper than probing).
+* **Compressed features in the lists**: a faiss IVF whose inverted lists are these (code, cell)
+  lists (the IVF's own coarse quantizer is never used): ``"pq4"`` (the default) an
+  :class:`faiss.IndexIVFPQFastScan`, 4-bit PQ with one sub-quantizer per dimension (D / 2 bytes a
+  row, scanned by faiss's SIMD fast-scan kernels in packed blocks of 32 rows); or an
+  :class:`faiss.IndexIVFScalarQuantizer` (``"sq8"``: 1 byte per dimension, one range for all;
+  ``"fp16"``). Saved files of every storage load.
+* **Search, vectorized over the batch**: the radius is resolved once per distinct query code
+  (``BucketIndex.reach``: real codes collapse, queries share codes); queries ordered by code are
+  taken 32 at a time: one GEMM (faiss) of their fc7 against the centroids of the union of the
+  lists they reach, a mask for the lists each one's code does not reach, and a row-wise
+  selection of its nearest lists until ``nprobe x cell_size`` rows. Then one
+  ``search_preassigned`` for the whole batch keeps the ``refine`` best by compressed distance,
+  and one batched exact re-rank on the stored features (``gather``; faiss
+  ``fvec_L2sqr_by_idx``) gives the top k, ties by id. A pool of at most ``exact_max`` live
+  rows is ranked exactly instead (cheaper than probing). Every GEMM runs on faiss's OpenMP
+  threads: numpy's BLAS threads spin after a call and took the scan's cores.
 
 Deleted rows are left out when the index is built; rows removed later stay in the lists and
 are filtered at search (like every other path). :meth:`FineIndex.add` (``dhf add``) puts new
@@ -232,9 +239,13 @@ class FineIndex:
 
     Arrays: codes uint8 [G, B] (the codes it holds lists for, matched by value to the
     dictionary it serves: :meth:`attach`), list_offsets int64 [G + 1] (code g's lists are
-    list_offsets[g]..list_offsets[g+1]-1), centroids float32 [L, D]; ``ivf``: faiss
-    IndexIVFScalarQuantizer with L lists whose ids are database row ids; rows: the rows
-    (ids 0..rows-1) it covers.
+    list_offsets[g]..list_offsets[g+1]-1), centroids float32 [L, D]; ``ivf``: a faiss IVF with
+    L lists whose ids are database row ids (IndexIVFPQFastScan for ``storage`` "pq4", lists
+    in packed blocks: read and written through :func:`_list_codes` / :func:`_put_list`;
+    IndexIVFScalarQuantizer for "sq8" / "fp16"); rows: the rows (ids 0..rows-1) it covers.
+
+    :meth:`search` on real CIFAR-10 code statistics (bench_scale.py, 2 cores, batches of 200
+    queries): see docs/benchmarks.md, "Scale with real code statistics".
     """
 
     def __init__(self, buckets, list_offsets: np.ndarray, centroids: np.ndarray, ivf, cell_size: int,
@@ -552,7 +563,7 @@ class FineIndex:
         return int(self.ivf.ntotal) * per + self.centroids.nbytes + self.list_offsets.nbytes
 
     def search(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather,
-               params: FineParams | None = None, max_candidates: int | None = None, block: int = 32):
+               params: FineParams | None = None, max_candidates: int | None = None, block: int = 64):
         """Approximate HDS, vectorized over the batch: the radius is resolved once per
         distinct query code (queries with one code reach the same lists); queries, ordered by
         code, are taken ``block`` at a time, one GEMM over the union of the lists they reach
@@ -562,7 +573,8 @@ class FineIndex:
         Args:
             qcodes: uint8 [m, B]; qfeats: float32 [m, D].
             gather: ids int64 [p] (any order, repeats) -> features [p, D] (the exact
-                features, for the refine).
+                features, for the refine), or the features themselves when they are in RAM
+                (a C-contiguous float32 array [n, D]: read in place, no copy).
             max_candidates: safety limit on rows examined per query (lists are dropped,
                 farthest centroid first, past it; the result says ``truncated``).
         Returns:
@@ -627,9 +639,10 @@ class FineIndex:
         if b.deleted is not None and b.deleted.any():  # rows removed after the build
             I = np.where((I >= 0) & b.deleted[np.maximum(I, 0)], -1, I)
         ids, dist = _refine(q[todo], I, gather, k)
-        for j, i in enumerate(todo):
-            ok = ids[j] >= 0
-            out[i] = (ids[j][ok], dist[j][ok], int(pools[i]), int(examined[j]), bool(trunc[j]), False)
+        found = (ids >= 0).sum(1).tolist()  # the valid ones come first
+        for j, (i, f, pl, ex, tr) in enumerate(zip(todo.tolist(), found, pools[todo].tolist(), examined.tolist(),
+                                                    trunc.tolist())):
+            out[i] = (ids[j, :f], dist[j, :f], pl, ex, tr, False)
         return out
 
     def _probe_block(self, qb: np.ndarray, qown: np.ndarray, owner: np.ndarray, lists: np.ndarray, nown: int,
@@ -710,39 +723,22 @@ def _ranges_of(list_offsets: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return _ranges(list_offsets[codes], list_offsets[codes + 1] - list_offsets[codes])
 
 
-def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int, block_bytes: int = 1 << 25):
+def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int):
     """Exact top k of each query among its candidates (squared L2 on the stored features,
-    ties by id), batched: ``gather`` of a block of queries' candidates at a time (at most
-    ``block_bytes`` of float32 rows) and faiss's ``fvec_L2sqr_by_idx`` over them.
+    :func:`~deephash_faiss.rerank.l2_by_ids`), ties by id.
 
     Args:
         q: float32 [m, D]; cand: int64 [m, R] candidate ids, -1 for none.
-        gather: ids int64 [p] (any order, repeats) -> features [p, D].
+        gather: ids int64 [p] (any order, repeats) -> features [p, D], or the features
+            (float32 [n, D] in RAM).
     Returns:
         (ids int64 [m, k'], squared distances float32 [m, k']) nearest first, -1 / inf past
         a query's candidates; k' = min(k, R)."""
-    import faiss
+    from .rerank import l2_by_ids
 
-    from .rerank import _to_float32
-
-    m, R = cand.shape
-    D = q.shape[1]
-    kk = min(k, R)
     big = np.iinfo(np.int64).max
     c = np.sort(np.where(cand < 0, big, cand), axis=1)  # id order: the stable sort keeps ties by id
-    valid = c != big
-    if not valid.any():
-        return np.full((m, kk), -1, np.int64), np.full((m, kk), np.inf, np.float32)
-    safe = np.where(valid, c, c[valid][0])  # a real row in the empty slots (masked below)
-    d = np.empty((m, R), np.float32)
-    step = max(1, block_bytes // (R * D * 4))
-    for s in range(0, m, step):
-        e = min(m, s + step)
-        x = np.ascontiguousarray(_to_float32(np.asarray(gather(safe[s:e].ravel()))))
-        pos = np.arange((e - s) * R, dtype=np.int64)
-        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d[s:e]), faiss.swig_ptr(q[s:e]), faiss.swig_ptr(x),
-                                faiss.swig_ptr(pos), D, e - s, R)
-    d[~valid] = np.inf
-    o = np.argsort(d, axis=1, kind="stable")[:, :kk]
-    ids = np.take_along_axis(c, o, 1)
-    return np.where(ids == big, -1, ids), np.take_along_axis(d, o, 1)
+    c[c == big] = -1
+    d = l2_by_ids(q, c, gather)
+    o = np.argsort(d, axis=1, kind="stable")[:, :min(k, cand.shape[1])]
+    return np.take_along_axis(c, o, 1), np.take_along_axis(d, o, 1)

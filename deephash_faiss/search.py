@@ -618,7 +618,9 @@ class Searcher:
         fine = self.fine_index() or self.build_fine_index()
         t1 = time.perf_counter()
         fp = FineParams(nprobe=p.nprobe, refine=p.refine, exact_max=max(p.k, FineParams.exact_max))
-        out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather, fp, p.max_candidates)
+        feats = self.store.features_in_ram()  # read in place by the refine when loaded
+        out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather if feats is None else feats, fp,
+                          p.max_candidates)
         res: list = [None] * len(qcodes)
         small = [i for i, o in enumerate(out) if o[5]]
         if small:  # small pools: the exact path ranks them whole

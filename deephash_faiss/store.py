@@ -348,6 +348,12 @@ class FeatureStore:
             self._paths = [_decode_path(p) for col in self._column("paths") for p in col]
         return self._paths
 
+    def features_in_ram(self) -> np.ndarray | None:
+        """The features as a C-contiguous float32 array when they are loaded in RAM (searches
+        may read them in place), else None."""
+        f = self._features
+        return f if f is not None and f.dtype == np.float32 and f.flags.c_contiguous else None
+
     def load_features(self) -> np.ndarray:
         """Every feature row in RAM: float32/float16 [n, D] (for ES and benchmarks)."""
         if self._features is None:

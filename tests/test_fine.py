@@ -103,12 +103,14 @@ def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storag
     full = FineParams(nprobe=10**6, refine=len(codes) + 100, exact_max=0)
     none = np.zeros(len(codes), bool)
 
-    def check(fine, codes, feats, deleted, gather_feats, block=32):
-        out = fine.search(qc, qf, 10, 3, lambda ids: gather_feats[ids], full, block=block)
+    def check(fine, codes, feats, deleted, gather_feats, block=32, in_place=False):
+        gather = gather_feats if in_place else (lambda ids: gather_feats[ids])
+        out = fine.search(qc, qf, 10, 3, gather, full, block=block)
         _assert_exact(_brute_hds(codes, feats, deleted, qc, qf, 10, 3), out)
 
     check(fine, codes, feats, none, feats)
     check(fine, codes, feats, none, feats, block=5)
+    check(fine, codes, feats, none, np.ascontiguousarray(feats, np.float32), in_place=True)
     # add rows: one of a known code, two of a code new to the index
     rng = np.random.default_rng(3)
     new_codes = np.stack([codes[0], codes[0] ^ np.uint8(0x80), codes[0] ^ np.uint8(0x80)])
@@ -133,3 +135,24 @@ def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storag
     check(back, codes3, feats3, np.zeros(len(codes3), bool), feats3)
     a, b = fine.export_lists(), back.export_lists()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_rank_pools_cpu_small_batch_and_in_place_match_brute_force():
+    """The padded small-pool batch of rank_pools_cpu (given a gather or the features in
+    place) ranks like brute force: by (L2, position in the pool)."""
+    from deephash_faiss.rerank import SMALL_POOL, rank_pools_cpu
+
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((3000, 16)).astype(np.float32)
+    feats[7] = feats[8]  # a tie: the earlier position wins
+    pools = [rng.choice(3000, s, replace=False) for s in (50, 1, 0, 300)] + [np.array([8, 7, 9])]
+    q = rng.standard_normal((len(pools), 16)).astype(np.float32)
+    q[-1] = feats[7] + 0.01
+    assert max(len(p) for p in pools) <= SMALL_POOL
+    for gather in (lambda ids: feats[ids], feats):
+        got = rank_pools_cpu(q, pools, gather, 10)
+        for p, qi, (o, d) in zip(pools, q, got):
+            ref = ((feats[p].astype(np.float64) - qi) ** 2).sum(1)
+            want = np.lexsort((np.arange(len(p)), ref))[:10]
+            assert np.array_equal(o, want)
+            np.testing.assert_allclose(d, ref[want], rtol=1e-5, atol=1e-5)

@@ -103,13 +103,13 @@ def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storag
     full = FineParams(nprobe=10**6, refine=len(codes) + 100, exact_max=0)
     none = np.zeros(len(codes), bool)
 
-    def check(fine, codes, feats, deleted, gather_feats, block=32, in_place=False):
+    def check(fine, codes, feats, deleted, gather_feats, block=1 << 19, in_place=False):
         gather = gather_feats if in_place else (lambda ids: gather_feats[ids])
-        out = fine.search(qc, qf, 10, 3, gather, full, block=block)
+        out = fine.search(qc, qf, 10, 3, gather, full, block_elems=block)
         _assert_exact(_brute_hds(codes, feats, deleted, qc, qf, 10, 3), out)
 
     check(fine, codes, feats, none, feats)
-    check(fine, codes, feats, none, feats, block=5)
+    check(fine, codes, feats, none, feats, block=1)  # one distinct code a block
     check(fine, codes, feats, none, np.ascontiguousarray(feats, np.float32), in_place=True)
     # add rows: one of a known code, two of a code new to the index
     rng = np.random.default_rng(3)

@@ -637,6 +637,10 @@ class FineIndex:
         examined = np.concatenate([x[2] for x in probes])
         trunc = np.concatenate([x[3] for x in probes])
         self.ivf.nprobe = P
+        if _is_blocked(self.ivf):
+            # faiss fast-scan kernel 11 (one query at a time, reservoir of the best): at 1e5 / 1e6
+            # rows ~5-10% faster than the default (12/13, queries grouped per list), recall as high
+            self.ivf.implem = 11
         _, I = search_preassigned(self.ivf, q[todo], max(k, p.refine), Iq, Dq)
         if b.deleted is not None and b.deleted.any():  # rows removed after the build
             I = np.where((I >= 0) & b.deleted[np.maximum(I, 0)], -1, I)

@@ -166,9 +166,9 @@ class FineParams:
     probed until ``nprobe x cell_size`` rows; refine: candidates re-ranked exactly (>= k);
     exact_max: pools of at most this many rows are ranked exactly.
 
-    Defaults (pq4 lists): recall@10 against exact HDS 0.966 at 1e6 rows of real CIFAR-10
-    statistics, 0.996 at 1e5 (bench_scale.py; the 4-bit codes rank coarsely, so the refine
-    is what recall needs: 100 gave 0.950 at 1e6)."""
+    Defaults (pq4 lists): recall@10 against exact HDS 0.968 at 1e6 rows of real CIFAR-10
+    statistics, 0.997 at 1e5 (bench_scale.py; the 4-bit codes rank coarsely, so the refine
+    is what recall needs: 100 gave 0.951 at 1e6)."""
 
     nprobe: int = 64
     refine: int = 150

@@ -19,7 +19,7 @@ Timed, same queries, batched (ms per query = batch time / queries), one warm-up:
   bcs    BucketIndex.search k=10 (the product path); checked identical to IndexBinaryFlat
   flat   faiss IndexBinaryFlat (codes zero-padded to 64 bits) k=10
   es     faiss.knn (exhaustive L2, BLAS) over all features held in RAM as float32 ("ES at its best")
-  hds    FineIndex (ivf HDS: (code, cell) lists, SQ8, nprobe, exact refine from the float32
+  hds    FineIndex (ivf HDS: (code, cell) lists, pq4 by default (--storage), nprobe, exact refine from the float32
          features in RAM; the product defaults unless --cell-size / --nprobe / --refine), recall@10
          against exact HDS; --sweep adds other settings (hds_sweep)
   hds_exact  the whole radius pool ranked by L2 (BucketIndex.range_search + rank_pools_cpu)

@@ -21,7 +21,7 @@ feats = realgen.grow_features(sf, labels, parent, 0.3, rng, np.dtype("float32"))
 qf = np.ascontiguousarray(qf, np.float32)
 bidx = BinaryIndex.build(codes, IndexSpec("buckets"))
 t=time.perf_counter()
-fine = FineIndex.build(bidx, feats, cell_size=default_cell_size(n), storage="sq8", seed=0)
+fine = FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=0)
 print("fine build", time.perf_counter()-t)
 gather = lambda ids: feats[ids]
 fp = FineParams()

@@ -386,11 +386,11 @@ class _RowSource:
         return self.store.gather(np.asarray(key, np.int64))
 
 
-def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "sq8", drop: bool = False,
+def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "pq4", drop: bool = False,
                log: Log = _quiet) -> FineReport:
     """Build the HDS fine index of ``index_dir`` (k-means cells of fc7 inside the codes of
     more than ``cell_size`` rows (None: :func:`deephash_faiss.fine.default_cell_size` of the
-    live rows), ``storage`` "sq8" or "fp16" lists; see
+    live rows), ``storage`` "pq4", "sq8" or "fp16" lists; see
     :mod:`deephash_faiss.fine`) and commit it with the index as a new generation; ``drop``
     removes it instead. Deleted rows are left out.
 

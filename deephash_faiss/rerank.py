@@ -78,7 +78,8 @@ def rank_pools_cpu(qfeats: np.ndarray, ids_list, gather, k: int | None = None):
     """Rank a batch of candidate pools by squared L2 on CPU (HDS rerank).
 
     ``gather(ids) -> [len(ids), D]`` fetches feature rows (e.g. :meth:`FeatureStore.gather`,
-    which reads sorted). When the pools overlap heavily (queries x union <= 4 x total
+    which reads sorted), or is the features themselves (float32 [n, D] in RAM). Pools of at most ``SMALL_POOL`` rows are ranked in one padded batch
+    (:func:`l2_by_ids`). When the pools overlap heavily (queries x union <= 4 x total
     pool entries: supervised codes, queries of one class share a pool) the union is
     gathered once and scored with one GEMM; otherwise each pool is gathered and scored
     as |x|^2 - 2 x.q + |q|^2 in cache-sized row blocks (:func:`_norms_dots`). float16
@@ -97,6 +98,18 @@ def rank_pools_cpu(qfeats: np.ndarray, ids_list, gather, k: int | None = None):
     if m == 0 or sizes.sum() == 0:
         return [empty for _ in range(m)]
     q = np.ascontiguousarray(qfeats, dtype=np.float32).reshape(m, -1)
+    feats = gather if isinstance(gather, np.ndarray) else None
+    if feats is not None:
+        gather = feats.__getitem__
+    P = int(sizes.max())
+    if P <= SMALL_POOL and m * P <= 4 * int(sizes.sum()):
+        # small pools (the fine index's exact path): one padded batch, no per-pool loop
+        pad = np.full((m, P), -1, np.int64)
+        pad[np.arange(P)[None, :] < sizes[:, None]] = np.concatenate([np.asarray(x, np.int64) for x in ids_list])
+        d = l2_by_ids(q, pad, gather if feats is None else feats)
+        order = np.argsort(d, axis=1, kind="stable")  # ties by local index; padding (inf) last
+        kk = [int(n) if k is None else min(k, int(n)) for n in sizes]
+        return [(order[i, :kk[i]].astype(np.int64), d[i, order[i, :kk[i]]]) for i in range(m)]
     qn = np.einsum("ij,ij->i", q, q)
     allids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_list])
     uniq, inv = np.unique(allids, return_inverse=True)
@@ -132,6 +145,51 @@ def rank_pools_cpu(qfeats: np.ndarray, ids_list, gather, k: int | None = None):
             order = np.argsort(d, kind="stable")
         out.append((order.astype(np.int64), d[order].astype(np.float32)))
     return out
+
+
+SMALL_POOL = 1024  # rank_pools_cpu: pools of at most this many rows are ranked in one padded batch
+
+
+def l2_by_ids(q: np.ndarray, ids: np.ndarray, gather, block_bytes: int = 1 << 25) -> np.ndarray:
+    """Squared L2 of each query to its own candidate rows, batched (CPU, faiss).
+
+    faiss's ``fvec_L2sqr_by_idx`` (direct sum of squared differences, no BLAS call) over the
+    features themselves when ``gather`` is the float32 matrix in RAM (read in place), else over
+    one ``gather`` per block of queries (at most ``block_bytes`` of float32 rows).
+
+    Args:
+        q: float32 [m, D]; ids: int64 [m, R] database ids, -1 for none.
+        gather: ids int64 [p] (any order, repeats) -> features [p, D] (float16 upcast), or the
+            features: a C-contiguous float32 array [n, D].
+    Returns:
+        float32 [m, R], +inf where ids is -1.
+    """
+    import faiss
+
+    q = np.ascontiguousarray(q, np.float32)
+    m, R = ids.shape
+    D = q.shape[1]
+    d = np.full((m, R), np.inf, np.float32)
+    valid = ids >= 0
+    if not valid.any():
+        return d
+    safe = np.where(valid, ids, ids[valid][0])  # a real row in the empty slots (masked below)
+    if isinstance(gather, np.ndarray):
+        if gather.dtype != np.float32 or not gather.flags.c_contiguous or gather.ndim != 2 or gather.shape[1] != D:
+            raise DhfError("features given in place must be a C-contiguous float32 [n, D] array")
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d), faiss.swig_ptr(q), faiss.swig_ptr(gather),
+                                faiss.swig_ptr(np.ascontiguousarray(safe)), D, m, R)
+        d[~valid] = np.inf
+        return d
+    step = max(1, block_bytes // max(1, R * D * 4))
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        x = np.ascontiguousarray(_to_float32(np.asarray(gather(safe[s:e].ravel()))))
+        pos = np.arange((e - s) * R, dtype=np.int64)
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d[s:e]), faiss.swig_ptr(q[s:e]), faiss.swig_ptr(x),
+                                faiss.swig_ptr(pos), D, e - s, R)
+    d[~valid] = np.inf
+    return d
 
 
 def rank_pools_torch_ids(q, feats, ids_list, k: int | None = None, budget_bytes: int = 1 << 31,

@@ -477,7 +477,7 @@ class Searcher:
                         self.fine_problem = str(err)
         return self.fine
 
-    def build_fine_index(self, cell_size: int | None = None, storage: str = "sq8", **kw):
+    def build_fine_index(self, cell_size: int | None = None, storage: str = "pq4", **kw):
         """Build the HDS fine index over this index's dictionary and features (k-means per big
         code; minutes at 1e7 rows on 2 cores) and use it for ``hds_mode`` "ivf" / "auto"."""
         from .fine import FineIndex
@@ -625,7 +625,9 @@ class Searcher:
         fine = self.fine_index() or self.build_fine_index()
         t1 = time.perf_counter()
         fp = FineParams(nprobe=p.nprobe, refine=p.refine, exact_max=max(p.k, FineParams.exact_max))
-        out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather, fp, p.max_candidates)
+        feats = self.store.features_in_ram()  # read in place by the refine when loaded
+        out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather if feats is None else feats, fp,
+                          p.max_candidates)
         res: list = [None] * len(qcodes)
         small = [i for i, o in enumerate(out) if o[5]]
         if small:  # small pools: the exact path ranks them whole

@@ -201,7 +201,7 @@ def validate_manifest(m: dict[str, Any]) -> list[str]:
         else:
             need("file", _plain_name, "a file name without directory parts", fine, "'fine'.file")
             need("sha256", lambda v: isinstance(v, str), "a string", fine, "'fine'.sha256")
-            need("storage", lambda v: v in ("sq8", "fp16"), "'sq8' or 'fp16'", fine, "'fine'.storage")
+            need("storage", lambda v: v in ("pq4", "sq8", "fp16"), "'pq4', 'sq8' or 'fp16'", fine, "'fine'.storage")
             need("cell_size", lambda v: _is_int(v) and v > 0, "a positive integer", fine, "'fine'.cell_size")
             need("rows", lambda v: _is_int(v) and v >= 0, "a non-negative integer", fine, "'fine'.rows")
             if "size" in fine and not (_is_int(fine["size"]) and fine["size"] >= 0):
@@ -347,6 +347,12 @@ class FeatureStore:
         if self._paths is None:
             self._paths = [_decode_path(p) for col in self._column("paths") for p in col]
         return self._paths
+
+    def features_in_ram(self) -> np.ndarray | None:
+        """The features as a C-contiguous float32 array when they are loaded in RAM (searches
+        may read them in place), else None."""
+        f = self._features
+        return f if f is not None and f.dtype == np.float32 and f.flags.c_contiguous else None
 
     def load_features(self) -> np.ndarray:
         """Every feature row in RAM: float32/float16 [n, D] (for ES and benchmarks)."""

@@ -5,6 +5,7 @@ small pools exact, deletions honoured."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from deephash_faiss.fine import FineIndex, FineParams
 from deephash_faiss.index import BinaryIndex, IndexSpec
@@ -33,10 +34,11 @@ def _exact(idx, feats, qc, qf, k, radius):
     return [p[o] for p, (o, _) in zip(pools, ranked)], [len(p) for p in pools]
 
 
-def test_ivf_hds_recall_against_exact_hds():
+@pytest.mark.parametrize("storage", ["pq4", "sq8"])
+def test_ivf_hds_recall_against_exact_hds(storage):
     codes, feats, qc, qf = _data()
     idx = BinaryIndex.build(codes, IndexSpec("buckets"))
-    fine = FineIndex.build(idx, feats, cell_size=256, storage="sq8")
+    fine = FineIndex.build(idx, feats, cell_size=256, storage=storage)
     assert fine.n_lists > idx.n_codes  # big codes are split into cells
     k = 10
     exact, sizes = _exact(idx, feats, qc, qf, k, 3)
@@ -65,3 +67,92 @@ def test_ivf_hds_small_pools_exact_and_deletions():
     # exact_max above every pool: everything goes back to the exact path
     out = fine.search(qc, qf, 10, 3, lambda ids: feats[ids], FineParams(exact_max=10**9))
     assert all(o[5] and len(o[0]) == 0 for o in out)
+
+
+def _brute_hds(codes, feats, deleted, qc, qf, k, radius):
+    """Per query the exact HDS top k by brute force numpy: (ids, squared L2), by (L2, id)."""
+    ham = np.unpackbits(qc[:, None, :] ^ codes[None], axis=2).sum(2)
+    out = []
+    for i in range(len(qc)):
+        pool = np.flatnonzero((ham[i] < radius) & ~deleted)
+        d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
+        o = np.lexsort((pool, d))[:k]
+        out.append((pool[o], d[o]))
+    return out
+
+
+def _assert_exact(ref, out):
+    """Same top k as brute force where the k-th distance is not tied with the next."""
+    for (ids, d), o in zip(ref, out):
+        assert not o[5]
+        np.testing.assert_allclose(o[1], d[:len(o[1])], rtol=1e-4, atol=1e-3)
+        assert len(o[0]) == len(ids)
+        assert set(o[0].tolist()) == set(ids.tolist()) or np.isclose(d[-1], o[1][-1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["pq4", "sq8"])
+def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storage, tmp_path):
+    """Batched search (queries sharing codes, blocks of queries) against brute force, on the
+    lists as built, after adding rows (a known and a new code), after compacting and after a
+    save/load: probing every list and refining every candidate gives exact HDS."""
+    codes, feats, qc, qf = _data(2, n=6000)
+    qc = np.concatenate([qc, qc[:5], qc[:1]])  # repeated codes: one radius, one group
+    qf = np.concatenate([qf, qf[:5] + 0.5, qf[:1] - 0.5])
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    fine = FineIndex.build(idx, feats, cell_size=64, storage=storage)
+    full = FineParams(nprobe=10**6, refine=len(codes) + 100, exact_max=0)
+    none = np.zeros(len(codes), bool)
+
+    def check(fine, codes, feats, deleted, gather_feats, block=1 << 19, in_place=False):
+        gather = gather_feats if in_place else (lambda ids: gather_feats[ids])
+        out = fine.search(qc, qf, 10, 3, gather, full, block_elems=block)
+        _assert_exact(_brute_hds(codes, feats, deleted, qc, qf, 10, 3), out)
+
+    check(fine, codes, feats, none, feats)
+    check(fine, codes, feats, none, feats, block=1)  # one distinct code a block
+    check(fine, codes, feats, none, np.ascontiguousarray(feats, np.float32), in_place=True)
+    # add rows: one of a known code, two of a code new to the index
+    rng = np.random.default_rng(3)
+    new_codes = np.stack([codes[0], codes[0] ^ np.uint8(0x80), codes[0] ^ np.uint8(0x80)])
+    new_feats = qf[:3] + 0.01 * rng.standard_normal((3, feats.shape[1])).astype(np.float32)
+    fine.add(new_codes, new_feats)
+    codes2, feats2 = np.concatenate([codes, new_codes]), np.concatenate([feats, new_feats])
+    idx2 = BinaryIndex.build(codes2, IndexSpec("buckets"))
+    fine.attach(idx2)
+    check(fine, codes2, feats2, np.zeros(len(codes2), bool), feats2)
+    # deletions, then compaction renumbers
+    gone = np.zeros(len(codes2), bool)
+    gone[::4] = True
+    idx2.deleted = gone
+    check(fine, codes2, feats2, gone, feats2)
+    fine.compact(~gone)
+    codes3, feats3 = codes2[~gone], feats2[~gone]
+    fine.attach(BinaryIndex.build(codes3, IndexSpec("buckets")))
+    check(fine, codes3, feats3, np.zeros(len(codes3), bool), feats3)
+    fine.save(str(tmp_path / "fine.bin"))
+    back = FineIndex.load(str(tmp_path / "fine.bin")).attach(BinaryIndex.build(codes3, IndexSpec("buckets")))
+    assert back.storage == storage and back.n_lists == fine.n_lists
+    check(back, codes3, feats3, np.zeros(len(codes3), bool), feats3)
+    a, b = fine.export_lists(), back.export_lists()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_rank_pools_cpu_small_batch_and_in_place_match_brute_force():
+    """The padded small-pool batch of rank_pools_cpu (given a gather or the features in
+    place) ranks like brute force: by (L2, position in the pool)."""
+    from deephash_faiss.rerank import SMALL_POOL, rank_pools_cpu
+
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((3000, 16)).astype(np.float32)
+    feats[7] = feats[8]  # a tie: the earlier position wins
+    pools = [rng.choice(3000, s, replace=False) for s in (50, 1, 0, 300)] + [np.array([8, 7, 9])]
+    q = rng.standard_normal((len(pools), 16)).astype(np.float32)
+    q[-1] = feats[7] + 0.01
+    assert max(len(p) for p in pools) <= SMALL_POOL
+    for gather in (lambda ids: feats[ids], feats):
+        got = rank_pools_cpu(q, pools, gather, 10)
+        for p, qi, (o, d) in zip(pools, q, got):
+            ref = ((feats[p].astype(np.float64) - qi) ** 2).sum(1)
+            want = np.lexsort((np.arange(len(p)), ref))[:10]
+            assert np.array_equal(o, want)
+            np.testing.assert_allclose(d, ref[want], rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ Timed, same queries, batched (ms per query = batch time / queries), one warm-up:
   bcs    BucketIndex.search k=10 (the product path); checked identical to IndexBinaryFlat
   flat   faiss IndexBinaryFlat (codes zero-padded to 64 bits) k=10
   es     faiss.knn (exhaustive L2, BLAS) over all features held in RAM as float32 ("ES at its best")
-  hds    FineIndex (ivf HDS: (code, cell) lists, pq4 by default (--storage), nprobe, exact refine from the float32
+  hds    FineIndex (ivf HDS: (code, cell) lists, auto by default: pq4 up to 2e6 rows, sq8 above (--storage), nprobe, exact refine from the float32
          features in RAM; the product defaults unless --cell-size / --nprobe / --refine), recall@10
          against exact HDS; --sweep adds other settings (hds_sweep)
   hds_exact  the whole radius pool ranked by L2 (BucketIndex.range_search + rank_pools_cpu)
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--cell-size", type=int, default=None, help="default: fine.default_cell_size(n)")
     ap.add_argument("--nprobe", type=int, default=None, help="default: FineParams.nprobe")
     ap.add_argument("--refine", type=int, default=None, help="default: FineParams.refine")
-    ap.add_argument("--storage", default="pq4", choices=["pq4", "sq8", "fp16"], help="fine-index list storage")
+    ap.add_argument("--storage", default="auto", choices=["auto", "pq4", "sq8", "fp16"], help="fine-index list storage")
     ap.add_argument("--exact-max", type=int, default=None, help="pools of at most this many rows ranked exactly "
                     "(default: FineParams.exact_max)")
     ap.add_argument("--sweep", default="", metavar="CELL:NPROBE[/REFINE],...;...",
@@ -285,7 +285,7 @@ def main() -> None:
     t = time.perf_counter()
     fine = FineIndex.build(bidx, feats, cell_size=a.cell_size, storage=a.storage, seed=a.seed)
     out["fine_build_s"] = round(time.perf_counter() - t, 1)
-    out["fine"] = {"lists": fine.n_lists, "cell_size": a.cell_size, "storage": a.storage, "nprobe": a.nprobe,
+    out["fine"] = {"lists": fine.n_lists, "cell_size": a.cell_size, "storage": fine.storage, "nprobe": a.nprobe,
                    "refine": a.refine, "memory_gb": round(fine.memory_bytes() / 2**30, 3)}
     exact_max = FineParams.exact_max if a.exact_max is None else a.exact_max
     out["fine"]["exact_max"] = exact_max

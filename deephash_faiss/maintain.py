@@ -386,7 +386,7 @@ class _RowSource:
         return self.store.gather(np.asarray(key, np.int64))
 
 
-def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "pq4", drop: bool = False,
+def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "auto", drop: bool = False,
                log: Log = _quiet) -> FineReport:
     """Build the HDS fine index of ``index_dir`` (k-means cells of fc7 inside the codes of
     more than ``cell_size`` rows (None: :func:`deephash_faiss.fine.default_cell_size` of the
@@ -403,7 +403,7 @@ def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "pq4
     from .store import FeatureStore, check_open, read_manifest
 
     t0 = time.perf_counter()
-    if storage not in STORAGES:
+    if storage not in STORAGES + ("auto",):
         raise DhfError(f"unknown fine-index storage {storage!r}; choose from {', '.join(STORAGES)} (--storage)")
     if cell_size is not None and cell_size < 1:
         raise DhfError("the cell size must be at least 1 (--cell-size)")

@@ -477,7 +477,7 @@ class Searcher:
                         self.fine_problem = str(err)
         return self.fine
 
-    def build_fine_index(self, cell_size: int | None = None, storage: str = "pq4", **kw):
+    def build_fine_index(self, cell_size: int | None = None, storage: str = "auto", **kw):
         """Build the HDS fine index over this index's dictionary and features (k-means per big
         code; minutes at 1e7 rows on 2 cores) and use it for ``hds_mode`` "ivf" / "auto"."""
         from .fine import FineIndex

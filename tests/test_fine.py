@@ -156,3 +156,9 @@ def test_rank_pools_cpu_small_batch_and_in_place_match_brute_force():
             want = np.lexsort((np.arange(len(p)), ref))[:10]
             assert np.array_equal(o, want)
             np.testing.assert_allclose(d, ref[want], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_storage_is_pq4_only_where_its_recall_was_measured():
+    from deephash_faiss.fine import PQ4_MAX_ROWS, default_storage
+
+    assert default_storage(10**6) == "pq4" and default_storage(PQ4_MAX_ROWS + 1) == "sq8"

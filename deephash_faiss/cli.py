@@ -454,6 +454,10 @@ def search(queries, index_opt, mode, k, radius, max_candidates, hds_mode, nprobe
     label is null for unlabelled images, distance null in bcs mode. A query file that
     cannot be decoded is skipped with a line on stderr and, in JSON, listed as
     {"query", "mode", "error", "results": []}; only all queries failing is an error.
+
+    --device auto on a machine with a GPU searches fewer than 64 query images on the CPU
+    (measured faster for a one-shot command: CUDA start-up costs more than it saves);
+    --device cuda forces the GPU.
     """
     from . import api
     from .data import scan_inputs
@@ -461,6 +465,14 @@ def search(queries, index_opt, mode, k, radius, max_candidates, hds_mode, nprobe
 
     index_dir = _index_dir(None, index_opt)
     paths = scan_inputs(queries)
+    if device == "auto":
+        import torch
+
+        from .routing import oneshot_device
+
+        device, why = oneshot_device(device, len(paths), torch.cuda.is_available())
+        if why and not quiet:
+            _log(why)
     s = api.open_index(index_dir, device=device)
     SearchParams(k, radius, max_candidates, mode, hds_mode, nprobe, refine).check(s.live_count(), s.bits)
     if mode == "hds" and hds_mode == "ivf" and s.fine_index() is None:

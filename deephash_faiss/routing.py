@@ -37,6 +37,11 @@ DEFAULTS: dict[str, Any] = {
     # ran 1.11x slower than the CPU through the Searcher in another run
     # (benchmarks/results/searcher_cuda_h200.json), so near ties stay on the CPU.
     "cuda_win_margin": 0.8,
+    # one-shot `dhf search --device auto` (a fresh process): fewer query images than this are
+    # encoded and searched on the CPU even where a GPU is present (CUDA initialisation and moving
+    # the model cost the process seconds it cannot win back on a few images); None = always the
+    # GPU when present. Measured by benchmarks/bench_oneshot.py (routing.json "oneshot").
+    "cuda_oneshot_min_queries": 64,
 }
 
 
@@ -104,3 +109,17 @@ def cuda_wins(grid, live: int, distinct: int, batch: int, margin: float = 1.0) -
     best = min(pts, key=lambda p: (p[0] - x[0]) ** 2 + (p[1] - x[1]) ** 2 + (p[2] - x[2]) ** 2)
     return best[3]
 
+
+
+def oneshot_device(requested: str, n_queries: int, gpu_available: bool) -> tuple[str, str | None]:
+    """The device of a one-shot search process (``dhf search``) over ``n_queries`` images.
+
+    Returns (device, reason): ``requested`` unchanged unless it is "auto" on a machine with a
+    GPU and ``n_queries`` is below ``cuda_oneshot_min_queries``; then ("cpu", a one-line reason
+    for the screen). A long-lived process (``dhf serve``, the Python API) keeps "auto" = the GPU.
+    """
+    mq = thresholds().get("cuda_oneshot_min_queries")
+    if requested != "auto" or not gpu_available or mq is None or n_queries >= int(mq):
+        return requested, None
+    return "cpu", (f"{n_queries} quer{'y' if n_queries == 1 else 'ies'} (< {int(mq)}): searching on the CPU, "
+                   "where a one-shot search is faster than starting the GPU (--device cuda forces it)")

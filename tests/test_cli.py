@@ -367,3 +367,24 @@ def test_browser_skip_says_how_to_get_chromium(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     text = out.stdout + out.stderr
     assert "SKIPPED" in text and ("apt-get install" in text or "pip install playwright" in text), text
+
+
+def test_search_auto_device_keeps_few_queries_on_cpu(built, image_folder, monkeypatch):
+    """--device auto on a machine with a GPU: a one-shot search of fewer than
+    cuda_oneshot_min_queries images runs on the CPU and says so (here the GPU is pretended:
+    any CUDA use would fail on this machine)."""
+    import torch
+
+    from deephash_faiss.routing import oneshot_device, thresholds
+
+    mq = thresholds()["cuda_oneshot_min_queries"]
+    assert oneshot_device("auto", mq - 1, True)[0] == "cpu"
+    assert oneshot_device("auto", mq, True) == ("auto", None)
+    assert oneshot_device("auto", 1, False) == ("auto", None)
+    assert oneshot_device("cuda", 1, True) == ("cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    q = os.path.join(image_folder, "red", "003.png")
+    r = run("search", "--query", q, "--index", built, "--mode", "bcs", "-k", "3", "--json")
+    assert r.exit_code == 0, r.output
+    assert "searching on the CPU" in r.stderr
+    assert [x["label"] for x in json.loads(r.stdout)[0]["results"]] == ["red"] * 3

@@ -96,8 +96,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--noise", type=float, default=0.3, help="feature noise x class std")
     ap.add_argument("--cell-size", type=int, default=None, help="default: fine.default_cell_size(n)")
-    ap.add_argument("--nprobe", type=int, default=None, help="default: FineParams.nprobe")
-    ap.add_argument("--refine", type=int, default=None, help="default: FineParams.refine")
+    ap.add_argument("--nprobe", type=int, default=None, help="default: fine.default_probe(n)")
+    ap.add_argument("--refine", type=int, default=None, help="default: fine.default_probe(n)")
     ap.add_argument("--storage", default="auto", choices=["auto", "pq4", "sq8", "fp16"], help="fine-index list storage")
     ap.add_argument("--exact-max", type=int, default=None, help="pools of at most this many rows ranked exactly "
                     "(default: FineParams.exact_max)")
@@ -133,11 +133,11 @@ def main() -> None:
         faiss.omp_set_num_threads(a.threads)
     global REPEAT
     REPEAT = max(1, a.repeat)
-    from deephash_faiss.fine import default_cell_size
+    from deephash_faiss.fine import default_cell_size, default_probe
 
     a.cell_size = a.cell_size or default_cell_size(int(a.n))
-    a.nprobe = a.nprobe or FineParams.nprobe
-    a.refine = a.refine or FineParams.refine
+    a.nprobe = a.nprobe or default_probe(int(a.n))[0]
+    a.refine = a.refine or default_probe(int(a.n))[1]
     n = int(a.n)
     rng = np.random.default_rng(a.seed)
     out: dict = {"source": a.source, "n": n, "device": a.device, "k": a.k, "radius": a.radius,

@@ -1,5 +1,5 @@
 """Where HDS (the fine index) spends a query: cProfile of FineIndex.search on real CIFAR-10
-statistics grown to N rows (256-d PCA features, float32 in RAM), 200 queries, product defaults.
+statistics grown to N rows (256-d PCA features, float32 in RAM), 200 queries, product defaults (FineParams.for_rows).
 
     python benchmarks/profile_hds.py 1e6 [SEED_DIR]
 
@@ -24,7 +24,7 @@ t=time.perf_counter()
 fine = FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=0)
 print("fine build", time.perf_counter()-t)
 gather = lambda ids: feats[ids]
-fp = FineParams()
+fp = FineParams.for_rows(n)  # the product defaults for this size
 fine.search(q, qf, 10, 3, gather, fp)
 for _ in range(2):
     t = time.perf_counter(); fine.search(q, qf, 10, 3, gather, fp); print("hds ms/q", (time.perf_counter()-t)/len(q)*1e3)

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DhfError
-from .fine import FineParams
+from .fine import SMALL_PROBE, SMALL_PROBE_ROWS, SMALL_REFINE_MAX_ROWS, FineParams
 
 DEBUG_ENV = "DHF_DEBUG"
 DEFAULT_INDEX = "dhf-index"
@@ -428,10 +428,13 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
               help="HDS ranking: exact ranks the whole pool by L2; ivf ranks inside it with the fine index "
                    "(`dhf fine-index`: the cells nearest the query, exact refine); auto = ivf when the index "
                    "has a fine index, else exact.")
-@click.option("--nprobe", default=FineParams.nprobe, show_default=True, type=int,
-              help="ivf: rows probed per query, in cells (nprobe x cell size rows, nearest cells first).")
-@click.option("--refine", default=FineParams.refine, show_default=True, type=int,
-              help="ivf: candidates re-ranked exactly on the stored features.")
+@click.option("--nprobe", default=None, type=int,
+              help="ivf: rows probed per query, in cells (nprobe x cell size rows, nearest cells first). "
+                   f"Default by index size: {SMALL_PROBE[0]} up to {SMALL_PROBE_ROWS:,} images, growing with "
+                   f"sqrt(images) to {FineParams.nprobe} (from ~700,000).")
+@click.option("--refine", default=None, type=int,
+              help="ivf: candidates re-ranked exactly on the stored features. "
+                   f"Default by index size: {SMALL_PROBE[1]} up to {SMALL_REFINE_MAX_ROWS:,} images, else {FineParams.refine}.")
 @click.option("--model", "model_path", default=None,
               help="Encode queries with this checkpoint; must be the index's model (same sha256).")
 @click.option("--allow-other-model", is_flag=True,

@@ -175,17 +175,48 @@ class FineParams:
     probed until ``nprobe x cell_size`` rows; refine: candidates re-ranked exactly (>= k);
     exact_max: pools of at most this many rows are ranked exactly.
 
-    Defaults (pq4 lists): recall@10 against exact HDS 0.968 at 1e6 rows of real CIFAR-10
-    statistics, 0.997 at 1e5 (bench_scale.py; the 4-bit codes rank coarsely, so the refine
-    is what recall needs: 100 gave 0.951 at 1e6)."""
+    The class defaults are the large-index values (pq4 lists: recall@10 against exact HDS
+    0.968 at 1e6 rows of real CIFAR-10 statistics; the 4-bit codes rank coarsely, so the refine
+    is what recall needs: 100 gave 0.951 at 1e6); :meth:`for_rows` gives the defaults for an
+    index's size (:func:`default_probe`: fewer probes for small indexes)."""
 
     nprobe: int = 64
     refine: int = 150
     exact_max: int = 128
 
+    @classmethod
+    def for_rows(cls, rows: int, nprobe: int | None = None, refine: int | None = None,
+                 exact_max: int | None = None) -> "FineParams":
+        """The parameters for an index of ``rows`` live rows: given values kept, the others
+        from :func:`default_probe` (and ``exact_max`` from the class default)."""
+        dn, dr = default_probe(rows)
+        return cls(nprobe=dn if nprobe is None else nprobe, refine=dr if refine is None else refine,
+                   exact_max=cls.exact_max if exact_max is None else exact_max)
+
     def check(self) -> None:
         if self.nprobe < 1 or self.refine < 1 or self.exact_max < 0:
             raise DhfError("nprobe and refine must be at least 1, exact-max at least 0")
+
+
+SMALL_PROBE = (24, 100)  # (nprobe, refine) of indexes up to SMALL_PROBE_ROWS rows (default_probe)
+SMALL_PROBE_ROWS = 100_000
+SMALL_REFINE_MAX_ROWS = 300_000  # refine SMALL_PROBE[1] up to this many rows, FineParams.refine above
+
+
+def default_probe(rows: int) -> tuple[int, int]:
+    """The default (nprobe, refine) for an index of ``rows`` live rows: nprobe
+    ``SMALL_PROBE[0]`` up to ``SMALL_PROBE_ROWS`` rows, then growing with sqrt(rows) up to
+    ``FineParams.nprobe`` (64, from ~7e5 rows); refine ``SMALL_PROBE[1]`` up to
+    ``SMALL_REFINE_MAX_ROWS`` rows, else ``FineParams.refine`` (150).
+
+    Pools are a class's share of the index, so a small index needs fewer probed rows for the
+    same recall, and a batch there is dominated by the fixed costs the probing adds. Measured
+    on real CIFAR-10 statistics (bench_scale.py --sweep, docs/benchmarks.md), recall@10 against
+    exact HDS: 1e5 rows 24 / 100 0.967 (64 / 150: 0.997 at 1.4x the time); 2e5 rows 24 / 100
+    0.942, 32 / 100 0.962; 1e6 rows 64 / 150 0.968, 64 / 100 0.951."""
+    grown = int(np.ceil(SMALL_PROBE[0] * np.sqrt(max(rows, 0) / SMALL_PROBE_ROWS)))
+    nprobe = min(FineParams.nprobe, max(SMALL_PROBE[0], grown))
+    return nprobe, SMALL_PROBE[1] if rows <= SMALL_REFINE_MAX_ROWS else FineParams.refine
 
 
 def default_cell_size(rows: int) -> int:

@@ -103,15 +103,16 @@ class SearchParams:
     max_candidates: HDS safety limit (exact: pool rows kept, nearest codes first; ivf: rows
     examined), reported as ``truncated``, 1 to ``MAX_CANDIDATES_LIMIT`` or None; mode:
     "bcs", "hds" or "es"; hds_mode: "exact", "ivf" or "auto"; nprobe / refine: ivf probing
-    (x cell size rows) and candidates re-ranked exactly."""
+    (x cell size rows) and candidates re-ranked exactly, None = the default for the index's
+    size (:func:`deephash_faiss.fine.default_probe`)."""
 
     k: int = 10
     radius: int | None = DEFAULT_RADIUS
     max_candidates: int | None = DEFAULT_MAX_CANDIDATES
     mode: str = "hds"
     hds_mode: str = "auto"
-    nprobe: int = FineParams.nprobe
-    refine: int = FineParams.refine
+    nprobe: int | None = None  # None: by index size (fine.default_probe)
+    refine: int | None = None
 
     def check(self, live: int, bits: int | None = None) -> "SearchParams":
         """Refuse what no backend can honour, with one :class:`DhfError` line; returns self.
@@ -138,9 +139,9 @@ class SearchParams:
                                f"{bits + 1} (pools hold distances < radius; {bits + 1} pools every code) (--radius)")
         if self.max_candidates is not None and not 1 <= self.max_candidates <= MAX_CANDIDATES_LIMIT:
             raise DhfError(f"max_candidates must be between 1 and {MAX_CANDIDATES_LIMIT} (--max-candidates)")
-        if self.nprobe < 1:
+        if self.nprobe is not None and self.nprobe < 1:
             raise DhfError("nprobe must be at least 1 (--nprobe)")
-        if self.refine < 1:
+        if self.refine is not None and self.refine < 1:
             raise DhfError("refine must be at least 1 (--refine)")
         if live == 0:
             raise DhfError("the index is empty")
@@ -591,12 +592,12 @@ class Searcher:
 
     def hds(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int = DEFAULT_RADIUS,
             max_candidates: int | None = DEFAULT_MAX_CANDIDATES, hds_mode: str | None = None,
-            nprobe: int = FineParams.nprobe, refine: int = FineParams.refine) -> SearchBatch:
+            nprobe: int | None = None, refine: int | None = None) -> SearchBatch:
         """Pool by Hamming radius, rank the pool by L2 on fc7. qfeats float32 [m, D].
 
         ``hds_mode`` (default: the Searcher's): "exact" ranks the whole pool (cut at
         ``max_candidates``), "ivf" ranks inside it with the fine index (``nprobe`` x cell size
-        rows probed, ``refine`` exact re-ranks; ``max_candidates`` bounds the rows examined;
+        rows probed, ``refine`` exact re-ranks, None = by index size (:func:`fine.default_probe`); ``max_candidates`` bounds the rows examined;
         without a fine index one is built in memory), "auto" is "ivf" when a fine index is at
         hand (:meth:`fine_index`), else "exact". ``extra["hds_mode"]``: the mode that ran;
         ``extra["query_modes"]``: per query ("ivf", or "exact" for pools of at most
@@ -624,7 +625,7 @@ class Searcher:
         t0 = time.perf_counter()
         fine = self.fine_index() or self.build_fine_index()
         t1 = time.perf_counter()
-        fp = FineParams(nprobe=p.nprobe, refine=p.refine, exact_max=max(p.k, FineParams.exact_max))
+        fp = FineParams.for_rows(self.live_count(), p.nprobe, p.refine, max(p.k, FineParams.exact_max))
         feats = self.store.features_in_ram()  # read in place by the refine when loaded
         out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather if feats is None else feats, fp,
                           p.max_candidates)
@@ -646,7 +647,7 @@ class Searcher:
         return SearchBatch("hds", res, (t2 - t0) * 1e3,
                            {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": len(small),
                             "examined": [int(o[3]) for o in out], "query_modes": qmodes,
-                            "nprobe": p.nprobe, "refine": p.refine})
+                            "nprobe": fp.nprobe, "refine": fp.refine})
 
     def _hds_exact(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int,
                    max_candidates: int | None) -> SearchBatch:

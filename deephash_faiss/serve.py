@@ -47,7 +47,7 @@ from . import __version__
 from .data import (ImageDecodeError, ImageTooLargeError, _to_rgb, check_pixels, decode_image, exif_oriented,
                    one_line, reduce_while_decoding, release_memory)
 from .errors import DhfError
-from .fine import FineParams
+from .fine import default_probe
 from .search import (DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, SearchParams,
                      results_to_records)
 
@@ -337,6 +337,7 @@ class IndexView:
         return buf.getvalue(), "image/png", path
 
     def info(self) -> dict[str, Any]:
+        probe = default_probe(self.s.live_count())  # ivf defaults for this index's size
         m = self.s.manifest
         return {
             "version": __version__,
@@ -358,7 +359,7 @@ class IndexView:
             "limits": {"k_max": self.k_max, "radius_max": int(m["bits"]) + 1, "max_candidates_min": 1},
             "defaults": {"mode": "hds", "k": min(10, self.k_max), "radius": DEFAULT_RADIUS,
                          "max_candidates": DEFAULT_MAX_CANDIDATES, "hds_mode": "auto",
-                         "nprobe": FineParams.nprobe, "refine": FineParams.refine},
+                         "nprobe": probe[0], "refine": probe[1]},
             "fine_index": bool(m.get("fine")),
         }
 
@@ -513,7 +514,7 @@ class SearchEngine:
 
 # ---------------------------------------------------------------- request parsing
 
-def _int_param(params: dict[str, Any], name: str, default: int) -> int:
+def _int_param(params: dict[str, Any], name: str, default: int | None) -> int | None:
     v = params.get(name)
     if v is None or v == "":
         return default
@@ -549,8 +550,8 @@ def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, i
     radius = _int_param(params, "radius", DEFAULT_RADIUS)
     maxc = _int_param(params, "max_candidates", DEFAULT_MAX_CANDIDATES)
     hds = {"hds_mode": str(params.get("hds_mode") or "auto").lower(),
-           "nprobe": _int_param(params, "nprobe", FineParams.nprobe),
-           "refine": _int_param(params, "refine", FineParams.refine)}
+           "nprobe": _int_param(params, "nprobe", None),
+           "refine": _int_param(params, "refine", None)}
     try:
         SearchParams(k, radius, maxc, mode, **hds).check(view.s.live_count(), bits=view.s.bits)
     except DhfError as err:
@@ -590,8 +591,10 @@ _HDS_SCHEMA = {
     "hds_mode": {"type": "string", "enum": ["exact", "ivf", "auto"], "default": "auto",
                  "description": "exact: rank the whole pool; ivf: the fine index (dhf fine-index); auto: ivf when the "
                                 "index has one"},
-    "nprobe": {"type": "integer", "minimum": 1, "default": FineParams.nprobe},
-    "refine": {"type": "integer", "minimum": 1, "default": FineParams.refine},
+    "nprobe": {"type": "integer", "minimum": 1,
+               "description": "ivf: rows probed per query in cells; default by index size (GET /info defaults)"},
+    "refine": {"type": "integer", "minimum": 1,
+               "description": "ivf: candidates re-ranked exactly; default by index size (GET /info defaults)"},
 }
 
 _SEARCH_OPENAPI = {

@@ -162,3 +162,17 @@ def test_auto_storage_is_pq4_only_where_its_recall_was_measured():
     from deephash_faiss.fine import PQ4_MAX_ROWS, default_storage
 
     assert default_storage(10**6) == "pq4" and default_storage(PQ4_MAX_ROWS + 1) == "sq8"
+
+
+def test_default_probe_by_index_size():
+    """Small indexes probe fewer rows by default (fine.default_probe); given values are kept."""
+    from deephash_faiss.fine import SMALL_PROBE, SMALL_PROBE_ROWS, default_probe
+
+    assert default_probe(1000) == SMALL_PROBE == default_probe(SMALL_PROBE_ROWS)
+    assert default_probe(4 * SMALL_PROBE_ROWS) == (2 * SMALL_PROBE[0], FineParams.refine)  # sqrt growth
+    assert default_probe(200_000) == (34, SMALL_PROBE[1])  # measured: 32 / 100 gave 0.962 there
+    assert default_probe(10**6) == default_probe(10**9) == (FineParams.nprobe, FineParams.refine)
+    p = FineParams.for_rows(10, nprobe=3)
+    assert (p.nprobe, p.refine, p.exact_max) == (3, SMALL_PROBE[1], FineParams.exact_max)
+    p = FineParams.for_rows(10**7, refine=7, exact_max=0)
+    assert (p.nprobe, p.refine, p.exact_max) == (FineParams.nprobe, 7, 0)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from deephash_faiss import api
 from deephash_faiss.cli import main
 from deephash_faiss.errors import DhfError
-from deephash_faiss.fine import FineParams
+from deephash_faiss.fine import FineParams, default_probe
 from deephash_faiss.maintain import add_images, build_fine, compact, remove, verify
 from deephash_faiss.search import Searcher
 from deephash_faiss.store import read_manifest, write_manifest
@@ -101,6 +101,7 @@ def test_saved_fine_index_round_trip(arrays_index, ivf_everywhere):
     s = Searcher(d)
     b = s.hds(qc, qf, 10, 3)  # auto: the saved fine index
     assert b.extra["hds_mode"] == "ivf" and set(b.extra["query_modes"]) == {"ivf"}
+    assert (b.extra["nprobe"], b.extra["refine"]) == default_probe(len(codes))  # 20,000 rows: the small-index rule
     assert recall(ref, b.results) >= RECALL_BOUND
     # the same index built in memory gives the same results (what was saved is what is searched)
     s2 = Searcher(d, hds_mode="ivf")

@@ -34,11 +34,19 @@ def _exact(idx, feats, qc, qf, k, radius):
     return [p[o] for p, (o, _) in zip(pools, ranked)], [len(p) for p in pools]
 
 
-@pytest.mark.parametrize("storage", ["pq4", "sq8"])
-def test_ivf_hds_recall_against_exact_hds(storage):
+@pytest.mark.parametrize("storage", ["pq4", "pq4-one-dim", "sq8"])
+def test_ivf_hds_recall_against_exact_hds(storage, monkeypatch):
     codes, feats, qc, qf = _data()
     idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    if storage == "pq4-one-dim":  # the sub-quantizer width of indexes above PQ4_PAIRS_MAX_ROWS
+        monkeypatch.setattr("deephash_faiss.fine.PQ4_PAIRS_MAX_ROWS", 0)
+        storage = "pq4"
+        pq_m = feats.shape[1]
+    else:
+        pq_m = feats.shape[1] // 2 if storage == "pq4" else None  # 30,000 rows: 2 dimensions each
     fine = FineIndex.build(idx, feats, cell_size=256, storage=storage)
+    if pq_m:
+        assert fine.ivf.pq.M == pq_m
     assert fine.n_lists > idx.n_codes  # big codes are split into cells
     k = 10
     exact, sizes = _exact(idx, feats, qc, qf, k, 3)
@@ -176,3 +184,11 @@ def test_default_probe_by_index_size():
     assert (p.nprobe, p.refine, p.exact_max) == (3, SMALL_PROBE[1], FineParams.exact_max)
     p = FineParams.for_rows(10**7, refine=7, exact_max=0)
     assert (p.nprobe, p.refine, p.exact_max) == (FineParams.nprobe, 7, 0)
+
+
+def test_pq4_subquantizers_by_index_size():
+    from deephash_faiss.fine import PQ4_PAIRS_MAX_ROWS, pq4_subquantizers
+
+    assert pq4_subquantizers(256, PQ4_PAIRS_MAX_ROWS) == 128
+    assert pq4_subquantizers(256, PQ4_PAIRS_MAX_ROWS + 1) == 256
+    assert pq4_subquantizers(33, 10) == 33  # odd: one dimension each

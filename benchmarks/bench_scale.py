@@ -25,7 +25,8 @@ Timed, same queries, batched (ms per query = batch time / queries), one warm-up:
   hds_exact  the whole radius pool ranked by L2 (BucketIndex.range_search + rank_pools_cpu)
   peers  FAISS HNSW32 (efSearch: the fastest of --hnsw-ef reaching recall 0.95 vs ES) and IVF-PQ (IVF sqrt(n)*4, PQ D/4 x 8 bit, nprobe 16) +
          exact refine of 100, recall@10 against ES; skipped past --peer-max-n (build time)
-Class precision@10 (same label as the query) for every mode.
+Class precision@10 (same label as the query) for every mode (HDS as the Searcher answers: pools of
+fewer than k rows topped up with the Hamming k-NN, search.hamming_pools).
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def main() -> None:
     from deephash_faiss.fine import FineIndex, FineParams
     from deephash_faiss.index import BinaryIndex, IndexSpec, pad_codes, padded_nbytes
     from deephash_faiss.rerank import rank_pools_cpu
+    from deephash_faiss.search import hamming_pools
 
     if a.threads:
         faiss.omp_set_num_threads(a.threads)
@@ -296,9 +298,9 @@ def main() -> None:
         res = fine.search(qcodes, qf, a.k, a.radius, inplace, fp)
         small = [i for i, o in enumerate(res) if o[5]]
         ids = [o[0] for o in res]
-        if small:  # the exact path for small pools (as Searcher.hds does)
-            l2, D2, I2 = bidx.range_search(qcodes[small], a.radius)
-            pl = [I2[l2[j]:l2[j + 1]] for j in range(len(small))]
+        if small:  # the exact path for small pools, as Searcher.hds runs it: pools of fewer than
+            # k rows topped up with the Hamming k-NN (search.hamming_pools), ranked by L2
+            pl = [p for p, _, _ in hamming_pools(bidx, qcodes[small], a.k, a.radius, None, n)]
             r = rank_pools_cpu(qf[small], pl, inplace, a.k)
             for j, i in enumerate(small):
                 ids[i] = pl[j][r[j][0]]

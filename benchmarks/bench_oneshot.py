@@ -79,8 +79,8 @@ def main(argv=None) -> int:
                 runs.setdefault(f"{n}|{d}", []).append(rec)
                 print(n, d, rec, flush=True)
     floors = {}
-    for name, code in (("import torch", "import torch"),
-                       ("import torch + CUDA init", "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()")):
+    cuda_init = "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
+    for name, code in (("import torch", "import torch"), ("import torch + CUDA init", cuda_init)):
         ts = [_timed([sys.executable, "-c", code])[0] for _ in range(a.rounds)]
         floors[name] = {"best_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4)}
     table = []

@@ -433,8 +433,8 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
                    f"Default by index size: {SMALL_PROBE[0]} up to {SMALL_PROBE_ROWS:,} images, growing with "
                    f"sqrt(images) to {FineParams.nprobe} (from ~700,000).")
 @click.option("--refine", default=None, type=int,
-              help="ivf: candidates re-ranked exactly on the stored features. "
-                   f"Default by index size: {SMALL_PROBE[1]} up to {SMALL_REFINE_MAX_ROWS:,} images, else {FineParams.refine}.")
+              help="ivf: candidates re-ranked exactly on the stored features. Default by index size: "
+                   f"{SMALL_PROBE[1]} up to {SMALL_REFINE_MAX_ROWS:,} images, else {FineParams.refine}.")
 @click.option("--model", "model_path", default=None,
               help="Encode queries with this checkpoint; must be the index's model (same sha256).")
 @click.option("--allow-other-model", is_flag=True,

@@ -182,7 +182,6 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
     import h5py
 
     from .index import BinaryIndex, IndexSpec
-    from .model import file_sha256
     from .store import FeatureStore, _decode_path, atomic_write_bytes, read_manifest, write_manifest, write_shard
 
     m = read_manifest(index_dir)

@@ -36,7 +36,6 @@ Saved with the index (``dhf fine-index``, manifest key ``fine``; :meth:`save` / 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -358,7 +357,6 @@ class FineIndex:
         if cell_size < 1:
             raise DhfError("the cell size must be at least 1 (--cell-size)")
         rng = np.random.default_rng(seed)
-        U = buckets.n_codes
         ncell = np.maximum(1, np.ceil(live / max(1, cell_size)).astype(np.int64))
         ncell[live == 0] = 1
         deleted = buckets.deleted
@@ -442,6 +440,7 @@ class FineIndex:
                 x = np.ascontiguousarray(_to_float32(np.asarray(features[s:s + chunk]))[keep])
                 _add_to_lists(ivf, x, a[keep], np.arange(s, s + len(a), dtype=np.int64)[keep])
         return cls(buckets, list_offsets, centroids, ivf, cell_size, storage)
+
     # -- the code dictionary it serves ---------------------------------------------------
     def attach(self, buckets) -> "FineIndex":
         """Serve the dictionary ``buckets`` (its numbering may differ from the one the index was

@@ -40,7 +40,8 @@ DEFAULTS: dict[str, Any] = {
     # one-shot `dhf search --device auto` (a fresh process): fewer query images than this are
     # encoded and searched on the CPU even where a GPU is present (CUDA initialisation and moving
     # the model cost the process seconds it cannot win back on a few images); None = always the
-    # GPU when present. Measured by benchmarks/bench_oneshot.py (routing.json "oneshot").
+    # GPU when present. Measured by benchmarks/bench_oneshot.py on the H200 (docs/benchmarks.md,
+    # "One-shot `dhf search` on a GPU machine").
     "cuda_oneshot_min_queries": 64,
 }
 
@@ -108,7 +109,6 @@ def cuda_wins(grid, live: int, distinct: int, batch: int, margin: float = 1.0) -
     x = (math.log10(max(live, 1)), math.log10(max(distinct, 1)), math.log10(max(batch, 1)))
     best = min(pts, key=lambda p: (p[0] - x[0]) ** 2 + (p[1] - x[1]) ** 2 + (p[2] - x[2]) ** 2)
     return best[3]
-
 
 
 def oneshot_device(requested: str, n_queries: int, gpu_available: bool) -> tuple[str, str | None]:

@@ -33,7 +33,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DhfError
-from .fine import FineParams
 from .index import BinaryIndex, BucketIndex, IndexSpec
 from .rerank import exhaustive_knn, pick_backend, rank_pools_cpu
 from .store import FeatureStore, check_open, checked_model_path, is_index_model, other_model_error, read_manifest
@@ -597,8 +596,8 @@ class Searcher:
 
         ``hds_mode`` (default: the Searcher's): "exact" ranks the whole pool (cut at
         ``max_candidates``), "ivf" ranks inside it with the fine index (``nprobe`` x cell size
-        rows probed, ``refine`` exact re-ranks, None = by index size (:func:`fine.default_probe`); ``max_candidates`` bounds the rows examined;
-        without a fine index one is built in memory), "auto" is "ivf" when a fine index is at
+        rows probed, ``refine`` exact re-ranks, None = by index size (:func:`fine.default_probe`);
+        ``max_candidates`` bounds the rows examined; without a fine index one is built in memory), "auto" is "ivf" when a fine index is at
         hand (:meth:`fine_index`), else "exact". ``extra["hds_mode"]``: the mode that ran;
         ``extra["query_modes"]``: per query ("ivf", or "exact" for pools of at most
         ``FineParams.exact_max`` rows); ``QueryResult.truncated``: the safety limit cut it."""

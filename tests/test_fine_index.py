@@ -301,3 +301,32 @@ def test_service_hds_parameters(two_class_index, tmp_path):
                               ("hds_mode", "fast", "unknown hds_mode")):
             r = c.post("/search", json={"id": 0, "mode": "hds", key: val})
             assert r.status_code == 422 and r.json()["detail"].startswith(msg), r.json()
+
+
+def test_ivf_small_pools_equal_the_exact_path(tmp_path):
+    """In ivf mode, pools of at most exact_max rows are ranked whole (reported as exact): the
+    same ids, Hamming and L2 as exact HDS, pools of fewer than k rows topped up to k."""
+    rng = np.random.default_rng(3)
+    n, dim = 4000, 16
+    base = rng.integers(0, 256, (400, 2), dtype=np.uint8)  # many codes: pools of a few dozen rows
+    codes = base[rng.integers(0, 400, n)]
+    feats = rng.standard_normal((n, dim)).astype(np.float32)
+    d = str(tmp_path / "idx")
+    api.index_from_arrays(d, codes, feats, shard_size=1500)
+    build_fine(d, cell_size=16)
+    qi = rng.integers(0, n, 60)
+    qc, qf = codes[qi], feats[qi] + 0.1 * rng.standard_normal((60, dim)).astype(np.float32)
+    s = Searcher(d, features_in_memory=True)
+    k = 8
+    raw = s.fine_index().search(qc, qf, k, 2, s.store.features_in_ram())
+    assert sum(o[2] < k for o in raw) >= 10  # pools of fewer than k rows
+    ivf = s.hds(qc, qf, k, 2, hds_mode="ivf")
+    exact = s.hds(qc, qf, k, 2, hds_mode="exact")
+    modes = ivf.extra["query_modes"]
+    assert modes.count("exact") > 30  # most pools are small here
+    for m_, a, b in zip(modes, ivf.results, exact.results):
+        if m_ == "exact":
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.hamming, b.hamming)
+            np.testing.assert_allclose(a.distance, b.distance, rtol=1e-5, atol=1e-5)
+            assert len(a.ids) == k  # topped up where the pool held fewer than k rows

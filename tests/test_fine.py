@@ -10,6 +10,7 @@ import pytest
 from deephash_faiss.fine import FineIndex, FineParams
 from deephash_faiss.index import BinaryIndex, IndexSpec
 from deephash_faiss.rerank import rank_pools_cpu
+from reference import exact_hds
 
 RECALL_BOUND = 0.95  # stated bound: recall@10 of ivf HDS against exact HDS on this data
 
@@ -77,18 +78,6 @@ def test_ivf_hds_small_pools_exact_and_deletions():
     assert all(o[5] and len(o[0]) == 0 for o in out)
 
 
-def _brute_hds(codes, feats, deleted, qc, qf, k, radius):
-    """Per query the exact HDS top k by brute force numpy: (ids, squared L2), by (L2, id)."""
-    ham = np.unpackbits(qc[:, None, :] ^ codes[None], axis=2).sum(2)
-    out = []
-    for i in range(len(qc)):
-        pool = np.flatnonzero((ham[i] < radius) & ~deleted)
-        d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
-        o = np.lexsort((pool, d))[:k]
-        out.append((pool[o], d[o]))
-    return out
-
-
 def _assert_exact(ref, out):
     """Same top k as brute force where the k-th distance is not tied with the next."""
     for (ids, d), o in zip(ref, out):
@@ -114,7 +103,7 @@ def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storag
     def check(fine, codes, feats, deleted, gather_feats, block=1 << 19, in_place=False):
         gather = gather_feats if in_place else (lambda ids: gather_feats[ids])
         out = fine.search(qc, qf, 10, 3, gather, full, block_elems=block)
-        _assert_exact(_brute_hds(codes, feats, deleted, qc, qf, 10, 3), out)
+        _assert_exact(exact_hds(codes, feats, deleted, qc, qf, 3, k=10), out)
 
     check(fine, codes, feats, none, feats)
     check(fine, codes, feats, none, feats, block=1)  # one distinct code a block

@@ -22,6 +22,7 @@ from deephash_faiss.fine import FineParams, default_probe
 from deephash_faiss.maintain import add_images, build_fine, compact, remove, verify
 from deephash_faiss.search import Searcher
 from deephash_faiss.store import read_manifest, write_manifest
+from reference import exact_hds
 
 RECALL_BOUND = 0.95  # recall@10 of ivf HDS at nprobe 8 x cell 256 against exact HDS on _data(seed 0)
 ALL = 10**6  # nprobe that probes every list
@@ -39,18 +40,6 @@ def _data(seed=0, n=20_000, dim=32, nq=40):
     qi = rng.integers(0, n, nq)
     qf = feats[qi] + 0.3 * rng.standard_normal((nq, dim)).astype(np.float32)
     return codes, feats, codes[qi], qf
-
-
-def exact_hds(codes, feats, deleted, qc, qf, k, radius):
-    """Per query (ids, squared L2) of the exact HDS top k: the whole radius pool, by (L2, id)."""
-    ham = np.unpackbits(qc[:, None, :] ^ codes[None], axis=2).sum(2)
-    out = []
-    for i in range(len(qc)):
-        pool = np.flatnonzero((ham[i] < radius) & ~deleted)
-        d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
-        o = np.lexsort((pool, d))
-        out.append((pool[o], d[o]))
-    return out
 
 
 def assert_same_topk(ref, results, k):
@@ -97,7 +86,7 @@ def test_saved_fine_index_round_trip(arrays_index, ivf_everywhere):
         assert fe["file"] in f.read().split()
     assert verify(d) == []
     none = np.zeros(len(codes), bool)
-    ref = exact_hds(codes, feats, none, qc, qf, 10, 3)
+    ref = exact_hds(codes, feats, none, qc, qf, 3)
     s = Searcher(d)
     b = s.hds(qc, qf, 10, 3)  # auto: the saved fine index
     assert b.extra["hds_mode"] == "ivf" and set(b.extra["query_modes"]) == {"ivf"}
@@ -159,8 +148,8 @@ def test_fine_index_after_remove_and_compact(arrays_index, ivf_everywhere):
     full = s.hds(qc, qf, 10, 3, nprobe=ALL, refine=len(codes))
     assert full.extra["hds_mode"] == "ivf"
     assert not any(deleted[r.ids].any() for r in full.results)
-    assert_same_topk(exact_hds(codes, feats, deleted, qc, qf, 10, 3), full.results, 10)
-    assert recall(exact_hds(codes, feats, deleted, qc, qf, 10, 3), s.hds(qc, qf, 10, 3).results) >= RECALL_BOUND
+    assert_same_topk(exact_hds(codes, feats, deleted, qc, qf, 3), full.results, 10)
+    assert recall(exact_hds(codes, feats, deleted, qc, qf, 3), s.hds(qc, qf, 10, 3).results) >= RECALL_BOUND
     logs = []
     compact(d, log=logs.append)
     assert any("fine index: renumbered" in x for x in logs)
@@ -171,7 +160,7 @@ def test_fine_index_after_remove_and_compact(arrays_index, ivf_everywhere):
     s = Searcher(d)
     full = s.hds(qc, qf, 10, 3, nprobe=ALL, refine=len(codes))
     assert full.extra["hds_mode"] == "ivf"
-    assert_same_topk(exact_hds(codes[keep], feats[keep], np.zeros(keep.sum(), bool), qc, qf, 10, 3),
+    assert_same_topk(exact_hds(codes[keep], feats[keep], np.zeros(keep.sum(), bool), qc, qf, 3),
                      full.results, 10)
 
 
@@ -191,7 +180,7 @@ def _reference_from_index(d, qc, qf, k, radius):
     s = Searcher(d)
     codes, feats = s.codes(), s.store.load_features().astype(np.float32)
     deleted = s.index.deleted if s.index.deleted is not None else np.zeros(len(codes), bool)
-    return exact_hds(codes, feats, deleted, qc, qf, k, radius)
+    return exact_hds(codes, feats, deleted, qc, qf, radius)
 
 
 def test_fine_index_after_add(two_class_index, tmp_path, ivf_everywhere):

@@ -63,7 +63,8 @@ def render(runs, results_dir) -> str:
         """' scratch' / ' frozen' / ' cutmix' / '': how the backbone was trained."""
         mix = r["train_config"].get("mix", "none")
         return (" scratch" if not r["pretrained"] else (" frozen" if r.get("method") == "frozen" else "")) + (
-            f" {mix}" if mix != "none" and r.get("method") != "frozen" else "")
+            f" {mix}" if mix != "none" and r.get("method") != "frozen" else "") + (
+            f" lr {r['train_config']['lr']:g}" if r["pretrained"] and r["train_config"]["lr"] != 0.02 else "")
 
     for name in order:
         r = runs[name]
@@ -79,7 +80,7 @@ def render(runs, results_dir) -> str:
         w(f"| {r['dataset']} ({src}) | {r['bits']} | {fmt(pap / 100 if pap else None)} | "
           f"**{fmt(m['bcs']['map_at_k'])}** | {fmt(m['hds']['map_at_k'])} | {fmt(m['es']['map_at_k'])} | "
           f"{fmt(m['bcs']['map_full'])} | {fmt(m['bcs']['precision_radius'])} | {fmt(r['query_accuracy'])} | "
-          f"{r['train_config']['epochs']} epochs, {r['train_seconds']:.0f} s |")
+          f"{r['train_config']['epochs']} epochs, lr {r['train_config']['lr']:g}, {r['train_seconds']:.0f} s |")
     w("")
     w("## Precision@k (k = 100 ... 1000), BCS, beside the paper's baselines at 48 bits on CIFAR-10\n")
     ks = [100, 200, 400, 600, 800, 1000]

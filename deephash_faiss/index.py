@@ -489,6 +489,7 @@ class BucketIndex(BinaryIndex):
         self.sizes = np.diff(np.asarray(offsets, np.int64))
         self._bucket_of: np.ndarray | None = None
         self._dkeys: np.ndarray | None = None
+        self._padded: np.ndarray | None = None  # dict_codes zero-padded to stored_nbytes (_scan)
         self._masks: dict = {}
         self._live: np.ndarray | None = None
         self._del_counts: np.ndarray | None = None
@@ -628,6 +629,11 @@ class BucketIndex(BinaryIndex):
     # (every key within it, binary search: exact, cost independent of U), falling back to
     # the scan for queries whose ball holds too few rows. Wider codes use the FAISS index.
     BALL_RADIUS = 2
+    #: reach() scans with numpy up to this many (query, code) pairs, with faiss's range search
+    #: over the padded dictionary above. Measured (real-statistics codes, 2 cores): 1 query x
+    #: 811 / 25,182 codes numpy 0.078 / 0.105 ms, faiss 0.130 / 0.111 ms; 200 queries x 811 /
+    #: 25,182 codes numpy 1.38 / 11.0 ms, faiss 0.31 / 2.4 ms.
+    NUMPY_REACH_MAX_PAIRS = 32_768
 
     def _keys(self) -> np.ndarray | None:
         if self.nbytes > 8:
@@ -661,13 +667,31 @@ class BucketIndex(BinaryIndex):
             out.append((pos[hit].astype(np.int64), pc[hit]))
         return out
 
-    def _scan(self, qkeys: np.ndarray):
-        """Per query distances int32 [U] to every dictionary code (blocks of queries)."""
-        keys = self._keys()
-        step = max(1, (1 << 22) // max(1, len(keys)))
-        for s in range(0, len(qkeys), step):
-            for row in np.bitwise_count(qkeys[s:s + step, None] ^ keys[None, :]):
-                yield row.astype(np.int32)
+    def _scan(self, q: np.ndarray):
+        """Per query distances int32 [U] to every dictionary code, for zero-padded query codes
+        uint8 [m, stored_nbytes] (blocks of queries): faiss's ``hammings`` over the padded
+        dictionary at a fast width (200 queries x 25,000 codes: 2.7 ms against 15 ms for numpy's
+        popcount of uint64 keys), numpy otherwise."""
+        import faiss
+
+        fast = self.stored_nbytes in _FAST_NBYTES
+        U = self.n_codes
+        if fast:
+            if self._padded is None:
+                self._padded = pad_codes(np.ascontiguousarray(self.dict_codes, dtype=np.uint8), self.stored_nbytes)
+            db = np.ascontiguousarray(self._padded)
+        else:
+            keys = self._keys()
+        step = max(1, (1 << 22) // max(1, U))
+        for s in range(0, len(q), step):
+            qb = np.ascontiguousarray(q[s:s + step], dtype=np.uint8)
+            if fast:
+                d = np.empty((len(qb), U), np.int32)
+                faiss.hammings(faiss.swig_ptr(qb), faiss.swig_ptr(db), len(qb), U, self.stored_nbytes,
+                               faiss.swig_ptr(d))
+            else:
+                d = np.bitwise_count(_row_keys(qb[:, :self.nbytes])[:, None] ^ keys[None, :]).astype(np.int32)
+            yield from d
 
     def _knn_codes(self, q: np.ndarray, need: int):
         """Per query (codes, distances) holding every code up to the distance level of the
@@ -689,7 +713,7 @@ class BucketIndex(BinaryIndex):
                         found[qi] = (c[sel], d[sel])
                     else:
                         todo.append(qi)
-            for qi, d in zip(todo, self._scan(qkeys[todo])):
+            for qi, d in zip(todo, self._scan(q[todo])):
                 cum = np.cumsum(np.bincount(d, weights=live, minlength=self.bits + 1))
                 c = np.flatnonzero(d <= int(np.searchsorted(cum, need)))
                 found[qi] = (c, d[c])
@@ -743,13 +767,17 @@ class BucketIndex(BinaryIndex):
         m = len(q)
         if m == 0 or self.n_codes == 0 or radius == 0:
             return np.zeros(m + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-        if self.nbytes <= 8:
+        ball = self._use_ball() and radius - 1 <= self.BALL_RADIUS
+        small = m * self.n_codes <= self.NUMPY_REACH_MAX_PAIRS
+        if self.nbytes <= 8 and (ball or small or self.stored_nbytes not in _FAST_NBYTES):
+            # the Hamming ball (huge dictionaries), or the numpy scan (few pairs, or an
+            # unpadded odd width); else faiss's range search over the zero-padded dictionary
             qkeys = _row_keys(q[:, :self.nbytes])
-            if self._use_ball() and radius - 1 <= self.BALL_RADIUS:
+            if ball:
                 per = self._ball(qkeys, int(radius) - 1)
             else:
                 per = []
-                for d in self._scan(qkeys):
+                for d in self._scan(q):
                     c = np.flatnonzero(d < radius)
                     per.append((c, d[c]))
             lims = np.concatenate([[0], np.cumsum([len(c) for c, _ in per])]).astype(np.int64)

@@ -4,6 +4,7 @@ ties, deletions and caps; save / load (memory-mapped); add; the maintenance comm
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -17,22 +18,25 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 class _Ball:
-    """Force the Hamming-ball probing of large dictionaries (or the scan) for a block."""
+    """Force one way of finding the dictionary codes near a query for a block: "ball" (the
+    Hamming-ball probing of large dictionaries), "scan" (numpy over every code) or "faiss"
+    (range search over the padded dictionary). ``True`` / ``False`` mean "ball" / "scan"."""
 
-    def __init__(self, on: bool):
-        self.on = on
+    def __init__(self, mode):
+        self.mode = {True: "ball", False: "scan"}.get(mode, mode)
 
     def __enter__(self):
         from deephash_faiss import routing
 
-        self.saved = routing.thresholds
-        th = dict(routing.thresholds(), dict_ball_min_codes=0 if self.on else 1 << 62)
+        self.saved = routing.thresholds, BucketIndex.NUMPY_REACH_MAX_PAIRS
+        th = dict(routing.thresholds(), dict_ball_min_codes=0 if self.mode == "ball" else 1 << 62)
         routing.thresholds = lambda: th
+        BucketIndex.NUMPY_REACH_MAX_PAIRS = -1 if self.mode == "faiss" else 1 << 62
 
     def __exit__(self, *exc):
         from deephash_faiss import routing
 
-        routing.thresholds = self.saved
+        routing.thresholds, BucketIndex.NUMPY_REACH_MAX_PAIRS = self.saved
 
 
 @st.composite
@@ -81,7 +85,8 @@ def test_dictionary_knn_equals_stable_brute_force(data, k, ball):
 
 
 @SETTINGS
-@given(tied_codes(), st.integers(0, 40), st.one_of(st.none(), st.integers(1, 50)), st.booleans())
+@given(tied_codes(), st.integers(0, 40), st.one_of(st.none(), st.integers(1, 50)),
+       st.sampled_from(["scan", "faiss", "ball"]))
 def test_dictionary_pools_equal_brute_force(data, radius, cap, ball):
     bits, db, q, deleted = data
     idx = BinaryIndex.build(db, IndexSpec("buckets"))
@@ -108,7 +113,7 @@ def test_big_buckets_and_widening():
     a, b = BinaryIndex.build(db, IndexSpec("flat")), BinaryIndex.build(db, IndexSpec("buckets"))
     assert b.n_codes < 3000
     mask = rng.random(len(db)) < 0.5
-    for dele, ball in ((None, False), (mask, False), (None, True), (mask, True)):
+    for dele, ball in itertools.product((None, mask), ("scan", "faiss", "ball")):
         a.deleted, b.deleted = dele, dele
         with _Ball(ball):
             for k in (1, 10, 5000, 15_000):

@@ -634,6 +634,13 @@ class BucketIndex(BinaryIndex):
     #: 811 / 25,182 codes numpy 0.078 / 0.105 ms, faiss 0.130 / 0.111 ms; 200 queries x 811 /
     #: 25,182 codes numpy 1.38 / 11.0 ms, faiss 0.31 / 2.4 ms.
     NUMPY_REACH_MAX_PAIRS = 32_768
+    #: reach() of a batch of at least REACH_FAISS_MIN_QUERIES queries takes faiss's range
+    #: search over dictionaries of fewer than REACH_BALL_MIN_CODES codes even where k-NN probes
+    #: the Hamming ball (``dict_ball_min_codes``): 200 queries x 60,963 / 154,878 codes 6.2 /
+    #: 13.7 ms against the ball's 20.3 / 22.4 ms (about 0.44 ns a pair against 0.1 ms a query);
+    #: single queries keep the ball (0.19 vs 0.26 ms at 154,878 codes).
+    REACH_FAISS_MIN_QUERIES = 8
+    REACH_BALL_MIN_CODES = 250_000
 
     def _keys(self) -> np.ndarray | None:
         if self.nbytes > 8:
@@ -767,7 +774,8 @@ class BucketIndex(BinaryIndex):
         m = len(q)
         if m == 0 or self.n_codes == 0 or radius == 0:
             return np.zeros(m + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-        ball = self._use_ball() and radius - 1 <= self.BALL_RADIUS
+        ball = (self._use_ball() and radius - 1 <= self.BALL_RADIUS
+                and (m < self.REACH_FAISS_MIN_QUERIES or self.n_codes >= self.REACH_BALL_MIN_CODES))
         small = m * self.n_codes <= self.NUMPY_REACH_MAX_PAIRS
         if self.nbytes <= 8 and (ball or small or self.stored_nbytes not in _FAST_NBYTES):
             # the Hamming ball (huge dictionaries), or the numpy scan (few pairs, or an

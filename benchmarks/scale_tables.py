@@ -21,6 +21,15 @@ def load(d):
     return sorted(runs, key=lambda r: (r["source"], r.get("codes_only", "dim" not in r), r["n"]))
 
 
+def source_label(source: str) -> str:
+    """'real CIFAR-10 stats' for the EfficientNet-Lite0 seed, the seed's name for other real
+    seeds (e.g. cifar10_smallcnn_48), the generator's name for synthetic sources."""
+    name = os.path.basename(os.path.normpath(source))
+    if "cifar" not in source:
+        return source
+    return "real CIFAR-10 stats" if name == "cifar10_lite0_48" else f"real CIFAR-10 stats ({name})"
+
+
 def fmt_n(n):
     return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
 
@@ -44,7 +53,7 @@ def main():
           "| HDS exact ms/q | HDS recall@10 vs exact | BCS exact | BCS/ES | HDS/ES | BCS/flat | file |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: | --- |")
     for r in runs:
-        src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
+        src = source_label(r["source"])
         print(f"| {src} | {fmt_n(r['n'])} | {f(r.get('distinct_codes'))} | {f(r.get('pool_mean'))} "
               f"| {f(r.get('bcs_ms_per_query'))} | {f(r.get('flat_ms_per_query'))} | {f(r.get('es_ms_per_query'))} "
               f"| {f(r.get('hds_ms_per_query'))} | {f(r.get('hds_exact_ms_per_query'))} "
@@ -60,7 +69,7 @@ def main():
             continue
         p = r.get("peers", {})
         h, v = p.get("hnsw32"), p.get("ivfpq_refine")
-        src = "real CIFAR-10 stats" if "cifar" in r["source"] else r["source"]
+        src = source_label(r["source"])
         hs = (f(h['ms_per_query']) + ' (' + f(h['recall_at10_vs_es'])
               + (f", efSearch {h['efSearch']}" if h.get("efSearch") else "")
               + (', ' + f(h['build_s']) if h.get('build_s') is not None else '') + ')') if h else '-'

@@ -11,7 +11,6 @@ sys.path.insert(0, "benchmarks")
 import realgen
 from deephash_faiss.index import BinaryIndex, IndexSpec
 from deephash_faiss.fine import FineIndex, FineParams, default_cell_size
-import deephash_faiss.fine as F
 n = int(float(sys.argv[1])); rng = np.random.default_rng(0)
 seed = realgen.load_seed(sys.argv[2])
 codes, labels, parent, fits = realgen.grow_codes(seed, n, rng)

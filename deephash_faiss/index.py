@@ -480,8 +480,11 @@ class BucketIndex(BinaryIndex):
         nb = int(bits) // 8
         stored = padded_nbytes(nb) if pad else nb
         dindex = faiss.IndexBinaryFlat(stored * 8)
+        # the dictionary zero-padded to the stored width: the faiss index's codes, and what
+        # _scan compares queries with
+        self._padded = np.ascontiguousarray(pad_codes(np.ascontiguousarray(dict_codes, dtype=np.uint8), stored))
         if len(dict_codes):
-            dindex.add(pad_codes(np.ascontiguousarray(dict_codes, dtype=np.uint8), stored))
+            dindex.add(self._padded)
         super().__init__(dindex, spec or IndexSpec("buckets"), bits)
         self.dict_codes = dict_codes
         self.offsets = offsets
@@ -489,7 +492,6 @@ class BucketIndex(BinaryIndex):
         self.sizes = np.diff(np.asarray(offsets, np.int64))
         self._bucket_of: np.ndarray | None = None
         self._dkeys: np.ndarray | None = None
-        self._padded: np.ndarray | None = None  # dict_codes zero-padded to stored_nbytes (_scan)
         self._masks: dict = {}
         self._live: np.ndarray | None = None
         self._del_counts: np.ndarray | None = None
@@ -634,7 +636,7 @@ class BucketIndex(BinaryIndex):
     #: (real-statistics codes, 2 cores): 1 query x 811 / 25,182 codes scan 0.081 / 0.089 ms,
     #: range search 0.095 / 0.103 ms; 200 queries x 811 / 25,182 codes scan 1.1 / 5.6 ms, range
     #: search 0.35 / 2.0 ms (the numpy popcount scan before: 1.4 / 11.0 ms).
-    NUMPY_REACH_MAX_PAIRS = 32_768
+    SCAN_REACH_MAX_PAIRS = 32_768
     #: reach() of a batch of at least REACH_FAISS_MIN_QUERIES queries takes faiss's range
     #: search over dictionaries of fewer than REACH_BALL_MIN_CODES codes even where k-NN probes
     #: the Hamming ball (``dict_ball_min_codes``): 200 queries x 60,963 / 154,878 codes 6.2 /
@@ -684,18 +686,13 @@ class BucketIndex(BinaryIndex):
 
         fast = self.stored_nbytes in _FAST_NBYTES
         U = self.n_codes
-        if fast:
-            if self._padded is None:
-                self._padded = pad_codes(np.ascontiguousarray(self.dict_codes, dtype=np.uint8), self.stored_nbytes)
-            db = np.ascontiguousarray(self._padded)
-        else:
-            keys = self._keys()
+        keys = None if fast else self._keys()
         step = max(1, (1 << 22) // max(1, U))
         for s in range(0, len(q), step):
             qb = np.ascontiguousarray(q[s:s + step], dtype=np.uint8)
             if fast:
                 d = np.empty((len(qb), U), np.int32)
-                faiss.hammings(faiss.swig_ptr(qb), faiss.swig_ptr(db), len(qb), U, self.stored_nbytes,
+                faiss.hammings(faiss.swig_ptr(qb), faiss.swig_ptr(self._padded), len(qb), U, self.stored_nbytes,
                                faiss.swig_ptr(d))
             else:
                 d = np.bitwise_count(_row_keys(qb[:, :self.nbytes])[:, None] ^ keys[None, :]).astype(np.int32)
@@ -777,13 +774,12 @@ class BucketIndex(BinaryIndex):
             return np.zeros(m + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
         ball = (self._use_ball() and radius - 1 <= self.BALL_RADIUS
                 and (m < self.REACH_FAISS_MIN_QUERIES or self.n_codes >= self.REACH_BALL_MIN_CODES))
-        small = m * self.n_codes <= self.NUMPY_REACH_MAX_PAIRS
+        small = m * self.n_codes <= self.SCAN_REACH_MAX_PAIRS
         if self.nbytes <= 8 and (ball or small or self.stored_nbytes not in _FAST_NBYTES):
             # the Hamming ball (single queries, huge dictionaries), or the scan (few pairs, or
             # an unpadded odd width); else faiss's range search over the zero-padded dictionary
-            qkeys = _row_keys(q[:, :self.nbytes])
             if ball:
-                per = self._ball(qkeys, int(radius) - 1)
+                per = self._ball(_row_keys(q[:, :self.nbytes]), int(radius) - 1)
             else:
                 per = []
                 for d in self._scan(q):

@@ -19,7 +19,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 class _Ball:
     """Force one way of finding the dictionary codes near a query for a block: "ball" (the
-    Hamming-ball probing of large dictionaries), "scan" (numpy over every code) or "faiss"
+    Hamming-ball probing of large dictionaries), "scan" (every code's distance) or "faiss"
     (range search over the padded dictionary). ``True`` / ``False`` mean "ball" / "scan"."""
 
     def __init__(self, mode):
@@ -28,15 +28,15 @@ class _Ball:
     def __enter__(self):
         from deephash_faiss import routing
 
-        self.saved = routing.thresholds, BucketIndex.NUMPY_REACH_MAX_PAIRS
+        self.saved = routing.thresholds, BucketIndex.SCAN_REACH_MAX_PAIRS
         th = dict(routing.thresholds(), dict_ball_min_codes=0 if self.mode == "ball" else 1 << 62)
         routing.thresholds = lambda: th
-        BucketIndex.NUMPY_REACH_MAX_PAIRS = -1 if self.mode == "faiss" else 1 << 62
+        BucketIndex.SCAN_REACH_MAX_PAIRS = -1 if self.mode == "faiss" else 1 << 62
 
     def __exit__(self, *exc):
         from deephash_faiss import routing
 
-        routing.thresholds, BucketIndex.NUMPY_REACH_MAX_PAIRS = self.saved
+        routing.thresholds, BucketIndex.SCAN_REACH_MAX_PAIRS = self.saved
 
 
 @st.composite

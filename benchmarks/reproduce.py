@@ -161,6 +161,20 @@ def export_arrays(out_dir, model, db_codes, db_feats, db_y, q_codes, q_feats, q_
     save_checkpoint(model, os.path.join(out_dir, "model.pt"))
 
 
+def score_variant(model, db_x, db_y, q_x, q_y, device, args, top_k) -> dict:
+    """BCS / HDS / ES mAP (at 1000 and full), query-set accuracy and distinct database codes of
+    ``model`` as it is now (weights, flip averaging)."""
+    acc = float((predict_logits(model, q_x, device).argmax(1).numpy() == q_y).mean())
+    db_codes, db_feats, _ = encode_array(model, db_x, device, 512, args.feature_dtype)
+    q_codes, q_feats, _ = encode_array(model, q_x, device, 512, "float32")
+    res = evaluate_arrays(db_codes, db_feats, db_y, q_codes, q_feats, q_y, ("bcs", "hds", "es"),
+                          top_k=top_k or len(db_codes), ks=(100,), hds_radius=args.hds_radius,
+                          max_candidates=args.max_candidates, device=str(device))
+    return {"query_accuracy": acc, "unique_database_codes": int(len(np.unique(db_codes, axis=0))),
+            "map_at_k": {m: float(res[m]["map_at_k"]) for m in ("bcs", "hds", "es")},
+            "map_full": {m: float(res[m]["map_full"]) for m in ("bcs", "hds", "es")}}
+
+
 def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, log):
     import torch
 
@@ -172,7 +186,7 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
                       schedule="cosine", warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
                       hflip=hflip, crop_pad=0.125, val_fraction=0.0, seed=args.seed, amp=True,
                       weight_decay=args.weight_decay, new_layer_lr_mult=args.new_layer_lr_mult,
-                      mix=args.mix, mix_alpha=args.mix_alpha, mix_prob=args.mix_prob)
+                      mix=args.mix, mix_alpha=args.mix_alpha, mix_prob=args.mix_prob, ema_epochs=args.ema_epochs)
     weights = "none" if args.from_scratch else "default"
     method = "frozen" if args.frozen else "finetune"
     model = build_model(args.backbone, bits, classes, weights=weights, input_size=args.input_size,
@@ -180,22 +194,37 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
     log(f"== {dataset} {protocol} {bits} bits: {args.backbone} ({'scratch' if args.from_scratch else 'ImageNet'}, "
         f"{method}) train {len(tr_x)}, database {len(db_x)}, queries {len(q_x)}")
     t0 = time.perf_counter()
+    raw_state = {}
     if args.frozen:  # laptop mode: fc7 of the training images once, H + classifier trained on it
         model.to(device)
         _, tr_f, _ = encode_array(model, tr_x, device, 512, "float32")
         hist = fit_head(model, tr_f, tr_y, cfg, device, progress=not args.quiet, log=log)
     else:
-        hist = fit(model, tr_x, tr_y, cfg, device, progress=not args.quiet, log=log)
+        hist = fit(model, tr_x, tr_y, cfg, device, progress=not args.quiet, log=log, raw_state_out=raw_state)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
+    top_k = None if protocol == "cifar10-1" else 1000
+    variants = {}
+    if args.variants:  # the same training run encoded four ways: last / averaged weights x plain / flip-averaged
+        own = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        for wname, state in (("last", raw_state or own), ("ema", own if raw_state else None)):
+            if state is None:
+                continue
+            model.load_state_dict(state)
+            for flip in (False, True):
+                model.config.flip_average = flip
+                variants[f"{wname}{'_flip' if flip else ''}"] = score_variant(
+                    model, db_x, db_y, q_x, q_y, device, args, top_k)
+                log(f"variant {wname}{' flip' if flip else ''}: {variants[list(variants)[-1]]}")
+        model.load_state_dict(own)
+    model.config.flip_average = args.flip_average
     test_acc = float((predict_logits(model, q_x, device).argmax(1).numpy() == q_y).mean())
     log(f"trained in {train_s:.1f} s; query-set accuracy {test_acc:.4f}")
     t0 = time.perf_counter()
     db_codes, db_feats, _ = encode_array(model, db_x, device, 512, args.feature_dtype)
     q_codes, q_feats, _ = encode_array(model, q_x, device, 512, "float32")
     enc_s = time.perf_counter() - t0
-    top_k = None if protocol == "cifar10-1" else 1000
     t0 = time.perf_counter()
     res = evaluate_arrays(db_codes, db_feats, db_y, q_codes, q_feats, q_y, ("bcs", "hds", "es"),
                           top_k=top_k or len(db_codes), ks=range(100, 1001, 100), hds_radius=args.hds_radius,
@@ -227,7 +256,7 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
         "n_train": int(len(tr_x)), "n_database": int(len(db_x)), "n_queries": int(len(q_x)),
         "train_config": cfg.__dict__, "train_seconds": round(train_s, 2), "history": hist,
         "query_accuracy": test_acc, "encode_seconds": round(enc_s, 2), "eval_seconds": round(eval_s, 2),
-        "metrics": res, "query_ms": qms, "unique_database_codes": int(uniq_codes),
+        "metrics": res, "variants": variants, "flip_average": bool(args.flip_average), "query_ms": qms, "unique_database_codes": int(uniq_codes),
         "paper_map_at_1000": PAPER_MAP.get(dataset, {}).get(bits) if protocol == "paper" else None,
         "data_note": ("CIFAR-10 from the JPEG copy (quality ~75) in shared/data, not the official binary"
                       if dataset == "cifar10" else "MNIST PNG, exact pixels"),
@@ -236,7 +265,8 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
     }
     name = (f"{dataset}{'-1' if protocol == 'cifar10-1' else ''}_{args.backbone}"
             f"{'_scratch' if args.from_scratch else ''}{'_frozen' if args.frozen else ''}"
-            f"{'_' + args.mix if args.mix != 'none' and not args.frozen else ''}_{bits}bits")
+            f"{'_' + args.mix if args.mix != 'none' and not args.frozen else ''}"
+            f"{'_ema' if args.ema_epochs and not args.frozen else ''}{'_flip' if args.flip_average else ''}_{bits}bits")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(rec, f, indent=2, default=float)
@@ -287,6 +317,12 @@ def main(argv=None):
                    help="CutMix or Mixup of training batches (train.mix_batch)")
     p.add_argument("--mix-alpha", type=float, default=1.0)
     p.add_argument("--mix-prob", type=float, default=0.5)
+    p.add_argument("--ema-epochs", type=float, default=0.0,
+                   help="end with a moving average of the weights over about this many epochs (TrainConfig.ema_epochs)")
+    p.add_argument("--flip-average", action="store_true",
+                   help="encode database and queries as the mean fc7 of each image and its mirror")
+    p.add_argument("--variants", action="store_true",
+                   help="also score the run's last and averaged weights, each with and without flip averaging")
     p.add_argument("--input-size", type=int, default=None, help="network input side (default: the backbone's)")
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--hds-radius", type=int, default=3)

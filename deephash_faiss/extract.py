@@ -44,11 +44,21 @@ def cuda_layout(model: torch.nn.Module, n: int) -> str:
     return "channels_last"
 
 
+def backbone_features(model: HashNet, x: torch.Tensor) -> torch.Tensor:
+    """fc7 float32 [b, D] of normalised images x [b, 3, I, I]; with ``model.config.flip_average``
+    the mean of the image's and its horizontal mirror's fc7 (one pass over both)."""
+    if not model.config.flip_average:
+        return model.backbone(x).float()
+    b = len(x)
+    both = model.backbone(torch.cat([x, x.flip(3)])).float()
+    return (both[:b] + both[b:]) * 0.5
+
+
 @torch.no_grad()
 def forward_batch(model: HashNet, xb: torch.Tensor, device: torch.device, amp: bool = True, to_host: bool = True,
                   layout: str | None = None):
     """The model on one batch: uint8 [b, S, S, 3] (any device) -> (fc7 float32 [b, D], h float32 [b, bits]),
-    on the host (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``.
+    fc7 by :func:`backbone_features` (flip-averaged when the model says so), on the host (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``.
     ``layout``: the convolutions' memory layout on CUDA (default :func:`cuda_layout` for ``b``
     images); on the CPU always channels_last."""
     if device.type != "cuda":
@@ -58,8 +68,7 @@ def forward_batch(model: HashNet, xb: torch.Tensor, device: torch.device, amp: b
     fmt = torch.contiguous_format if layout == "contiguous" else torch.channels_last
     x = model.preprocess(xb.to(device, non_blocking=True)).contiguous(memory_format=fmt)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        fc7 = model.backbone(x)
-    fc7 = fc7.float()
+        fc7 = backbone_features(model, x)
     h = torch.sigmoid(model.latent(fc7))
     if to_host:
         return fc7.cpu(), h.cpu()

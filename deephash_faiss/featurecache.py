@@ -71,10 +71,13 @@ def choose_method(requested: str, labelled: bool, device: torch.device, pretrain
 
 
 def job_key(model, paths: Sequence[str], stamps: str = "") -> str:
-    """sha256 of the backbone's weights, its preprocessing and the image list (+ file stamps)."""
+    """sha256 of the backbone's weights, its preprocessing (flip averaging included) and the
+    image list (+ file stamps)."""
     h = hashlib.sha256()
     cfg = model.config
     h.update(f"{cfg.backbone}\n{cfg.input_size}\n{cfg.load_size}\n{cfg.mean}\n{cfg.std}\n".encode())
+    if cfg.flip_average:  # other fc7 (keys of older caches unchanged)
+        h.update(b"flip_average\n")
     for name, t in model.backbone.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -53,6 +53,11 @@ class ModelConfig:
     #: how H was learned: "finetune" (whole net, softmax; the paper's), "frozen" (backbone
     #: frozen, H + classifier trained on cached fc7) or "itq" (no labels: PCA + ITQ on fc7)
     method: str = "finetune"
+    #: encode each image as the mean fc7 of it and its horizontal mirror (test-time flip
+    #: averaging; H and the code follow from that fc7). An inference setting: training ignores
+    #: it, and the database and its queries are encoded the same way because the index keeps
+    #: the model it was built with.
+    flip_average: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

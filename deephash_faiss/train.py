@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DhfError
+from .extract import backbone_features
 from .model import HashNet, read_checkpoint, save_checkpoint
 
 
@@ -53,6 +54,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     checkpoint_every_s: float = 2.0  # fit_head: save at most this often (and after the last epoch)
     micro_batch: int | None = None  # images per forward/backward (gradients accumulated); default: see micro_batch_size
+    #: fit only: keep an exponential moving average of the weights (and BatchNorm statistics)
+    #: over about this many epochs of steps, and end with it (0: off)
+    ema_epochs: float = 0.0
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -71,6 +75,8 @@ class TrainConfig:
             raise DhfError(f"unknown mix {self.mix!r} (none, cutmix or mixup)")
         if self.mix != "none" and not (self.mix_alpha > 0 and 0 <= self.mix_prob <= 1):
             raise DhfError("--mix-alpha must be positive and --mix-prob in [0, 1]")
+        if not self.ema_epochs >= 0:
+            raise DhfError("--ema-epochs must be zero (off) or positive")
 
 
 #: Fine-tuning on a CPU keeps every activation of a batch for the backward pass: about
@@ -189,19 +195,59 @@ def make_optimizer(model: HashNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state (parameters and BatchNorm
+    statistics): after each optimizer step ``avg <- avg + (1 - d_t) (w - avg)``, with
+    ``d_t = min(decay, (1 + t) / (10 + t))`` so that the first steps are not averaged with the
+    random initial state. Integer buffers (BatchNorm's step counters) are copied as they are."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict | None = None):
+        self.decay = float(decay)
+        sd = model.state_dict()
+        self.names = [k for k, v in sd.items() if v.dtype.is_floating_point]
+        if state is not None:  # resuming
+            self.steps = int(state["steps"])
+            self.avg = [state["avg"][k].to(sd[k].device, sd[k].dtype).clone() for k in self.names]
+        else:
+            self.steps = 0
+            self.avg = [sd[k].detach().clone() for k in self.names]
+
+    @staticmethod
+    def decay_for(ema_epochs: float, steps_per_epoch: int) -> float:
+        """Per-step decay whose averaging horizon (1 / (1 - decay) steps) is ``ema_epochs``."""
+        return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        sd = model.state_dict()
+        self.steps += 1
+        d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))
+        torch._foreach_lerp_(self.avg, [sd[k].detach() for k in self.names], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        sd = model.state_dict()
+        for k, a in zip(self.names, self.avg):
+            sd[k].copy_(a)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "avg": {k: a.detach().cpu() for k, a in zip(self.names, self.avg)}}
+
+
 def epoch_hook(epoch: int) -> None:
     """Called after each epoch's checkpoint is written (0-based epoch). A test hook:
     tests replace it to simulate an interruption."""
 
 
-def _resume_state(model, opt, resume: str) -> tuple[int, list]:
+def _resume_state(model, opt, resume: str) -> tuple[int, list, dict]:
+    """Load an interrupted run: (next epoch, history, the checkpoint's train_state)."""
     obj = read_checkpoint(resume)
     state = obj.get("train_state")
     if not state:
         raise DhfError(f"{resume} holds no training state to resume from")
     model.load_state_dict(obj["state_dict"])
     opt.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1, list(state.get("history", []))
+    return int(state["epoch"]) + 1, list(state.get("history", [])), state
 
 
 def _log_epoch(rec: dict, cfg: "TrainConfig", progress: bool, log) -> None:
@@ -269,7 +315,7 @@ def fit_head(
         opt = torch.optim.SGD(group, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, history = 0, []
     if resume:
-        start_epoch, history = _resume_state(model, opt, resume)
+        start_epoch, history, _ = _resume_state(model, opt, resume)
     x, y = x.to(device), torch.from_numpy(labels).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(x)
@@ -317,13 +363,15 @@ def fit_head(
 
 @torch.no_grad()
 def predict_logits(model: HashNet, images, device: torch.device, batch_size: int = 512, amp: bool = True) -> torch.Tensor:
-    """Logits float32 [N, C] for uint8 images [N, S, S, 3] (numpy or tensor)."""
+    """Logits float32 [N, C] for uint8 images [N, S, S, 3] (numpy or tensor), from fc7 as the
+    index encodes it (:func:`~deephash_faiss.extract.backbone_features`)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         xb = torch.as_tensor(images[start:start + batch_size]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            _, _, logits = model(model.preprocess(xb).contiguous(memory_format=torch.channels_last))
+            x = model.preprocess(xb).contiguous(memory_format=torch.channels_last)
+            _, logits = model.head(backbone_features(model, x))
         out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.num_classes)
 
@@ -340,8 +388,10 @@ def fit(
     val_labels: np.ndarray | None = None,
     progress: bool = True,
     log=None,
+    raw_state_out: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """Fine-tune ``model`` in place.
+    """Fine-tune ``model`` in place. With ``cfg.ema_epochs`` the model ends with the moving
+    average of its weights (:class:`WeightAverage`, kept in every checkpoint for a resume).
 
     Args:
         images: uint8 [N, S, S, 3], S = ``model.config.load_size``.
@@ -352,6 +402,8 @@ def fit(
         resume: a checkpoint written by an interrupted ``fit`` to continue from.
         val_images, val_labels: a validation set; default: ``cfg.val_fraction`` of the
             training images, held out (stratified).
+        raw_state_out: with ``cfg.ema_epochs``, filled with the last step's own weights
+            (CPU tensors, a state dict) before the average replaces them (to compare both).
     Returns:
         History: one dict per epoch with loss, train accuracy, validation accuracy, seconds.
     """
@@ -372,9 +424,9 @@ def fit(
         images, labels = images[tr], labels[tr]
     model.to(device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    start_epoch, history = 0, []
+    start_epoch, history, state = 0, [], {}
     if resume:
-        start_epoch, history = _resume_state(model, opt, resume)
+        start_epoch, history, state = _resume_state(model, opt, resume)
     # Keep the uint8 images on the GPU when they fit comfortably; else stream from RAM.
     on_dev = device.type == "cuda" and images.nbytes < 16e9
     data = torch.from_numpy(np.ascontiguousarray(images))
@@ -385,6 +437,11 @@ def fit(
     n = len(data)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
+    ema = None
+    if cfg.ema_epochs > 0:
+        if resume and state.get("ema") is None and start_epoch > 0:
+            raise DhfError(f"{resume} was trained without --ema-epochs: resume it without")
+        ema = WeightAverage(model, WeightAverage.decay_for(cfg.ema_epochs, steps_per_epoch), state.get("ema"))
     amp = cfg.amp and device.type == "cuda"
     micro = micro_batch_size(cfg, model.config.input_size, device)
     eval_bs = cfg.eval_batch_size if device.type == "cuda" else min(
@@ -430,6 +487,8 @@ def fit(
                 tot_correct += (logits.argmax(1) == yb[sub]).sum()
                 del x, logits
             opt.step()
+            if ema is not None:
+                ema.update(model)
             seen += len(idx)
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -440,16 +499,23 @@ def fit(
             "train_acc": float(tot_correct.item() / max(1, seen)),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        last = epoch + 1 == cfg.epochs
+        if ema is not None and last:  # the model ends with the averaged weights
+            if raw_state_out is not None:
+                raw_state_out.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            ema.copy_to(model)
+            rec["weights"] = "ema"
         if val_images is not None and len(val_images):
             pred = predict_logits(model, val_images, device, eval_bs, cfg.amp).argmax(1).numpy()
             rec["val_acc"] = float((pred == np.asarray(val_labels)).mean())
         history.append(rec)
         _log_epoch(rec, cfg, progress, log)
         if checkpoint_path:
-            save_checkpoint(model, checkpoint_path,
-                            train_state={"epoch": epoch, "optimizer": opt.state_dict(), "history": history,
-                                         "config": asdict(cfg), "method": "finetune"},
-                            metrics=rec)
+            ts = {"epoch": epoch, "optimizer": opt.state_dict(), "history": history, "config": asdict(cfg),
+                  "method": "finetune"}
+            if ema is not None:
+                ts["ema"] = ema.state_dict()
+            save_checkpoint(model, checkpoint_path, train_state=ts, metrics=rec)
         epoch_hook(epoch)
     model.eval()
     return history

@@ -1,0 +1,116 @@
+"""Weight averaging (TrainConfig.ema_epochs) and test-time flip averaging (ModelConfig.flip_average)."""
+
+import numpy as np
+import pytest
+import torch
+
+from deephash_faiss import train
+from deephash_faiss.extract import encode_array
+from deephash_faiss.featurecache import job_key
+from deephash_faiss.model import build_model, load_model, read_checkpoint, save_checkpoint
+from deephash_faiss.train import TrainConfig, WeightAverage, fit
+
+
+def _toy(n_per=20, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    imgs, labels = [], []
+    for c in range(3):
+        base = np.zeros((size, size, 3))
+        base[..., c] = 220
+        for _ in range(n_per):
+            imgs.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+            labels.append(c)
+    return np.stack(imgs), np.array(labels)
+
+
+def test_weight_average_follows_the_recurrence():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    rng = np.random.default_rng(0)
+    names = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"]
+    ref = {k: net.state_dict()[k].numpy().astype(np.float64).copy() for k in names}
+    avg = WeightAverage(net, decay=0.9)
+    for t in range(1, 31):
+        with torch.no_grad():
+            for k in names:
+                net.state_dict()[k].copy_(torch.from_numpy(rng.normal(size=ref[k].shape).astype(np.float32)))
+            net.state_dict()["1.num_batches_tracked"].fill_(t)
+        avg.update(net)
+        d = min(0.9, (1 + t) / (10 + t))
+        for k in names:
+            ref[k] = d * ref[k] + (1 - d) * net.state_dict()[k].numpy()
+    avg.copy_to(net)
+    for k in names:
+        np.testing.assert_allclose(net.state_dict()[k].numpy(), ref[k], rtol=1e-5, atol=1e-6)
+    assert int(net.state_dict()["1.num_batches_tracked"]) == 30  # integer buffers: the model's own
+    assert WeightAverage.decay_for(2, 50) == pytest.approx(1 - 1 / 100)
+
+
+def test_fit_ends_with_the_average_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    imgs, labels = _toy()
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.005, val_fraction=0.2, seed=0, ema_epochs=1.0)
+    make = lambda: build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=0)
+    m, raw = make(), {}
+    ck = str(tmp_path / "a.pt")
+    hist = fit(m, imgs, labels, cfg, torch.device("cpu"), checkpoint_path=ck, progress=False, raw_state_out=raw)
+    assert hist[-1]["weights"] == "ema" and "weights" not in hist[0]
+    final = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    assert set(raw) == set(final)
+    assert any(not torch.equal(raw[k], final[k]) for k in final if final[k].dtype.is_floating_point)
+    saved = read_checkpoint(ck)
+    steps = 3 * -(-48 // 8)  # 48 training images after the 20% validation split, 6 steps per epoch
+    assert saved["train_state"]["ema"]["steps"] == steps
+    for k, v in final.items():
+        torch.testing.assert_close(saved["state_dict"][k], v)  # the checkpoint holds the averaged model
+
+    def crash(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated Ctrl-C after epoch 2")
+
+    ck2 = str(tmp_path / "b.pt")
+    monkeypatch.setattr(train, "epoch_hook", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make(), imgs, labels, cfg, torch.device("cpu"), checkpoint_path=ck2, progress=False)
+    assert read_checkpoint(ck2)["train_state"]["ema"]["steps"] == 2 * 6
+    monkeypatch.setattr(train, "epoch_hook", lambda epoch: None)
+    m2 = make()
+    fit(m2, imgs, labels, cfg, torch.device("cpu"), checkpoint_path=ck2, resume=ck2, progress=False)
+    for k, v in final.items():
+        torch.testing.assert_close(m2.state_dict()[k], v)
+
+
+def test_resume_with_averaging_of_a_run_without_is_refused(tmp_path):
+    imgs, labels = _toy(n_per=6)
+    m = build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=0)
+    ck = str(tmp_path / "a.pt")
+    fit(m, imgs, labels, TrainConfig(epochs=1, batch_size=8, val_fraction=0, seed=0), torch.device("cpu"),
+        checkpoint_path=ck, progress=False)
+    from deephash_faiss.errors import DhfError
+
+    with pytest.raises(DhfError, match="without --ema-epochs"):
+        fit(m, imgs, labels, TrainConfig(epochs=2, batch_size=8, val_fraction=0, seed=0, ema_epochs=1),
+            torch.device("cpu"), checkpoint_path=ck, resume=ck, progress=False)
+
+
+def test_flip_average_encodes_the_mean_fc7_of_image_and_mirror(tmp_path):
+    imgs, _ = _toy(n_per=4)
+    m = build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=3).eval()
+    m.config.flip_average = True
+    codes, feats, h = encode_array(m, imgs, torch.device("cpu"), batch_size=5)
+    # reference: the backbone on the image and on its mirror (uint8 HWC: flip the width axis)
+    with torch.no_grad():
+        f1 = m.backbone(m.preprocess(torch.from_numpy(imgs))).numpy()
+        f2 = m.backbone(m.preprocess(torch.from_numpy(imgs[:, :, ::-1].copy()))).numpy()
+        ref = (f1 + f2) / 2
+        w, b = m.latent.weight.numpy(), m.latent.bias.numpy()
+    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
+    ref_h = 1 / (1 + np.exp(-(ref @ w.T + b)))
+    np.testing.assert_allclose(h, ref_h, rtol=1e-4, atol=1e-5)
+    bits = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
+    sure = np.abs(ref_h - 0.5) > 1e-4  # bits away from the threshold
+    assert (bits[sure] == (ref_h > 0.5)[sure]).all()
+    # the setting travels with the model file, and the fc7 cache keys it
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(m, path)
+    assert load_model(path).config.flip_average is True
+    plain = build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=3)
+    assert job_key(m, ["a.jpg"]) != job_key(plain, ["a.jpg"])

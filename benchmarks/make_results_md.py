@@ -64,7 +64,8 @@ def render(runs, results_dir) -> str:
         mix = r["train_config"].get("mix", "none")
         return (" scratch" if not r["pretrained"] else (" frozen" if r.get("method") == "frozen" else "")) + (
             f" {mix}" if mix != "none" and r.get("method") != "frozen" else "") + (
-            f" lr {r['train_config']['lr']:g}" if r["pretrained"] and r["train_config"]["lr"] != 0.02 else "")
+            f" lr {r['train_config']['lr']:g}" if r["pretrained"] and r["train_config"]["lr"] != 0.02 else "") + (
+            f" ema {r['train_config']['ema_epochs']:g} ep" if r["train_config"].get("ema_epochs") else "")
 
     for name in order:
         r = runs[name]
@@ -77,6 +78,8 @@ def render(runs, results_dir) -> str:
             src += ", frozen backbone"
         elif r["train_config"].get("mix", "none") != "none":
             src += f", {r['train_config']['mix']} p={r['train_config']['mix_prob']}"
+        if r["train_config"].get("ema_epochs"):
+            src += f", weights averaged over {r['train_config']['ema_epochs']:g} epochs"
         w(f"| {r['dataset']} ({src}) | {r['bits']} | {fmt(pap / 100 if pap else None)} | "
           f"**{fmt(m['bcs']['map_at_k'])}** | {fmt(m['hds']['map_at_k'])} | {fmt(m['es']['map_at_k'])} | "
           f"{fmt(m['bcs']['map_full'])} | {fmt(m['bcs']['precision_radius'])} | {fmt(r['query_accuracy'])} | "
@@ -111,6 +114,23 @@ def render(runs, results_dir) -> str:
         m = r["metrics"]
         w(f"| {r['bits']} | {r['backbone']}{tag(r)}, {r['train_config']['epochs']} epochs | **{fmt(m['bcs']['map_full'])}** | {fmt(m['hds']['map_full'])} | "
           f"{fmt(m['es']['map_full'])} | about 0.78-0.82 |")
+    w("")
+    w("## One training run, four encodings: last or averaged weights, with or without flip averaging\n")
+    w("`reproduce.py --variants` scores the trained network as it ended (\"last\"), with its weights "
+      "averaged over the last epochs (\"ema\", `--ema-epochs`), and each with every image (database and "
+      "queries) encoded as the mean fc7 of it and its mirror (\"flip\", `--flip-average`). Same training, "
+      "same data: the differences are the encodings'. mAP@1000 on the paper protocol, full mAP on "
+      "cifar10-1.\n")
+    w("| run | encoding | BCS mAP | HDS mAP | ES mAP | query-set accuracy | distinct database codes |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    vruns = dict(runs)
+    vruns.update({"variants/" + k: v for k, v in load(os.path.join(results_dir, "variants")).items()})
+    for name in sorted(vruns):
+        r = vruns[name]
+        key = "map_at_k" if r["protocol"] == "paper" else "map_full"
+        for vname, v in (r.get("variants") or {}).items():
+            w(f"| `{name}` | {vname.replace('_', ' + ')} | {fmt(v[key]['bcs'])} | {fmt(v[key]['hds'])} | "
+              f"{fmt(v[key]['es'])} | {fmt(v['query_accuracy'])} | {v['unique_database_codes']:,} |")
     w("")
     w("## Search time in the same runs (H200 machine, 1,000 queries in one batch, k = 100, ms per query)\n")
     w("| run | BCS (faiss CPU) | HDS (faiss pool + torch CUDA rerank) | ES (torch CUDA flat L2) | mean HDS pool |")

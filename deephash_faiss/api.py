@@ -51,6 +51,7 @@ def train_model(
     progress: bool = True,
     log: Log = _quiet,
     method: str = "auto",
+    flip_average: bool = False,
     **train_kwargs: Any,
 ):
     """Train a hashing model on a folder: one subfolder per class, or none (no labels).
@@ -67,6 +68,8 @@ def train_model(
             trained on it) or "itq" (no labels: PCA + ITQ on fc7 as H). "auto": fine-tune on a
             GPU, frozen on a CPU (fine-tune when the backbone has no pretrained weights),
             "itq" when the folder has no class subfolders.
+        flip_average: the model encodes each image as the mean fc7 of it and its mirror
+            (:attr:`deephash_faiss.model.ModelConfig.flip_average`; a resumed model keeps its own).
         train_kwargs: fields of :class:`deephash_faiss.train.TrainConfig` (``epochs`` default:
             10 fine-tuning, 30 frozen).
     Returns:
@@ -76,13 +79,14 @@ def train_model(
     if len(images) == 0:
         raise DhfError(f"no images found under {data_dir}")
     model, history, _ = _train(images, data_dir, out, backbone, bits, weights, resolve_device(device), input_size,
-                               load_size, resume, progress, log, method, None, train_kwargs)
+                               load_size, resume, progress, log, method, None, train_kwargs,
+                               flip_average=flip_average)
     return model, history
 
 
 def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int | None, weights, dev,
            input_size, load_size, resume: str | None, progress: bool, log: Log, method: str, work_dir: str | None,
-           train_kwargs: dict[str, Any], plan: tuple[str, str] | None = None):
+           train_kwargs: dict[str, Any], plan: tuple[str, str] | None = None, flip_average: bool = False):
     """train_model's work; returns (model, history, CachedFeatures or None). With ``work_dir``
     the fc7 cache is kept there (for the build to reuse); without, it sits beside ``out`` and
     is removed once the model is saved."""
@@ -112,6 +116,7 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
         classes = [] if method == "itq" else images.classes
         model = build_model(backbone, bits, classes, weights, isize, lsize,
                             seed=int(train_kwargs.get("seed", 0)), method=method)
+        model.config.flip_average = bool(flip_average)
     kw = dict(train_kwargs)
     if kw.get("epochs") is None:
         kw["epochs"] = DEFAULT_EPOCHS.get(method, 1)
@@ -123,7 +128,11 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
     log(f"{model.config.backbone}, {model.config.bits} bits, "
         + (f"{len(images.classes)} classes, " if method != "itq" else "")
         + f"{len(images)} images from {data_dir}, decoded at {model.config.load_size}px, input "
-        f"{model.config.input_size}px, device {dev}")
+        f"{model.config.input_size}px, device {dev}"
+        + (", flip-averaged encoding (image + mirror)" if model.config.flip_average else ""))
+    ignored = [o for o, on in (("--mix", cfg.mix != "none"), ("--ema-epochs", cfg.ema_epochs > 0)) if on]
+    if method != "finetune" and ignored:
+        log(f"{' and '.join(ignored)} only apply to fine-tuning: ignored by this {method} model")
     if method == "finetune":
         arr, pos, bad = load_images(images.paths, model.config.load_size, progress=progress, desc="decode")
         for i, reason in bad:
@@ -273,10 +282,11 @@ def _train_for_build(images: ImageList, images_dir: str, index_dir: str, dev, pr
             "itq": f"learning binary codes without labels from {images_dir} first"}[method]
     log(f"no --model given: {what}" + (" (resuming an interrupted run)" if resume else ""))
     os.makedirs(work, exist_ok=True)
-    kw = {k: opts.pop(k) for k in ("bits", "weights", "input_size", "load_size") if k in opts}
+    kw = {k: opts.pop(k) for k in ("bits", "weights", "input_size", "load_size", "flip_average") if k in opts}
     _, _, feats = _train(images, images_dir, model_path, backbone, kw.get("bits"), kw.get("weights", "default"),
                          dev, kw.get("input_size"), kw.get("load_size"), resume, progress, log, requested,
-                         os.path.join(work, "fc7"), opts, plan=None if resume else plan)
+                         os.path.join(work, "fc7"), opts, plan=None if resume else plan,
+                         flip_average=kw.get("flip_average", False))
     if feats is None:
         return model_path, work, None
     model = load_model(model_path, dev)

@@ -36,6 +36,31 @@ def test_train_command(image_folder, tmp_path):
     assert os.path.exists(out) and "smallcnn, 16 bits, 3 classes" in r.output
 
 
+def test_train_with_averaging_then_index_and_query_encode_alike(image_folder, tmp_path):
+    from deephash_faiss.model import read_checkpoint
+
+    out = str(tmp_path / "m.pt")
+    r = run("train", image_folder, "-o", out, "--backbone", "smallcnn", "--bits", "16", "--epochs", "2",
+            "--batch-size", "16", "-q", "--device", "cpu", "--ema-epochs", "1", "--flip-average")
+    assert r.exit_code == 0, r.output
+    ck = read_checkpoint(out)
+    assert ck["config"]["flip_average"] is True and ck["train_state"]["ema"]["steps"] > 0
+    assert ck["train_state"]["history"][-1]["weights"] == "ema"
+    idx = str(tmp_path / "idx")
+    assert run("build-index", image_folder, "--model", out, "-o", idx, "-q", "--device", "cpu").exit_code == 0
+    q = os.path.join(image_folder, "green", "003.png")
+    hit = json.loads(run("search", "--query", q, "--index", idx, "--mode", "hds", "-k", "1", "--json",
+                         "--device", "cpu").stdout)[0]["results"][0]
+    assert hit["path"].endswith(os.path.join("green", "003.png")) and hit["hamming"] == 0
+    assert hit["distance"] == pytest.approx(0, abs=1e-3)  # the query is encoded as its database row was
+    # build-index, training a model itself, takes the option too
+    auto = str(tmp_path / "auto")
+    r = run("build-index", image_folder, "-o", auto, "--backbone", "smallcnn", "--bits", "16", "--epochs", "1",
+            "-q", "--device", "cpu", "--flip-average")
+    assert r.exit_code == 0, r.output
+    assert read_checkpoint(os.path.join(auto, "model.pt"))["config"]["flip_average"] is True
+
+
 def test_search_json_returns_same_class(built, image_folder):
     for cls in ("red", "green", "blue"):
         q = os.path.join(image_folder, cls, "003.png")

@@ -114,3 +114,14 @@ def test_flip_average_encodes_the_mean_fc7_of_image_and_mirror(tmp_path):
     assert load_model(path).config.flip_average is True
     plain = build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=3)
     assert job_key(m, ["a.jpg"]) != job_key(plain, ["a.jpg"])
+
+
+def test_options_a_frozen_model_ignores_are_reported(image_folder, tmp_path):
+    from deephash_faiss import api
+
+    lines = []
+    model, _ = api.train_model(image_folder, str(tmp_path / "m.pt"), backbone="smallcnn", bits=16, weights="none",
+                               device="cpu", method="frozen", epochs=1, ema_epochs=1.0, mix="cutmix",
+                               flip_average=True, progress=False, log=lines.append)
+    assert any("--mix and --ema-epochs only apply to fine-tuning: ignored" in ln for ln in lines), lines
+    assert any("flip-averaged encoding" in ln for ln in lines) and model.config.flip_average

@@ -65,7 +65,8 @@ def render(runs, results_dir) -> str:
         return (" scratch" if not r["pretrained"] else (" frozen" if r.get("method") == "frozen" else "")) + (
             f" {mix}" if mix != "none" and r.get("method") != "frozen" else "") + (
             f" lr {r['train_config']['lr']:g}" if r["pretrained"] and r["train_config"]["lr"] != 0.02 else "") + (
-            f" ema {r['train_config']['ema_epochs']:g} ep" if r["train_config"].get("ema_epochs") else "")
+            f" ema {r['train_config']['ema_epochs']:g} ep" if r["train_config"].get("ema_epochs") else "") + (
+            " flip-averaged" if r.get("flip_average") else "")
 
     for name in order:
         r = runs[name]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deephash_faiss.fine import FineIndex, FineParams
+from deephash_faiss.fine import FineIndex, FineParams, _nearest_first
 from deephash_faiss.index import BinaryIndex, IndexSpec
 from deephash_faiss.rerank import rank_pools_cpu
 from reference import exact_hds
@@ -181,3 +181,17 @@ def test_pq4_subquantizers_by_index_size():
     assert pq4_subquantizers(256, PQ4_PAIRS_MAX_ROWS) == 128
     assert pq4_subquantizers(256, PQ4_PAIRS_MAX_ROWS + 1) == 256
     assert pq4_subquantizers(33, 10) == 33  # odd: one dimension each
+
+
+@pytest.mark.parametrize("width", [100, 2**31])  # packed int64 keys; a lexsort where they would not fit
+def test_nearest_first_orders_pairs_by_query_distance_column(width):
+    """The probe's pair sort orders as a lexsort by (query, distance, column): negative
+    distances, -0.0 equal to 0.0, ties broken by column."""
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.integers(0, 50, 3000))
+    d = rng.choice(np.array([-1.5, -0.0, 0.0, 0.25, 3.0, 1e30], np.float32), 3000)
+    c = rng.integers(0, width, 3000)
+    o = np.lexsort((c, d, q))
+    got_d, got_c = _nearest_first(q, d, c, width)
+    np.testing.assert_array_equal(got_c, c[o])
+    np.testing.assert_array_equal(got_d, d[o])

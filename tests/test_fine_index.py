@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from deephash_faiss import api
 from deephash_faiss.cli import main
 from deephash_faiss.errors import DhfError
-from deephash_faiss.fine import FineParams, default_probe
+from deephash_faiss.fine import FineIndex, FineParams, default_probe
+from deephash_faiss.index import BinaryIndex, IndexSpec
 from deephash_faiss.maintain import add_images, build_fine, compact, remove, verify
 from deephash_faiss.search import Searcher
 from deephash_faiss.store import read_manifest, write_manifest
@@ -319,3 +320,27 @@ def test_ivf_small_pools_equal_the_exact_path(tmp_path):
             np.testing.assert_array_equal(a.hamming, b.hamming)
             np.testing.assert_allclose(a.distance, b.distance, rtol=1e-5, atol=1e-5)
             assert len(a.ids) == k  # topped up where the pool held fewer than k rows
+
+
+@pytest.mark.parametrize("max_candidates", [None, 40])
+def test_fine_search_of_a_batch_equals_single_query_searches(max_candidates):
+    """FineIndex.search of a batch (queries sharing collapsed codes, a GEMM per block of codes,
+    each query's reached lists sorted by centroid distance) gives every query what it gets
+    searched alone and with one distinct code a block: the same ids, distances, pool and
+    examined rows, truncated and exact flags."""
+    codes, feats, qc, qf = _data(n=6000, nq=40)
+    qc, qf = np.concatenate([qc, qc[:10]]), np.concatenate([qf, qf[:10] + 0.5])  # repeated codes
+    fine = FineIndex.build(BinaryIndex.build(codes, IndexSpec("buckets")), feats, cell_size=32)
+    p = FineParams(nprobe=3, refine=30, exact_max=0)
+    batch = fine.search(qc, qf, 10, 3, feats, p, max_candidates=max_candidates)
+    tiny = fine.search(qc, qf, 10, 3, feats, p, max_candidates=max_candidates, block_elems=1)
+    alone = [fine.search(qc[i:i + 1], qf[i:i + 1], 10, 3, feats, p, max_candidates=max_candidates)[0]
+             for i in range(len(qc))]
+    assert 1 < len(np.unique(qc, axis=0)) < len(qc) // 4  # few distinct codes, shared
+    assert sum(o[3] < o[2] for o in batch) > len(qc) // 2  # most pools are cut by the probing
+    assert any(o[4] for o in batch) == (max_candidates is not None)
+    for o, t, a in zip(batch, tiny, alone):
+        for other in (t, a):
+            np.testing.assert_array_equal(o[0], other[0])
+            np.testing.assert_array_equal(o[1], other[1])
+            assert o[2:] == other[2:]

@@ -9,18 +9,7 @@ from deephash_faiss.extract import encode_array
 from deephash_faiss.featurecache import job_key
 from deephash_faiss.model import build_model, load_model, read_checkpoint, save_checkpoint
 from deephash_faiss.train import TrainConfig, WeightAverage, fit
-
-
-def _toy(n_per=20, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    imgs, labels = [], []
-    for c in range(3):
-        base = np.zeros((size, size, 3))
-        base[..., c] = 220
-        for _ in range(n_per):
-            imgs.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
-            labels.append(c)
-    return np.stack(imgs), np.array(labels)
+from test_train import _toy
 
 
 def test_weight_average_follows_the_recurrence():
@@ -46,7 +35,7 @@ def test_weight_average_follows_the_recurrence():
 
 
 def test_fit_ends_with_the_average_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    imgs, labels = _toy()
+    imgs, labels = _toy(n_per=20)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=0.005, val_fraction=0.2, seed=0, ema_epochs=1.0)
     make = lambda: build_model("smallcnn", 16, ["r", "g", "b"], weights="none", input_size=16, load_size=16, seed=0)
     m, raw = make(), {}

@@ -345,7 +345,9 @@ def index_from_arrays(
     model = {"file": None, "sha256": None, "backbone": None}
     if model_path:
         shutil.copyfile(model_path, os.path.join(index_dir, "model.pt"))
-        model = {"file": "model.pt", "sha256": file_sha256(model_path), "backbone": load_model(model_path).config.backbone}
+        cfg = load_model(model_path).config
+        model = {"file": "model.pt", "sha256": file_sha256(model_path), "backbone": cfg.backbone,
+                 "flip_average": cfg.flip_average}
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "created": now_iso(), "source": "arrays",
         "model": model, "bits": bits, "bit_order": "little (faiss): bit j in byte j//8 at position j%8",

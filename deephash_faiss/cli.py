@@ -717,7 +717,8 @@ def info(index_pos, index_opt, as_json):
         ("index", f"{_cell(index_dir)}  (format {m.get('format')} v{m.get('version')}, created {m.get('created')})"),
         ("images", f"{m.get('count')} ({len(m.get('deleted', []))} deleted, {m.get('skipped', 0)} skipped at build)"),
         ("model", f"{_cell(model.get('backbone'))}  {_cell(model.get('file'))}  "
-                  f"sha256 {(model.get('sha256') or '-')[:16]}…"),
+                  f"sha256 {(model.get('sha256') or '-')[:16]}…"
+                  + ("  (flip-averaged encoding: each image with its mirror)" if model.get("flip_average") else "")),
         ("codes", f"{m.get('bits')} bits, {_index_type_text(m.get('index', {}))}"),
         ("features", f"{m.get('feature_dim')}-d {m.get('feature_dtype')} in "
                      f"{_plural(len(m.get('shards', [])), 'shard')}"),

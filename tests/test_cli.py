@@ -48,6 +48,7 @@ def test_train_with_averaging_then_index_and_query_encode_alike(image_folder, tm
     assert ck["train_state"]["history"][-1]["weights"] == "ema"
     idx = str(tmp_path / "idx")
     assert run("build-index", image_folder, "--model", out, "-o", idx, "-q", "--device", "cpu").exit_code == 0
+    assert "flip-averaged encoding" in run("info", "--index", idx).output
     q = os.path.join(image_folder, "green", "003.png")
     hit = json.loads(run("search", "--query", q, "--index", idx, "--mode", "hds", "-k", "1", "--json",
                          "--device", "cpu").stdout)[0]["results"][0]

@@ -58,7 +58,8 @@ def backbone_features(model: HashNet, x: torch.Tensor) -> torch.Tensor:
 def forward_batch(model: HashNet, xb: torch.Tensor, device: torch.device, amp: bool = True, to_host: bool = True,
                   layout: str | None = None):
     """The model on one batch: uint8 [b, S, S, 3] (any device) -> (fc7 float32 [b, D], h float32 [b, bits]),
-    fc7 by :func:`backbone_features` (flip-averaged when the model says so), on the host (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``.
+    fc7 by :func:`backbone_features` (flip-averaged when the model says so), on the host
+    (``to_host``) or left on ``device``. bf16 autocast on CUDA when ``amp``.
     ``layout``: the convolutions' memory layout on CUDA (default :func:`cuda_layout` for ``b``
     images); on the CPU always channels_last."""
     if device.type != "cuda":

@@ -634,14 +634,20 @@ class Searcher:
             b = self._hds_exact(qcodes[small], np.asarray(qfeats)[small], p.k, p.radius, p.max_candidates)
             for i, r in zip(small, b.results):
                 res[i] = r
-        d = self.dictionary()
         qmodes = ["exact" if res[i] is not None else "ivf" for i in range(len(out))]
-        for i, o in enumerate(out):
-            if res[i] is None:
-                ids, dist, pool, examined, trunc, _ = o
-                dc = np.asarray(d.dict_codes)[d.bucket_of_rows()[ids]]
-                ham = _popcount_rows(np.asarray(qcodes[i], np.uint8), dc)
-                res[i] = QueryResult(ids, ham, dist, pool, trunc)
+        ivf = [i for i in range(len(out)) if res[i] is None]
+        if ivf:  # Hamming distances of every result row, one vectorized pass over the batch
+            d = self.dictionary()
+            lens = np.array([len(out[i][0]) for i in ivf], np.int64)
+            rows = np.concatenate([out[i][0] for i in ivf])
+            own = np.repeat(np.asarray(ivf, np.int64), lens)
+            x = np.bitwise_xor(np.asarray(d.dict_codes)[d.bucket_of_rows()[rows]],
+                               np.asarray(qcodes, np.uint8)[own])
+            ham = np.unpackbits(x, axis=1).sum(1, dtype=np.int32)
+            at = np.concatenate([[0], np.cumsum(lens)]).tolist()
+            for j, i in enumerate(ivf):
+                ids, dist, pool, _, trunc, _ = out[i]
+                res[i] = QueryResult(ids, ham[at[j]:at[j + 1]], dist, pool, trunc)
         t2 = time.perf_counter()
         return SearchBatch("hds", res, (t2 - t0) * 1e3,
                            {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": len(small),

@@ -123,16 +123,18 @@ def _build_frozen(image_folder, out, **extra):
     return api.build_index(image_folder, out, device="cpu", progress=False, train_options=opts)
 
 
-def test_frozen_build_codes_equal_encoding_with_saved_model(image_folder, tmp_path):
+@pytest.mark.parametrize("flip", [False, True])
+def test_frozen_build_codes_equal_encoding_with_saved_model(image_folder, tmp_path, flip):
     from deephash_faiss import api
     from deephash_faiss.extract import encode_paths
 
     out = str(tmp_path / "idx")
-    rep = _build_frozen(image_folder, out)
+    rep = _build_frozen(image_folder, out, **({"flip_average": True} if flip else {}))
     assert rep.trained and rep.count == 72
     info = api.index_info(out)
     model = api.open_index(out, device="cpu").model
     assert model.config.method == "frozen" and model.config.class_names == ["blue", "green", "red"]
+    assert model.config.flip_average is flip and info["manifest"]["model"]["flip_average"] is flip
     shard = api.shard_rows(out, info["manifest"]["shards"][0]["file"])
     # the index was written from the cached fc7; encoding the images again with the saved
     # model (decode + backbone + H) gives the same codes and features

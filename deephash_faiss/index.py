@@ -611,19 +611,24 @@ class BucketIndex(BinaryIndex):
                    pad=int(header["stored_nbytes"]) != fbits // 8)
 
     # -- search -------------------------------------------------------------------------
-    def _prefix_rows(self, codes: np.ndarray, dists: np.ndarray, limit: int | None):
+    def _prefix_rows(self, codes: np.ndarray, dists: np.ndarray, limit: int | None, counts: bool = False):
         """(distance int32, ids int64) of the first ``limit`` + (deleted) rows of each code's
-        posting list (all rows when ``limit`` is None); deleted rows dropped."""
+        posting list (all rows when ``limit`` is None), in code order; deleted rows dropped.
+        With ``counts`` also the rows kept of each code: (D, I, int64 [len(codes)])."""
         live, dels = self._counts()
         sizes = self.sizes[codes]
         lens = sizes if limit is None else np.minimum(sizes, limit + dels[codes])
         pos = _ranges(np.asarray(self.offsets)[codes], lens)
         I = np.asarray(self.ids[pos], np.int64) if len(pos) else np.zeros(0, np.int64)
         D = np.repeat(np.asarray(dists, np.int32), lens)
+        kept = np.asarray(lens, np.int64)
         if self._deleted is not None and len(I) and dels[codes].any():
             keep = ~self._deleted[I]
             D, I = D[keep], I[keep]
-        return D, I
+            if counts:  # the keep mask summed over each code's rows
+                c, ends = np.concatenate([[0], np.cumsum(keep)]), np.cumsum(kept)
+                kept = c[ends] - c[ends - kept]
+        return (D, I, kept) if counts else (D, I)
 
     # Dictionary lookups. Codes of <= 8 bytes are uint64 keys (the dictionary is sorted by
     # key): distances by XOR + popcount over the whole dictionary (``scan``), or, for a large
@@ -637,6 +642,16 @@ class BucketIndex(BinaryIndex):
     #: range search 0.095 / 0.103 ms; 200 queries x 811 / 25,182 codes scan 1.1 / 5.6 ms, range
     #: search 0.35 / 2.0 ms (the numpy popcount scan before: 1.4 / 11.0 ms).
     SCAN_REACH_MAX_PAIRS = 32_768
+    #: _knn_codes takes faiss's k-NN over the padded dictionary (kc nearest codes, kc x 8 until
+    #: the k-th row's level is complete; vectorized over the batch) from this many queries on,
+    #: the scan of every code one query at a time below; dictionaries of KNN_BALL_MIN_CODES
+    #: codes or more keep the Hamming ball first (each faiss round scans the whole dictionary).
+    #: Measured (real-statistics codes, 200 queries, k = 10, bench_scale.py --codes-only, 2 cores):
+    #: 1 query 0.10 ms either way at 1e5 rows; 200 queries at 1e6 rows (10,413 codes) 0.019 ms
+    #: a query against 0.071 with the per-query scan, at 1e7 (37,756 codes) 0.023 against the
+    #: ball's 0.078, at 1e8 (143,990 codes) 0.195 against the ball's 0.116.
+    KNN_FAISS_MIN_QUERIES = 8
+    KNN_BALL_MIN_CODES = 75_000
     #: reach() of a batch of at least REACH_FAISS_MIN_QUERIES queries takes faiss's range
     #: search over dictionaries of fewer than REACH_BALL_MIN_CODES codes even where k-NN probes
     #: the Hamming ball (``dict_ball_min_codes``): 200 queries x 60,963 / 154,878 codes 6.2 /
@@ -699,50 +714,66 @@ class BucketIndex(BinaryIndex):
             yield from d
 
     def _knn_codes(self, q: np.ndarray, need: int):
-        """Per query (codes, distances) holding every code up to the distance level of the
-        ``need``-th live row (ordering within is left to the merge)."""
+        """Every code up to the distance level of each query's ``need``-th live row (ordering
+        within a query is left to the merge): (owner int64 [E] ascending, codes int64 [E],
+        distances int32 [E])."""
         live, _ = self._counts()
         m, U = len(q), self.n_codes
-        found: list = [None] * m
+        parts = []  # (owner, codes, distances) pieces
         if self.nbytes <= 8:
             qkeys = _row_keys(q[:, :self.nbytes])
-            todo = list(range(m))
-            if self._use_ball():
-                todo = []
-                for qi, (c, d) in enumerate(self._ball(qkeys, self.BALL_RADIUS)):
-                    hist = np.bincount(d, weights=live[c], minlength=self.BALL_RADIUS + 1)
-                    cum = np.cumsum(hist)
+            # level 0 first, for the whole batch: a query whose own code holds ``need`` live rows
+            # needs no other code (trained codes collapse: most queries land in a big bucket)
+            keys = self._keys()
+            pos = np.minimum(np.searchsorted(keys, qkeys), U - 1)
+            own = (keys[pos] == qkeys) & (live[pos] >= need)
+            parts.append((np.flatnonzero(own), pos[own].astype(np.int64), np.zeros(int(own.sum()), np.int32)))
+            todo = np.flatnonzero(~own)
+            if self._use_ball() and (len(todo) < self.KNN_FAISS_MIN_QUERIES or U >= self.KNN_BALL_MIN_CODES):
+                rest = []
+                for qi, (c, d) in zip(todo.tolist(), self._ball(qkeys[todo], self.BALL_RADIUS)):
+                    cum = np.cumsum(np.bincount(d, weights=live[c], minlength=self.BALL_RADIUS + 1))
                     if cum[-1] >= need:  # levels 0..BALL_RADIUS are complete in the ball
-                        dk = int(np.searchsorted(cum, need))
-                        sel = d <= dk
-                        found[qi] = (c[sel], d[sel])
+                        sel = d <= int(np.searchsorted(cum, need))
+                        parts.append((np.full(int(sel.sum()), qi, np.int64), c[sel], d[sel]))
                     else:
-                        todo.append(qi)
-            for qi, d in zip(todo, self._scan(q[todo])):
-                cum = np.cumsum(np.bincount(d, weights=live, minlength=self.bits + 1))
-                c = np.flatnonzero(d <= int(np.searchsorted(cum, need)))
-                found[qi] = (c, d[c])
-            return found
-        todo = np.arange(m)
+                        rest.append(qi)
+                todo = np.asarray(rest, np.int64)
+            if len(todo) < self.KNN_FAISS_MIN_QUERIES:  # few queries: the scan, one query at a time
+                for qi, d in zip(todo.tolist(), self._scan(q[todo])):
+                    cum = np.cumsum(np.bincount(d, weights=live, minlength=self.bits + 1))
+                    c = np.flatnonzero(d <= int(np.searchsorted(cum, need)))
+                    parts.append((np.full(len(c), qi, np.int64), c, d[c]))
+                todo = todo[:0]
+        else:
+            todo = np.arange(m)
+        # the nearest kc codes of each query (faiss k-NN over the padded dictionary), kc x 8
+        # until the level of the need-th live row is complete below the last code's distance
         kc = min(U, 16)
         while len(todo):
             Dd, Id = self.index.search(q[todo], kc)
-            if kc >= U:
-                ok = np.ones(len(todo), bool)
-            else:  # the level of the k-th live row is complete below the last code's distance
-                ok = (live[Id] * (Dd < Dd[:, -1:])).sum(1) >= need
-            for j in np.flatnonzero(ok):
-                Dj, Ij = Dd[j], Id[j].astype(np.int64)
-                cum = np.cumsum(live[Ij])
-                dk = Dj[min(int(np.searchsorted(cum, need)), len(Dj) - 1)]
-                sel = Dj <= dk
-                found[todo[j]] = (Ij[sel], Dj[sel])
+            Id = Id.astype(np.int64)
+            ok = np.ones(len(todo), bool) if kc >= U else (live[Id] * (Dd < Dd[:, -1:])).sum(1) >= need
+            if ok.any():
+                Do, Io = Dd[ok], Id[ok]
+                at = np.minimum((np.cumsum(live[Io], axis=1) < need).sum(1), kc - 1)  # searchsorted(cum, need)
+                r, c = np.nonzero(Do <= Do[np.arange(len(Do)), at][:, None])
+                parts.append((todo[ok][r], Io[r, c], Do[r, c]))
             todo = todo[~ok]
             kc = min(U, kc * 8)
-        return found
+        parts = [p for p in parts if len(p[0])]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+        owner, codes, d = parts[0] if len(parts) == 1 else (np.concatenate(x) for x in zip(*parts))
+        if len(parts) > 1 and (np.diff(owner) < 0).any():  # level 0's queries, the ball's, the others
+            o = np.argsort(owner, kind="stable")
+            owner, codes, d = owner[o], codes[o], d[o]
+        return owner, codes, np.asarray(d, np.int32)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Hamming k-NN, identical to :meth:`BinaryIndex.search` over IndexBinaryFlat.
+        """Hamming k-NN, identical to :meth:`BinaryIndex.search` over IndexBinaryFlat: the
+        codes up to each query's k-th live row (:meth:`_knn_codes`), the first rows of their
+        posting lists, one sort of the whole batch by (query, distance, id).
 
         Args / returns: as :meth:`BinaryIndex.search` (D int32 [m, k], I int64 [m, k]).
         """
@@ -756,9 +787,26 @@ class BucketIndex(BinaryIndex):
         need = int(min(k, int(live.sum()))) if U else 0
         if need == 0 or m == 0:
             return outD, outI
-        for qi, (codes, d) in enumerate(self._knn_codes(q, need)):
-            D, I = _sort_pairs(*self._prefix_rows(codes, d, need))
-            outD[qi, :min(need, len(I))], outI[qi, :min(need, len(I))] = D[:need], I[:need]
+        owner, codes, d = self._knn_codes(q, need)
+        if m < self.KNN_FAISS_MIN_QUERIES:  # few queries: merge each one's rows apart (less overhead)
+            at = np.searchsorted(owner, np.arange(m + 1)).tolist()
+            for qi in range(m):
+                D, I = _sort_pairs(*self._prefix_rows(codes[at[qi]:at[qi + 1]], d[at[qi]:at[qi + 1]], need))
+                outD[qi, :min(need, len(I))], outI[qi, :min(need, len(I))] = D[:need], I[:need]
+            return outD, outI
+        D, I, kept = self._prefix_rows(codes, d, need, counts=True)
+        qid = np.repeat(owner, kept)
+        ibits, dbits = max(1, int(I.max()).bit_length()), max(1, int(D.max()).bit_length())
+        if (m - 1).bit_length() + dbits + ibits <= 63:  # one packed int64 key (query | distance | id)
+            key = np.sort((qid << (dbits + ibits)) | (D.astype(np.int64) << ibits) | I)
+            qid, D, I = key >> (dbits + ibits), ((key >> ibits) & ((1 << dbits) - 1)).astype(np.int32), \
+                key & ((1 << ibits) - 1)
+        else:
+            o = np.lexsort((I, D, qid))
+            qid, D, I = qid[o], D[o], I[o]
+        rank = np.arange(len(qid)) - np.searchsorted(qid, qid)  # position within the query
+        take = rank < need
+        outD[qid[take], rank[take]], outI[qid[take], rank[take]] = D[take], I[take]
         return outD, outI
 
     def reach(self, q: np.ndarray, radius: int):

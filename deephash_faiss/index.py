@@ -672,8 +672,25 @@ class BucketIndex(BinaryIndex):
 
         return self.nbytes <= 8 and self.n_codes >= int(thresholds().get("dict_ball_min_codes", 1 << 16))
 
-    def _ball(self, qkeys: np.ndarray, r: int):
-        """Per query (codes int64, distances int32) of the dictionary codes at distance <= r."""
+    def _ball_batch(self, qkeys: np.ndarray, r: int):
+        """The dictionary codes at distance <= r of every query, as flat arrays: (query int64,
+        code int64, distance int32), grouped by query (one ``searchsorted`` for the batch)."""
+        masks, pc = self._ball_masks(r)
+        keys = self._keys()
+        step = max(1, (1 << 22) // len(masks))  # queries per block: at most 4M probes
+        out = []
+        for s in range(0, len(qkeys), step):
+            probes = (qkeys[s:s + step, None] ^ masks[None, :]).ravel()
+            pos = np.searchsorted(keys, probes)
+            pos[pos == len(keys)] = 0
+            hit = np.flatnonzero(keys[pos] == probes)
+            out.append((s + hit // len(masks), pos[hit].astype(np.int64), pc[hit % len(masks)]))
+        if not out:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return tuple(np.concatenate(x) for x in zip(*out))
+
+    def _ball_masks(self, r: int):
+        """(XOR masks uint64 of every pattern of <= r bits, their popcounts int32), cached."""
         cache = self._masks
         if r not in cache:
             from itertools import combinations
@@ -681,7 +698,11 @@ class BucketIndex(BinaryIndex):
             ms = [0] + [sum(1 << b for b in c) for rr in range(1, r + 1) for c in combinations(range(self.bits), rr)]
             masks = np.array(ms, np.uint64)
             cache[r] = (masks, np.bitwise_count(masks).astype(np.int32))
-        masks, pc = cache[r]
+        return cache[r]
+
+    def _ball(self, qkeys: np.ndarray, r: int):
+        """Per query (codes int64, distances int32) of the dictionary codes at distance <= r."""
+        masks, pc = self._ball_masks(r)
         keys = self._keys()
         out = []
         for qk in qkeys:
@@ -729,16 +750,20 @@ class BucketIndex(BinaryIndex):
             own = (keys[pos] == qkeys) & (live[pos] >= need)
             parts.append((np.flatnonzero(own), pos[own].astype(np.int64), np.zeros(int(own.sum()), np.int32)))
             todo = np.flatnonzero(~own)
-            if self._use_ball() and (len(todo) < self.KNN_FAISS_MIN_QUERIES or U >= self.KNN_BALL_MIN_CODES):
-                rest = []
-                for qi, (c, d) in zip(todo.tolist(), self._ball(qkeys[todo], self.BALL_RADIUS)):
-                    cum = np.cumsum(np.bincount(d, weights=live[c], minlength=self.BALL_RADIUS + 1))
-                    if cum[-1] >= need:  # levels 0..BALL_RADIUS are complete in the ball
-                        sel = d <= int(np.searchsorted(cum, need))
-                        parts.append((np.full(int(sel.sum()), qi, np.int64), c[sel], d[sel]))
-                    else:
-                        rest.append(qi)
-                todo = np.asarray(rest, np.int64)
+            if len(todo) and self._use_ball() and (len(todo) < self.KNN_FAISS_MIN_QUERIES
+                                                   or U >= self.KNN_BALL_MIN_CODES):
+                # the Hamming ball of every remaining query at once: its levels 0..BALL_RADIUS
+                # are complete, so a query whose ball holds need live rows is done
+                R = self.BALL_RADIUS
+                qi, c, d = self._ball_batch(qkeys[todo], R)
+                qi = todo[qi]
+                hist = np.bincount(qi * (R + 1) + d, weights=live[c], minlength=m * (R + 1)).reshape(m, R + 1)
+                cum = np.cumsum(hist, axis=1)
+                done = cum[:, -1] >= need
+                level = (cum < need).sum(1)  # searchsorted(cum, need) per query
+                sel = done[qi] & (d <= level[qi])
+                parts.append((qi[sel], c[sel], d[sel]))
+                todo = todo[~done[todo]]
             if len(todo) < self.KNN_FAISS_MIN_QUERIES:  # few queries: the scan, one query at a time
                 for qi, d in zip(todo.tolist(), self._scan(q[todo])):
                     cum = np.cumsum(np.bincount(d, weights=live, minlength=self.bits + 1))

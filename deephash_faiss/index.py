@@ -646,10 +646,11 @@ class BucketIndex(BinaryIndex):
     #: the k-th row's level is complete; vectorized over the batch) from this many queries on,
     #: the scan of every code one query at a time below; dictionaries of KNN_BALL_MIN_CODES
     #: codes or more keep the Hamming ball first (each faiss round scans the whole dictionary).
-    #: Measured (real-statistics codes, 200 queries, k = 10, bench_scale.py --codes-only, 2 cores):
-    #: 1 query 0.10 ms either way at 1e5 rows; 200 queries at 1e6 rows (10,413 codes) 0.019 ms
-    #: a query against 0.071 with the per-query scan, at 1e7 (37,756 codes) 0.023 against the
-    #: ball's 0.078, at 1e8 (143,990 codes) 0.195 against the ball's 0.116.
+    #: Measured (real-statistics codes, 200 queries, k = 10, bench_scale.py --codes-only, 2 cores,
+    #: before the level-0 step took most queries): faiss 0.019 ms a query at 1e6 rows (10,413
+    #: codes) against 0.071 for the per-query scan; 0.023 at 1e7 (37,756 codes) against the ball's
+    #: 0.078; 0.195 at 1e8 (143,990 codes) against the ball's 0.116. Crossover (4-8 queries) of
+    #: the per-query scan and faiss: 1 query 134 / 203 us, 8 queries 37 / 30 us a query (1e5 rows).
     KNN_FAISS_MIN_QUERIES = 8
     KNN_BALL_MIN_CODES = 75_000
     #: reach() of a batch of at least REACH_FAISS_MIN_QUERIES queries takes faiss's range

@@ -701,19 +701,6 @@ class BucketIndex(BinaryIndex):
             cache[r] = (masks, np.bitwise_count(masks).astype(np.int32))
         return cache[r]
 
-    def _ball(self, qkeys: np.ndarray, r: int):
-        """Per query (codes int64, distances int32) of the dictionary codes at distance <= r."""
-        masks, pc = self._ball_masks(r)
-        keys = self._keys()
-        out = []
-        for qk in qkeys:
-            probes = masks ^ qk
-            pos = np.searchsorted(keys, probes)
-            pos[pos == len(keys)] = 0
-            hit = keys[pos] == probes
-            out.append((pos[hit].astype(np.int64), pc[hit]))
-        return out
-
     def _scan(self, q: np.ndarray):
         """Per query distances int32 [U] to every dictionary code, for zero-padded query codes
         uint8 [m, stored_nbytes] (blocks of queries): faiss's ``hammings`` over the padded
@@ -821,18 +808,12 @@ class BucketIndex(BinaryIndex):
                 outD[qi, :min(need, len(I))], outI[qi, :min(need, len(I))] = D[:need], I[:need]
             return outD, outI
         D, I, kept = self._prefix_rows(codes, d, need, counts=True)
-        qid = np.repeat(owner, kept)
-        ibits, dbits = max(1, int(I.max()).bit_length()), max(1, int(D.max()).bit_length())
-        if (m - 1).bit_length() + dbits + ibits <= 63:  # one packed int64 key (query | distance | id)
-            key = np.sort((qid << (dbits + ibits)) | (D.astype(np.int64) << ibits) | I)
-            qid, D, I = key >> (dbits + ibits), ((key >> ibits) & ((1 << dbits) - 1)).astype(np.int32), \
-                key & ((1 << ibits) - 1)
-        else:
-            o = np.lexsort((I, D, qid))
-            qid, D, I = qid[o], D[o], I[o]
-        rank = np.arange(len(qid)) - np.searchsorted(qid, qid)  # position within the query
-        take = rank < need
-        outD[qid[take], rank[take]], outI[qid[take], rank[take]] = D[take], I[take]
+        lims = np.concatenate([[0], np.cumsum(np.bincount(owner, weights=kept, minlength=m))]).astype(np.int64)
+        lims, D, I = sort_and_cap(lims, D, I, need)  # rows come grouped by query
+        counts = np.diff(lims)
+        qid = np.repeat(np.arange(m), counts)
+        rank = np.arange(len(I)) - np.repeat(lims[:-1], counts)
+        outD[qid, rank], outI[qid, rank] = D, I
         return outD, outI
 
     def reach(self, q: np.ndarray, radius: int):
@@ -853,15 +834,16 @@ class BucketIndex(BinaryIndex):
             # the Hamming ball (single queries, huge dictionaries), or the scan (few pairs, or
             # an unpadded odd width); else faiss's range search over the zero-padded dictionary
             if ball:
-                per = self._ball(_row_keys(q[:, :self.nbytes]), int(radius) - 1)
+                qi, I, D = self._ball_batch(_row_keys(q[:, :self.nbytes]), int(radius) - 1)
+                lims = np.concatenate([[0], np.cumsum(np.bincount(qi, minlength=m))])
             else:
                 per = []
                 for d in self._scan(q):
                     c = np.flatnonzero(d < radius)
                     per.append((c, d[c]))
-            lims = np.concatenate([[0], np.cumsum([len(c) for c, _ in per])]).astype(np.int64)
-            I = np.concatenate([c for c, _ in per]).astype(np.int64)
-            D = np.concatenate([d for _, d in per]).astype(np.int32)
+                lims = np.concatenate([[0], np.cumsum([len(c) for c, _ in per])])
+                I = np.concatenate([c for c, _ in per])
+                D = np.concatenate([d for _, d in per])
         else:
             lims, D, I = self.index.range_search(q, int(radius))
         return sort_and_cap(lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64))

@@ -67,8 +67,9 @@ class SearchBatch:
 
 
 def _popcount_rows(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Hamming distances of one query uint8 [B] to codes uint8 [n, B] -> int32 [n]."""
-    x = np.bitwise_xor(codes, q[None])
+    """Hamming distances of one query uint8 [B] (or one per row, uint8 [n, B]) to codes
+    uint8 [n, B] -> int32 [n]."""
+    x = np.bitwise_xor(codes, q if q.ndim == 2 else q[None])
     return np.unpackbits(x, axis=1).sum(1, dtype=np.int32) if len(x) else np.zeros(0, np.int32)
 
 
@@ -641,9 +642,7 @@ class Searcher:
             lens = np.array([len(out[i][0]) for i in ivf], np.int64)
             rows = np.concatenate([out[i][0] for i in ivf])
             own = np.repeat(np.asarray(ivf, np.int64), lens)
-            x = np.bitwise_xor(np.asarray(d.dict_codes)[d.bucket_of_rows()[rows]],
-                               np.asarray(qcodes, np.uint8)[own])
-            ham = np.unpackbits(x, axis=1).sum(1, dtype=np.int32)
+            ham = _popcount_rows(np.asarray(qcodes, np.uint8)[own], np.asarray(d.dict_codes)[d.bucket_of_rows()[rows]])
             at = np.concatenate([[0], np.cumsum(lens)]).tolist()
             for j, i in enumerate(ivf):
                 ids, dist, pool, _, trunc, _ = out[i]

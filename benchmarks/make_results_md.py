@@ -66,6 +66,9 @@ def render(runs, results_dir) -> str:
             f" {mix}" if mix != "none" and r.get("method") != "frozen" else "") + (
             f" lr {r['train_config']['lr']:g}" if r["pretrained"] and r["train_config"]["lr"] != 0.02 else "") + (
             f" ema {r['train_config']['ema_epochs']:g} ep" if r["train_config"].get("ema_epochs") else "") + (
+            " + SSDH terms (binary {binary_weight:g}, balance {balance_weight:g})".format(**r["train_config"])
+            if r["train_config"].get("binary_weight") or r["train_config"].get("balance_weight") else "") + (
+            f" seed {r['train_config']['seed']}" if r["train_config"].get("seed") else "") + (
             " flip-averaged" if r.get("flip_average") else "")
 
     for name in order:

@@ -57,6 +57,12 @@ class TrainConfig:
     #: fit only: keep an exponential moving average of the weights (and BatchNorm statistics)
     #: over about this many epochs of steps, and end with it (0: off)
     ema_epochs: float = 0.0
+    #: weights of the two code terms of Yang, Lin & Chen (SSDH, TPAMI 2017), the same authors'
+    #: extension of the paper's softmax-only loss: ``binary_weight`` rewards H far from 0.5
+    #: (- mean((h - 0.5)^2)), ``balance_weight`` asks each image's code to be half ones
+    #: (mean over images of (mean over bits of h - 0.5)^2). 0: off (the paper's loss).
+    binary_weight: float = 0.0
+    balance_weight: float = 0.0
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -77,6 +83,8 @@ class TrainConfig:
             raise DhfError("--mix-alpha must be positive and --mix-prob in [0, 1]")
         if not self.ema_epochs >= 0:
             raise DhfError("--ema-epochs must be zero (off) or positive")
+        if not (self.binary_weight >= 0 and self.balance_weight >= 0):
+            raise DhfError("--binary-weight and --balance-weight must be zero (off) or positive")
 
 
 #: Fine-tuning on a CPU keeps every activation of a batch for the backward pass: about
@@ -169,6 +177,19 @@ def mix_batch(x: torch.Tensor, kind: str, alpha: float, prob: float, gen: torch.
     out = x.clone()
     out[:, y0:y1, x0:x1] = x[partner, y0:y1, x0:x1]
     return out, partner, 1.0 - (y1 - y0) * (x1 - x0) / (s * s)
+
+
+def code_terms(h: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The SSDH code terms of ``cfg`` on H outputs h float [B, bits] in (0, 1): a scalar,
+    ``-binary_weight * mean((h - 0.5)^2) + balance_weight * mean_b((mean_k h[b, k] - 0.5)^2)``
+    (0 when both weights are 0)."""
+    h = h.float()
+    out = h.new_zeros(())
+    if cfg.binary_weight:
+        out = out - cfg.binary_weight * (h - 0.5).pow(2).mean()
+    if cfg.balance_weight:
+        out = out + cfg.balance_weight * (h.mean(1) - 0.5).pow(2).mean()
+    return out
 
 
 def _lr_factor(cfg: TrainConfig, progress: float) -> float:
@@ -332,8 +353,8 @@ def fit_head(
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * _lr_factor(cfg, (epoch * steps + step) / total)
-                _, logits = model.head(x[idx])
-                loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
+                h, logits = model.head(x[idx])
+                loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing) + code_terms(h, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -477,11 +498,12 @@ def fit(
             for sub in torch.arange(len(idx), device=xb.device).tensor_split(parts):
                 x = model.preprocess(xb[sub]).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    _, _, logits = model(x)
+                    _, h, logits = model(x)
                     loss = F.cross_entropy(logits.float(), yb[sub], label_smoothing=cfg.label_smoothing)
                     if yb2 is not None:
                         loss = lam * loss + (1 - lam) * F.cross_entropy(
                             logits.float(), yb2[sub], label_smoothing=cfg.label_smoothing)
+                    loss = loss + code_terms(h, cfg)
                 (loss * (len(sub) / len(idx))).backward()
                 tot_loss += loss.detach() * len(sub)
                 tot_correct += (logits.argmax(1) == yb[sub]).sum()

@@ -114,3 +114,35 @@ def test_options_a_frozen_model_ignores_are_reported(image_folder, tmp_path):
                                flip_average=True, progress=False, log=lines.append)
     assert any("--mix and --ema-epochs only apply to fine-tuning: ignored" in ln for ln in lines), lines
     assert any("flip-averaged encoding" in ln for ln in lines) and model.config.flip_average
+
+
+def test_code_terms_match_a_numpy_reference():
+    rng = np.random.default_rng(3)
+    h = rng.uniform(0.01, 0.99, (7, 16))
+    cfg = TrainConfig(binary_weight=0.7, balance_weight=1.3)
+    want = -0.7 * np.mean((h - 0.5) ** 2) + 1.3 * np.mean((h.mean(1) - 0.5) ** 2)
+    got = float(train.code_terms(torch.tensor(h, dtype=torch.float32), cfg))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert float(train.code_terms(torch.tensor(h), TrainConfig())) == 0.0  # the paper's loss: off
+
+
+def test_code_terms_push_h_away_from_one_half(tmp_path):
+    # The same toy run with and without the binarising term: with it, H ends farther from 0.5
+    # (a property of the gradient, not a tuned number).
+    x, y = _toy(n_per=12)
+    dist = []
+    for w in (0.0, 5.0):
+        m = build_model("smallcnn", 16, ["a", "b", "c"], weights="none", seed=0)
+        cfg = TrainConfig(epochs=3, batch_size=12, lr=0.005, val_fraction=0.0, binary_weight=w)
+        fit(m, x, y, cfg, torch.device("cpu"), progress=False)
+        with torch.no_grad():
+            _, h, _ = m(m.preprocess(torch.from_numpy(x)))
+        dist.append(float((h - 0.5).abs().mean()))
+    assert dist[1] > dist[0]
+
+
+def test_negative_code_term_weights_are_refused():
+    from deephash_faiss.errors import DhfError
+
+    with pytest.raises(DhfError, match="binary-weight"):
+        TrainConfig(binary_weight=-1).check()

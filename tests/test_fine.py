@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deephash_faiss.fine import FineIndex, FineParams, _nearest_first
+from deephash_faiss import fine as fine_mod
+from deephash_faiss.fine import FineIndex, FineParams, _key_distance, _order_keys
 from deephash_faiss.index import BinaryIndex, IndexSpec
 from deephash_faiss.rerank import rank_pools_cpu
 from reference import exact_hds
@@ -183,15 +184,35 @@ def test_pq4_subquantizers_by_index_size():
     assert pq4_subquantizers(33, 10) == 33  # odd: one dimension each
 
 
-@pytest.mark.parametrize("width", [100, 2**31])  # packed int64 keys; a lexsort where they would not fit
-def test_nearest_first_orders_pairs_by_query_distance_column(width):
-    """The probe's pair sort orders as a lexsort by (query, distance, column): negative
-    distances, -0.0 equal to 0.0, ties broken by column."""
+@pytest.mark.parametrize("width", [100, 2**31])
+def test_order_keys_sort_as_distance_then_column(width):
+    """The probe's packed keys order as a lexsort by (distance, column): negative distances,
+    -0.0 equal to 0.0, ties broken by column; the distance comes back from the key."""
     rng = np.random.default_rng(0)
-    q = np.sort(rng.integers(0, 50, 3000))
     d = rng.choice(np.array([-1.5, -0.0, 0.0, 0.25, 3.0, 1e30], np.float32), 3000)
     c = rng.integers(0, width, 3000)
-    o = np.lexsort((c, d, q))
-    got_d, got_c = _nearest_first(q, d, c, width)
-    np.testing.assert_array_equal(got_c, c[o])
-    np.testing.assert_array_equal(got_d, d[o])
+    kb = (width - 1).bit_length()
+    keys = _order_keys(d, c, kb)
+    o = np.lexsort((c, d))
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), o)
+    np.testing.assert_array_equal(keys[o] & ((1 << kb) - 1), c[o])
+    np.testing.assert_array_equal(_key_distance(keys, kb), d + np.float32(0))
+
+
+@pytest.mark.parametrize("prefix", [1, 10**6])
+def test_probe_prefix_does_not_change_the_lists_probed(prefix, monkeypatch):
+    """Sorting only a partitioned prefix of each query's lists (falling back to the whole row
+    where its rows run short) probes what sorting every reached list does: prefix 10**6 sorts
+    every row whole, prefix 1 forces the fallback; with and without a safety limit."""
+    codes, feats, qc, qf = _data(seed=4)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    fi = FineIndex.build(idx, feats, cell_size=64, seed=0)
+    fp = FineParams(nprobe=6, refine=40, exact_max=0)
+    want = [fi.search(qc, qf, 10, 3, feats, fp, mc) for mc in (None, 300)]
+    monkeypatch.setattr(fine_mod, "PROBE_PREFIX", prefix)
+    for mc, w in zip((None, 300), want):
+        got = fi.search(qc, qf, 10, 3, feats, fp, mc)
+        for a, b in zip(got, w):
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+            assert a[2:] == b[2:]

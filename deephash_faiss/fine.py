@@ -19,8 +19,10 @@ index instead:
 * **Search, vectorized over the batch**: the radius is resolved once per distinct query code
   (``BucketIndex.reach``: real codes collapse, queries share codes); queries ordered by code are
   taken in blocks of codes that share lists: one GEMM (faiss) of their fc7 against the
-  centroids of the union of the lists they reach, then one sort of only the (query, list)
-  pairs each one's code reaches, cut at ``nprobe x cell_size`` rows per query. Then one
+  centroids of the union of the lists they reach, then each query's reached lists nearest
+  first, cut at ``nprobe x cell_size`` rows (where the reached pairs fill most of the GEMM, a
+  partition keeps each query's ``PROBE_PREFIX x nprobe`` nearest and only those are sorted;
+  else one sort of the block's (query, list) pairs). Then one
   ``search_preassigned`` for the whole batch keeps the ``refine`` best by compressed distance,
   and one batched exact re-rank on the stored features (``gather``; faiss
   ``fvec_L2sqr_by_idx``) gives the top k, ties by id. A pool of at most ``exact_max`` live

@@ -810,7 +810,8 @@ PROBE_PREFIX = 2
 _NO_KEY = np.iinfo(np.int64).max  # past a query's pairs in a row of keys: after every key
 #: :meth:`FineIndex._probe` builds a block's keys over the whole GEMM (queries x the union of
 #: their lists, the unreached masked) where the reached pairs are at least this share of it,
-#: else from the reached pairs alone (a scatter: about 2.5x the cost a pair, measured).
+#: else from the reached pairs alone (gathered from the GEMM: about 2.5x a dense key's cost a
+#: pair, measured on 70 x 1,545 blocks; below 0.4 the dense keys cost more than they save).
 DENSE_PAIRS = 0.4
 
 

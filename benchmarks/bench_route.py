@@ -182,8 +182,6 @@ def main():
         doc = {"thresholds": {}, "measured": {}}
     th, detail = cpu_grid(a, rng) if a.device == "cpu" else cuda_grid(a, rng)
     doc["thresholds"].update(th)
-    if a.device == "cuda":  # the grid now measures the CPU paths in use: nothing stale
-        doc["thresholds"].pop("cuda_grid_dict_stale", None)
     doc.setdefault("measured", {})[a.device] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_basics(), "loadavg": os.getloadavg(), "thresholds": th, **detail,

@@ -72,9 +72,7 @@ def route(live: int, distinct: int | None, batch: int, device_type: str, saved: 
         flat scan (a saved dictionary below those sizes is searched by a flat scan built from
         the codes: the measured faster path there);
       * on CUDA with a measured grid (``cuda_grid``): the GPU when it was faster than the CPU
-        path at the nearest measured point (:func:`cuda_wins`), else the CPU rules; with
-        ``cuda_grid_dict_stale`` (the grid's CPU times predate the CPU path now in use for the
-        dictionary's calls) a call the dictionary serves stays on the CPU (unmeasured -> CPU);
+        path at the nearest measured point (:func:`cuda_wins`), else the CPU rules;
       * on CUDA without one, the GPU kernels take a batch of at least ``cuda_min_batch`` queries over at
         least ``cuda_min_rows`` live rows when no dictionary applies; smaller calls stay on the
         CPU (GPU start-up and transfers would not be won back). Unmeasured -> CPU.
@@ -82,7 +80,7 @@ def route(live: int, distinct: int | None, batch: int, device_type: str, saved: 
     t = thresholds()
     dict_serves = (distinct is not None and live >= int(t["auto_buckets_min_rows"])
                    and distinct <= float(t["dict_knn_max_ratio"]) * live)
-    if device_type == "cuda" and t.get("cuda_grid") and not (dict_serves and t.get("cuda_grid_dict_stale")):
+    if device_type == "cuda" and t.get("cuda_grid"):
         if cuda_wins(t["cuda_grid"], live, live if distinct is None else distinct, batch,
                      float(t.get("cuda_win_margin") or 1.0)):
             return "gpu"

@@ -73,11 +73,7 @@ def test_route_rules():
     assert 0 < margin <= 1
     for n, u, b, gpu_ms, cpu_ms in t.get("cuda_grid") or []:
         # at every measured point: the GPU only where it measured faster by the margin; a near
-        # tie stays on the CPU; never a point where the GPU measured slower; points the
-        # dictionary serves stay on it while the grid's CPU times for them are stale
-        if t.get("cuda_grid_dict_stale") and n >= int(t["auto_buckets_min_rows"]) and u <= r * n:
-            assert route(n, u, b, "cuda") == "dict", (n, u, b)
-            continue
+        # tie stays on the CPU; never a point where the GPU measured slower
         assert (route(n, u, b, "cuda") == "gpu") == (gpu_ms < margin * cpu_ms), (n, u, b)
         if gpu_ms >= cpu_ms:
             assert route(n, u, b, "cuda") != "gpu"

@@ -27,20 +27,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine_basics, write_json  # noqa: E402
+from common import best_ms as best, machine_basics, write_json  # noqa: E402
 
 from deephash_faiss import api, store  # noqa: E402
 from deephash_faiss.model import build_model, file_sha256, save_checkpoint  # noqa: E402
 from deephash_faiss.search import Searcher  # noqa: E402
-
-
-def best(fn, repeat: int) -> float:
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts) * 1e3
 
 
 def _open_unchecked(d: str) -> None:

@@ -1,9 +1,10 @@
-"""Helpers shared by the benchmark scripts: machine facts and the JSON result file."""
+"""Helpers shared by the benchmark scripts: machine facts, the fastest of repeated runs, the JSON result file."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import time
 
 
 def mem_gb() -> float:
@@ -22,3 +23,15 @@ def write_json(path: str, obj, indent: int = 2, default=None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=indent, default=default)
+
+
+def best_ms(fn, repeat: int, warmup: int = 0) -> float:
+    """Milliseconds of the fastest of ``repeat`` calls of fn(), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1e3

@@ -24,10 +24,8 @@ from deephash_faiss.index import BinaryIndex, IndexSpec  # noqa: E402
 def main(n: int, seed_dir: str, n_queries: int = 200) -> None:
     rng = np.random.default_rng(0)
     seed = realgen.load_seed(seed_dir)
-    codes, labels, parent, _ = realgen.grow_codes(seed, n, rng)
-    sf = np.asarray(seed.feats, np.float32)
+    codes, feats = realgen.grow_index(seed, n, rng)
     qf = np.ascontiguousarray(seed.q_feats[:n_queries], np.float32)
-    feats = realgen.grow_features(sf, labels, parent, 0.3, rng, np.dtype("float32"))
     b = BinaryIndex.build(codes, IndexSpec("buckets"))
     fine = FineIndex.build(b, feats, cell_size=default_cell_size(n), seed=0)
     stats = []  # per block: (queries, union lists, mean lists per query, reached pairs)

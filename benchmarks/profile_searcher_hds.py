@@ -9,34 +9,23 @@ SEED_DIR: a real index harvest as bench_scale.py --source takes.
 """
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, "benchmarks")
 
 import realgen  # noqa: E402
+from common import best_ms  # noqa: E402
 
 from deephash_faiss import api  # noqa: E402
 from deephash_faiss.fine import FineParams  # noqa: E402
 from deephash_faiss.index import IndexSpec  # noqa: E402
 
 
-def fastest_ms(fn, repeat: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
-
-
 def main(n: int, seed_dir: str, n_queries: int = 200) -> None:
     rng = np.random.default_rng(0)
     seed = realgen.load_seed(seed_dir)
-    codes, labels, parent, _ = realgen.grow_codes(seed, n, rng)
-    feats = realgen.grow_features(np.asarray(seed.feats, np.float32), labels, parent, 0.3, rng, np.dtype("float32"))
+    codes, feats = realgen.grow_index(seed, n, rng)
     qc = np.ascontiguousarray(seed.q_codes[:n_queries])
     qf = np.ascontiguousarray(seed.q_feats[:n_queries], np.float32)
     d = tempfile.mkdtemp(prefix="dhf-profile-")
@@ -45,8 +34,8 @@ def main(n: int, seed_dir: str, n_queries: int = 200) -> None:
     s.build_fine_index()
     fine, ram = s.fine_index(), s.store.features_in_ram()
     fp = FineParams.for_rows(n, None, None, max(10, FineParams.exact_max))  # as Searcher.hds sets them
-    a = fastest_ms(lambda: s.hds(qc, qf, 10, hds_mode="ivf"))
-    b = fastest_ms(lambda: fine.search(qc, qf, 10, 3, ram, fp))
+    a = best_ms(lambda: s.hds(qc, qf, 10, hds_mode="ivf"), 7, warmup=1)
+    b = best_ms(lambda: fine.search(qc, qf, 10, 3, ram, fp), 7, warmup=1)
     print(f"n {n}, {n_queries} queries: Searcher.hds ivf {a:.2f} ms, FineIndex.search {b:.2f} ms, "
           f"the Searcher's own {a - b:.2f} ms")
 

@@ -239,6 +239,13 @@ def grow_features(seed_feats: np.ndarray, labels: np.ndarray, parent: np.ndarray
     return out
 
 
+def grow_index(seed: Seed, n: int, rng: np.random.Generator, noise: float = 0.3):
+    """The seed grown to n rows, codes and features (float32 in RAM), as the profile scripts use
+    it: (codes uint8 [n, B], features float32 [n, D])."""
+    codes, labels, parent, _ = grow_codes(seed, n, rng)
+    return codes, grow_features(np.asarray(seed.feats, np.float32), labels, parent, noise, rng, np.dtype("float32"))
+
+
 def pca(train: np.ndarray, dim: int):
     """(mean float32 [D], components float32 [D, dim]) of the top ``dim`` principal axes."""
     x = np.asarray(train, np.float64)

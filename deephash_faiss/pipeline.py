@@ -223,8 +223,8 @@ class _ShardWorker:
         if self.device.type == "cpu":
             self._decode = ("thread", max(1, int(num_threads)))
         else:
-            self._decode = (pick_decode_kind("auto", 1 << 30), max(1, min(16, (os.cpu_count() or 1)
-                                                                      // max(1, decode_share or 1))))
+            share = max(1, decode_share or 1)
+            self._decode = (pick_decode_kind("auto", 1 << 30), max(1, min(16, (os.cpu_count() or 1) // share)))
 
     def _pool(self, decoder: str):
         from .stream import DecodePool
@@ -354,7 +354,6 @@ class RayExecutor:
 # ---------------------------------------------------------------- the pipeline
 
 
-
 def typical_pixels(paths: Sequence[str], sample: int = 16) -> int | None:
     """Median width x height of the first ``sample`` JPEGs among ``paths`` (None: no JPEG)."""
     from .gpudecode import jpeg_header
@@ -373,18 +372,29 @@ def typical_pixels(paths: Sequence[str], sample: int = 16) -> int | None:
     return int(np.median(px)) if px else None
 
 
-def resolve_decoder(decoder: str, device_type: str, paths: Sequence[str] | None = None) -> str:
-    """"auto" -> "pil" for now; "nvjpeg" is opt-in.
+NVJPEG_MIN_PIXELS = 200_000  # "auto": nvjpeg only for photo-sized JPEGs (about 500 x 400 and up)
+NVJPEG_MIN_IMAGES = 100_000  # "auto": ... in jobs big enough to win back nvjpeg's slower first batch
 
-    Measured on one H200 through `dhf build-index` (benchmarks/results/build/h200_photos4000.json,
-    2026-12-01): the nvjpeg build path ran at 195 img/s on 4,000 640x480 JPEGs although nvjpeg
-    decode alone ran at 4,142 img/s, PIL decode in 16 processes at 1,867 and the model at 1,672:
-    the product's nvjpeg path is the bottleneck, so "auto" does not pick it until it is fixed.
+
+def resolve_decoder(decoder: str, device_type: str, paths: Sequence[str] | None = None) -> str:
+    """"auto" -> "nvjpeg" for big jobs of photo-sized JPEGs on CUDA, "pil" otherwise.
+
+    Measured on the H200 through `dhf build-index` on 30,000 640x480 JPEGs
+    (``benchmarks/results/build/h200_photos30k*.json``, docs/scaling.md): after the first batch
+    nvjpeg encodes 5,700 img/s against PIL's 3,800 (16 processes), but its first batch takes
+    6.5-8.5 s against 2.3 s, so the whole build is no faster at 30,000 (17.4-19.7 s vs
+    16.2-16.6 s). From those rates nvjpeg wins above about 50,000-70,000 such images; "auto"
+    picks it from :data:`NVJPEG_MIN_IMAGES` images whose typical size (:func:`typical_pixels`)
+    is at least :data:`NVJPEG_MIN_PIXELS`. Small images (CIFAR-10's 32 px: 67,000 img/s on the
+    CPU) and smaller jobs stay on PIL.
     """
     if decoder not in ("auto", "pil", "nvjpeg"):
         raise DhfError(f"--decoder must be auto, pil or nvjpeg, not {decoder!r}")
     if decoder == "auto":
-        return "pil"
+        if device_type != "cuda" or paths is None or len(paths) < NVJPEG_MIN_IMAGES:
+            return "pil"
+        px = typical_pixels(paths)
+        return "nvjpeg" if px is not None and px >= NVJPEG_MIN_PIXELS else "pil"
     if decoder == "nvjpeg" and device_type != "cuda" and not ALLOW_NVJPEG_ON_CPU:
         raise DhfError("--decoder nvjpeg decodes on the GPU: it needs --device cuda")
     return decoder

@@ -180,22 +180,21 @@ def test_nvjpeg_needs_cuda(tmp_path, image_folder, trained_model):
     assert pipeline.resolve_decoder("auto", "cpu") == "pil"
 
 
-def test_auto_decoder_picks_by_image_size(tmp_path, monkeypatch):
-    import deephash_faiss.gpudecode as gd
-
-    monkeypatch.setattr(gd, "nvjpeg_available", lambda: True)
+def test_auto_decoder_picks_by_image_size_and_job_size(tmp_path):
     small, big = tmp_path / "s.jpg", tmp_path / "b.jpg"
     small.write_bytes(_jpeg(np.zeros((32, 32, 3), np.uint8)))
     big.write_bytes(_jpeg(np.zeros((480, 640, 3), np.uint8)))
     png = tmp_path / "p.png"
     png.write_bytes(_png(np.zeros((480, 640, 3), np.uint8)))
     assert pipeline.typical_pixels([str(big)]) == 640 * 480
-    assert pipeline.resolve_decoder("auto", "cuda", [str(small)]) == "pil"  # tiny: CPU workers keep up
-    # nvjpeg is opt-in: the product's nvjpeg path measured slower than PIL on the H200
-    assert pipeline.resolve_decoder("auto", "cuda", [str(big)]) == "pil"
+    many = pipeline.NVJPEG_MIN_IMAGES
+    assert pipeline.resolve_decoder("auto", "cuda", [str(small)] * many) == "pil"  # tiny: CPU workers keep up
+    assert pipeline.resolve_decoder("auto", "cuda", [str(big)] * many) == "nvjpeg"  # photos, a big job
+    # a small job does not win back nvjpeg's initialisation
+    assert pipeline.resolve_decoder("auto", "cuda", [str(big)] * (many - 1)) == "pil"
     assert pipeline.resolve_decoder("nvjpeg", "cuda", [str(big)]) == "nvjpeg"
-    assert pipeline.resolve_decoder("auto", "cuda", [str(png)]) == "pil"
-    assert pipeline.resolve_decoder("auto", "cpu", [str(big)]) == "pil"
+    assert pipeline.resolve_decoder("auto", "cuda", [str(png)] * many) == "pil"
+    assert pipeline.resolve_decoder("auto", "cpu", [str(big)] * many) == "pil"
 
 
 # ---------------------------------------------------------------- the on-disk contract (issue 11)

@@ -240,7 +240,8 @@ def build_index(
     intact and searchable until the new manifest replaces it. A non-empty folder that is
     not a dhf index is refused.
 
-    ``decoder``: "auto" (nvjpeg on CUDA when available, else PIL), "pil" or "nvjpeg";
+    ``decoder``: "auto" (:func:`deephash_faiss.pipeline.resolve_decoder`: nvjpeg on CUDA for
+    100,000+ photo-sized JPEGs, else PIL), "pil" or "nvjpeg";
     recorded in the manifest. Runs :func:`deephash_faiss.pipeline.build` with a
     :class:`~deephash_faiss.pipeline.LocalExecutor`.
     """

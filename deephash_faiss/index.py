@@ -861,26 +861,24 @@ class BucketIndex(BinaryIndex):
         within the radius, ordered by (distance, id), deleted rows dropped, cut at
         ``max_candidates`` (each code then contributes at most its first max_candidates live
         rows). Identical to :meth:`BinaryIndex.range_search` over IndexBinaryFlat."""
-        lims_c, Dc, Ic = self.reach(q, radius)
+        lims_c, Dc, Ic = self.reach(q, radius)  # each query's codes nearest first
         m = len(lims_c) - 1
-        Ds, Is, counts = [], [], np.zeros(m, np.int64)
-        live, _ = self._counts()
-        for qi in range(m):
-            a, b = lims_c[qi], lims_c[qi + 1]
-            codes, d = Ic[a:b], Dc[a:b]
-            if max_candidates is not None and len(codes):
-                # levels past the one where the cap is reached cannot contribute
-                cum = np.cumsum(live[codes])
-                pos = int(np.searchsorted(cum, max_candidates))
-                if pos < len(codes):
-                    keep = d <= d[pos]
-                    codes, d = codes[keep], d[keep]
-            D, I = self._prefix_rows(codes, d, max_candidates)
-            Ds.append(D)
-            Is.append(I)
-            counts[qi] = len(I)
+        owner = np.repeat(np.arange(m, dtype=np.int64), np.diff(lims_c))
+        if max_candidates is not None and len(Ic):
+            # levels past the one where the cap is reached cannot contribute: per query, the
+            # first code where its running count of live rows reaches the cap sets the last
+            # distance kept (the whole batch at once; segments of one cumulative sum)
+            live, _ = self._counts()
+            cum = np.cumsum(live[Ic])
+            before = np.concatenate([[0], cum])[lims_c[:-1]]  # live rows of the earlier queries
+            pos = np.maximum(np.searchsorted(cum, before + max_candidates), lims_c[:-1])  # first reaching it
+            cut = pos < lims_c[1:]  # the cap is reached within the query's own codes
+            thr = np.full(m, np.iinfo(np.int32).max, np.int64)
+            thr[cut] = Dc[pos[cut]]
+            keep = Dc <= thr[owner]
+            Ic, Dc, owner = Ic[keep], Dc[keep], owner[keep]
+        D, I, kept = self._prefix_rows(Ic, Dc, max_candidates, counts=True)
+        counts = np.bincount(owner, weights=kept, minlength=m).astype(np.int64)
         lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        D = np.concatenate(Ds) if Ds else np.zeros(0, np.int32)
-        I = np.concatenate(Is) if Is else np.zeros(0, np.int64)
         # deleted rows are already gone; order and cap
         return sort_and_cap(lims, D.astype(np.int32), I.astype(np.int64), max_candidates, None)

@@ -5,6 +5,8 @@ Conventions (docs/reliability.md, "CLI conventions"):
 * Errors in input (missing files, bad images, incompatible models or indexes, bad
   arguments, usage errors) print one ``Error: ...`` line on stderr and exit with status 1;
   ``--debug`` (or ``DHF_DEBUG=1``) shows the traceback instead.
+* ``DHF_TRACE=1``: a build prints its encoder's start-up events (warm-ups, first batches),
+  timestamped and with the thread, on stderr (:func:`deephash_faiss.stream._trace`).
 * Every command takes the index as ``--index DIR`` (default ``dhf-index``); ``info``,
   ``verify``, ``add``, ``remove``, ``compact`` and ``shard`` also take it as their first
   argument, as before.

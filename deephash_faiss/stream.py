@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -36,6 +38,20 @@ from typing import Iterator, Sequence
 import numpy as np
 
 DECODERS = ("pil", "nvjpeg")
+TRACE_ENV = "DHF_TRACE"  # =1: the encoder's start-up events, timestamped, on stderr
+_T0 = [0.0]
+
+
+def _trace(event: str) -> None:
+    """With ``DHF_TRACE=1``: one line on stderr, seconds since the encode started and the thread
+    (the start-up of a CUDA build overlaps several threads: which one waits is the question)."""
+    if os.environ.get(TRACE_ENV) == "1":
+        # one write per line: lines from several threads do not interleave
+        sys.stderr.write(f"[dhf-trace {time.perf_counter() - _T0[0]:8.3f} s {threading.current_thread().name}] "
+                         f"{event}\n")
+        sys.stderr.flush()
+
+
 PROCESS_MIN_IMAGES = 4096  # "auto": processes pay a start-up of about a second
 PROCESS_MIN_CPUS = 4  # "auto": on 2 cores threads measured faster (benchmarks/results/build/)
 
@@ -219,8 +235,10 @@ class _CudaRunner:
         torch = self.torch
         with torch.cuda.device(self.device):
             x = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            _trace(f"model warm-up starts ({self.layout})")
             forward_batch(self.model, x, self.device, to_host=False, layout=self.layout)
             torch.cuda.synchronize(self.device)
+        _trace("model warm-up done")
 
     def push(self, x, meta) -> list:
         from .extract import forward_batch, pack_codes_torch
@@ -289,6 +307,7 @@ class _GpuHalf:
 
         self.paths, self.size, self.device, self.cuda = paths, size, device, cuda
         self.stream = torch.cuda.Stream(device) if cuda else None
+        self._runs = 0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dhf-gpu-decode")
         if cuda:  # nvjpeg's handle and first kernels, before the first batch needs them
             self.pool.submit(self._warmup)
@@ -303,9 +322,11 @@ class _GpuHalf:
 
         buf = io.BytesIO()
         Image.new("RGB", (2 * self.size, self.size + 8)).save(buf, format="JPEG")
+        _trace("nvjpeg warm-up starts")
         with torch.cuda.stream(self.stream):
             decode_batch([buf.getvalue()] * 2, self.size, self.device)
         self.stream.synchronize()
+        _trace("nvjpeg warm-up done")
 
     def submit(self, read_future: Future, lo: int) -> Future:
         return self.pool.submit(self._run, read_future, lo)
@@ -313,12 +334,19 @@ class _GpuHalf:
     def _run(self, read_future: Future, lo: int):
         import torch
 
+        screened = read_future.result()
+        first = self._runs < 3
+        self._runs += 1
+        if first:
+            _trace(f"GPU half: files at {lo} read and screened")
         if not self.cuda:
-            return self._assemble(read_future.result(), lo), None
+            return self._assemble(screened, lo), None
         with torch.cuda.stream(self.stream):
-            out = self._assemble(read_future.result(), lo)
+            out = self._assemble(screened, lo)
             ev = torch.cuda.Event()
             ev.record(self.stream)
+        if first:
+            _trace(f"GPU half: batch at {lo} queued")
         return out, ev
 
     def result(self, fut: Future):
@@ -414,6 +442,8 @@ def encode_stream(
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    _T0[0] = time.perf_counter()
+    _trace(f"encode starts: {len(paths)} paths, decoder {decoder}")
     size = model.config.load_size
     segments = [(0, len(paths))] if segments is None else [tuple(s) for s in segments]
     plan = batches_of(segments, batch_size)
@@ -439,6 +469,7 @@ def encode_stream(
         # nvjpeg: the workers only read files and parse headers (the GIL is released on reads):
         # threads, no pickling of the encoded bytes
         pool = DecodePool("thread" if decoder == "nvjpeg" else pick_decode_kind(decode_kind, total), workers)
+    _trace(f"decode pool ready: {pool.workers} {pool.kind} workers")
     prefetch = prefetch or (2 * pool.workers + 2)
     # a batch is split over the workers (at least DECODE_CHUNK_MIN images a task)
     chunk = max(DECODE_CHUNK_MIN, -(-batch_size // pool.workers))
@@ -471,6 +502,7 @@ def encode_stream(
         sys.setswitchinterval(GIL_SWITCH_S)
     try:
         fill()
+        batch_no = 0
         while pending:
             (si, lo, hi, last), fut, gfut = pending.popleft()
             fill()
@@ -479,7 +511,13 @@ def encode_stream(
             else:
                 x, ok, bad = fut.result()
             meta = (si, last, ok + lo, sorted((j + lo, r) for j, r in bad))
-            yield from finish(runner.push(x, meta))
+            if batch_no < 3:
+                _trace(f"batch {batch_no} decoded")
+            done = runner.push(x, meta)
+            if batch_no < 3:
+                _trace(f"batch {batch_no} queued on the model, {len(done)} result(s) back")
+            batch_no += 1
+            yield from finish(done)
         yield from finish(runner.flush())
     finally:
         sys.setswitchinterval(switch)

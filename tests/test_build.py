@@ -266,3 +266,26 @@ def test_a_rebuild_resumes_its_own_partial(tmp_path, image_folder, trained_model
                       torch.device("cpu"), "float32", progress=False, shard_range=range(0, 2))
     rep = api.build_index(image_folder, d, trained_model, device="cpu", progress=False, shard_size=20)
     assert rep.shards_reused == 2 and rep.shards_written == len(images) // 20 + 1 - 2
+
+
+def test_trace_reports_the_encoders_start(tmp_path, image_folder, trained_model, nvjpeg_on_cpu, monkeypatch, capfd):
+    """DHF_TRACE=1: the encoder's start-up events on stderr, in order, with the thread; silent
+    otherwise."""
+    from deephash_faiss import stream
+
+    api.build_index(image_folder, str(tmp_path / "quiet"), trained_model, device="cpu", progress=False,
+                    decoder="nvjpeg")
+    assert "dhf-trace" not in capfd.readouterr().err
+    monkeypatch.setenv(stream.TRACE_ENV, "1")
+    api.build_index(image_folder, str(tmp_path / "nv"), trained_model, device="cpu", progress=False,
+                    decoder="nvjpeg", batch_size=4)
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("[dhf-trace")]
+    events = [x.split("] ", 1)[1] for x in lines]
+    assert events[0].startswith("encode starts") and events[1].startswith("decode pool ready")
+    for want in ("GPU half: files at 0 read and screened", "batch 0 decoded"):
+        assert want in events
+    assert any(e.startswith("batch 0 queued on the model") for e in events)
+    assert events.index("batch 0 decoded") < events.index("batch 1 decoded")
+    assert any("dhf-gpu-decode" in x for x in lines)  # the thread that ran it
+    times = [float(x.split()[1]) for x in lines]
+    assert times == sorted(times)

@@ -381,8 +381,8 @@ def resolve_decoder(decoder: str, device_type: str, paths: Sequence[str] | None 
 
     Measured on the H200 through `dhf build-index` on 30,000 640x480 JPEGs
     (``benchmarks/results/build/h200_photos30k*.json``, docs/scaling.md): after the first batch
-    nvjpeg encodes 5,700 img/s against PIL's 3,800 (16 processes), but its first batch takes
-    6.5-8.5 s against 2.3 s, so the whole build is no faster at 30,000 (17.4-19.7 s vs
+    nvjpeg encodes 5,200-6,000 img/s against PIL's 3,800 (16 processes), but its first batch takes
+    6.5-8.5 s against 2.3 s, so the whole build is no faster at 30,000 (17.4-22.2 s vs
     16.2-16.6 s). From those rates nvjpeg wins above about 50,000-70,000 such images; "auto"
     picks it from :data:`NVJPEG_MIN_IMAGES` images whose typical size (:func:`typical_pixels`)
     is at least :data:`NVJPEG_MIN_PIXELS`. Small images (CIFAR-10's 32 px: 67,000 img/s on the

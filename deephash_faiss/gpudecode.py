@@ -21,10 +21,16 @@ CPU tests exercise screening, fallback and ordering.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 import struct
 from typing import Sequence
 
 import numpy as np
+
+RGB = 3  # torchvision.io.ImageReadMode.RGB
+_OPS: list = []  # torch.ops.image once loaded
 
 _SOF_OK = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
 _SOF_ALL = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -125,6 +131,58 @@ def square_batch(imgs, size: int):
     return x[:, :, top:top + size, left:left + size].permute(0, 2, 3, 1)
 
 
+def image_ops():
+    """torchvision's JPEG operators (``torch.ops.image``), loaded without importing the
+    ``torchvision`` package.
+
+    ``import torchvision`` runs its ``__init__``: models, datasets and ``torchvision.ops``, which
+    imports ``torch._dynamo`` -- 1.4 s on the 2-core machine with bytecode cached, 6.4-8.9 s of
+    the first nvjpeg batch in the H200 builds of issue 12 (py-spy: ``_GpuHalf._warmup`` compiling
+    ``torch/_dynamo`` while holding the GIL). The operator library alone loads in milliseconds.
+    Falls back to ``import torchvision.io`` (which loads the same library) where the library
+    is not found under its usual name.
+    """
+    if _OPS:
+        return _OPS[0]
+    import torch
+
+    ops = torch.ops.image
+    if not hasattr(ops, "decode_jpeg"):
+        spec = importlib.util.find_spec("torchvision")  # finds the package without running it
+        libs = []
+        if spec is not None and spec.origin:
+            root = os.path.dirname(spec.origin)
+            libs = sorted(glob.glob(os.path.join(root, "image*.so")) + glob.glob(os.path.join(root, "image*.pyd")))
+        for lib in libs:
+            try:
+                torch.ops.load_library(lib)
+                break
+            except (OSError, RuntimeError):
+                continue
+        if not (hasattr(ops, "decode_jpeg") and hasattr(ops, "decode_jpegs_cuda")):
+            import warnings
+
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
+            import torchvision.io  # noqa: F401 - loads the operators
+    _OPS.append(ops)
+    return ops
+
+
+def decode_jpegs(tensors: list, device) -> list:
+    """JPEG bytes (uint8 CPU tensors [L]) -> RGB images uint8 [3, H, W] on ``device``: one
+    batched nvjpeg call on CUDA, one CPU decode per image otherwise; what
+    ``torchvision.io.decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)`` does, without
+    its package import (:func:`image_ops`). Raises if any file does not decode."""
+    import torch
+
+    ops = image_ops()
+    device = torch.device(device)
+    if device.type == "cuda":
+        return list(ops.decode_jpegs_cuda(tensors, RGB, device))
+    return [ops.decode_jpeg(t, RGB, False) for t in tensors]
+
+
 def decode_batch(datas: Sequence[bytes], size: int, device) -> tuple[object, list[int]]:
     """Decode screened JPEG bytes on ``device`` in one batch.
 
@@ -132,25 +190,19 @@ def decode_batch(datas: Sequence[bytes], size: int, device) -> tuple[object, lis
         (uint8 [m, size, size, 3] on ``device`` for the files that decoded, in input order
         without the failures; positions (into ``datas``) that failed -- decode them on the CPU).
     """
-    import warnings
-
     import torch
-
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                            category=DeprecationWarning)
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     if not datas:
         return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), []
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
-        imgs = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        imgs = decode_jpegs(tensors, device)
         failed: list[int] = []
     except Exception:  # noqa: BLE001 - one bad file fails the batch: find it file by file
         imgs, failed = [], []
         for j, t in enumerate(tensors):
             try:
-                imgs.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+                imgs.append(decode_jpegs([t], device)[0])
             except Exception:  # noqa: BLE001
                 imgs.append(None)
                 failed.append(j)

@@ -115,6 +115,44 @@ def test_square_tensor_matches_pil_geometry():
     assert np.abs(out.astype(int) - ref.astype(int)).mean() < 3  # resampling differs slightly, geometry not
 
 
+def test_decode_jpegs_equals_torchvisions_decoder():
+    """gpudecode's own operator call gives torchvision.io.decode_jpeg's pixels (RGB mode,
+    grayscale converted), and a corrupt file raises as there."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    rng = np.random.default_rng(3)
+    gray = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 30), np.uint8), "L").save(gray, format="JPEG")
+    datas = [_jpeg(rng.integers(0, 255, (40, 60, 3), np.uint8)),
+             _jpeg(rng.integers(0, 255, (33, 17, 3), np.uint8), progressive=True), gray.getvalue()]
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    ours = gpudecode.decode_jpegs(tensors, "cpu")
+    ref = decode_jpeg(tensors, mode=ImageReadMode.RGB)
+    assert len(ours) == 3 and all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert ours[2].shape == (3, 20, 30)
+    with pytest.raises(Exception):
+        gpudecode.decode_jpegs([torch.frombuffer(bytearray(datas[0][:200]), dtype=torch.uint8)], "cpu")
+
+
+def test_jpeg_decoding_does_not_import_torchvision(tmp_path):
+    """The nvjpeg path loads torchvision's operator library, not the package (whose import pulls
+    in torch._dynamo: seconds of the first batch on the H200, issue 12)."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "a.jpg"
+    p.write_bytes(_jpeg(np.random.default_rng(4).integers(0, 255, (30, 50, 3), np.uint8)))
+    code = ("import sys; from deephash_faiss import gpudecode; "
+            f"x, failed = gpudecode.decode_batch([open({str(p)!r}, 'rb').read()], 16, 'cpu'); "
+            "assert tuple(x.shape) == (1, 16, 16, 3) and failed == [], (x.shape, failed); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def _png(arr):
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

@@ -218,6 +218,9 @@ def decode_batch(datas: Sequence[bytes], size: int, device) -> tuple[object, lis
     kept = sorted(j for js in groups.values() for j in js)
     if not kept:
         return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device), failed
+    if len(groups) == 1:  # one shape (the usual case): no scatter, no index copied to the device
+        (js,) = groups.values()
+        return square_batch(torch.stack([imgs[j] for j in js]), size), failed
     out = torch.empty((len(kept), size, size, 3), dtype=torch.uint8, device=imgs[kept[0]].device)
     slot = {j: i for i, j in enumerate(kept)}
     for js in groups.values():

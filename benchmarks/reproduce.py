@@ -186,7 +186,8 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
                       schedule="cosine", warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
                       hflip=hflip, crop_pad=0.125, val_fraction=0.0, seed=args.seed, amp=True,
                       weight_decay=args.weight_decay, new_layer_lr_mult=args.new_layer_lr_mult,
-                      mix=args.mix, mix_alpha=args.mix_alpha, mix_prob=args.mix_prob, ema_epochs=args.ema_epochs,
+                      mix=args.mix, mix_alpha=args.mix_alpha, mix_prob=args.mix_prob, erase_prob=args.erase_prob,
+                      ema_epochs=args.ema_epochs,
                       binary_weight=args.binary_weight, balance_weight=args.balance_weight)
     weights = "none" if args.from_scratch else "default"
     method = "frozen" if args.frozen else "finetune"
@@ -268,6 +269,7 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
     name = (f"{dataset}{'-1' if protocol == 'cifar10-1' else ''}_{args.backbone}"
             f"{'_scratch' if args.from_scratch else ''}{'_frozen' if args.frozen else ''}"
             f"{'_' + args.mix if args.mix != 'none' and not args.frozen else ''}"
+            f"{'_erase' if args.erase_prob and not args.frozen else ''}"
             f"{'_ema' if args.ema_epochs and not args.frozen else ''}"
             f"{'_ssdh' if args.binary_weight or args.balance_weight else ''}{'_flip' if args.flip_average else ''}_{bits}bits")
     os.makedirs(args.out, exist_ok=True)
@@ -320,6 +322,7 @@ def main(argv=None):
                    help="CutMix or Mixup of training batches (train.mix_batch)")
     p.add_argument("--mix-alpha", type=float, default=1.0)
     p.add_argument("--mix-prob", type=float, default=0.5)
+    p.add_argument("--erase-prob", type=float, default=0.0, help="random erasing per image (0: off)")
     p.add_argument("--ema-epochs", type=float, default=0.0,
                    help="end with a moving average of the weights over about this many epochs (TrainConfig.ema_epochs)")
     p.add_argument("--binary-weight", type=float, default=0.0,

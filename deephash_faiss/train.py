@@ -48,6 +48,9 @@ class TrainConfig:
     mix: str = "none"  # "none", "cutmix" (Yun et al. 2019) or "mixup" (Zhang et al. 2018), fit only
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing ratio
     mix_prob: float = 0.5  # share of batches mixed
+    #: fit only: random erasing (Zhong et al., AAAI 2020): each image, with this probability, gets
+    #: a rectangle of 2-25 % of its area (aspect 0.3-3.3) filled with uniform noise (0: off)
+    erase_prob: float = 0.0
     val_fraction: float = 0.1
     seed: int = 0
     amp: bool = True
@@ -81,6 +84,8 @@ class TrainConfig:
             raise DhfError(f"unknown mix {self.mix!r} (none, cutmix or mixup)")
         if self.mix != "none" and not (self.mix_alpha > 0 and 0 <= self.mix_prob <= 1):
             raise DhfError("--mix-alpha must be positive and --mix-prob in [0, 1]")
+        if not 0 <= self.erase_prob <= 1:
+            raise DhfError("--erase-prob must be in [0, 1]")
         if not self.ema_epochs >= 0:
             raise DhfError("--ema-epochs must be zero (off) or positive")
         if not (self.binary_weight >= 0 and self.balance_weight >= 0):
@@ -150,6 +155,38 @@ def augment_batch(x: torch.Tensor, pad_frac: float, hflip: bool, gen: torch.Gene
         flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(2), x)
     return x
+
+
+ERASE_AREA = (0.02, 0.25)  # random erasing: share of the image's area
+ERASE_ASPECT = (0.3, 1 / 0.3)  # and the rectangle's height / width, log-uniform
+
+
+def erase_batch(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """Random erasing: each image, with probability ``prob``, gets one rectangle (area a share
+    :data:`ERASE_AREA` of the image, aspect :data:`ERASE_ASPECT`, clipped to the image, at a
+    uniform position) replaced by uniform uint8 noise.
+
+    Args:
+        x: uint8 [B, S, S, 3] on the training device.
+    Returns:
+        uint8 [B, S, S, 3] (a new tensor; ``x`` when ``prob`` is 0).
+    """
+    if prob <= 0:
+        return x
+    b, s = x.shape[0], x.shape[1]
+    on = torch.rand(b, generator=gen) < prob
+    area = torch.empty(b).uniform_(*ERASE_AREA, generator=gen) * s * s
+    aspect = torch.exp(torch.empty(b).uniform_(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1]), generator=gen))
+    h = (area * aspect).sqrt().round().clamp(1, s).long()
+    w = (area / aspect).sqrt().round().clamp(1, s).long()
+    y0 = (torch.rand(b, generator=gen) * (s - h + 1)).long()
+    x0 = (torch.rand(b, generator=gen) * (s - w + 1)).long()
+    ar = torch.arange(s)
+    rows = (ar[None] >= y0[:, None]) & (ar[None] < (y0 + h)[:, None])  # [B, S]
+    cols = (ar[None] >= x0[:, None]) & (ar[None] < (x0 + w)[:, None])
+    mask = (rows[:, :, None] & cols[:, None, :] & on[:, None, None]).to(x.device)  # [B, S, S]
+    noise = torch.randint(0, 256, x.shape, generator=gen, dtype=torch.uint8).to(x.device)
+    return torch.where(mask[..., None], noise, x)
 
 
 def mix_batch(x: torch.Tensor, kind: str, alpha: float, prob: float, gen: torch.Generator):
@@ -488,6 +525,7 @@ def fit(
             yb = ydata[idx].to(device, non_blocking=True)
             if cfg.augment:
                 xb = augment_batch(xb, cfg.crop_pad, cfg.hflip, gen)
+                xb = erase_batch(xb, cfg.erase_prob, gen)
             xb, partner, lam = mix_batch(xb, cfg.mix, cfg.mix_alpha, cfg.mix_prob, gen)
             yb2 = yb[partner] if partner is not None else None
             factor = _lr_factor(cfg, (epoch * steps_per_epoch + step) / total_steps)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from deephash_faiss.model import build_model, read_checkpoint
-from deephash_faiss.train import TrainConfig, augment_batch, fit, make_optimizer, mix_batch, split_validation
+from deephash_faiss.train import (TrainConfig, augment_batch, erase_batch, fit, make_optimizer, mix_batch,
+                                  split_validation)
 
 
 def _toy(n_per=30, size=16, seed=0):
@@ -92,6 +93,28 @@ def test_cutmix_pastes_one_box_and_weights_labels_by_area():
     a = mix_batch(x, "cutmix", 1.0, 1.0, torch.Generator().manual_seed(3))
     b = mix_batch(x, "cutmix", 1.0, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and a[2] == b[2]
+
+
+def test_random_erasing_replaces_one_rectangle_per_erased_image():
+    """Each erased image differs from the input inside one axis-aligned box of 2-25 % of its
+    area (checked independently: the bounding box of the changed pixels), nowhere else; prob 0
+    is the identity and prob 1 erases every image."""
+    x = torch.full((64, 32, 32, 3), 7, dtype=torch.uint8)
+    y = erase_batch(x, 1.0, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    for i in range(64):
+        changed = (y[i] != x[i]).any(-1).numpy()
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        assert len(rows) and len(cols)
+        box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert 0.015 * 32 * 32 <= box <= 0.26 * 32 * 32
+        inside = np.zeros_like(changed)
+        inside[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+        assert not (changed & ~inside).any()  # nothing changed outside the box
+    assert torch.equal(erase_batch(x, 0.0, torch.Generator().manual_seed(0)), x)
+    some = erase_batch(x, 0.5, torch.Generator().manual_seed(1))
+    n = int((some != x).flatten(1).any(1).sum())
+    assert 16 <= n <= 48
 
 
 def test_mixup_is_a_convex_combination_and_prob_zero_is_identity():

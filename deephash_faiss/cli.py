@@ -375,9 +375,8 @@ def _index_options(f):
 @click.option("--workers", default=None, type=int,
               help="Ray workers (default: one per GPU with --device cuda, else one per CPU of the cluster).")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pil", "nvjpeg"]),
-              help="Image decoder: pil (CPU workers) or nvjpeg (JPEGs on the GPU; its first batch "
-                   "takes seconds longer); auto = nvjpeg on CUDA for 100,000+ photo-sized JPEGs, pil otherwise; "
-                   "recorded in the index, queries use the same.")
+              help="Image decoder: pil (CPU workers) or nvjpeg (JPEGs on the GPU); auto = nvjpeg on CUDA "
+                   "for 30,000+ photo-sized JPEGs, pil otherwise; recorded in the index, queries use the same.")
 @_train_options
 @_device_opt
 @_quiet_opt

@@ -373,20 +373,22 @@ def typical_pixels(paths: Sequence[str], sample: int = 16) -> int | None:
 
 
 NVJPEG_MIN_PIXELS = 200_000  # "auto": nvjpeg only for photo-sized JPEGs (about 500 x 400 and up)
-NVJPEG_MIN_IMAGES = 100_000  # "auto": ... in jobs big enough to win back nvjpeg's slower first batch
+NVJPEG_MIN_IMAGES = 30_000  # "auto": ... in jobs of at least this many (measured faster there; below: not re-measured)
 
 
 def resolve_decoder(decoder: str, device_type: str, paths: Sequence[str] | None = None) -> str:
     """"auto" -> "nvjpeg" for big jobs of photo-sized JPEGs on CUDA, "pil" otherwise.
 
-    Measured on the H200 through `dhf build-index` on 30,000 640x480 JPEGs
-    (``benchmarks/results/build/h200_photos30k*.json``, docs/scaling.md): after the first batch
-    nvjpeg encodes 5,200-6,000 img/s against PIL's 3,800 (16 processes), but its first batch takes
-    6.5-8.5 s against 2.3 s, so the whole build is no faster at 30,000 (17.4-22.2 s vs
-    16.2-16.6 s). From those rates nvjpeg wins above about 50,000-70,000 such images; "auto"
-    picks it from :data:`NVJPEG_MIN_IMAGES` images whose typical size (:func:`typical_pixels`)
-    is at least :data:`NVJPEG_MIN_PIXELS`. Small images (CIFAR-10's 32 px: 67,000 img/s on the
-    CPU) and smaller jobs stay on PIL.
+    Measured on the H200 through `dhf build-index` on 640x480 JPEGs (docs/scaling.md,
+    ``benchmarks/results/build/h200_photos200k_product.txt``, 2026-12-03): since nvjpeg's
+    operators load without the torchvision package (:func:`deephash_faiss.gpudecode.image_ops`)
+    its first batch takes 1.0-1.2 s against PIL's 1.5 s, and at 30,000 photos the whole build
+    takes 9.1-9.4 s against 12.0 s (6,300 img/s after the first batch against 4,100 with PIL in
+    16 processes). Before that change nvjpeg's first batch took 6.5-9.5 s and it lost at 30,000.
+    "auto" picks nvjpeg from :data:`NVJPEG_MIN_IMAGES` images whose typical size
+    (:func:`typical_pixels`) is at least :data:`NVJPEG_MIN_PIXELS`; smaller jobs were not
+    re-measured since and stay on PIL, as do small images (CIFAR-10's 32 px: 50,000-67,000 img/s
+    on the CPU).
     """
     if decoder not in ("auto", "pil", "nvjpeg"):
         raise DhfError(f"--decoder must be auto, pil or nvjpeg, not {decoder!r}")

@@ -241,7 +241,7 @@ def build_index(
     not a dhf index is refused.
 
     ``decoder``: "auto" (:func:`deephash_faiss.pipeline.resolve_decoder`: nvjpeg on CUDA for
-    100,000+ photo-sized JPEGs, else PIL), "pil" or "nvjpeg";
+    30,000+ photo-sized JPEGs, else PIL), "pil" or "nvjpeg";
     recorded in the manifest. Runs :func:`deephash_faiss.pipeline.build` with a
     :class:`~deephash_faiss.pipeline.LocalExecutor`.
     """

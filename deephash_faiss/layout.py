@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
@@ -313,38 +314,67 @@ def write_skip_report(index_dir: str, name: str, skipped: list[tuple[str, str]])
 
 # ---------------------------------------------------------------- publishing a generation
 
-def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen: int, name_offset: int = 0):
+def _copy_renumbered(src: str, tmp: str, start: int) -> tuple[int, np.ndarray, str]:
+    """Copy ``src`` to ``tmp``, set its ids to ``start, start + 1, ...``, fsync, hash.
+
+    Returns (rows, codes uint8 [rows, B], sha256 of ``tmp``)."""
+    import h5py
+
+    from .model import file_sha256
+
+    shutil.copyfile(src, tmp)
+    with h5py.File(tmp, "r+") as f:
+        rows = len(f["codes"])
+        f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
+        codes = f["codes"][()]
+    fsync_file(tmp)
+    return rows, codes, file_sha256(tmp)
+
+
+PUBLISH_WORKERS = 8  # shards copied, fsynced and hashed at once (I/O and hashing release the GIL)
+
+
+def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen: int, name_offset: int = 0,
+                   workers: int | None = None):
     """Copy partial shards into ``index_dir/shards`` under generation-``gen`` names with
     global row ids from ``start``. The partial shards are not modified.
+
+    The copies (copy, renumber, fsync, sha256) run in up to ``workers`` threads (default
+    :data:`PUBLISH_WORKERS`, at most the CPU count) as ``.tmp-*`` files; they are renamed into
+    place in shard order, each followed by its crash point, as one at a time did. Row counts
+    are read from the partial shards first, so every copy knows its ``start``.
 
     Returns (shard entries, list of code arrays uint8 [rows, B], skipped [(path, reason)], next start).
     """
     import h5py
-
-    from .model import file_sha256
 
     shard_dir = os.path.join(index_dir, "shards")
     os.makedirs(shard_dir, exist_ok=True)
     shard_numbers = list(shard_numbers)
     names = [gen_name(f"part-{s + name_offset:05d}", ".h5", gen) for s in shard_numbers]
     own(index_dir, [os.path.join("shards", n) for n in names])
-    shards, codes, skipped = [], [], []
-    for s, name in zip(shard_numbers, names):
+    srcs, starts, skipped = [], [], []
+    for s in shard_numbers:
         src = part_files(part_dir, s)[0]
         skipped.extend(read_part_skips(part_dir, s))
-        dst = os.path.join(shard_dir, name)
-        tmp = os.path.join(shard_dir, f".tmp-{name}")
-        shutil.copyfile(src, tmp)
-        with h5py.File(tmp, "r+") as f:
+        with h5py.File(src, "r") as f:
             rows = len(f["codes"])
-            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
-            codes.append(f["codes"][()])
-        fsync_file(tmp)
-        sha = file_sha256(tmp)
-        os.replace(tmp, dst)
-        crash_point(f"finalize-shard-{s}")
-        shards.append({"file": name, "rows": rows, "start": start, "sha256": sha})
+        srcs.append(src)
+        starts.append(start)
         start += rows
+    tmps = [os.path.join(shard_dir, f".tmp-{n}") for n in names]
+    workers = max(1, min(workers or PUBLISH_WORKERS, os.cpu_count() or 1, len(srcs) or 1))
+    if workers == 1:
+        done = [_copy_renumbered(*job) for job in zip(srcs, tmps, starts)]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="dhf-publish") as pool:
+            done = list(pool.map(_copy_renumbered, srcs, tmps, starts))
+    shards, codes = [], []
+    for s, name, tmp, st, (rows, c, sha) in zip(shard_numbers, names, tmps, starts, done):
+        os.replace(tmp, os.path.join(shard_dir, name))
+        crash_point(f"finalize-shard-{s}")
+        shards.append({"file": name, "rows": rows, "start": st, "sha256": sha})
+        codes.append(c)
     return shards, codes, skipped, start
 
 

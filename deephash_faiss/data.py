@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,10 +104,12 @@ def _walk_images(top: str, skipped: list[tuple[str, str]]) -> list[str]:
                     skipped.append((os.path.join(dirpath, name), reason))
                 continue
             path = os.path.join(dirpath, name)
-            if not os.path.exists(path):
+            try:  # one stat a file (was exists + isfile: two; 200,000 files 1.7 s -> see docs/scaling.md)
+                mode = os.stat(path).st_mode
+            except (OSError, ValueError):
                 skipped.append((path, _bad_link_reason(path)))
                 continue
-            if not os.path.isfile(path):
+            if not stat.S_ISREG(mode):
                 skipped.append((path, "not a regular file"))
                 continue
             found.append(path)

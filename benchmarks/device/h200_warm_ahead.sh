@@ -6,12 +6,7 @@
 # the command (auto = nvjpeg + NHWC) twice. Bytecode compiled first (compileall, as pip does at
 # install: this machine's Python runs with PYTHONDONTWRITEBYTECODE=1 and torch has no __pycache__,
 # so every process would compile torch from source: import torch 4.2-5.9 s against 2.1-2.3 s).
-T0=$(date +%s); t() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /root/site .whl/*.whl || exit 1
-export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
-R=$OUT/r; mkdir -p $R
-SP=$(python3 -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('torch').origin)))")
-python3 -m compileall -q -j 16 $SP /root/site $PWD/deephash_faiss $PWD/tests $PWD/benchmarks > /dev/null 2>&1
+COMPILE_EXTRA="$PWD/tests $PWD/benchmarks" source "$(dirname "$0")/setup_compiled.sh"  # the set-up lines it ran, moved there unchanged
 mkdir -p /tmp/data && tar xzf .data/cifar10-jpg.tar.gz -C /tmp/data
 python3 benchmarks/make_photos.py --archive .data/cifar10-jpg.tar.gz --n 200000 --out /tmp/photos > $R/photos.log 2>&1 &
 PH=$!

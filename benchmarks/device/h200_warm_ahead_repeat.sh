@@ -3,12 +3,7 @@
 # builds at the same code: CIFAR-10 train with the default layout (NCHW below 100,000 images)
 # alternating with NHWC forced (DHF_CUDA_LAYOUT=channels_last: with warm-ahead the decoders finish
 # while NHWC builds its kernels), then 200,000 photos (auto = nvjpeg + NHWC) twice more.
-T0=$(date +%s); t() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /root/site .whl/*.whl || exit 1
-export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
-R=$OUT/r; mkdir -p $R
-SP=$(python3 -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('torch').origin)))")
-python3 -m compileall -q -j 16 $SP /root/site $PWD/deephash_faiss > /dev/null 2>&1
+source "$(dirname "$0")/setup_compiled.sh"  # the set-up lines it ran, moved there unchanged
 mkdir -p /tmp/data && tar xzf .data/cifar10-jpg.tar.gz -C /tmp/data
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_build as b; b.make_model('/tmp/m32.pt', 'efficientnet_lite0', 48, 32, None); b.make_model('/tmp/m224.pt', 'efficientnet_lite0', 48, None, None)"
 t setup

@@ -314,21 +314,21 @@ def write_skip_report(index_dir: str, name: str, skipped: list[tuple[str, str]])
 
 # ---------------------------------------------------------------- publishing a generation
 
-def _copy_renumbered(src: str, tmp: str, start: int) -> tuple[int, np.ndarray, str]:
-    """Copy ``src`` to ``tmp``, set its ids to ``start, start + 1, ...``, fsync, hash.
+def _copy_renumbered(src: str, tmp: str, start: int, rows: int) -> tuple[np.ndarray, str]:
+    """Copy ``src`` (``rows`` rows) to ``tmp``, set its ids to ``start, ..., start + rows - 1``,
+    fsync, hash.
 
-    Returns (rows, codes uint8 [rows, B], sha256 of ``tmp``)."""
+    Returns (codes uint8 [rows, B], sha256 of ``tmp``)."""
     import h5py
 
     from .model import file_sha256
 
     shutil.copyfile(src, tmp)
     with h5py.File(tmp, "r+") as f:
-        rows = len(f["codes"])
         f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
         codes = f["codes"][()]
     fsync_file(tmp)
-    return rows, codes, file_sha256(tmp)
+    return codes, file_sha256(tmp)
 
 
 PUBLISH_WORKERS = 8  # shards copied, fsynced and hashed at once (I/O and hashing release the GIL)
@@ -353,24 +353,21 @@ def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen
     shard_numbers = list(shard_numbers)
     names = [gen_name(f"part-{s + name_offset:05d}", ".h5", gen) for s in shard_numbers]
     own(index_dir, [os.path.join("shards", n) for n in names])
-    srcs, starts, skipped = [], [], []
+    srcs, starts, counts, skipped = [], [], [], []
     for s in shard_numbers:
         src = part_files(part_dir, s)[0]
         skipped.extend(read_part_skips(part_dir, s))
         with h5py.File(src, "r") as f:
-            rows = len(f["codes"])
+            counts.append(len(f["codes"]))
         srcs.append(src)
         starts.append(start)
-        start += rows
+        start += counts[-1]
     tmps = [os.path.join(shard_dir, f".tmp-{n}") for n in names]
     workers = max(1, min(workers or PUBLISH_WORKERS, os.cpu_count() or 1, len(srcs) or 1))
-    if workers == 1:
-        done = [_copy_renumbered(*job) for job in zip(srcs, tmps, starts)]
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="dhf-publish") as pool:
-            done = list(pool.map(_copy_renumbered, srcs, tmps, starts))
+    with ThreadPoolExecutor(workers, thread_name_prefix="dhf-publish") as pool:
+        done = list(pool.map(_copy_renumbered, srcs, tmps, starts, counts))
     shards, codes = [], []
-    for s, name, tmp, st, (rows, c, sha) in zip(shard_numbers, names, tmps, starts, done):
+    for s, name, tmp, st, rows, (c, sha) in zip(shard_numbers, names, tmps, starts, counts, done):
         os.replace(tmp, os.path.join(shard_dir, name))
         crash_point(f"finalize-shard-{s}")
         shards.append({"file": name, "rows": rows, "start": st, "sha256": sha})

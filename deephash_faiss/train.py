@@ -181,11 +181,14 @@ def erase_batch(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Ten
     w = (area / aspect).sqrt().round().clamp(1, s).long()
     y0 = (torch.rand(b, generator=gen) * (s - h + 1)).long()
     x0 = (torch.rand(b, generator=gen) * (s - w + 1)).long()
-    ar = torch.arange(s)
+    dev = x.device  # the boxes are drawn from ``gen`` (CPU); masks and noise are made on the device
+    y0, h, x0, w, on = (v.to(dev) for v in (y0, h, x0, w, on))
+    ar = torch.arange(s, device=dev)
     rows = (ar[None] >= y0[:, None]) & (ar[None] < (y0 + h)[:, None])  # [B, S]
     cols = (ar[None] >= x0[:, None]) & (ar[None] < (x0 + w)[:, None])
-    mask = (rows[:, :, None] & cols[:, None, :] & on[:, None, None]).to(x.device)  # [B, S, S]
-    noise = torch.randint(0, 256, x.shape, generator=gen, dtype=torch.uint8).to(x.device)
+    mask = rows[:, :, None] & cols[:, None, :] & on[:, None, None]  # [B, S, S]
+    noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
+    noise = torch.randint(0, 256, x.shape, generator=noise_gen, dtype=torch.uint8, device=dev)
     return torch.where(mask[..., None], noise, x)
 
 

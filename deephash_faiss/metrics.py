@@ -78,6 +78,15 @@ def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
     return labels
 
 
+def _check_hamming(hamming, q_labels, db_labels):
+    """(hamming [m, n], q_labels [m], db_labels [n]) as arrays, or ValueError on wrong shapes."""
+    hamming = np.asarray(hamming)
+    if hamming.ndim != 2:
+        raise ValueError("hamming must be 2-D [m, n]")
+    m, n = hamming.shape
+    return hamming, _check_labels(q_labels, m, "q_labels"), _check_labels(db_labels, n, "db_labels")
+
+
 def _check_ks(ks: Iterable[int]) -> np.ndarray:
     ks_arr = np.asarray(list(ks), dtype=np.int64).reshape(-1)
     if ks_arr.size == 0:
@@ -390,12 +399,8 @@ def precision_within_radius(
     Returns:
         float in [0, 1] (0.0 when m == 0).
     """
-    hamming = np.asarray(hamming)
-    if hamming.ndim != 2:
-        raise ValueError("hamming must be 2-D [m, n]")
+    hamming, q_labels, db_labels = _check_hamming(hamming, q_labels, db_labels)
     m, n = hamming.shape
-    q_labels = _check_labels(q_labels, m, "q_labels")
-    db_labels = _check_labels(db_labels, n, "db_labels")
     if radius < 0:
         raise ValueError("radius must be >= 0")
     if m == 0:
@@ -434,12 +439,8 @@ def pr_curve(
     Returns:
         ``{"radius": int64 [R+1], "precision": float64 [R+1], "recall": float64 [R+1]}``.
     """
-    hamming = np.asarray(hamming)
-    if hamming.ndim != 2:
-        raise ValueError("hamming must be 2-D [m, n]")
+    hamming, q_labels, db_labels = _check_hamming(hamming, q_labels, db_labels)
     m, n = hamming.shape
-    q_labels = _check_labels(q_labels, m, "q_labels")
-    db_labels = _check_labels(db_labels, n, "db_labels")
     if max_radius is None:
         max_radius = int(hamming.max()) if hamming.size else 0
     ret, relret, nrel = _radius_counts(hamming, q_labels, db_labels, int(max_radius))

@@ -118,6 +118,18 @@ def micro_batch_size(cfg: "TrainConfig", input_size: int, device: torch.device) 
     return min(cfg.batch_size, cpu_batch_cap(input_size, train=True))
 
 
+def _check_training_set(n: int, labels, num_classes: int, what: str) -> np.ndarray:
+    """int64 labels [n] of a training set of ``n`` ``what`` (images or features), or DhfError."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if n != len(labels):
+        raise DhfError(f"{what} and labels differ in length")
+    if n == 0:
+        raise DhfError("no training images")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DhfError("labels out of range of the model's classes")
+    return labels
+
+
 def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split: (train positions int64, validation positions int64)."""
     rng = np.random.default_rng(seed)
@@ -350,14 +362,8 @@ def fit_head(
         History: one dict per epoch (loss, train accuracy, validation accuracy, seconds).
     """
     cfg.check()
-    labels = np.asarray(labels, dtype=np.int64)
     x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
-    if len(x) != len(labels):
-        raise DhfError("features and labels differ in length")
-    if len(x) == 0:
-        raise DhfError("no training images")
-    if labels.min() < 0 or labels.max() >= model.config.num_classes:
-        raise DhfError("labels out of range of the model's classes")
+    labels = _check_training_set(len(x), labels, model.config.num_classes, "features")
     torch.manual_seed(cfg.seed)
     val_x = val_y = None
     if cfg.val_fraction > 0:
@@ -471,13 +477,7 @@ def fit(
     from tqdm.auto import tqdm
 
     cfg.check()
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(images) != len(labels):
-        raise DhfError("images and labels differ in length")
-    if len(images) == 0:
-        raise DhfError("no training images")
-    if labels.min() < 0 or labels.max() >= model.config.num_classes:
-        raise DhfError("labels out of range of the model's classes")
+    labels = _check_training_set(len(images), labels, model.config.num_classes, "images")
     torch.manual_seed(cfg.seed)
     if val_images is None and cfg.val_fraction > 0:
         tr, va = split_validation(labels, cfg.val_fraction, cfg.seed)

@@ -297,6 +297,12 @@ class _CudaRunner:
 
 DECODE_CHUNK_MIN = 16  # images per decode task, at least (task overhead)
 GPU_AHEAD = 3  # nvjpeg: batches decoded on the GPU ahead of the model
+#: nvjpeg: threads reading and screening the files (their header parsing is Python and holds the
+#: GIL that the decoding thread needs). Measured on the H200 (benchmarks/diag_decode_threads.py,
+#: 30,000 photo-sized JPEGs, two runs, results/build/h200_decode_threads_*.json): decode fed by 2 /
+#: 4 / 8 / 16 readers 10,094 / 9,649 / 8,517 / 8,500 and 12,332 / 7,801 / 7,084 / 4,665 img/s
+#: (decode_batch alone on bytes read beforehand 15,900-19,000).
+NVJPEG_READERS = 2
 # While the model's first pass warms up (0.4-1 s NCHW, ~5 s NHWC on the H200) decoding runs
 # further ahead, into at most this many bytes of decoded images (host memory for PIL; device
 # memory for nvjpeg, at most a quarter of what is free): the warm-up is otherwise idle time
@@ -435,7 +441,7 @@ def encode_stream(
     Args:
         device: torch.device the model is on. ``decoder``: "pil" (CPU) or "nvjpeg"
             (torchvision ``decode_jpeg`` on ``device``, CPU fallback for what it can't decode).
-        workers: decode workers (default: the CPU count, at most 16).
+        workers: decode workers (default: the CPU count, at most 16; for "nvjpeg" :data:`NVJPEG_READERS`).
         segments: [(lo, hi)] position ranges to encode (default: all); batches never cross one.
         prefetch: batches decoded ahead (default: 2 x workers + 2).
         pool: a :class:`DecodePool` to use (and leave open), e.g. one kept by a Ray actor
@@ -474,9 +480,9 @@ def encode_stream(
     gpu_half = _GpuHalf(paths, size, device, cuda) if decoder == "nvjpeg" else None
     own_pool = pool is None
     if pool is None:
-        workers = workers or default_workers()
         # nvjpeg: the workers only read files and parse headers (the GIL is released on reads):
-        # threads, no pickling of the encoded bytes
+        # threads, no pickling of the encoded bytes, and few of them (NVJPEG_READERS)
+        workers = workers or (min(NVJPEG_READERS, default_workers()) if decoder == "nvjpeg" else default_workers())
         pool = DecodePool("thread" if decoder == "nvjpeg" else pick_decode_kind(decode_kind, total), workers)
     _trace(f"decode pool ready: {pool.workers} {pool.kind} workers")
     prefetch = prefetch or (2 * pool.workers + 2)

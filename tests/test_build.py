@@ -325,6 +325,8 @@ def test_trace_reports_the_encoders_start(tmp_path, image_folder, trained_model,
     lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("[dhf-trace")]
     events = [x.split("] ", 1)[1] for x in lines]
     assert events[0].startswith("encode starts") and events[1].startswith("decode pool ready")
+    # nvjpeg: few reading threads (their header parsing holds the GIL the decoding thread needs)
+    assert events[1] == f"decode pool ready: {min(stream.NVJPEG_READERS, os.cpu_count())} thread workers"
     for want in ("GPU half: files at 0 read and screened", "batch 0 decoded"):
         assert want in events
     assert any(e.startswith("batch 0 queued on the model") for e in events)

@@ -227,11 +227,11 @@ class _ShardWorker:
             self._decode = (pick_decode_kind("auto", 1 << 30), max(1, min(16, (os.cpu_count() or 1) // share)))
 
     def _pool(self, decoder: str):
-        from .stream import DecodePool
+        from .stream import DecodePool, pool_workers
 
         kind = "thread" if decoder == "nvjpeg" else self._decode[0]  # nvjpeg: threads only read files
         if kind not in self._pools:
-            self._pools[kind] = DecodePool(kind, self._decode[1])
+            self._pools[kind] = DecodePool(kind, pool_workers(decoder, self._decode[1]))
         return self._pools[kind]
 
     def encode(self, job: EncodeJob, shard: int):

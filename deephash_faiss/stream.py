@@ -303,6 +303,14 @@ GPU_AHEAD = 3  # nvjpeg: batches decoded on the GPU ahead of the model
 #: 4 / 8 / 16 readers 10,094 / 9,649 / 8,517 / 8,500 and 12,332 / 7,801 / 7,084 / 4,665 img/s
 #: (decode_batch alone on bytes read beforehand 15,900-19,000).
 NVJPEG_READERS = 2
+
+
+def pool_workers(decoder: str, cpus: int) -> int:
+    """Decode workers for ``decoder`` given ``cpus`` cores: one a core for "pil", at most
+    :data:`NVJPEG_READERS` reading threads for "nvjpeg"."""
+    return max(1, min(NVJPEG_READERS, cpus) if decoder == "nvjpeg" else cpus)
+
+
 # While the model's first pass warms up (0.4-1 s NCHW, ~5 s NHWC on the H200) decoding runs
 # further ahead, into at most this many bytes of decoded images (host memory for PIL; device
 # memory for nvjpeg, at most a quarter of what is free): the warm-up is otherwise idle time
@@ -482,7 +490,7 @@ def encode_stream(
     if pool is None:
         # nvjpeg: the workers only read files and parse headers (the GIL is released on reads):
         # threads, no pickling of the encoded bytes, and few of them (NVJPEG_READERS)
-        workers = workers or (min(NVJPEG_READERS, default_workers()) if decoder == "nvjpeg" else default_workers())
+        workers = workers or pool_workers(decoder, default_workers())
         pool = DecodePool("thread" if decoder == "nvjpeg" else pick_decode_kind(decode_kind, total), workers)
     _trace(f"decode pool ready: {pool.workers} {pool.kind} workers")
     prefetch = prefetch or (2 * pool.workers + 2)

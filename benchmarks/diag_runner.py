@@ -1,5 +1,10 @@
 """What the CIFAR-10 build loses between the model and the command (issue 12).
 
+(Prepared 2026-12-03, ninth session. Its one H200 run, in h200_readers_and_runner.sh, hit its
+120 s limit without output: it printed only at the end, and the GIL-loaded runs, then over all
+batches, were the slow part. Each measurement is now printed as it ends and the GIL-loaded runs
+take the first GIL_BATCHES batches; not run since.)
+
     python benchmarks/diag_runner.py --model M.pt [--n 50000] [--device cuda] [--json OUT]
 
 On the H200 the model alone (``extract.encode_array``, NCHW) ran 11,449 img/s at CIFAR-10's
@@ -10,7 +15,7 @@ does not depend on the pixels) [n, S, S, 3] at the model's load size, batch 256:
   encode_array_<layout>   the model-only measurement (bench_build's; one sync a batch)
   runner_<layout>         the product's ``stream._CudaRunner`` (pinned copies, side stream,
                           results collected 2 batches later), fed as fast as it takes them
-  runner_gil_<layout>     the same with 8 Python threads spinning on small numpy work (the
+  runner_gil_<layout>     the same (first GIL_BATCHES batches) with 8 Python threads spinning on small numpy work (the
                           decode pool's result handling, the shard writer): does the GIL
                           starve the kernel launches?
   runner_switch_<layout>  runner_gil with the interpreter's switch interval the encoder sets
@@ -29,6 +34,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+GIL_BATCHES = 20  # batches timed under GIL load
 
 
 def main() -> None:
@@ -60,12 +68,16 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    def rate(fn) -> float:
+    def rate(fn, n: int = a.n) -> float:
         sync()
         t = time.perf_counter()
         fn()
         sync()
-        return round(a.n / (time.perf_counter() - t), 1)
+        return round(n / (time.perf_counter() - t), 1)
+
+    def put(key: str, value: float) -> None:
+        res[key] = value
+        print(f"{key} {value} img/s", flush=True)
 
     def spin(stop: threading.Event) -> None:
         v = np.ones(64)
@@ -76,18 +88,19 @@ def main() -> None:
     for lay in layouts:
         os.environ["DHF_CUDA_LAYOUT"] = lay
         encode_array(model, x[:a.batch], dev, a.batch)  # untimed: plans, kernels
-        res[f"encode_array_{lay}"] = rate(lambda: encode_array(model, x, dev, a.batch))
+        put(f"encode_array_{lay}", rate(lambda: encode_array(model, x, dev, a.batch)))
         if not cuda:
             continue
 
-        def run() -> None:
+        def run(some=batches) -> None:
             r = _CudaRunner(model, dev, "float32", batch=a.batch, layout=lay)
-            for i, b in enumerate(batches):
+            for i, b in enumerate(some):
                 r.push(b, i)
             r.flush()
 
         run()
-        res[f"runner_{lay}"] = rate(run)
+        put(f"runner_{lay}", rate(run))
+        few = batches[:GIL_BATCHES]
         for name, switch in (("runner_gil", None), ("runner_switch", GIL_SWITCH_S)):
             stop = threading.Event()
             ths = [threading.Thread(target=spin, args=(stop,), daemon=True) for _ in range(8)]
@@ -97,13 +110,12 @@ def main() -> None:
             for t in ths:
                 t.start()
             try:
-                res[f"{name}_{lay}"] = rate(run)
+                put(f"{name}_{lay}", rate(lambda: run(few), sum(len(b) for b in few)))
             finally:
                 stop.set()
                 for t in ths:
                     t.join()
                 sys.setswitchinterval(old)
-        print(json.dumps(res), flush=True)
     os.environ.pop("DHF_CUDA_LAYOUT", None)
     print(json.dumps(res))
     if a.json:

@@ -26,6 +26,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import write_json  # noqa: E402
 
 
 def main() -> None:
@@ -92,8 +95,7 @@ def main() -> None:
             pool.close()
     print(json.dumps(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.json, res, indent=1)
 
 
 if __name__ == "__main__":

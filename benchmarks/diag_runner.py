@@ -34,6 +34,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import write_json  # noqa: E402
 
 
 GIL_BATCHES = 20  # batches timed under GIL load
@@ -119,8 +122,7 @@ def main() -> None:
     os.environ.pop("DHF_CUDA_LAYOUT", None)
     print(json.dumps(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.json, res, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(__file__))
+from clihelp import one_error, run  # noqa: E402
 
 from deephash_faiss import api, gpudecode, layout, maintain, pipeline  # noqa: E402
-from deephash_faiss.cli import main  # noqa: E402
 from deephash_faiss.data import decode_image, scan_images  # noqa: E402
 from deephash_faiss.extract import encode_array, pack_codes_torch  # noqa: E402
 from deephash_faiss.index import pack_codes  # noqa: E402
@@ -242,21 +243,13 @@ def test_auto_decoder_picks_by_image_size_and_job_size(tmp_path):
 
 # ---------------------------------------------------------------- the on-disk contract (issue 11)
 
-def _one_line_error(r):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    return lines[0]
-
-
 def test_build_refuses_a_foreign_non_empty_folder(tmp_path, image_folder, trained_model):
     d = tmp_path / "mine"
     d.mkdir()
     (d / "notes.txt").write_text("my notes")
     (d / "model_v2_best.pt").write_bytes(b"weights")
-    r = CliRunner().invoke(main, ["build-index", image_folder, "--model", trained_model, "-o", str(d), "-q",
-                                  "--device", "cpu"])
-    assert "is not empty and is not a dhf index" in _one_line_error(r)
+    r = run("build-index", image_folder, "--model", trained_model, "-o", str(d), "-q", "--device", "cpu")
+    assert "is not empty and is not a dhf index" in one_error(r, code=1, stream="output")
     assert sorted(os.listdir(d)) == ["model_v2_best.pt", "notes.txt"]  # nothing written, nothing removed
     # an empty folder, or one holding only a killed build's leftovers, is fine
     e = tmp_path / "empty"

@@ -8,14 +8,11 @@ import sys
 
 import click
 import pytest
-from click.testing import CliRunner
 
-from deephash_faiss.cli import main
+sys.path.insert(0, os.path.dirname(__file__))
+from clihelp import one_error, run  # noqa: E402
 
-
-def run(*args):
-    r = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return r
+from deephash_faiss.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -104,33 +101,30 @@ def test_info(built):
     assert m["count"] == 72 and len(m["shards"]) == 3 and m["bits"] == 16
 
 
-def _one_line_error(r):
-    assert r.exit_code != 0
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
-    assert "Traceback" not in r.output
-    return lines[0]
-
-
 def test_bad_paths_give_one_line_errors(built, tmp_path, image_folder):
-    assert "no such file" in _one_line_error(run("search", "--query", str(tmp_path / "nope.jpg"), "--index", built))
-    assert "no such index directory" in _one_line_error(
-        run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", str(tmp_path / "x")))
+    assert "no such file" in one_error(run("search", "--query", str(tmp_path / "nope.jpg"), "--index", built),
+                                       stream="output")
+    assert "no such index directory" in one_error(
+        run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", str(tmp_path / "x")),
+        stream="output")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no images found" in _one_line_error(run("search", "--query", str(empty), "--index", built))
-    assert "no such folder" in _one_line_error(run("build-index", str(tmp_path / "none"), "-o", str(tmp_path / "o")))
+    assert "no images found" in one_error(run("search", "--query", str(empty), "--index", built), stream="output")
+    assert "no such folder" in one_error(run("build-index", str(tmp_path / "none"), "-o", str(tmp_path / "o")),
+                                         stream="output")
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(os.path.join(image_folder, "red", "000.png"), flat / "a.png")
-    assert "--unsupervised" in _one_line_error(run("build-index", str(flat), "-o", str(tmp_path / "o2"), "--frozen"))
+    assert "--unsupervised" in one_error(run("build-index", str(flat), "-o", str(tmp_path / "o2"), "--frozen"),
+                                         stream="output")
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
-    assert "cannot use query" in _one_line_error(run("search", "--query", str(bad), "--index", built))
-    assert "-k" in _one_line_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"),
-                                       "--index", built, "-k", "0"))
-    assert "larger than the index" in _one_line_error(
-        run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", built, "-k", "1000"))
+    assert "cannot use query" in one_error(run("search", "--query", str(bad), "--index", built), stream="output")
+    assert "-k" in one_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"),
+                                 "--index", built, "-k", "0"), stream="output")
+    assert "larger than the index" in one_error(
+        run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index", built, "-k", "1000"),
+        stream="output")
 
 
 def test_model_index_bit_mismatch(built, image_folder, tmp_path):
@@ -139,8 +133,8 @@ def test_model_index_bit_mismatch(built, image_folder, tmp_path):
     m = build_model("smallcnn", 32, ["red", "green", "blue"], weights="none", load_size=24)
     p = str(tmp_path / "m32.pt")
     save_checkpoint(m, p)
-    line = _one_line_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index",
-                               built, "--model", p))
+    line = one_error(run("search", "--query", os.path.join(image_folder, "red", "000.png"), "--index",
+                         built, "--model", p), stream="output")
     assert "32-bit codes but the index has 16-bit codes" in line
 
 
@@ -206,7 +200,7 @@ def test_index_option_everywhere_old_positional_form_still_works(built, image_fo
     assert run("info", built).output == run("info", "--index", built).output
     assert run("verify", "--index", built).output.startswith("OK")
     assert run("verify", built).output.startswith("OK")
-    twice = _one_line_error(run("info", built, "--index", str(tmp_path / "other")))
+    twice = one_error(run("info", built, "--index", str(tmp_path / "other")), stream="output")
     assert "given twice" in twice
     idx = _copy_index(built, tmp_path)
     r = run("remove", "--index", idx, "--ids", "0")
@@ -267,8 +261,8 @@ def test_broken_pipe_exits_quietly(built):
 
 
 def test_build_index_with_model_refuses_training_options(image_folder, trained_model, tmp_path):
-    line = _one_line_error(run("build-index", image_folder, "--model", trained_model, "-o", str(tmp_path / "o"),
-                               "--backbone", "alexnet", "--bits", "32"))
+    line = one_error(run("build-index", image_folder, "--model", trained_model, "-o", str(tmp_path / "o"),
+                         "--backbone", "alexnet", "--bits", "32"), stream="output")
     assert "--backbone, --bits only apply when build-index trains a model" in line
     assert not os.path.exists(tmp_path / "o")
 
@@ -329,13 +323,13 @@ def test_search_parameter_limits_one_line(built, image_folder):
 
     q = os.path.join(image_folder, "red", "000.png")
     base = ["search", "--query", q, "--index", built]
-    assert "max_candidates must be between 1 and" in _one_line_error(
-        run(*base, "--max-candidates", str(10**20)))
-    assert "max_candidates must be between 1 and" in _one_line_error(run(*base, "--max-candidates", "0"))
+    assert "max_candidates must be between 1 and" in one_error(
+        run(*base, "--max-candidates", str(10**20)), stream="output")
+    assert "max_candidates must be between 1 and" in one_error(run(*base, "--max-candidates", "0"), stream="output")
     # 16-bit codes: distance < 17 pools every code, 18 is above the code length
-    assert "between 0 and 17" in _one_line_error(run(*base, "--radius", "18"))
-    assert "between 0 and 17" in _one_line_error(run(*base, "--radius", str(3 * 10**9)))
-    assert "between 0 and 17" in _one_line_error(run(*base, "--radius", str(10**20)))
+    assert "between 0 and 17" in one_error(run(*base, "--radius", "18"), stream="output")
+    assert "between 0 and 17" in one_error(run(*base, "--radius", str(3 * 10**9)), stream="output")
+    assert "between 0 and 17" in one_error(run(*base, "--radius", str(10**20)), stream="output")
     r = run(*base, "--radius", "17", "--max-candidates", str(2**31 - 1), "--device", "cpu", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["candidates"] == 72, r.output
     # the same function guards the Python API
@@ -351,10 +345,10 @@ def test_search_parameter_limits_one_line(built, image_folder):
 
 def test_missing_extras_are_named(built, image_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
-    line = _one_line_error(run("serve", "--index", built))
+    line = one_error(run("serve", "--index", built), stream="output")
     assert 'pip install "deephash-faiss[serve]"' in line and "unexpected" not in line
     monkeypatch.setitem(sys.modules, "ray", None)
-    line = _one_line_error(run("build-index", image_folder, "-o", str(tmp_path / "o"), "--ray"))
+    line = one_error(run("build-index", image_folder, "-o", str(tmp_path / "o"), "--ray"), stream="output")
     assert 'pip install "deephash-faiss[ray]"' in line
 
 

@@ -19,13 +19,12 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 sys.path.insert(0, os.path.dirname(__file__))
 import corpus  # noqa: E402
+from clihelp import run  # noqa: E402
 
 from deephash_faiss import api, maintain  # noqa: E402
-from deephash_faiss.cli import main  # noqa: E402
 from deephash_faiss.search import Searcher  # noqa: E402
 
 SHARD = 6
@@ -40,12 +39,6 @@ def dhf_subprocess(args, crash_at=None, wait=True):
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return r.output
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +101,7 @@ def test_build_killed_then_resumed(env, tmp_path, point):
     assert maintain.verify(d) == []
     res = corpus.search_all(d, env["qc"], env["qf"])
     assert res == (env["ref_res"] if point == "after-manifest" else env["prev_res"])
-    out = run(*args)
+    out = run(*args, ok=True).output
     assert f"{expected_reused(point, env['nshards'])} reused" in out, out
     assert_same_index(d, env["ref"])
     assert corpus.search_all(d, env["qc"], env["qf"]) == env["ref_res"]
@@ -134,7 +127,7 @@ def test_build_killed_at_random_time(env, tmp_path):
     p.wait()
     assert maintain.verify(d) == []
     assert corpus.search_all(d, env["qc"], env["qf"]) in (env["prev_res"], env["ref_res"])
-    run(*args)
+    run(*args, ok=True)
     assert_same_index(d, env["ref"])
     assert corpus.search_all(d, env["qc"], env["qf"]) == env["ref_res"]
     assert_clean_dir(d)
@@ -154,7 +147,7 @@ def test_add_killed_then_resumed(env, tmp_path, point):
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert maintain.verify(d) == []
     assert_same_index(d, env["ref"])  # untouched
-    out = run(*args)
+    out = run(*args, ok=True).output
     assert f"{2 if point == 'shard-1' else 3} reused" in out and "added 6 images" in out, out
     assert_same_index(d, want)
     assert maintain.verify(d) == []
@@ -173,7 +166,7 @@ def test_compact_and_remove_killed(env, tmp_path, cmd):
     assert maintain.verify(d) == []
     after = corpus.read_index(d)
     assert after["deleted"] == before["deleted"] == [1, 5] and after["paths"] == before["paths"]
-    run(*args)
+    run(*args, ok=True)
     assert maintain.verify(d) == []
     assert corpus.read_index(d)["deleted"] == ([] if cmd == "compact" else [1, 5, 7])
 

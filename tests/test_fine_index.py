@@ -10,20 +10,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from deephash_faiss import api
-from deephash_faiss.cli import main
 from deephash_faiss.errors import DhfError
 from deephash_faiss.fine import FineIndex, FineParams, default_probe
 from deephash_faiss.index import BinaryIndex, IndexSpec
 from deephash_faiss.maintain import add_images, build_fine, compact, remove, verify
 from deephash_faiss.search import Searcher
 from deephash_faiss.store import read_manifest, write_manifest
-from reference import exact_hds
+
+sys.path.insert(0, os.path.dirname(__file__))
+from clihelp import run  # noqa: E402
+from reference import exact_hds  # noqa: E402
 
 RECALL_BOUND = 0.95  # recall@10 of ivf HDS at nprobe 8 x cell 256 against exact HDS on _data(seed 0)
 ALL = 10**6  # nprobe that probes every list
@@ -220,10 +222,6 @@ def test_add_drops_an_unreadable_fine_index(two_class_index, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def fine_line(d):

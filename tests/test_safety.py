@@ -12,33 +12,14 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 sys.path.insert(0, os.path.dirname(__file__))
 import corpus  # noqa: E402
+from clihelp import one_error, run  # noqa: E402
 
 from deephash_faiss import api, maintain  # noqa: E402
-from deephash_faiss.cli import main  # noqa: E402
 from deephash_faiss.errors import DhfError  # noqa: E402
 from deephash_faiss.search import Searcher  # noqa: E402
-
-
-def run(*args, ok=True):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert r.exit_code == 0, r.output
-    return r
-
-
-def one_error(r, *needles):
-    """Exit 1, exactly one ``Error:`` line on stderr, not the generic fallback."""
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    assert "unexpected" not in lines[0] and "Traceback" not in r.output, lines[0]
-    for n in needles:
-        assert n.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +63,7 @@ def flip_byte(path, pos):
 
 
 def search(env, d, *extra):
-    return run("search", "--query", env["paths"][0], "--index", d, "--device", "cpu", "--mode", "bcs", *extra,
-               ok=False)
+    return run("search", "--query", env["paths"][0], "--index", d, "--device", "cpu", "--mode", "bcs", *extra)
 
 
 def code_index_path(d):
@@ -110,7 +90,7 @@ def flip_a_code(d, row=1):
 def test_search_refuses_flipped_code_index(env, idx):
     """Before: exit 0 with changed Hamming distances."""
     flip_a_code(idx)
-    one_error(search(env, idx), "code index", "checksum", "dhf verify")
+    one_error(search(env, idx), "code index", "checksum", "dhf verify", code=1)
     with pytest.raises(DhfError, match="code index"):
         Searcher(idx, device="cpu")
 
@@ -121,7 +101,7 @@ def test_search_refuses_replaced_model_same_size(env, idx):
     target = os.path.join(idx, m["model"]["file"])
     assert os.path.getsize(env["other"]) == os.path.getsize(target)
     shutil.copyfile(env["other"], target)
-    one_error(search(env, idx), "model.pt", "not the model the index was built with")
+    one_error(search(env, idx), "model.pt", "not the model the index was built with", code=1)
     s = Searcher(idx, device="cpu")  # searching by codes needs no model: still works
     s.bcs(s.codes()[:2], 3)
     with pytest.raises(DhfError, match="sha256"):
@@ -132,7 +112,7 @@ def test_search_refuses_resized_shard_and_index(env, idx):
     m = manifest(idx)
     with open(os.path.join(idx, "shards", m["shards"][1]["file"]), "ab") as f:
         f.write(b"\0" * 16)  # HDF5 still reads it
-    one_error(search(env, idx), "shard", m["shards"][1]["file"], "bytes")
+    one_error(search(env, idx), "shard", m["shards"][1]["file"], "bytes", code=1)
     ipath = code_index_path(idx)
     data = open(ipath, "rb").read()
     open(ipath, "wb").write(data + b"\0")
@@ -152,7 +132,7 @@ def test_full_check_catches_flipped_shard(env, idx):
 def test_search_other_model_refused_unless_allowed(env, idx):
     """Before: `--model OTHER.pt` of the same width returned garbage, exit 0."""
     one_error(search(env, idx, "--model", env["other"]), "not the model this index was built with",
-              "--allow-other-model")
+              "--allow-other-model", code=1)
     r = search(env, idx, "--model", env["other"], "--allow-other-model")
     assert r.exit_code == 0, r.output
     assert search(env, idx, "--model", env["model"]).exit_code == 0  # the same file elsewhere: fine
@@ -178,18 +158,18 @@ def test_old_manifest_without_sizes_still_opens(env, idx):
     assert search(env, idx).exit_code == 0
     assert maintain.verify(idx) == []
     flip_a_code(idx)
-    one_error(search(env, idx), "code index")
+    one_error(search(env, idx), "code index", code=1)
 
 
 # ---------------------------------------------------------------- 2. verify before rewriting
 
 def test_compact_refuses_tampered_shard(env, idx):
     """Before: compact rewrote from the tampered shard and `verify` said OK afterwards."""
-    run("remove", idx, "--ids", 0)
+    run("remove", idx, "--ids", 0, ok=True)
     f = os.path.join(idx, "shards", manifest(idx)["shards"][1]["file"])
     flip_byte(f, -100)
     gen = manifest(idx)["generation"]
-    one_error(run("compact", idx, ok=False), "shard", "checksum")
+    one_error(run("compact", idx), "shard", "checksum", code=1)
     assert manifest(idx)["generation"] == gen  # nothing committed
     assert any("checksum mismatch" in p for p in maintain.verify(idx))
 
@@ -200,7 +180,7 @@ def test_add_refuses_tampered_code_index(env, idx, tmp_path):
     corpus.plain_images(more, 2, seed=5)
     flip_a_code(idx)
     gen = manifest(idx)["generation"]
-    one_error(run("add", idx, more, "-q", "--device", "cpu", ok=False), "code index", "checksum")
+    one_error(run("add", idx, more, "-q", "--device", "cpu"), "code index", "checksum", code=1)
     assert manifest(idx)["generation"] == gen
     assert any("code index" in p for p in maintain.verify(idx))
 
@@ -211,7 +191,7 @@ def test_add_refuses_truncated_shard(env, idx, tmp_path):
     f = os.path.join(idx, "shards", manifest(idx)["shards"][0]["file"])
     data = open(f, "rb").read()
     open(f, "wb").write(data[:-10])
-    one_error(run("add", idx, more, "-q", "--device", "cpu", ok=False), "shard", "bytes")
+    one_error(run("add", idx, more, "-q", "--device", "cpu"), "shard", "bytes", code=1)
 
 
 # ---------------------------------------------------------------- 3. one path form
@@ -230,12 +210,12 @@ def test_add_from_another_directory_adds_nothing_again(env, idx, tmp_path, monke
     sub.mkdir()
     monkeypatch.chdir(sub)
     rel = os.path.relpath(env["imgs"], sub)
-    r = run("add", idx, rel, "-q", "--device", "cpu")
+    r = run("add", idx, rel, "-q", "--device", "cpu", ok=True)
     assert "added 0 image" in r.output and f"{n} already indexed" in r.output
     assert manifest(idx)["count"] == n
     # a relative path given to remove is resolved the same way
     gone = os.path.relpath(env["paths"][0], sub)
-    assert "removed 1 row" in run("remove", idx, "--paths", gone).output
+    assert "removed 1 row" in run("remove", idx, "--paths", gone, ok=True).output
 
 
 def test_legacy_relative_paths_are_recognised(env, tmp_path, monkeypatch):
@@ -254,7 +234,7 @@ def test_legacy_relative_paths_are_recognised(env, tmp_path, monkeypatch):
     m["source"] = str(root / "data" / "imgs")
     write_manifest(d, m)
     monkeypatch.chdir(tmp_path)
-    r = run("add", d, str(root / "data" / "imgs"), "-q", "--device", "cpu")
+    r = run("add", d, str(root / "data" / "imgs"), "-q", "--device", "cpu", ok=True)
     assert "added 0 image" in r.output and f"{len(rel_paths)} already indexed" in r.output
     assert maintain._legacy_resolve("/h/x/imgs", "../x/imgs/a/1.png") == "/h/x/imgs/a/1.png"
     assert maintain._legacy_resolve("/a/imgs", "imgs/imgs/x.png") == "/a/imgs/imgs/x.png"
@@ -373,8 +353,8 @@ def test_malformed_manifest_is_one_clear_line(env, idx, edit, needle):
     m = manifest(idx)
     edit(m)
     write_manifest(idx, m)
-    one_error(search(env, idx), "malformed manifest", needle)
-    one_error(run("compact", idx, ok=False), needle)
+    one_error(search(env, idx), "malformed manifest", needle, code=1)
+    one_error(run("compact", idx), needle, code=1)
     problems = maintain.verify(idx)
     assert problems and any(needle.lower() in p.lower() for p in problems), problems
 

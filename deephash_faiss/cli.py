@@ -465,7 +465,7 @@ def search(queries, index_opt, mode, k, radius, max_candidates, hds_mode, nprobe
     cannot be decoded is skipped with a line on stderr and, in JSON, listed as
     {"query", "mode", "error", "results": []}; only all queries failing is an error.
 
-    --device auto on a machine with a GPU searches fewer than 64 query images on the CPU
+    --device auto on a machine with a GPU searches fewer than 128 query images on the CPU
     (measured faster for a one-shot command: CUDA start-up costs more than it saves);
     --device cuda forces the GPU.
     """

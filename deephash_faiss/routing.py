@@ -41,8 +41,11 @@ DEFAULTS: dict[str, Any] = {
     # encoded and searched on the CPU even where a GPU is present (CUDA initialisation and moving
     # the model cost the process seconds it cannot win back on a few images); None = always the
     # GPU when present. Measured by benchmarks/bench_oneshot.py on the H200 (docs/benchmarks.md,
-    # "One-shot `dhf search` on a GPU machine").
-    "cuda_oneshot_min_queries": 64,
+    # "One-shot `dhf search` on a GPU machine"): with the bytecode compiled (2026-12-03,
+    # oneshot_search_h200_compiled.json) the CPU still won at 64 queries (median 3.36 s against
+    # 3.89 s) and lost at 256 (6.17 against 4.13); the lines through those medians cross at ~104
+    # queries, so the GPU from 128 (was 64, from runs that compiled torch in every process).
+    "cuda_oneshot_min_queries": 128,
 }
 
 

@@ -96,6 +96,13 @@ class HashNet(nn.Module):
             self.classifier.weight = nn.Parameter(torch.zeros(0, config.bits))
             self.classifier.bias = nn.Parameter(torch.zeros(0))
             self.classifier.out_features = 0
+        # the input normalisation, on the model's device (moved by .to()), not saved: made from a
+        # list on every batch it was a blocking host-to-device copy, a sync of the GPU's stream
+        # that kept the CUDA encoder from queueing the next batch ahead (issue 12)
+        self.register_buffer("norm_mean", torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("norm_std", torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor):
         fc7 = self.backbone(x)
@@ -121,9 +128,7 @@ class HashNet(nn.Module):
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > size)
-        mean = torch.tensor(self.config.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - self.norm_mean.to(x.device)) / self.norm_std.to(x.device)
 
 
 # ---------------------------------------------------------------- backbones

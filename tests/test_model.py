@@ -20,6 +20,23 @@ def test_hashnet_shapes_and_code_threshold():
     assert m.classifier.in_features == 48 and m.latent.in_features == 512
 
 
+def test_preprocess_normalises_with_the_config_and_saves_nothing_new(tmp_path):
+    """preprocess = (resize(x / 255) - mean) / std with the config's numbers (numpy reference);
+    the normalisation lives on the model's device (buffers, so no copy per batch) but is not in
+    the checkpoint: files written before and after load alike."""
+    import numpy as np
+
+    m = build_model("smallcnn", 16, ["a", "b"], weights="none", seed=0).eval()
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    ref = (x.transpose(0, 3, 1, 2) / 255.0 - np.array(m.config.mean).reshape(1, 3, 1, 1)) \
+        / np.array(m.config.std).reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(m.preprocess(torch.from_numpy(x)).numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert not any(k.startswith("norm_") for k in m.state_dict())
+    save_checkpoint(m, str(tmp_path / "m.pt"))
+    m2 = load_model(str(tmp_path / "m.pt"), torch.device("cpu"))
+    assert torch.equal(m2.norm_mean.flatten(), torch.tensor(m.config.mean, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("name,dim", [("alexnet", 4096), ("resnet50", 2048), ("efficientnet_lite0", 1280),
                                       ("efficientnet_lite1", 1280), ("efficientnet_lite2", 1280)])
 def test_backbone_feature_dims(name, dim):

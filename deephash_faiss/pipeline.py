@@ -219,7 +219,7 @@ class _ShardWorker:
         # its CPUs (they share them with torch); on a GPU worker the host's share of cores
         from .stream import DecodePool, pick_decode_kind
 
-        self._pools: dict[str, DecodePool] = {}
+        self._pools: dict[tuple[str, int], DecodePool] = {}
         if self.device.type == "cpu":
             self._decode = ("thread", max(1, int(num_threads)))
         else:
@@ -230,9 +230,10 @@ class _ShardWorker:
         from .stream import DecodePool, pool_workers
 
         kind = "thread" if decoder == "nvjpeg" else self._decode[0]  # nvjpeg: threads only read files
-        if kind not in self._pools:
-            self._pools[kind] = DecodePool(kind, pool_workers(decoder, self._decode[1]))
-        return self._pools[kind]
+        key = (kind, pool_workers(decoder, self._decode[1]))  # a PIL thread pool is not nvjpeg's 2 readers
+        if key not in self._pools:
+            self._pools[key] = DecodePool(*key)
+        return self._pools[key]
 
     def encode(self, job: EncodeJob, shard: int):
         t0 = time.perf_counter()

@@ -21,6 +21,13 @@ how kernels are chosen and loaded:
   dw_contiguous    depthwise convolutions in NCHW, the rest in NHWC (a transpose on each side)
   product_<layout> the product's own forward_batch with DHF_CUDA_LAYOUT=<layout>
                    (channels_last or contiguous)
+  product_<layout>_parN  the same after every convolution ran once, at the batch's shapes,
+                   in N other threads at once (``warm_convolutions`` here; its time is
+                   ``parallel_warm_s``)
+  product_<layout>_elsewhere  the same after one whole forward pass in another thread
+                   (``parallel_warm_s``): torch keeps cuDNN's plans per thread, so the first
+                   pass in this thread pays them again (issue 12, ``stream.model_thread``)
+  ..._again        a case a second time (any cross-process cache shows here)
 
 Per case it also records the first-call time of the slowest modules (forward hooks), so a
 slow first pass can be traced to the layers that pay it.
@@ -48,6 +55,55 @@ CASES = {
     "product_contiguous": {"product": True, "env": {"DHF_CUDA_LAYOUT": "contiguous"}},
     "dw_contiguous": {"dw_contiguous": True},
 }
+DEFAULT_CASES = list(CASES)
+for _lay in ("channels_last", "contiguous"):
+    for _w in (1, 8, 16):
+        CASES[f"product_{_lay}_par{_w}"] = {"product": True, "parallel": _w, "env": {"DHF_CUDA_LAYOUT": _lay}}
+    CASES[f"product_{_lay}_elsewhere"] = {"product": True, "elsewhere": True, "env": {"DHF_CUDA_LAYOUT": _lay}}
+for _c in list(CASES):
+    if not _c.endswith("_again"):
+        CASES.setdefault(_c + "_again", CASES[_c])
+
+
+def conv_inputs(model) -> list:
+    """Every convolution of ``model.backbone`` with its input shape [C, H, W] at the model's input
+    size, in call order (a batch-1 pass of a CPU copy with hooks)."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model.backbone).cpu().float().eval()
+    mods = dict(zip(probe.modules(), model.backbone.modules()))
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(mods[m], tuple(a[0].shape[1:])))
+             for m in probe.modules() if isinstance(m, torch.nn.Conv2d)]
+    size = model.config.input_size
+    with torch.no_grad():
+        probe(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return list(seen.items())
+
+
+def warm_convolutions(model, batch: int, device, layout: str, workers: int) -> None:
+    """Every convolution of ``model.backbone`` once on zeros at a batch of ``batch``, bf16
+    autocast, in ``layout``, ``workers`` threads at once (depthwise first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    fmt = torch.contiguous_format if layout == "contiguous" else torch.channels_last
+    items = sorted(conv_inputs(model), key=lambda it: (it[0].groups == 1, -it[1][0] * it[1][1] * it[1][2]))
+
+    def one(item) -> None:
+        m, (c, h, w) = item
+        with torch.cuda.device(device), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            m(torch.zeros((batch, c, h, w), dtype=torch.bfloat16, device=device).contiguous(memory_format=fmt))
+            torch.cuda.current_stream(device).synchronize()
+
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(one, items))
+    torch.cuda.synchronize(device)
 
 
 def child(opts: dict) -> dict:
@@ -71,6 +127,31 @@ def child(opts: dict) -> dict:
     m = m.to(dev).eval()
     sync()
     t3 = time.perf_counter()
+    warm_s = None
+    if opts.get("parallel"):
+        from deephash_faiss.extract import cuda_layout
+
+        a = time.perf_counter()
+        warm_convolutions(m, opts["batch"], dev, cuda_layout(m, opts["batch"]), workers=opts["parallel"])
+        warm_s = time.perf_counter() - a
+    if opts.get("elsewhere"):
+        import threading
+
+        from deephash_faiss.extract import forward_batch
+
+        def other() -> None:
+            import contextlib
+
+            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                xz = torch.zeros((opts["batch"], opts["size"], opts["size"], 3), dtype=torch.uint8, device=dev)
+                forward_batch(m, xz, dev, to_host=False)
+                torch.cuda.synchronize(dev)
+
+        a = time.perf_counter()
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+        warm_s = time.perf_counter() - a
     first_call: dict[str, float] = {}
     starts: dict[str, float] = {}
 
@@ -140,7 +221,7 @@ def child(opts: dict) -> dict:
                 k = "Conv2d" + ("_dw" if mod.groups > 1 else ("_1x1" if mod.kernel_size == (1, 1) else "_kxk"))
             types[k] = types.get(k, 0.0) + first_call[name]
     return {"import_torch_s": t1 - t0, "cuda_init_s": t2 - t1, "model_to_gpu_s": t3 - t2,
-            "first_forward_s": first, "second_forward_s": second, "steady_img_s": steady,
+            "parallel_warm_s": warm_s, "first_forward_s": first, "second_forward_s": second, "steady_img_s": steady,
             "first_call_by_type_s": {k: round(v, 4) for k, v in sorted(types.items(), key=lambda kv: -kv[1])},
             "slowest_first_calls_s": [[n, round(v, 4)] for n, v in slow]}
 
@@ -151,7 +232,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224], help="image side the model loads")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steady", type=int, default=20)
-    ap.add_argument("--cases", nargs="+", default=list(CASES))
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -13,7 +13,7 @@ from .model import HashNet
 
 
 CUDA_LAYOUTS = ("channels_last", "contiguous")
-NHWC_MIN_IMAGES = 100_000  # depthwise models: channels_last from this many images of one job on
+NHWC_MIN_IMAGES = 50_000  # depthwise models: channels_last from this many images of one job on
 
 
 def has_depthwise(model: torch.nn.Module) -> bool:
@@ -26,14 +26,17 @@ def cuda_layout(model: torch.nn.Module, n: int) -> str:
     """The convolutions' memory layout on CUDA for a job of ``n`` images: "channels_last"
     (NHWC) or "contiguous" (NCHW).
 
-    NHWC is the fast layout on tensor cores, but cuDNN builds its NHWC depthwise kernels at their
-    first call in every process. Measured on the H200 (EfficientNet-Lite0, 224 px, batch 256,
-    ``benchmarks/bench_first_batch.py``, issue 12): first forward pass 4.9-7.2 s in NHWC (2.4 s
-    with CUDA's kernel cache warm), of which 6.2 s in the depthwise layers, against 0.5 s in
-    NCHW; then 18,600 against 11,400 img/s. A model with depthwise convolutions therefore runs
-    NCHW below :data:`NHWC_MIN_IMAGES` images (break-even 56,000-128,000), NHWC above; others
-    always NHWC. The layout is a property of the whole job (the Ray build's actors and a resume
-    choose the same). ``DHF_CUDA_LAYOUT`` (one of :data:`CUDA_LAYOUTS`) overrides it."""
+    NHWC is the fast layout on tensor cores, but cuDNN builds its NHWC depthwise plans at their
+    first call in every thread. Measured on the H200 (EfficientNet-Lite0, 224 px, batch 256,
+    ``benchmarks/bench_first_batch.py``, issue 12): first forward pass 2.3-5.0 s in NHWC
+    (the longer with CUDA's kernel cache cold), against 0.5 s in NCHW; then 18,500 against
+    11,400 img/s. With the warm-up and the batches in one thread (``stream.model_thread``), the
+    CIFAR-10 build (50,000 images) ran 0.7-1.3 s faster in NHWC than in NCHW
+    (``benchmarks/device/h200_model_thread.sh``; break-even 35,000-53,000 images, derived). A
+    model with depthwise convolutions therefore runs NCHW below :data:`NHWC_MIN_IMAGES` images,
+    NHWC from there; others always NHWC. The layout is a property of the whole job (the Ray
+    build's actors and a resume choose the same). ``DHF_CUDA_LAYOUT`` (one of
+    :data:`CUDA_LAYOUTS`) overrides it."""
     forced = os.environ.get("DHF_CUDA_LAYOUT")
     if forced:
         if forced not in CUDA_LAYOUTS:

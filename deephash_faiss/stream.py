@@ -200,6 +200,20 @@ class _CpuRunner:
         return []
 
 
+_MODEL_THREAD: list = [None, None]  # [executor, the pid that made it]
+_MODEL_THREAD_LOCK = threading.Lock()
+
+
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread this process runs its CUDA models in (``dhf-model``, made at first use;
+    a forked child makes its own): cuDNN's execution plans, kept per thread by torch, are built
+    once per process instead of once per thread (:class:`_CudaRunner`)."""
+    with _MODEL_THREAD_LOCK:
+        if _MODEL_THREAD[1] != os.getpid():
+            _MODEL_THREAD[:] = [ThreadPoolExecutor(1, thread_name_prefix="dhf-model"), os.getpid()]
+        return _MODEL_THREAD[0]
+
+
 class _CudaRunner:
     """The model on CUDA: H2D copies on a side stream from pinned memory, compute on the
     current stream, D2H into pinned buffers; results are collected ``depth`` batches later
@@ -209,6 +223,15 @@ class _CudaRunner:
     is padded with zeros and its outputs cut back. A new input shape costs the first call's
     cuDNN plan building again -- seconds for EfficientNet at 224 px on the H200, more than the
     whole encode of 4,000 images (issue 12) -- and padding costs at most one batch of compute.
+
+    The warm-up and every batch run in the process's one model thread (:func:`model_thread`):
+    torch keeps cuDNN's execution plans per thread, so a plan built in one thread is built again
+    at its first use in any other. Measured on the H200 (``benchmarks/bench_first_batch.py``,
+    NHWC at 224 px, batch 256): after every convolution had run once in other threads, the first
+    forward pass in the main thread still took 2.2-3.1 s, against 2.8-3.4 s with no warm-up and
+    0.014 s for a second pass in the same thread. One thread for the process keeps the plans
+    for every later job too (a Ray actor's next shard, a service's next query). :meth:`push`
+    and :meth:`flush` wait for it.
     """
 
     def __init__(self, model, device, feature_dtype: str, depth: int = 2, batch: int | None = None,
@@ -220,18 +243,27 @@ class _CudaRunner:
         self.tdtype = {"float32": torch.float32, "float16": torch.float16}[feature_dtype]
         self.copy = torch.cuda.Stream(device)
         self.inflight: deque = deque()
+        self._thread = model_thread()
         self._warm: Future | None = None
         if warm_shape is not None:
             # the first forward pass at the batch shape pays cuDNN's plan building and CUDA's
-            # kernel loading (0.5-7 s, extract.cuda_layout): done on zeros in a thread while the
-            # decode workers start and decode the first batches; its outputs are discarded
-            self._warm_pool = ThreadPoolExecutor(1, thread_name_prefix="dhf-warmup")
-            self._warm = self._warm_pool.submit(self._warmup, warm_shape)
-            self._warm_pool.shutdown(wait=False)
+            # kernel loading (0.5-7 s, extract.cuda_layout): done on zeros, in the model's
+            # thread, while the decode workers start and decode the first batches; its outputs
+            # are discarded
+            self._warm = self._thread.submit(self._warmup, warm_shape)
 
     def warming(self) -> bool:
         """Whether the model's warm-up pass (on zeros, at the batch shape) is still running."""
         return self._warm is not None and not self._warm.done()
+
+    def push(self, x, meta) -> list:
+        """Queue one batch, uint8 [b, S, S, 3] (numpy, or torch on the device), with ``meta``;
+        returns [(meta, codes uint8 [b, bits / 8], features [b, D])] of the batches done."""
+        return self._thread.submit(self._push, x, meta).result()
+
+    def flush(self) -> list:
+        """Wait for every queued batch; returns their results as :meth:`push` does."""
+        return self._thread.submit(self._drain, 0).result()
 
     def _warmup(self, shape) -> None:
         from .extract import forward_batch
@@ -244,7 +276,7 @@ class _CudaRunner:
             torch.cuda.synchronize(self.device)
         _trace("model warm-up done")
 
-    def push(self, x, meta) -> list:
+    def _push(self, x, meta) -> list:
         from .extract import forward_batch, pack_codes_torch
 
         torch = self.torch
@@ -290,9 +322,6 @@ class _CudaRunner:
             done.synchronize()
             out.append((meta, codes_h.numpy().copy(), feats_h.numpy().copy()))
         return out
-
-    def flush(self) -> list:
-        return self._drain(0)
 
 
 DECODE_CHUNK_MIN = 16  # images per decode task, at least (task overhead)

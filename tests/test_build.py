@@ -353,3 +353,26 @@ def test_publish_shards_in_parallel_equals_one_at_a_time(tmp_path):
     assert s1 == s3 and n1 == n3 == 100 + sum(sizes)
     assert [e["start"] for e in s1] == [100, 107, 107, 119]
     assert all(np.array_equal(a, b) for a, b in zip(c1, c3))
+
+
+def test_model_thread_is_one_per_process_and_remade_after_fork():
+    """stream.model_thread: the same executor on every call in a process; a forked child (where
+    the parent's thread does not exist) gets its own, and work submitted there runs."""
+    import multiprocessing as mp
+
+    from deephash_faiss.stream import model_thread
+
+    assert model_thread() is model_thread()
+    assert model_thread().submit(lambda: 7).result(timeout=10) == 7
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_model_thread, args=(q, id(model_thread())))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0 and q.get(timeout=5) == (True, 7)
+
+
+def _child_model_thread(q, parent_id):
+    from deephash_faiss.stream import model_thread
+
+    q.put((id(model_thread()) != parent_id, model_thread().submit(lambda: 7).result(timeout=10)))

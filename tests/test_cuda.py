@@ -225,3 +225,30 @@ def test_cuda_layouts_agree():
     cos = torch.nn.functional.cosine_similarity(a[0], b[0]).min().item()
     assert cos > 0.9999
     np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), atol=2e-3)
+
+
+def test_cuda_stream_runs_every_forward_pass_in_the_one_model_thread(tmp_path, monkeypatch):
+    """Warm-up and batches of two encode jobs all run in one thread ("dhf-model"): torch keeps
+    cuDNN's execution plans per thread, so any other thread would build them again."""
+    import threading
+
+    from deephash_faiss import extract
+    from deephash_faiss.data import scan_images
+    from deephash_faiss.model import build_model
+    from deephash_faiss.stream import encode_stream
+
+    paths = scan_images(_jpeg_folder(str(tmp_path / "i"))).paths
+    dev = torch.device("cuda")
+    model = build_model("smallcnn", 48, ["a", "b"], weights="none", load_size=32, seed=0).to(dev)
+    threads = []
+    real = extract.forward_batch
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread())
+        return real(*a, **k)
+
+    monkeypatch.setattr(extract, "forward_batch", spy)
+    for _ in range(2):
+        list(encode_stream(model, paths, dev, 8, "float32", "pil", decode_kind="thread"))
+    assert len(threads) >= 4 and len(set(threads)) == 1
+    assert threads[0].name.startswith("dhf-model") and threads[0] is not threading.main_thread()

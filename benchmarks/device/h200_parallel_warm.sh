@@ -6,6 +6,11 @@
 # bench_first_batch.py per case in fresh processes, then CIFAR-10 train through `dhf build-index`
 # in both layouts, with the parallel warm-up (new) and with it patched out (old), alternating;
 # then the CUDA tests.
+# As it ran (12:48 UTC, second try; the first stopped on a device-index error in the new code):
+# the product then had extract.warm_convolutions, called by the encoder's warm-up thread. It did
+# not help (plans are per thread: results/build/h200_parallel_warm_product.txt) and was not
+# landed; its helper lives on as bench_first_batch.py's _parN cases, so the builds' "new" arm
+# below no longer exists.
 COMPILE_EXTRA="$PWD/tests $PWD/benchmarks" source "$(dirname "$0")/setup_compiled.sh"
 mkdir -p /tmp/data && tar xzf .data/cifar10-jpg.tar.gz -C /tmp/data
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_build as b; b.make_model('/tmp/m32.pt', 'efficientnet_lite0', 48, 32, None)"

@@ -254,7 +254,8 @@ class _CudaRunner:
 
     def warming(self) -> bool:
         """Whether the model's warm-up pass (on zeros, at the batch shape) is still running."""
-        return self._warm is not None and not self._warm.done()
+        warm = self._warm  # the model thread sets it to None at the first batch
+        return warm is not None and not warm.done()
 
     def push(self, x, meta) -> list:
         """Queue one batch, uint8 [b, S, S, 3] (numpy, or torch on the device), with ``meta``;

@@ -408,3 +408,46 @@ def test_search_auto_device_keeps_few_queries_on_cpu(built, image_folder, monkey
     assert r.exit_code == 0, r.output
     assert "searching on the CPU" in r.stderr
     assert [x["label"] for x in json.loads(r.stdout)[0]["results"]] == ["red"] * 3
+
+
+_LEAVE = """
+import atexit, sys, threading, time
+import torch  # the condition for the quick exit
+import deephash_faiss.cli as c
+A, B = sys.argv[1], sys.argv[2]
+atexit.register(lambda: open(A, "w").write("atexit"))
+threading.Thread(target=lambda: (time.sleep(0.3), open(B, "w").write("thread"))).start()
+sys.argv = ["dhf"] + sys.argv[3:]
+c.main()
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["search", "--index", "/nonexistent/ix", "--query", "q.jpg"], 1)])
+def test_command_line_exit_skips_teardown_but_not_threads_atexit_or_output(tmp_path, argv, code):
+    """From the real command line, with torch loaded, `dhf` ends through cli._leave: the status,
+    every byte of output, a non-daemon thread's work and the atexit handlers are all as a normal
+    exit leaves them (only the interpreter's teardown is skipped)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    p = subprocess.run([sys.executable, "-c", _LEAVE, a, b, *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode == code, p.stderr
+    assert open(a).read() == "atexit" and open(b).read() == "thread"
+    if code == 0:
+        assert p.stdout.startswith("Usage:") and "build-index" in p.stdout and p.stdout.endswith("\n")
+    else:
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:") and "q.jpg" in lines[0]
+
+
+def test_leave_with_a_message_is_status_one(tmp_path):
+    p = subprocess.run([sys.executable, "-c", "import deephash_faiss.cli as c; c._leave('went wrong')"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip() == "went wrong"
+
+
+def test_in_process_callers_still_get_system_exit():
+    """Called with arguments (tests, click's CliRunner), main raises SystemExit as before."""
+    import torch  # noqa: F401  (loaded: the quick exit would apply from the command line)
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0

@@ -31,8 +31,10 @@ def cuda_layout(model: torch.nn.Module, n: int) -> str:
     ``benchmarks/bench_first_batch.py``, issue 12): first forward pass 2.3-5.0 s in NHWC
     (the longer with CUDA's kernel cache cold), against 0.5 s in NCHW; then 18,500 against
     11,400 img/s. With the warm-up and the batches in one thread (``stream.model_thread``), the
-    CIFAR-10 build (50,000 images) ran 0.7-1.3 s faster in NHWC than in NCHW
-    (``benchmarks/device/h200_model_thread.sh``; break-even 35,000-53,000 images, derived). A
+    CIFAR-10 build (50,000 images) was faster in NHWC than in NCHW in 5 of 6 pairs with CUDA's
+    kernel cache warm (by 0.2-1.3 s; 0.7 s slower in the sixth; mean 0.4 s faster), and 1.7-2.6 s
+    slower in a machine's first NHWC process (``benchmarks/device/h200_model_thread*.sh``,
+    ``h200_layout50k.sh``; break-even 35,000-53,000 images, derived). A
     model with depthwise convolutions therefore runs NCHW below :data:`NHWC_MIN_IMAGES` images,
     NHWC from there; others always NHWC. The layout is a property of the whole job (the Ray
     build's actors and a resume choose the same). ``DHF_CUDA_LAYOUT`` (one of

@@ -13,6 +13,7 @@ Layout::
                                    a line (appended, fsynced, before the file is created)
     INDEX/.lock                    the writer lock (flock)
     INDEX/.partial-<key16>/        a resumable encoding job: part-NNNNN.h5 + part-NNNNN.skip.json
+                                   (+ part-NNNNN.sha256.json, the h5's hash)
     INDEX/.partial-add-<key16>/    the same for `dhf add`
     INDEX/model[-<sha12>].pt, codes[-gN].index, skipped[-gN].tsv, shards/part-NNNNN[-gN].h5
     INDEX/fine[-gN].index          optional: the HDS fine index (manifest key ``fine``,
@@ -23,7 +24,8 @@ Rules:
 
 * Files of an index generation are never overwritten: every commit takes a generation above
   any found in the folder and names its new files with it (generation 1 keeps the plain names).
-* The partial directory is only read by a finalize (shards are copied, not moved), so a crash
+* The partial directory is only read by a finalize (shards are copied or hard-linked, never
+  moved or modified, and a published shard is never opened for writing), so a crash
   anywhere before the manifest rename leaves the old index intact and the partial shards
   reusable; the rerun finalizes again.
 * Garbage collection (after each commit, under the writer lock) deletes only files the index
@@ -212,15 +214,39 @@ def part_complete(part_dir: str, s: int) -> bool:
 def write_part(part_dir: str, s: int, codes: np.ndarray, feats: np.ndarray, pos: np.ndarray, paths: list[str],
                labels: np.ndarray, bad: list[tuple[int, str]]) -> None:
     """Write partial shard ``s``: its skip list (``[[path, reason]]``), then its HDF5 file
-    (ids = positions in ``paths``, renumbered by :func:`publish_shards`)."""
+    (ids = positions in ``paths``, renumbered by :func:`publish_shards`), then a note of the
+    HDF5 file's sha256, size and mtime (``part-NNNNN.sha256.json``) that lets
+    :func:`publish_shards` link the file instead of copying and hashing it again."""
     from .store import write_shard
 
     h5, skip = part_files(part_dir, s)
     os.makedirs(part_dir, exist_ok=True)
     atomic_write_bytes(skip, json.dumps([[paths[i], r] for i, r in bad]).encode("utf-8", "surrogateescape"))
     crash_point(f"mid-shard-{s}")
-    write_shard(h5, codes, feats, pos, [paths[i] for i in pos], labels[pos])
+    info = write_shard(h5, codes, feats, pos, [paths[i] for i in pos], labels[pos])
+    st = os.stat(h5)
+    atomic_write_bytes(_sha_note(h5), json.dumps({"sha256": info["sha256"], "size": st.st_size,
+                                                  "mtime_ns": st.st_mtime_ns}).encode())
     crash_point(f"shard-{s}")
+
+
+def _sha_note(h5: str) -> str:
+    return h5[:-3] + ".sha256.json"
+
+
+def _noted_sha256(h5: str) -> str | None:
+    """The sha256 :func:`write_part` noted for ``h5``, or None when there is no note or the file's
+    size or mtime changed since (a crash between the two writes, a file replaced by hand)."""
+    try:
+        with open(_sha_note(h5), encoding="utf-8") as f:
+            note = json.load(f)
+        st = os.stat(h5)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(note, dict) or note.get("size") != st.st_size or note.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    sha = note.get("sha256")
+    return sha if isinstance(sha, str) else None
 
 
 def read_part_skips(part_dir: str, s: int) -> list[tuple[str, str]]:
@@ -314,19 +340,34 @@ def write_skip_report(index_dir: str, name: str, skipped: list[tuple[str, str]])
 
 # ---------------------------------------------------------------- publishing a generation
 
-def _copy_renumbered(src: str, tmp: str, start: int, rows: int) -> tuple[np.ndarray, str]:
-    """Copy ``src`` (``rows`` rows) to ``tmp``, set its ids to ``start, ..., start + rows - 1``,
-    fsync, hash.
+def _publish_one(src: str, tmp: str, start: int, rows: int) -> tuple[np.ndarray, str]:
+    """Make ``tmp`` a copy of partial shard ``src`` (``rows`` rows) whose ids are ``start, ...,
+    start + rows - 1``, fsynced; ``src`` itself is never modified.
+
+    When ``src``'s ids are those already and :func:`write_part` noted its hash, ``tmp`` is a
+    hard link to it (nothing copied or hashed; a published shard is never opened for writing,
+    so the two names can share the file); otherwise (ids to renumber, no note, or a file system
+    without hard links) the file is copied, renumbered, fsynced and hashed.
 
     Returns (codes uint8 [rows, B], sha256 of ``tmp``)."""
     import h5py
 
     from .model import file_sha256
 
-    shutil.copyfile(src, tmp)
-    with h5py.File(tmp, "r+") as f:
-        f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
+    with h5py.File(src, "r") as f:
         codes = f["codes"][()]
+        in_place = bool(np.array_equal(f["ids"][()], np.arange(start, start + rows, dtype=np.int64)))
+    sha = _noted_sha256(src) if in_place else None
+    if sha is not None:
+        try:
+            os.link(src, tmp)
+            return codes, sha
+        except OSError:  # no hard links here (or across devices): copy
+            pass
+    shutil.copyfile(src, tmp)
+    if not in_place:
+        with h5py.File(tmp, "r+") as f:
+            f["ids"][...] = np.arange(start, start + rows, dtype=np.int64)
     fsync_file(tmp)
     return codes, file_sha256(tmp)
 
@@ -337,7 +378,8 @@ PUBLISH_WORKERS = 8  # shards copied, fsynced and hashed at once (I/O and hashin
 def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen: int, name_offset: int = 0,
                    workers: int | None = None):
     """Copy partial shards into ``index_dir/shards`` under generation-``gen`` names with
-    global row ids from ``start``. The partial shards are not modified.
+    global row ids from ``start``. The partial shards are not modified (a shard whose ids are
+    already final is hard-linked instead of copied: :func:`_publish_one`).
 
     The copies (copy, renumber, fsync, sha256) run in up to ``workers`` threads (default
     :data:`PUBLISH_WORKERS`, at most the CPU count) as ``.tmp-*`` files; they are renamed into
@@ -365,7 +407,7 @@ def publish_shards(index_dir: str, part_dir: str, shard_numbers, start: int, gen
     tmps = [os.path.join(shard_dir, f".tmp-{n}") for n in names]
     workers = max(1, min(workers or PUBLISH_WORKERS, os.cpu_count() or 1, len(srcs) or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="dhf-publish") as pool:
-        done = list(pool.map(_copy_renumbered, srcs, tmps, starts, counts))
+        done = list(pool.map(_publish_one, srcs, tmps, starts, counts))
     shards, codes = [], []
     for s, name, tmp, st, rows, (c, sha) in zip(shard_numbers, names, tmps, starts, counts, done):
         os.replace(tmp, os.path.join(shard_dir, name))
@@ -540,7 +582,7 @@ def finalize_build(
     """Number the rows, copy shards and model into ``index_dir``, build the code index,
     and commit by writing the manifest (the one atomic step). Returns the manifest.
 
-    Crash-safe: the partial shards are copied, never moved or modified, and new files get
+    Crash-safe: the partial shards are copied or linked, never moved or modified, and new files get
     names of a fresh generation, so a crash anywhere leaves the previous index intact and
     a rerun finalizes again from the same partial shards. ``tag`` is unused (kept for
     callers of the earlier signature).

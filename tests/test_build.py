@@ -355,6 +355,77 @@ def test_publish_shards_in_parallel_equals_one_at_a_time(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(c1, c3))
 
 
+def _write_parts(part, sizes, seed=6):
+    rng = np.random.default_rng(seed)
+    paths = [f"p{i}" for i in range(sum(sizes))]
+    for s, n in enumerate(sizes):
+        layout.write_part(part, s, rng.integers(0, 256, (n, 6), dtype=np.uint8),
+                          rng.standard_normal((n, 4)).astype(np.float32), np.arange(n) + sum(sizes[:s]),
+                          paths, np.zeros(len(paths), np.int32), [])
+
+
+def test_publish_links_shards_whose_ids_are_final_and_copies_the_rest(tmp_path):
+    """A partial shard whose ids already are its final row numbers (a build without skips) is
+    hard-linked, with the hash noted at write time; one whose ids must change is copied and
+    renumbered, and the partial file keeps its ids. Every published file's sha256 is the
+    one a fresh hash of its bytes gives."""
+    import hashlib
+
+    import h5py
+
+    part = str(tmp_path / "part")
+    _write_parts(part, [5, 3])  # ids 0..4 and 5..7: final from start 0
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    shards, codes, _, n = layout.publish_shards(str(ix), part, range(2), 0, 1)
+    assert n == 8
+    for s, e in enumerate(shards):
+        pub, src = ix / "shards" / e["file"], layout.part_files(part, s)[0]
+        assert os.stat(pub).st_ino == os.stat(src).st_ino  # linked, not copied
+        assert e["sha256"] == hashlib.sha256(pub.read_bytes()).hexdigest()
+    ix2 = tmp_path / "ix2"
+    ix2.mkdir()
+    shards2, codes2, _, _ = layout.publish_shards(str(ix2), part, range(2), 100, 1)  # as `dhf add` does
+    for s, e in enumerate(shards2):
+        pub, src = ix2 / "shards" / e["file"], layout.part_files(part, s)[0]
+        assert os.stat(pub).st_ino != os.stat(src).st_ino
+        with h5py.File(pub, "r") as f:
+            assert f["ids"][()].tolist() == list(range(e["start"], e["start"] + e["rows"]))
+        with h5py.File(src, "r") as f:  # the partial shard is not modified
+            assert f["ids"][()].tolist() == list(range(sum([5, 3][:s]), sum([5, 3][:s + 1])))
+        assert e["sha256"] == hashlib.sha256(pub.read_bytes()).hexdigest()
+    assert all(np.array_equal(a, b) for a, b in zip(codes, codes2))
+
+
+def test_publish_copies_when_the_hash_note_is_stale_or_links_fail(tmp_path, monkeypatch):
+    """No link from a note that no longer describes the file (touched since), and a copy where
+    the file system refuses hard links; the hash is then computed from the bytes."""
+    import hashlib
+
+    part = str(tmp_path / "part")
+    _write_parts(part, [4, 4])
+    src0 = layout.part_files(part, 0)[0]
+    st = os.stat(src0)
+    os.utime(src0, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    real_link = os.link
+    calls = []
+
+    def no_link(a, b):
+        calls.append(a)
+        raise PermissionError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_link)
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    shards, _, _, _ = layout.publish_shards(str(ix), part, range(2), 0, 1)
+    monkeypatch.setattr(os, "link", real_link)
+    assert calls == [layout.part_files(part, 1)[0]]  # shard 0's note is stale: not even tried
+    for s, e in enumerate(shards):
+        pub = ix / "shards" / e["file"]
+        assert os.stat(pub).st_ino != os.stat(layout.part_files(part, s)[0]).st_ino
+        assert e["sha256"] == hashlib.sha256(pub.read_bytes()).hexdigest()
+
+
 def test_model_thread_is_one_per_process_and_remade_after_fork():
     """stream.model_thread: the same executor on every call in a process; a forked child (where
     the parent's thread does not exist) gets its own, and work submitted there runs."""

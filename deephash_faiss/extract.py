@@ -14,6 +14,12 @@ from .model import HashNet
 
 CUDA_LAYOUTS = ("channels_last", "contiguous")
 NHWC_MIN_IMAGES = 50_000  # depthwise models: channels_last from this many images of one job on
+#: the streaming encoder, depthwise models, jobs of more images than this: "hybrid" -- the job's
+#: first HYBRID_NCHW_IMAGES images (whole batches) run NCHW while NHWC's plans are built in
+#: another thread, the rest NHWC (:func:`stream_layout`)
+HYBRID_NCHW_IMAGES = 25_000
+STREAM_LAYOUTS = CUDA_LAYOUTS + ("hybrid",)
+LAYOUT_ENV = "DHF_CUDA_LAYOUT"
 
 
 def has_depthwise(model: torch.nn.Module) -> bool:
@@ -39,14 +45,43 @@ def cuda_layout(model: torch.nn.Module, n: int) -> str:
     NHWC from there; others always NHWC. The layout is a property of the whole job (the Ray
     build's actors and a resume choose the same). ``DHF_CUDA_LAYOUT`` (one of
     :data:`CUDA_LAYOUTS`) overrides it."""
-    forced = os.environ.get("DHF_CUDA_LAYOUT")
-    if forced:
-        if forced not in CUDA_LAYOUTS:
-            raise ValueError(f"DHF_CUDA_LAYOUT must be one of {CUDA_LAYOUTS}, not {forced!r}")
+    forced = _forced_layout()
+    if forced in CUDA_LAYOUTS:
         return forced
     if n < NHWC_MIN_IMAGES and has_depthwise(model):
         return "contiguous"
     return "channels_last"
+
+
+def _forced_layout() -> str | None:
+    forced = os.environ.get(LAYOUT_ENV)
+    if forced and forced not in STREAM_LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV} must be one of {STREAM_LAYOUTS}, not {forced!r}")
+    return forced or None
+
+
+def stream_layout(model: torch.nn.Module, n: int) -> str:
+    """The streaming encoder's layout for a job of ``n`` images: :func:`cuda_layout`'s, or
+    "hybrid" for a model with depthwise convolutions and more than :data:`HYBRID_NCHW_IMAGES`
+    images: batches starting below that position of the job run NCHW (0.5 s first pass), the
+    rest NHWC, whose plans (2.3-5 s) are built meanwhile in a thread of their own
+    (:class:`deephash_faiss.stream._CudaRunner`). Which batch runs which layout depends only on
+    its position in the job (:func:`batch_layout`), so a resume, a Ray actor and the local build
+    encode every batch alike. ``DHF_CUDA_LAYOUT`` (one of :data:`STREAM_LAYOUTS`) overrides it."""
+    forced = _forced_layout()
+    if forced:
+        return forced
+    if n > HYBRID_NCHW_IMAGES and has_depthwise(model):
+        return "hybrid"
+    return cuda_layout(model, n)
+
+
+def batch_layout(layout: str, position: int) -> str:
+    """The layout (one of :data:`CUDA_LAYOUTS`) of a batch whose first image is at ``position`` of
+    a job encoded in ``layout`` (:func:`stream_layout`)."""
+    if layout != "hybrid":
+        return layout
+    return "contiguous" if position < HYBRID_NCHW_IMAGES else "channels_last"
 
 
 def backbone_features(model: HashNet, x: torch.Tensor) -> torch.Tensor:

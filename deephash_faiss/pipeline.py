@@ -70,6 +70,13 @@ class EncodeJob:
     feature_dtype: str
     decoder: str = "pil"
     first_shard: int = 0  # paths[0] is the first image of shard ``first_shard`` (see :meth:`for_shard`)
+    start: int = 0  # paths[0]'s position in the whole job (:meth:`for_shard`)
+    total: int | None = None  # images of the whole job (default: len(paths))
+
+    @property
+    def job_images(self) -> int:
+        """Images of the whole job this one is (a part of)."""
+        return len(self.paths) if self.total is None else self.total
 
     @property
     def nshards(self) -> int:
@@ -88,7 +95,7 @@ class EncodeJob:
         """The job of shard ``s`` alone (what a Ray task receives: one shard's paths, not all)."""
         lo, hi = self.bounds(s)
         return EncodeJob(self.model_path, self.paths[lo:hi], self.labels[lo:hi], self.part_dir, self.shard_size,
-                         self.batch_size, self.feature_dtype, self.decoder, s)
+                         self.batch_size, self.feature_dtype, self.decoder, s, self.start + lo, self.job_images)
 
 
 def _custom_stream(encode, model, job: EncodeJob, todo: Sequence[int], device):
@@ -131,7 +138,7 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
     try:
         stream = (_custom_stream(encode, model, job, todo, device) if encode is not None else encode_stream(
             model, job.paths, device, job.batch_size, job.feature_dtype, job.decoder, workers, decode_kind,
-            segments=[job.bounds(s) for s in todo], pool=pool))
+            segments=[job.bounds(s) for s in todo], pool=pool, offset=job.start, job_size=job.job_images))
         for si, last, pos, codes, feats, bad in stream:
             acc["pos"].append(pos)
             acc["codes"].append(codes)
@@ -145,7 +152,7 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
             pos_a = np.concatenate(acc["pos"]) if acc["pos"] else np.zeros(0, np.int64)
             codes_a = np.concatenate(acc["codes"]) if acc["codes"] else np.zeros((0, bits // 8), np.uint8)
             feats_a = np.concatenate(acc["feats"]) if acc["feats"] else np.zeros((0, dim), job.feature_dtype)
-            writes.append(writer.submit(layout.write_part, job.part_dir, s, codes_a, feats_a, pos_a, job.paths,
+            writes.append(writer.submit(_write_part, job.part_dir, s, codes_a, feats_a, pos_a, job.paths,
                                         job.labels, list(acc["bad"])))
             acc = {"pos": [], "codes": [], "feats": [], "bad": []}
             while len(writes) > 1:  # bounded: at most one shard waiting behind the one being written
@@ -155,6 +162,13 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
     finally:
         writer.shutdown(wait=True)
     return len(todo), reused
+
+
+def _write_part(part_dir: str, s: int, *args) -> None:
+    from .stream import _trace
+
+    layout.write_part(part_dir, s, *args)
+    _trace(f"shard {s} written")
 
 
 class LocalExecutor:
@@ -179,8 +193,12 @@ class LocalExecutor:
 
         from .model import load_model
 
+        from .stream import _trace
+
         model = load_model(job.model_path)
+        _trace("model loaded")
         model.to(self.device)
+        _trace(f"model on {self.device}")
         n = sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)
         log(f"encoding {n} images in {len(todo)} shard(s) with {model.config.backbone} ({model.config.bits} bits) "
             f"on {self.device}, decoder {job.decoder}")
@@ -458,10 +476,15 @@ def build(
     See :func:`deephash_faiss.api.build_index`."""
     from .model import file_sha256, load_model
 
+    from .stream import _trace, start_trace_clock
+
     t0 = time.perf_counter()
+    start_trace_clock()
+    _trace("build starts")
     executor = executor or LocalExecutor()
     spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
     phases = {"prepare": time.perf_counter() - t0}
+    _trace(f"prepared: {len(images.paths)} images")
     with layout.IndexLock(index_dir):
         layout.current_manifest(index_dir)  # refuses to overwrite an index of a newer format
         trained = False
@@ -487,9 +510,11 @@ def build(
                         layout.partial_dir(index_dir, key), shard_size, batch_size, feature_dtype, dec)
         t2 = time.perf_counter()
         phases["key"] = t2 - t1
+        _trace("job key done")
         written, reused = encode(job, executor, progress, log)
         t3 = time.perf_counter()
         phases["encode"] = t3 - t2
+        _trace("encoded")
         if getattr(executor, "first_batch_s", None) is not None:
             phases["first_batch"] = executor.first_batch_s
         manifest = layout.finalize_build(index_dir, job.part_dir, job.nshards, model_path, model.config, spec,
@@ -501,6 +526,7 @@ def build(
             _remove_train_dirs(index_dir)
         skipped = layout.read_skip_report(index_dir, manifest)
         phases["finalize"] = time.perf_counter() - t3
+        _trace("finalized")
     return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec,
                        phases)
 

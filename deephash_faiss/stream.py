@@ -42,9 +42,15 @@ TRACE_ENV = "DHF_TRACE"  # =1: the encoder's start-up events, timestamped, on st
 _T0 = [0.0]
 
 
+def start_trace_clock() -> None:
+    """Count :func:`_trace`'s seconds from now (a build's start; else the encode's)."""
+    _T0[0] = time.perf_counter()
+
+
 def _trace(event: str) -> None:
-    """With ``DHF_TRACE=1``: one line on stderr, seconds since the encode started and the thread
-    (the start-up of a CUDA build overlaps several threads: which one waits is the question)."""
+    """With ``DHF_TRACE=1``: one line on stderr, seconds since the build (or the encode) started
+    and the thread (the start-up of a CUDA build overlaps several threads: which one waits is the
+    question)."""
     if os.environ.get(TRACE_ENV) == "1":
         # one write per line: lines from several threads do not interleave
         sys.stderr.write(f"[dhf-trace {time.perf_counter() - _T0[0]:8.3f} s {threading.current_thread().name}] "
@@ -200,18 +206,25 @@ class _CpuRunner:
         return []
 
 
-_MODEL_THREAD: list = [None, None]  # [executor, the pid that made it]
+_MODEL_THREADS: dict = {}  # {name: executor} of this process
+_MODEL_THREADS_PID = [None]  # the pid that made them
 _MODEL_THREAD_LOCK = threading.Lock()
 
 
-def model_thread() -> ThreadPoolExecutor:
-    """The one thread this process runs its CUDA models in (``dhf-model``, made at first use;
-    a forked child makes its own): cuDNN's execution plans, kept per thread by torch, are built
-    once per process instead of once per thread (:class:`_CudaRunner`)."""
+def model_thread(layout: str = "") -> ThreadPoolExecutor:
+    """The thread this process runs its CUDA models in for ``layout`` (``dhf-model``, or
+    ``dhf-model-<layout>``; made at first use; a forked child makes its own): cuDNN's execution
+    plans, kept per thread by torch, are built once per process and layout instead of once per
+    thread (:class:`_CudaRunner`). A "hybrid" job uses two, one per layout, so one layout's
+    plans can be built while the other's batches run."""
+    name = f"dhf-model-{layout}" if layout else "dhf-model"
     with _MODEL_THREAD_LOCK:
-        if _MODEL_THREAD[1] != os.getpid():
-            _MODEL_THREAD[:] = [ThreadPoolExecutor(1, thread_name_prefix="dhf-model"), os.getpid()]
-        return _MODEL_THREAD[0]
+        if _MODEL_THREADS_PID[0] != os.getpid():
+            _MODEL_THREADS.clear()
+            _MODEL_THREADS_PID[0] = os.getpid()
+        if name not in _MODEL_THREADS:
+            _MODEL_THREADS[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
+        return _MODEL_THREADS[name]
 
 
 class _CudaRunner:
@@ -224,18 +237,23 @@ class _CudaRunner:
     cuDNN plan building again -- seconds for EfficientNet at 224 px on the H200, more than the
     whole encode of 4,000 images (issue 12) -- and padding costs at most one batch of compute.
 
-    The warm-up and every batch run in the process's one model thread (:func:`model_thread`):
-    torch keeps cuDNN's execution plans per thread, so a plan built in one thread is built again
-    at its first use in any other. Measured on the H200 (``benchmarks/bench_first_batch.py``,
-    NHWC at 224 px, batch 256): after every convolution had run once in other threads, the first
-    forward pass in the main thread still took 2.2-3.1 s, against 2.8-3.4 s with no warm-up and
-    0.014 s for a second pass in the same thread. One thread for the process keeps the plans
-    for every later job too (a Ray actor's next shard, a service's next query). :meth:`push`
-    and :meth:`flush` wait for it.
+    The warm-up and every batch of a layout run in the process's one model thread for that
+    layout (:func:`model_thread`): torch keeps cuDNN's execution plans per thread, so a plan
+    built in one thread is built again at its first use in any other. Measured on the H200
+    (``benchmarks/bench_first_batch.py``, NHWC at 224 px, batch 256): after every convolution had
+    run once in other threads, the first forward pass in the main thread still took 2.2-3.1 s,
+    against 2.8-3.4 s with no warm-up and 0.014 s for a second pass in the same thread. One
+    thread per layout for the process keeps the plans for every later job too (a Ray actor's
+    next shard, a service's next query). A "hybrid" job (:func:`deephash_faiss.extract.stream_layout`)
+    warms both layouts at once, each in its thread: its first batches run NCHW while NHWC's
+    plans are built. :meth:`push` and :meth:`flush` wait for the thread.
     """
 
     def __init__(self, model, device, feature_dtype: str, depth: int = 2, batch: int | None = None,
-                 layout: str | None = None, warm_shape: tuple[int, ...] | None = None):
+                 layout: str | None = None, warm_shape: tuple[int, ...] | None = None,
+                 layouts: Sequence[str] | None = None):
+        """``layouts``: the CUDA layouts the job's batches use, the first batch's first
+        (default: ``[layout]``); each is warmed up in its thread when ``warm_shape`` is given."""
         import torch
 
         self.torch = torch
@@ -243,46 +261,54 @@ class _CudaRunner:
         self.tdtype = {"float32": torch.float32, "float16": torch.float16}[feature_dtype]
         self.copy = torch.cuda.Stream(device)
         self.inflight: deque = deque()
-        self._thread = model_thread()
-        self._warm: Future | None = None
+        used = list(layouts or [layout])
+        self._first = used[0]
+        self._threads = {lay: model_thread(lay or "") for lay in used}
+        self._warm: dict = {}
         if warm_shape is not None:
             # the first forward pass at the batch shape pays cuDNN's plan building and CUDA's
-            # kernel loading (0.5-7 s, extract.cuda_layout): done on zeros, in the model's
-            # thread, while the decode workers start and decode the first batches; its outputs
-            # are discarded
-            self._warm = self._thread.submit(self._warmup, warm_shape)
+            # kernel loading (0.5-7 s, extract.cuda_layout): done on zeros, in the layout's
+            # thread, while the decode workers start and decode the first batches (and, for a
+            # second layout, while the first one's batches run); its outputs are discarded
+            for lay in used:
+                self._warm[lay] = self._threads[lay].submit(self._warmup, warm_shape, lay)
 
     def warming(self) -> bool:
-        """Whether the model's warm-up pass (on zeros, at the batch shape) is still running."""
-        warm = self._warm  # the model thread sets it to None at the first batch
+        """Whether the warm-up pass of the first batch's layout (on zeros, at the batch shape)
+        is still running."""
+        warm = self._warm.get(self._first)  # the model thread drops it at its first batch
         return warm is not None and not warm.done()
 
-    def push(self, x, meta) -> list:
-        """Queue one batch, uint8 [b, S, S, 3] (numpy, or torch on the device), with ``meta``;
-        returns [(meta, codes uint8 [b, bits / 8], features [b, D])] of the batches done."""
-        return self._thread.submit(self._push, x, meta).result()
+    def push(self, x, meta, layout: str | None = None) -> list:
+        """Queue one batch, uint8 [b, S, S, 3] (numpy, or torch on the device), with ``meta``, in
+        ``layout`` (one of the runner's ``layouts``; default the first); returns
+        [(meta, codes uint8 [b, bits / 8], features [b, D])] of the batches done, in order."""
+        lay = self._first if layout is None else layout
+        return self._threads[lay].submit(self._push, x, meta, lay).result()
 
     def flush(self) -> list:
         """Wait for every queued batch; returns their results as :meth:`push` does."""
-        return self._thread.submit(self._drain, 0).result()
+        return self._threads[self._first].submit(self._drain, 0).result()
 
-    def _warmup(self, shape) -> None:
+    def _warmup(self, shape, layout) -> None:
         from .extract import forward_batch
 
         torch = self.torch
         with torch.cuda.device(self.device):
             x = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-            _trace(f"model warm-up starts ({self.layout})")
-            forward_batch(self.model, x, self.device, to_host=False, layout=self.layout)
+            _trace(f"model warm-up starts ({layout})")
+            forward_batch(self.model, x, self.device, to_host=False, layout=layout)
             torch.cuda.synchronize(self.device)
-        _trace("model warm-up done")
+        _trace(f"model warm-up done ({layout})")
 
-    def _push(self, x, meta) -> list:
+    def _push(self, x, meta, layout) -> list:
         from .extract import forward_batch, pack_codes_torch
 
         torch = self.torch
-        if self._warm is not None:
-            self._warm, warm = None, self._warm
+        warm = self._warm.pop(layout, None)
+        if warm is not None:
+            if not warm.done():
+                _trace(f"waiting for the {layout} warm-up")
             warm.result()
         n = len(x)
         if n == 0:
@@ -300,7 +326,7 @@ class _CudaRunner:
             xd.record_stream(compute)
         else:
             xd = x if n == full else torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))])
-        fc7, h = forward_batch(self.model, xd, self.device, to_host=False, layout=self.layout)
+        fc7, h = forward_batch(self.model, xd, self.device, to_host=False, layout=layout)
         codes = pack_codes_torch(h[:n])
         feats = fc7[:n].to(self.tdtype)
         codes_h = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
@@ -473,6 +499,8 @@ def encode_stream(
     segments: Sequence[tuple[int, int]] | None = None,
     prefetch: int | None = None,
     pool: "DecodePool | None" = None,
+    offset: int = 0,
+    job_size: int | None = None,
 ) -> Iterator[tuple[int, bool, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]]:
     """Decode and encode ``paths`` batch by batch, stages overlapped, in order.
 
@@ -484,6 +512,9 @@ def encode_stream(
         prefetch: batches decoded ahead (default: 2 x workers + 2).
         pool: a :class:`DecodePool` to use (and leave open), e.g. one kept by a Ray actor
             across its tasks; default: a new one for this call.
+        offset, job_size: ``paths[0]``'s position in the whole job and the job's size (default
+            0 and ``len(paths)``; a Ray actor gets one shard's paths): on CUDA they choose each
+            batch's layout (:func:`deephash_faiss.extract.stream_layout`, ``batch_layout``).
     Yields:
         (segment index, last batch of the segment, positions int64 [b] into ``paths`` that
         encoded, codes uint8 [b, bits / 8], features [b, D] of ``feature_dtype``,
@@ -495,7 +526,8 @@ def encode_stream(
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
-    _T0[0] = time.perf_counter()
+    if not _T0[0]:
+        start_trace_clock()
     _trace(f"encode starts: {len(paths)} paths, decoder {decoder}")
     size = model.config.load_size
     segments = [(0, len(paths))] if segments is None else [tuple(s) for s in segments]
@@ -504,12 +536,15 @@ def encode_stream(
     model.eval()
     cuda = torch.device(device).type == "cuda"
     # the model warms up (CUDA) and nvjpeg initialises while the decode workers start
+    layouts: list = [None] * len(plan)
     if cuda:
-        from .extract import cuda_layout
+        from .extract import batch_layout, stream_layout
 
-        runner = _CudaRunner(model, device, feature_dtype, batch=batch_size,
-                             layout=cuda_layout(model, len(paths)),  # the whole job's size
-                             warm_shape=(batch_size, size, size, 3) if plan else None)
+        job_layout = stream_layout(model, len(paths) if job_size is None else job_size)  # the whole job's
+        layouts = [batch_layout(job_layout, offset + lo) for _, lo, _, _ in plan]
+        runner = _CudaRunner(model, device, feature_dtype, batch=batch_size, layout=job_layout,
+                             warm_shape=(batch_size, size, size, 3) if plan else None,
+                             layouts=list(dict.fromkeys(layouts)) or [batch_layout(job_layout, offset)])
     else:
         runner = _CpuRunner(model, device, feature_dtype)
     fn = read_screen_chunk if decoder == "nvjpeg" else decode_chunk
@@ -580,12 +615,13 @@ def encode_stream(
             meta = (si, last, ok + lo, sorted((j + lo, r) for j, r in bad))
             if batch_no < 3:
                 _trace(f"batch {batch_no} decoded")
-            done = runner.push(x, meta)
+            done = runner.push(x, meta, layouts[batch_no]) if cuda else runner.push(x, meta)
             if batch_no < 3:
                 _trace(f"batch {batch_no} queued on the model, {len(done)} result(s) back")
             batch_no += 1
             yield from finish(done)
         yield from finish(runner.flush())
+        _trace("last batch back")
     finally:
         sys.setswitchinterval(switch)
         for _, f, g in pending:

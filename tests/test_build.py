@@ -305,8 +305,8 @@ def test_a_rebuild_resumes_its_own_partial(tmp_path, image_folder, trained_model
 
 
 def test_trace_reports_the_encoders_start(tmp_path, image_folder, trained_model, nvjpeg_on_cpu, monkeypatch, capfd):
-    """DHF_TRACE=1: the encoder's start-up events on stderr, in order, with the thread; silent
-    otherwise."""
+    """DHF_TRACE=1: the build's phases and the encoder's start-up events on stderr, in order,
+    with the thread; silent otherwise."""
     from deephash_faiss import stream
 
     api.build_index(image_folder, str(tmp_path / "quiet"), trained_model, device="cpu", progress=False,
@@ -317,6 +317,11 @@ def test_trace_reports_the_encoders_start(tmp_path, image_folder, trained_model,
                     decoder="nvjpeg", batch_size=4)
     lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("[dhf-trace")]
     events = [x.split("] ", 1)[1] for x in lines]
+    # the build's phases around the encoder's start-up events
+    assert events[:5] == ["build starts", f"prepared: {len(api.scan_images(image_folder).paths)} images",
+                          "job key done", "model loaded", "model on cpu"]
+    assert events[-4:] == ["last batch back", "shard 0 written", "encoded", "finalized"]
+    events = events[5:]
     assert events[0].startswith("encode starts") and events[1].startswith("decode pool ready")
     # nvjpeg: few reading threads (their header parsing holds the GIL the decoding thread needs)
     assert events[1] == f"decode pool ready: {min(stream.NVJPEG_READERS, os.cpu_count())} thread workers"
@@ -426,6 +431,35 @@ def test_publish_copies_when_the_hash_note_is_stale_or_links_fail(tmp_path, monk
         assert e["sha256"] == hashlib.sha256(pub.read_bytes()).hexdigest()
 
 
+def test_a_shards_job_keeps_its_position_and_size_in_the_whole_job(tmp_path, monkeypatch):
+    """EncodeJob.for_shard (what a Ray actor gets) tells the encoder where its paths sit in the
+    whole job and how big the job is: each batch's CUDA layout depends on those alone, so the
+    local build, a Ray actor and a resume encode every batch alike."""
+    from deephash_faiss import pipeline, stream
+
+    job = pipeline.EncodeJob("m.pt", [f"p{i}" for i in range(25)], np.zeros(25, np.int32), str(tmp_path / "part"),
+                             10, 4, "float32")
+    assert (job.start, job.job_images) == (0, 25)
+    for s in range(job.nshards):
+        one = job.for_shard(s)
+        assert (one.start, one.job_images, one.bounds(s)) == (job.bounds(s)[0], 25, (0, len(one.paths)))
+        assert one.paths == job.paths[slice(*job.bounds(s))]
+    seen = []
+
+    def fake_stream(model, paths, device, *a, offset=0, job_size=None, **k):
+        seen.append((len(paths), offset, job_size))
+        return iter(())
+
+    monkeypatch.setattr(stream, "encode_stream", fake_stream)
+
+    class M:
+        class config:
+            bits, feature_dim = 48, 4
+
+    pipeline.encode_local(M, job.for_shard(2), [2], "cpu")
+    assert seen == [(5, 20, 25)]
+
+
 def test_model_thread_is_one_per_process_and_remade_after_fork():
     """stream.model_thread: the same executor on every call in a process; a forked child (where
     the parent's thread does not exist) gets its own, and work submitted there runs."""
@@ -437,13 +471,15 @@ def test_model_thread_is_one_per_process_and_remade_after_fork():
     assert model_thread().submit(lambda: 7).result(timeout=10) == 7
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_child_model_thread, args=(q, id(model_thread())))
+    p = ctx.Process(target=_child_model_thread, args=(q,))
     p.start()
     p.join(30)
     assert p.exitcode == 0 and q.get(timeout=5) == (True, 7)
 
 
-def _child_model_thread(q, parent_id):
-    from deephash_faiss.stream import model_thread
+def _child_model_thread(q):
+    from deephash_faiss import stream
 
-    q.put((id(model_thread()) != parent_id, model_thread().submit(lambda: 7).result(timeout=10)))
+    inherited = stream._MODEL_THREADS.get("dhf-model")  # the parent's, copied by the fork (held: no id reuse)
+    q.put((inherited is not None and stream.model_thread() is not inherited,
+           stream.model_thread().submit(lambda: 7).result(timeout=10)))

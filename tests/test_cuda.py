@@ -252,3 +252,50 @@ def test_cuda_stream_runs_every_forward_pass_in_the_one_model_thread(tmp_path, m
         list(encode_stream(model, paths, dev, 8, "float32", "pil", decode_kind="thread"))
     assert len(threads) >= 4 and len(set(threads)) == 1
     assert threads[0].name.startswith("dhf-model") and threads[0] is not threading.main_thread()
+
+
+def test_cuda_hybrid_job_runs_each_batch_in_its_layouts_thread(tmp_path, monkeypatch):
+    """A "hybrid" job: both layouts warm up, each in its own model thread; batches starting
+    below HYBRID_NCHW_IMAGES run NCHW, the rest NHWC, and each returns what the plain batch
+    function returns in that layout on the same batch, in order."""
+    import threading
+
+    from deephash_faiss import extract
+    from deephash_faiss.data import load_images, scan_images
+    from deephash_faiss.index import pack_codes
+    from deephash_faiss.model import build_model
+    from deephash_faiss.stream import encode_stream
+
+    paths = scan_images(_jpeg_folder(str(tmp_path / "i"))).paths
+    monkeypatch.setattr(extract, "HYBRID_NCHW_IMAGES", 16)
+    monkeypatch.delenv("DHF_CUDA_LAYOUT", raising=False)
+    dev = torch.device("cuda")
+    model = build_model("efficientnet_lite0", 48, ["a", "b"], weights="none", load_size=32, seed=0).to(dev)
+    calls = []
+    real = extract.forward_batch
+
+    def spy(m, xb, *a, layout=None, **k):
+        calls.append((threading.current_thread().name, layout, bool(xb.any().item())))
+        return real(m, xb, *a, layout=layout, **k)
+
+    monkeypatch.setattr(extract, "forward_batch", spy)
+    got = list(encode_stream(model, paths, dev, 8, "float32", "pil", decode_kind="thread"))
+    monkeypatch.setattr(extract, "forward_batch", real)
+    warm = sorted((t, lay) for t, lay, nonzero in calls if not nonzero)
+    assert warm == [("dhf-model-channels_last_0", "channels_last"), ("dhf-model-contiguous_0", "contiguous")]
+    batches = [(t, lay) for t, lay, nonzero in calls if nonzero]
+    # 41 paths (one corrupt): batches start at 0, 8 | 16, 24, 32, 40
+    assert [lay for _, lay in batches] == ["contiguous"] * 2 + ["channels_last"] * 4, calls
+    assert all(t.startswith(f"dhf-model-{lay}") for t, lay in batches)
+    imgs, rpos, _ = load_images(paths, model.config.load_size)
+    assert np.array_equal(np.concatenate([g[2] for g in got]), rpos)
+    codes, feats = [], []
+    for lo in range(0, len(paths), 8):
+        sel = (rpos >= lo) & (rpos < lo + 8)
+        m = int(sel.sum())
+        padded = np.concatenate([imgs[sel], np.zeros((8 - m, *imgs.shape[1:]), np.uint8)])
+        fc7, h = real(model, torch.as_tensor(padded), dev, layout="contiguous" if lo < 16 else "channels_last")
+        codes.append(pack_codes(h.numpy()[:m]))
+        feats.append(fc7.numpy()[:m])
+    assert np.array_equal(np.concatenate([g[3] for g in got]), np.concatenate(codes))
+    np.testing.assert_allclose(np.concatenate([g[4] for g in got]), np.concatenate(feats), rtol=1e-3, atol=1e-3)

@@ -152,3 +152,25 @@ def test_cuda_layout_by_job_size_and_depthwise(monkeypatch):
     monkeypatch.setenv("DHF_CUDA_LAYOUT", "nhwc")
     with pytest.raises(ValueError, match="DHF_CUDA_LAYOUT"):
         extract.cuda_layout(lite, 1)
+
+
+def test_stream_layout_is_hybrid_for_big_depthwise_jobs_and_each_batch_follows_its_position(monkeypatch):
+    """The streaming encoder runs a depthwise model's big job "hybrid": batches starting below
+    HYBRID_NCHW_IMAGES run NCHW, the rest NHWC, by position in the job alone; small jobs and
+    other models keep cuda_layout's choice; DHF_CUDA_LAYOUT=hybrid forces it."""
+    from deephash_faiss import extract
+
+    monkeypatch.delenv("DHF_CUDA_LAYOUT", raising=False)
+    lite = build_model("efficientnet_lite0", 48, ["a", "b"], weights="none", load_size=32, seed=0)
+    small = build_model("smallcnn", 48, ["a", "b"], weights="none", load_size=32, seed=0)
+    cut = extract.HYBRID_NCHW_IMAGES
+    assert extract.stream_layout(lite, cut) == "contiguous"
+    assert extract.stream_layout(lite, cut + 1) == "hybrid"
+    assert extract.stream_layout(small, 10 * cut) == "channels_last"
+    assert extract.batch_layout("hybrid", 0) == extract.batch_layout("hybrid", cut - 1) == "contiguous"
+    assert extract.batch_layout("hybrid", cut) == "channels_last"
+    for lay in extract.CUDA_LAYOUTS:
+        assert extract.batch_layout(lay, 0) == extract.batch_layout(lay, 10 * cut) == lay
+    monkeypatch.setenv("DHF_CUDA_LAYOUT", "hybrid")
+    assert extract.stream_layout(small, 1) == "hybrid"
+    assert extract.cuda_layout(lite, 1) == "contiguous"  # whole-array encoders keep the size rule

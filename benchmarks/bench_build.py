@@ -10,7 +10,7 @@ Timed in one run:
                 packed on the device, D2H) on images decoded into memory beforehand; on
                 CUDA in each convolution layout (``model_only_by_layout_img_s``), the
                 fastest being ``model_only_img_s`` (the build itself picks one by job size:
-                ``product_layout``, see deephash_faiss.extract.cuda_layout)
+                ``product_layout``, see deephash_faiss.extract.stream_layout)
   product       `dhf build-index DIR --model M -o TMP --device D` as a subprocess: wall time
                 of the command, start-up included (``product_img_s``); the build's own time
                 as the command reports it is ``product_inner_img_s``, its phases (prepare,
@@ -251,11 +251,11 @@ def main() -> None:
         if device.type != "cuda":
             return time_model(model, imgs, device, a.batch_size, "float32")
         # the model's own rate is its fastest layout's; the build picks one by job size
-        from deephash_faiss.extract import CUDA_LAYOUTS, cuda_layout
+        from deephash_faiss.extract import CUDA_LAYOUTS, stream_layout
 
         res["model_only_by_layout_img_s"] = {lay: time_model(model, imgs, device, a.batch_size, "float32", lay)
                                              for lay in CUDA_LAYOUTS}
-        res["product_layout"] = cuda_layout(model, len(paths))
+        res["product_layout"] = stream_layout(model, len(paths))
         return max(res["model_only_by_layout_img_s"].values())
 
     res["model_only_img_s"] = stage("model only", model_stage)

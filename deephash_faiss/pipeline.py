@@ -183,6 +183,30 @@ class LocalExecutor:
         self.workers = workers
         self.decode_kind = decode_kind
         self.encode = encode  # another encoder (the cached fc7 of a frozen-backbone build), or None
+        self._early: tuple[str, Any] | None = None  # (model path, Future of the model on the device)
+
+    def start(self, model_path: str, batch_size: int) -> None:
+        """Called by :func:`build` before it scans the folder: on CUDA, load the model onto the
+        device and warm up its first layout in the background (:func:`deephash_faiss.stream.prewarm`),
+        so CUDA's start and cuDNN's first plans overlap the scan and the job key. :meth:`run`
+        takes that model when the job's model is the same file."""
+        if self.device.type != "cuda" or self.encode is not None:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load():
+            from .model import load_model
+            from .stream import _trace, prewarm
+
+            model = load_model(model_path)
+            model.to(self.device).eval()
+            _trace(f"model on {self.device} (early)")
+            prewarm(model, self.device, batch_size)
+            return model
+
+        ex = ThreadPoolExecutor(1, thread_name_prefix="dhf-early")
+        self._early = (os.path.abspath(model_path), ex.submit(load))
+        ex.shutdown(wait=False)  # the thread ends after its one task
 
     @property
     def device_type(self) -> str:
@@ -195,10 +219,18 @@ class LocalExecutor:
 
         from .stream import _trace
 
-        model = load_model(job.model_path)
-        _trace("model loaded")
-        model.to(self.device)
-        _trace(f"model on {self.device}")
+        early, self._early = self._early, None
+        model = None
+        if early is not None and early[0] == os.path.abspath(job.model_path):
+            try:
+                model = early[1].result()
+            except Exception:  # noqa: BLE001 -- loaded again below, where its error is reported
+                model = None
+        if model is None:
+            model = load_model(job.model_path)
+            _trace("model loaded")
+            model.to(self.device)
+            _trace(f"model on {self.device}")
         n = sum(job.bounds(s)[1] - job.bounds(s)[0] for s in todo)
         log(f"encoding {n} images in {len(todo)} shard(s) with {model.config.backbone} ({model.config.bits} bits) "
             f"on {self.device}, decoder {job.decoder}")
@@ -482,6 +514,8 @@ def build(
     start_trace_clock()
     _trace("build starts")
     executor = executor or LocalExecutor()
+    if model_path is not None and hasattr(executor, "start"):
+        executor.start(model_path, batch_size)  # CUDA: model onto the GPU, first warm-up, while we scan
     spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
     phases = {"prepare": time.perf_counter() - t0}
     _trace(f"prepared: {len(images.paths)} images")

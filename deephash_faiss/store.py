@@ -23,6 +23,7 @@ import mmap
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -252,9 +253,10 @@ def write_shard(
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
             enc = [p.encode("utf-8", "surrogateescape") for p in paths]
             f.create_dataset("paths", data=np.array(enc, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        sha = file_sha256(tmp)
+        with open(tmp, "rb+") as f, ThreadPoolExecutor(1, thread_name_prefix="dhf-fsync") as ex:
+            synced = ex.submit(os.fsync, f.fileno())  # the hash reads the page cache meanwhile
+            sha = file_sha256(tmp)
+            synced.result()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -227,6 +227,35 @@ def model_thread(layout: str = "") -> ThreadPoolExecutor:
         return _MODEL_THREADS[name]
 
 
+def warm_pass(model, device, shape: tuple[int, ...], layout: str) -> None:
+    """One forward pass of ``model`` on zeros uint8 ``shape`` ([b, S, S, 3]) in ``layout``, in
+    the calling thread, outputs discarded: it builds this thread's cuDNN plans for that shape."""
+    import torch
+
+    from .extract import forward_batch
+
+    with torch.cuda.device(device):
+        x = torch.zeros(shape, dtype=torch.uint8, device=device)
+        _trace(f"model warm-up starts ({layout})")
+        forward_batch(model, x, device, to_host=False, layout=layout)
+        torch.cuda.synchronize(device)
+    _trace(f"model warm-up done ({layout})")
+
+
+def prewarm(model, device, batch: int) -> Future:
+    """Start the warm-up of a job's first layout now, in its model thread: a build does it while
+    it scans the folder and computes the job key, before the job's size (and so its
+    :class:`_CudaRunner`) is known. A depthwise model's first batch is NCHW whatever the job's
+    size (:func:`deephash_faiss.extract.stream_layout`), another model's NHWC. The runner's own
+    warm-up of that layout then queues behind this one in the same thread and finds the plans
+    built (a second pass: ~0.02 s)."""
+    from .extract import batch_layout, stream_layout
+
+    lay = batch_layout(stream_layout(model, 1), 0)
+    size = model.config.load_size
+    return model_thread(lay).submit(warm_pass, model, device, (batch, size, size, 3), lay)
+
+
 class _CudaRunner:
     """The model on CUDA: H2D copies on a side stream from pinned memory, compute on the
     current stream, D2H into pinned buffers; results are collected ``depth`` batches later
@@ -291,15 +320,7 @@ class _CudaRunner:
         return self._threads[self._first].submit(self._drain, 0).result()
 
     def _warmup(self, shape, layout) -> None:
-        from .extract import forward_batch
-
-        torch = self.torch
-        with torch.cuda.device(self.device):
-            x = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-            _trace(f"model warm-up starts ({layout})")
-            forward_batch(self.model, x, self.device, to_host=False, layout=layout)
-            torch.cuda.synchronize(self.device)
-        _trace(f"model warm-up done ({layout})")
+        warm_pass(self.model, self.device, shape, layout)
 
     def _push(self, x, meta, layout) -> list:
         from .extract import forward_batch, pack_codes_torch

@@ -299,3 +299,23 @@ def test_cuda_hybrid_job_runs_each_batch_in_its_layouts_thread(tmp_path, monkeyp
         feats.append(fc7.numpy()[:m])
     assert np.array_equal(np.concatenate([g[3] for g in got]), np.concatenate(codes))
     np.testing.assert_allclose(np.concatenate([g[4] for g in got]), np.concatenate(feats), rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_build_takes_the_model_it_loaded_and_warmed_while_scanning(tmp_path, cuda_model, monkeypatch, capfd):
+    """A CUDA build loads its model onto the GPU and warms up the first layout before it scans
+    the folder, then encodes with that model: same codes and features as the model loaded the
+    plain way (the early path patched off)."""
+    from deephash_faiss import pipeline, stream
+    from deephash_faiss.store import read_shard
+
+    imgs = _jpeg_folder(str(tmp_path / "i"))
+    monkeypatch.setenv(stream.TRACE_ENV, "1")
+    api.build_index(imgs, str(tmp_path / "a"), cuda_model, device="cuda", decoder="pil", progress=False, batch_size=8)
+    err = capfd.readouterr().err
+    assert "model on cuda (early)" in err and "] model loaded" not in err
+    monkeypatch.setattr(pipeline.LocalExecutor, "start", lambda self, *a: None)
+    api.build_index(imgs, str(tmp_path / "b"), cuda_model, device="cuda", decoder="pil", progress=False, batch_size=8)
+    assert "] model loaded" in capfd.readouterr().err
+    ra, rb = (read_shard(str(tmp_path / x / "shards" / "part-00000.h5")) for x in "ab")
+    assert np.array_equal(ra["codes"], rb["codes"]) and ra["paths"] == rb["paths"]
+    np.testing.assert_allclose(ra["features"], rb["features"], rtol=1e-3, atol=1e-3)

@@ -42,9 +42,9 @@ def cuda_layout(model: torch.nn.Module, n: int) -> str:
     slower in a machine's first NHWC process (``benchmarks/device/h200_model_thread*.sh``,
     ``h200_layout50k.sh``; break-even 35,000-53,000 images, derived). A
     model with depthwise convolutions therefore runs NCHW below :data:`NHWC_MIN_IMAGES` images,
-    NHWC from there; others always NHWC. The layout is a property of the whole job (the Ray
-    build's actors and a resume choose the same). ``DHF_CUDA_LAYOUT`` (one of
-    :data:`CUDA_LAYOUTS`) overrides it."""
+    NHWC from there; others always NHWC. This is the rule of the whole-array encoders
+    (:func:`encode_array`, one thread); the streaming encoder of builds uses
+    :func:`stream_layout`. ``DHF_CUDA_LAYOUT`` (one of :data:`CUDA_LAYOUTS`) overrides it."""
     forced = _forced_layout()
     if forced in CUDA_LAYOUTS:
         return forced

@@ -216,7 +216,6 @@ class LocalExecutor:
         from tqdm.auto import tqdm
 
         from .model import load_model
-
         from .stream import _trace
 
         early, self._early = self._early, None
@@ -507,8 +506,7 @@ def build(
     """The build: prepare -> lock -> (train) -> job key -> encode via ``executor`` -> finalize.
     See :func:`deephash_faiss.api.build_index`."""
     from .model import file_sha256, load_model
-
-    from .stream import _trace, start_trace_clock
+    from .stream import _trace, start_trace_clock, stop_trace_clock
 
     t0 = time.perf_counter()
     start_trace_clock()
@@ -561,6 +559,7 @@ def build(
         skipped = layout.read_skip_report(index_dir, manifest)
         phases["finalize"] = time.perf_counter() - t3
         _trace("finalized")
+    stop_trace_clock()
     return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec,
                        phases)
 

@@ -43,8 +43,13 @@ _T0 = [0.0]
 
 
 def start_trace_clock() -> None:
-    """Count :func:`_trace`'s seconds from now (a build's start; else the encode's)."""
+    """Count :func:`_trace`'s seconds from now, a build's start, until :func:`stop_trace_clock`
+    (outside a build each encode counts from its own start)."""
     _T0[0] = time.perf_counter()
+
+
+def stop_trace_clock() -> None:
+    _T0[0] = 0.0
 
 
 def _trace(event: str) -> None:

@@ -196,7 +196,8 @@ class _CpuRunner:
     def __init__(self, model, device, feature_dtype: str):
         self.model, self.device, self.dtype = model, device, feature_dtype
 
-    def push(self, x, meta) -> list:
+    def push(self, x, meta, layout: str | None = None) -> list:
+        """One batch now (``layout`` is ignored: the CPU runs channels_last)."""
         from .extract import forward_batch
         from .index import pack_codes
 
@@ -305,7 +306,7 @@ class _CudaRunner:
             # thread, while the decode workers start and decode the first batches (and, for a
             # second layout, while the first one's batches run); its outputs are discarded
             for lay in used:
-                self._warm[lay] = self._threads[lay].submit(self._warmup, warm_shape, lay)
+                self._warm[lay] = self._threads[lay].submit(warm_pass, model, device, warm_shape, lay)
 
     def warming(self) -> bool:
         """Whether the warm-up pass of the first batch's layout (on zeros, at the batch shape)
@@ -323,9 +324,6 @@ class _CudaRunner:
     def flush(self) -> list:
         """Wait for every queued batch; returns their results as :meth:`push` does."""
         return self._threads[self._first].submit(self._drain, 0).result()
-
-    def _warmup(self, shape, layout) -> None:
-        warm_pass(self.model, self.device, shape, layout)
 
     def _push(self, x, meta, layout) -> list:
         from .extract import forward_batch, pack_codes_torch
@@ -641,7 +639,7 @@ def encode_stream(
             meta = (si, last, ok + lo, sorted((j + lo, r) for j, r in bad))
             if batch_no < 3:
                 _trace(f"batch {batch_no} decoded")
-            done = runner.push(x, meta, layouts[batch_no]) if cuda else runner.push(x, meta)
+            done = runner.push(x, meta, layouts[batch_no])
             if batch_no < 3:
                 _trace(f"batch {batch_no} queued on the model, {len(done)} result(s) back")
             batch_no += 1

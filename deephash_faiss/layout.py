@@ -49,7 +49,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import DhfError
-from .store import FORMAT, FORMAT_VERSION, MANIFEST, atomic_write_bytes, now_iso, read_manifest, write_manifest
+from .store import (FORMAT, FORMAT_VERSION, MANIFEST, ShardFile, atomic_write_bytes, now_iso, read_manifest,
+                    write_manifest)
 
 LEDGER = ".dhf-files"
 LOCK = ".lock"
@@ -211,23 +212,45 @@ def part_complete(part_dir: str, s: int) -> bool:
     return os.path.exists(h5) and os.path.exists(skip)
 
 
-def write_part(part_dir: str, s: int, codes: np.ndarray, feats: np.ndarray, pos: np.ndarray, paths: list[str],
-               labels: np.ndarray, bad: list[tuple[int, str]]) -> None:
-    """Write partial shard ``s``: its skip list (``[[path, reason]]``), then its HDF5 file
-    (ids = positions in ``paths``, renumbered by :func:`publish_shards`), then a note of the
-    HDF5 file's sha256, size and mtime (``part-NNNNN.sha256.json``) that lets
-    :func:`publish_shards` link the file instead of copying and hashing it again."""
-    from .store import write_shard
-
-    h5, skip = part_files(part_dir, s)
+def open_part(part_dir: str, s: int, rows: int, code_bytes: int, dim: int, dtype) -> ShardFile:
+    """A :class:`deephash_faiss.store.ShardFile` for partial shard ``s`` of at most ``rows`` rows:
+    the build appends each batch to it as the batch comes back, :func:`commit_part` finishes it."""
     os.makedirs(part_dir, exist_ok=True)
-    atomic_write_bytes(skip, json.dumps([[paths[i], r] for i, r in bad]).encode("utf-8", "surrogateescape"))
-    crash_point(f"mid-shard-{s}")
-    info = write_shard(h5, codes, feats, pos, [paths[i] for i in pos], labels[pos])
+    return ShardFile(part_files(part_dir, s)[0], rows, code_bytes, dim, dtype)
+
+
+def commit_part(part_dir: str, s: int, shard: ShardFile, pos: np.ndarray, paths: list[str], labels: np.ndarray,
+                bad: list[tuple[int, str]]) -> None:
+    """Finish partial shard ``s`` (its rows appended to ``shard`` in the order of ``pos``, int64
+    positions in ``paths``): its skip list (``[[path, reason]]``), then its HDF5 file (ids =
+    positions in ``paths``, renumbered by :func:`publish_shards`), then a note of the HDF5 file's
+    sha256, size and mtime (``part-NNNNN.sha256.json``) that lets :func:`publish_shards` link the
+    file instead of copying and hashing it again."""
+    h5, skip = part_files(part_dir, s)
+    try:
+        atomic_write_bytes(skip, json.dumps([[paths[i], r] for i, r in bad]).encode("utf-8", "surrogateescape"))
+        crash_point(f"mid-shard-{s}")
+    except BaseException:
+        shard.abort()
+        raise
+    info = shard.commit(pos, [paths[i] for i in pos], labels[pos])
     st = os.stat(h5)
     atomic_write_bytes(_sha_note(h5), json.dumps({"sha256": info["sha256"], "size": st.st_size,
                                                   "mtime_ns": st.st_mtime_ns}).encode())
     crash_point(f"shard-{s}")
+
+
+def write_part(part_dir: str, s: int, codes: np.ndarray, feats: np.ndarray, pos: np.ndarray, paths: list[str],
+               labels: np.ndarray, bad: list[tuple[int, str]]) -> None:
+    """:func:`open_part` + one append of every row + :func:`commit_part`: codes uint8 [n, B],
+    features [n, D], pos int64 [n]."""
+    shard = open_part(part_dir, s, len(codes), codes.shape[1], feats.shape[1], feats.dtype)
+    try:
+        shard.append(codes, feats)
+    except BaseException:
+        shard.abort()
+        raise
+    commit_part(part_dir, s, shard, pos, paths, labels, bad)
 
 
 def _sha_note(h5: str) -> str:

@@ -120,8 +120,6 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
     (default: the streaming encoder).
     Returns (shards written, shards reused).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from .stream import encode_stream
 
     todo = [s for s in shards if not layout.part_complete(job.part_dir, s)]
@@ -131,44 +129,105 @@ def encode_local(model, job: EncodeJob, shards: Sequence[int], device, progress=
     if not todo:
         return 0, reused
     os.makedirs(job.part_dir, exist_ok=True)
-    bits, dim = model.config.bits, model.config.feature_dim
-    acc: dict[str, list] = {"pos": [], "codes": [], "feats": [], "bad": []}
-    writer = ThreadPoolExecutor(1, thread_name_prefix="dhf-shard-writer")
-    writes: deque = deque()
+    writer = _PartWriter(job, model.config.bits // 8, model.config.feature_dim)
+    pos_acc: list[np.ndarray] = []
+    bad_acc: list[tuple[int, str]] = []
+    ok = False
     try:
         stream = (_custom_stream(encode, model, job, todo, device) if encode is not None else encode_stream(
             model, job.paths, device, job.batch_size, job.feature_dtype, job.decoder, workers, decode_kind,
             segments=[job.bounds(s) for s in todo], pool=pool, offset=job.start, job_size=job.job_images))
         for si, last, pos, codes, feats, bad in stream:
-            acc["pos"].append(pos)
-            acc["codes"].append(codes)
-            acc["feats"].append(feats)
-            acc["bad"].extend(bad)
+            pos_acc.append(pos)
+            bad_acc.extend(bad)
+            writer.append(todo[si], codes, feats)
             if progress:
                 progress(len(pos) + len(bad))
-            if not last:
-                continue
-            s = todo[si]
-            pos_a = np.concatenate(acc["pos"]) if acc["pos"] else np.zeros(0, np.int64)
-            codes_a = np.concatenate(acc["codes"]) if acc["codes"] else np.zeros((0, bits // 8), np.uint8)
-            feats_a = np.concatenate(acc["feats"]) if acc["feats"] else np.zeros((0, dim), job.feature_dtype)
-            writes.append(writer.submit(_write_part, job.part_dir, s, codes_a, feats_a, pos_a, job.paths,
-                                        job.labels, list(acc["bad"])))
-            acc = {"pos": [], "codes": [], "feats": [], "bad": []}
-            while len(writes) > 1:  # bounded: at most one shard waiting behind the one being written
-                writes.popleft().result()
-        while writes:
-            writes.popleft().result()
+            if last:
+                writer.commit(todo[si], np.concatenate(pos_acc) if pos_acc else np.zeros(0, np.int64), bad_acc)
+                pos_acc, bad_acc = [], []
+        ok = True
     finally:
-        writer.shutdown(wait=True)
+        writer.close(ok)
     return len(todo), reused
 
 
-def _write_part(part_dir: str, s: int, *args) -> None:
-    from .stream import _trace
+WRITE_QUEUE = 8  # tasks waiting for the shard writer (bounds the memory of a slow disk)
+WRITE_BYTES = 16 << 20  # batches are handed to the writer this many feature bytes at a time
 
-    layout.write_part(part_dir, s, *args)
-    _trace(f"shard {s} written")
+
+class _PartWriter:
+    """The partial shards of one :func:`encode_local` call, written on one background thread in
+    the order the batches come: batches are appended to their shard's :class:`ShardFile`
+    (:func:`layout.open_part`) every :data:`WRITE_BYTES` of features (one wake-up of the writer
+    per 16 MB, not per batch: on 2 cores per-batch writes slowed the encoder), and the last batch
+    of a shard commits it (:func:`layout.commit_part`). A writer error is raised by the next
+    call; at most :data:`WRITE_QUEUE` tasks wait."""
+
+    def __init__(self, job: EncodeJob, code_bytes: int, dim: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.job, self.code_bytes, self.dim = job, code_bytes, dim
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dhf-shard-writer")
+        self.tasks: deque = deque()
+        self.file = None  # the open ShardFile; touched only by the writer thread
+        self.held: list[tuple[np.ndarray, np.ndarray]] = []  # batches not yet handed over
+        self.held_bytes = 0
+
+    def append(self, s: int, codes: np.ndarray, feats: np.ndarray) -> None:
+        self.held.append((codes, feats))
+        self.held_bytes += feats.nbytes
+        if self.held_bytes >= WRITE_BYTES:
+            self._hand_over(s)
+
+    def commit(self, s: int, pos: np.ndarray, bad: list[tuple[int, str]]) -> None:
+        self._hand_over(s)
+        self._submit(self._commit, s, pos, list(bad))
+
+    def _hand_over(self, s: int) -> None:
+        if self.held:
+            self._submit(self._append, s, self.held)
+            self.held, self.held_bytes = [], 0
+
+    def close(self, ok: bool) -> None:
+        """Wait for every task (raising the first error when ``ok``); an unfinished shard's
+        temporary file is removed."""
+        try:
+            while self.tasks:
+                fut = self.tasks.popleft()
+                if ok:
+                    fut.result()
+                else:
+                    fut.exception()
+        finally:
+            self.pool.shutdown(wait=True)
+            if self.file is not None:
+                self.file.abort()
+                self.file = None
+
+    def _submit(self, fn, *args) -> None:
+        self.tasks.append(self.pool.submit(fn, *args))
+        while len(self.tasks) > WRITE_QUEUE or (self.tasks and self.tasks[0].done()):
+            self.tasks.popleft().result()
+
+    def _open(self, s: int):
+        if self.file is None:
+            lo, hi = self.job.bounds(s)
+            self.file = layout.open_part(self.job.part_dir, s, hi - lo, self.code_bytes, self.dim,
+                                         self.job.feature_dtype)
+        return self.file
+
+    def _append(self, s: int, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        shard = self._open(s)
+        for codes, feats in batches:
+            shard.append(codes, feats)
+
+    def _commit(self, s: int, pos: np.ndarray, bad: list[tuple[int, str]]) -> None:
+        from .stream import _trace
+
+        shard, self.file = self._open(s), None
+        layout.commit_part(self.job.part_dir, s, shard, pos, self.job.paths, self.job.labels, bad)
+        _trace(f"shard {s} written")
 
 
 class LocalExecutor:

@@ -483,3 +483,71 @@ def _child_model_thread(q):
     inherited = stream._MODEL_THREADS.get("dhf-model")  # the parent's, copied by the fork (held: no id reuse)
     q.put((inherited is not None and stream.model_thread() is not inherited,
            stream.model_thread().submit(lambda: 7).result(timeout=10)))
+
+
+def test_shards_are_written_batch_by_batch_while_encoding(tmp_path, monkeypatch):
+    """encode_local hands the batches to the writer thread every WRITE_BYTES of features, which
+    appends them to the shard's file, so a shard's rows are on their way to disk before its last
+    batch; the shards read
+    back equal to what the encoder yielded, in order, with the skipped rows left out; a failing
+    encoder leaves no temporary file behind."""
+    import threading
+
+    from deephash_faiss import store, stream
+
+    rng = np.random.default_rng(4)
+    n, dim = 23, 4
+    codes, feats = rng.integers(0, 256, (n, 6), dtype=np.uint8), rng.standard_normal((n, dim)).astype(np.float32)
+    appended = []
+    real_append = store.ShardFile.append
+
+    def spy_append(self, c, f):
+        real_append(self, c, f)
+        appended.append((threading.current_thread().name, len(c)))
+
+    monkeypatch.setattr(store.ShardFile, "append", spy_append)
+    monkeypatch.setattr(pipeline, "WRITE_BYTES", 40)  # every 3 batches of 4 rows x 4 float32
+    job = pipeline.EncodeJob("m.pt", [f"p{i}" for i in range(n)], np.arange(n, dtype=np.int32),
+                             str(tmp_path / "part"), 10, 4, "float32")
+    skipped = {3, 17}
+    waited = []
+
+    def fake_stream(model, paths, device, *a, segments=None, fail_at=None, **k):
+        for si, (lo, hi) in enumerate(segments):
+            for b in range(lo, hi, 4):
+                e = min(hi, b + 4)
+                if e == hi:  # before a shard's last batch: its first rows were appended already
+                    for _ in range(1000):
+                        if len(appended) > len(waited):
+                            break
+                        threading.Event().wait(0.01)
+                    waited.append(len(appended))
+                if b == fail_at:
+                    raise RuntimeError("encoder failed")
+                ok = np.array([i for i in range(b, e) if i not in skipped], np.int64)
+                yield si, e == hi, ok, codes[ok], feats[ok], [(i, "bad") for i in range(b, e) if i in skipped]
+
+    monkeypatch.setattr(stream, "encode_stream", fake_stream)
+
+    class M:
+        class config:
+            bits, feature_dim = 48, dim
+
+    assert pipeline.encode_local(M, job, [0, 1, 2], "cpu") == (3, 0)
+    assert waited and all(w > 0 for w in waited)
+    assert {name for name, _ in appended} == {"dhf-shard-writer_0"}
+    for s in range(3):
+        lo, hi = job.bounds(s)
+        ok = [i for i in range(lo, hi) if i not in skipped]
+        got = store.read_shard(layout.part_files(job.part_dir, s)[0])
+        assert list(got["ids"]) == ok and np.array_equal(got["codes"], codes[ok])
+        assert np.array_equal(got["features"], feats[ok]) and list(got["labels"]) == ok
+        assert layout.read_part_skips(job.part_dir, s) == [(f"p{i}", "bad") for i in range(lo, hi) if i in skipped]
+
+    job2 = pipeline.EncodeJob("m.pt", job.paths, job.labels, str(tmp_path / "part2"), 10, 4, "float32")
+    monkeypatch.setattr(stream, "encode_stream", lambda *a, **k: fake_stream(*a, **k, fail_at=14))
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        pipeline.encode_local(M, job2, [0, 1, 2], "cpu")
+    left = sorted(os.listdir(job2.part_dir))
+    assert not [f for f in left if f.startswith(".tmp-")]
+    assert layout.part_complete(job2.part_dir, 0) and not layout.part_complete(job2.part_dir, 1)

@@ -101,3 +101,67 @@ def test_rank_pools_cpu_matches_rank_pool(k):
     # float16 features give float32 distances
     got16 = rank_pools_cpu(Q, pools, lambda u: X[u].astype(np.float16), k)
     assert all(gd.dtype == np.float32 for _, gd in got16)
+
+
+def _rows(n, dim=8, dtype=np.float32, seed=3):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 6), dtype=np.uint8), rng.standard_normal((n, dim)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_shard_file_appended_in_batches_reads_back_contiguous(tmp_path, dtype):
+    """Rows streamed batch by batch read back equal to the arrays (numpy), the features stay one
+    contiguous uncompressed block, the sha256 is the file's, and no temporary file is left."""
+    from deephash_faiss.model import file_sha256
+    from deephash_faiss.store import ShardFile
+
+    codes, feats = _rows(37, dtype=dtype)
+    p = str(tmp_path / "part-00000.h5")
+    sf = ShardFile(p, 37, 6, 8, dtype)
+    for a, b in [(0, 0), (0, 5), (5, 6), (6, 30), (30, 37)]:  # an empty batch too
+        sf.append(codes[a:b], feats[a:b])
+    assert not os.path.exists(p)  # the final name appears only at commit
+    info = sf.commit(np.arange(100, 137), [f"{i}.jpg" for i in range(37)], np.arange(37, dtype=np.int32))
+    assert info == {"file": "part-00000.h5", "rows": 37, "sha256": file_sha256(p)}
+    s = read_shard(p)
+    assert np.array_equal(s["codes"], codes) and np.array_equal(s["features"], feats)
+    assert s["features"].dtype == dtype and list(s["ids"]) == list(range(100, 137))
+    with h5py.File(p, "r") as f:
+        assert f["features"].chunks is None and f["features"].compression is None
+        assert f["features"].id.get_offset() is not None
+    assert os.listdir(tmp_path) == ["part-00000.h5"]
+
+
+def test_shard_file_with_skipped_rows_is_rewritten_at_its_true_size(tmp_path, monkeypatch):
+    import deephash_faiss.store as store
+
+    monkeypatch.setattr(store, "_COPY_ROWS", 4)  # the copy in several pieces
+    codes, feats = _rows(11)
+    p = str(tmp_path / "part-00001.h5")
+    sf = store.ShardFile(p, 20, 6, 8, np.float32)  # 20 expected, 11 came
+    sf.append(codes[:7], feats[:7])
+    sf.append(codes[7:], feats[7:])
+    info = sf.commit(np.arange(11), [f"{i}.jpg" for i in range(11)], np.zeros(11, np.int32))
+    assert info["rows"] == 11 and info["sha256"] == store.file_sha256(p)
+    s = read_shard(p)
+    assert s["codes"].shape == (11, 6) and np.array_equal(s["features"], feats)
+    with h5py.File(p, "r") as f:
+        assert f["features"].shape == (11, 8) and f["features"].chunks is None
+    assert os.listdir(tmp_path) == ["part-00001.h5"]
+
+
+def test_shard_file_refuses_extra_rows_and_abort_leaves_nothing(tmp_path):
+    from deephash_faiss.store import ShardFile
+
+    codes, feats = _rows(5)
+    p = str(tmp_path / "part-00002.h5")
+    sf = ShardFile(p, 4, 6, 8, np.float32)
+    with pytest.raises(ValueError, match="more than its 4 rows"):
+        sf.append(codes, feats)
+    with pytest.raises(ValueError, match="differ in length"):
+        sf.append(codes[:2], feats[:3])
+    sf.append(codes[:2], feats[:2])
+    with pytest.raises(ValueError, match="differ in length"):
+        sf.commit(np.arange(3), ["a", "b", "c"], np.zeros(3, np.int32))
+    sf.abort()
+    assert os.listdir(tmp_path) == []

@@ -191,8 +191,9 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
                       binary_weight=args.binary_weight, balance_weight=args.balance_weight)
     weights = "none" if args.from_scratch else "default"
     method = "frozen" if args.frozen else "finetune"
+    init_seed = args.seed if args.init_seed is None else args.init_seed
     model = build_model(args.backbone, bits, classes, weights=weights, input_size=args.input_size,
-                        load_size=NATIVE[dataset], seed=args.seed, method=method)
+                        load_size=NATIVE[dataset], seed=init_seed, method=method)
     log(f"== {dataset} {protocol} {bits} bits: {args.backbone} ({'scratch' if args.from_scratch else 'ImageNet'}, "
         f"{method}) train {len(tr_x)}, database {len(db_x)}, queries {len(q_x)}")
     t0 = time.perf_counter()
@@ -221,6 +222,12 @@ def run_one(args, dataset, bits, train, db, queries, classes, device, protocol, 
                 log(f"variant {wname}{' flip' if flip else ''}: {variants[list(variants)[-1]]}")
         model.load_state_dict(own)
     model.config.flip_average = args.flip_average
+    if args.save_model:  # the weights as the run ended (not averaged), for benchmarks/soup.py
+        now = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if raw_state:
+            model.load_state_dict(raw_state)
+        save_checkpoint(model, args.save_model)
+        model.load_state_dict(now)
     test_acc = float((predict_logits(model, q_x, device).argmax(1).numpy() == q_y).mean())
     log(f"trained in {train_s:.1f} s; query-set accuracy {test_acc:.4f}")
     t0 = time.perf_counter()
@@ -339,7 +346,12 @@ def main(argv=None):
     p.add_argument("--max-candidates", type=int, default=10_000)
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split (smoke tests)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed; also the split's and the new layers' "
+                   "unless --split-seed / --init-seed are given")
+    p.add_argument("--split-seed", type=int, default=None, help="seed of the cifar10-1 split (default: --seed)")
+    p.add_argument("--init-seed", type=int, default=None, help="seed of H's and the classifier's initial weights "
+                   "(default: --seed); runs that share it can be averaged (benchmarks/soup.py)")
+    p.add_argument("--save-model", default=None, metavar="PATH", help="also save the trained model (last weights)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-timing", action="store_true", help="skip search timing (also skipped without faiss)")
@@ -360,7 +372,7 @@ def main(argv=None):
     data, classes = load_archive(path, NATIVE[args.dataset], args.limit)
     log(f"decoded {sum(len(v[0]) for v in data.values())} images from {path} in {time.perf_counter() - t0:.1f} s")
     if args.protocol == "cifar10-1":
-        train, db, queries = cifar10_1_split(data, args.seed)
+        train, db, queries = cifar10_1_split(data, args.seed if args.split_seed is None else args.split_seed)
     else:
         train, db, queries = data["train"], data["train"], data["test"]
     for bits in args.bits:

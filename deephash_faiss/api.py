@@ -75,6 +75,9 @@ def train_model(
     Returns:
         (model, history).
     """
+    from .store import check_output_path
+
+    check_output_path(out, "-o")  # before training: a checkpoint that cannot be saved wastes the run
     images = scan_images(data_dir)
     if len(images) == 0:
         raise DhfError(f"no images found under {data_dir}")
@@ -94,6 +97,9 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
     from .train import fit_head
 
     labelled = images.labelled and len(images.classes) >= 2
+    for opt, size in (("--input-size", input_size), ("--load-size", load_size)):
+        if size is not None and size < 1:
+            raise DhfError(f"{opt} must be at least 1 pixel, got {size}")
     if resume:
         model = load_model(resume)
         if method not in ("auto", model.config.method):
@@ -145,25 +151,32 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
         state = read_checkpoint(resume).get("train_state") or {}
         done = method == "itq" or int(state.get("epoch", -1)) + 1 >= cfg.epochs
         history = list(state.get("history", []))
+    if method == "itq" and not done:
+        itq.check_enough_images(model.config.bits, len(images))  # before computing fc7 for nothing
     cache_dir = work_dir or os.path.join(os.path.dirname(os.path.abspath(out)),
                                          f".{os.path.basename(out)}.fc7-cache")
-    feats = featurecache.compute_features(model, images.paths, cache_dir, dev, cfg.batch_size,
-                                          stamps=file_stamps(images.paths), progress=progress, log=log)
-    for i, reason in feats.bad:
-        log(f"skipped {images.paths[i]}: {reason}")
-    if len(feats.pos) < 2:
-        raise DhfError(f"fewer than two decodable images under {data_dir}")
-    if done:
-        log(f"training already complete in {resume}")
-    elif method == "frozen":
-        history = fit_head(model, feats.fc7, images.labels[feats.pos], cfg, dev, checkpoint_path=out,
-                           resume=resume, progress=progress)
-    else:
-        t0 = time.perf_counter()
-        summary = itq.fit_latent(model, feats.fc7, seed=cfg.seed)
-        history = [{**summary, "epoch": 1, "seconds": round(time.perf_counter() - t0, 3)}]
-        save_checkpoint(model, out, train_state={"epoch": 0, "history": history, "method": "itq"},
-                        metrics=history[-1])
+    try:
+        feats = featurecache.compute_features(model, images.paths, cache_dir, dev, cfg.batch_size,
+                                              stamps=file_stamps(images.paths), progress=progress, log=log)
+        for i, reason in feats.bad:
+            log(f"skipped {images.paths[i]}: {reason}")
+        if len(feats.pos) < 2:
+            raise DhfError(f"fewer than two decodable images under {data_dir}")
+        if done:
+            log(f"training already complete in {resume}")
+        elif method == "frozen":
+            history = fit_head(model, feats.fc7, images.labels[feats.pos], cfg, dev, checkpoint_path=out,
+                               resume=resume, progress=progress)
+        else:
+            t0 = time.perf_counter()
+            summary = itq.fit_latent(model, feats.fc7, seed=cfg.seed)
+            history = [{**summary, "epoch": 1, "seconds": round(time.perf_counter() - t0, 3)}]
+            save_checkpoint(model, out, train_state={"epoch": 0, "history": history, "method": "itq"},
+                            metrics=history[-1])
+    except DhfError:  # bad input: no fc7 cache left beside OUT (an interrupted run keeps it, to resume)
+        if work_dir is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        raise
     if work_dir is None:
         shutil.rmtree(cache_dir, ignore_errors=True)
     model.eval()

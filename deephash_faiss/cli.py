@@ -818,6 +818,10 @@ def evaluate(index_opt, query_dir, mode, top_k, radius, max_candidates, json_arg
         output = json_arg
     if top_k < 1:
         raise DhfError("--top-k must be at least 1")
+    if output:
+        from .store import check_output_path
+
+        check_output_path(output, "--output")  # before the evaluation, not after it
     modes = ["bcs", "hds", "es"] if mode == "all" else [mode]
     s = api.open_index(index_dir, device=device, features_in_memory=True)
     check_search_args(1, radius, max_candidates, s.live_count(), s.bits)

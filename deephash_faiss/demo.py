@@ -37,9 +37,16 @@ def run_demo(out: str, epochs: int = 8, bits: int = 48, device: str = "auto", pr
     """Train, build, search and evaluate on the digits; returns the metrics printed."""
     from . import api
     from .data import scan_images
+    from .errors import DhfError
     from .index import IndexSpec
     from .metrics import evaluate_codes, evaluate_ranking
+    from .store import check_output_path
 
+    if epochs < 1:  # before the digits are written
+        raise DhfError("--epochs must be at least 1")
+    if bits < 8 or bits % 8:
+        raise DhfError(f"--bits must be a positive multiple of 8, got {bits}")
+    check_output_path(out, "-o", folder=True)
     t0 = time.perf_counter()
     train_dir, test_dir = write_digits(os.path.join(out, "digits"))
     echo(f"[1/4] wrote scikit-learn digits to {out}/digits (train/test, 10 classes)")

@@ -182,7 +182,8 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
     import h5py
 
     from .index import BinaryIndex, IndexSpec
-    from .store import FeatureStore, _decode_path, atomic_write_bytes, read_manifest, write_manifest, write_shard
+    from .store import (FeatureStore, _decode_path, atomic_write_bytes, check_output_path, read_manifest,
+                        write_manifest, write_shard)
 
     m = read_manifest(index_dir)
     store = FeatureStore(index_dir, m)
@@ -191,6 +192,7 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
         raise DhfError("-n must be at least 1")
     if n > max(1, count):
         raise DhfError(f"cannot split {count} images into {n} shards")
+    check_output_path(out_dir, "-o", folder=True)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise DhfError(f"{out_dir} exists and is not empty")
     spec = IndexSpec.from_dict(m["index"])

@@ -107,6 +107,10 @@ class IndexSpec:
         if self.kind not in INDEX_KINDS:
             raise DhfError(f"unknown index type {self.kind!r}; choose from {', '.join(INDEX_KINDS)}")
         if self.kind in ("hash", "multihash"):
+            if self.hash_bits is not None and self.hash_bits < 1:
+                raise DhfError(f"--hash-bits must be at least 1, got {self.hash_bits}")
+            if self.kind == "multihash" and self.nhash < 1:
+                raise DhfError(f"--nhash must be at least 1, got {self.nhash}")
             b = self.resolved_hash_bits(bits)
             if not 1 <= b <= min(bits, 63):
                 raise DhfError(f"hash bits must be in 1..{min(bits, 63)}, got {b}")

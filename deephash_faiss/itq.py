@@ -46,9 +46,7 @@ def fit_itq(features: np.ndarray, bits: int, seed: int = 0, max_train: int | Non
     n, d = x.shape
     if not 0 < bits <= d:
         raise DhfError(f"--bits {bits} must be at most the feature dimension {d} for unsupervised codes")
-    if bits > n:
-        raise DhfError(f"{bits}-bit unsupervised codes need at least {bits} images ({n} given): "
-                       f"add images or pass --bits {max(8, n // 8 * 8) if n >= 8 else 8}")
+    check_enough_images(bits, n)
     if not np.isfinite(x).all():
         raise DhfError("features hold NaN or infinite values")
     limit = max_train or max(20_000, 10 * d)
@@ -64,6 +62,16 @@ def fit_itq(features: np.ndarray, bits: int, seed: int = 0, max_train: int | Non
     r = faiss.vector_to_array(rot.A).reshape(bits, bits)
     w = (r.astype(np.float64) @ p.astype(np.float64)).astype(np.float32)
     return mean, w
+
+
+def check_enough_images(bits: int, n: int) -> None:
+    """Refuse ``bits``-bit unsupervised codes from ``n`` images (PCA gives at most n directions)."""
+    if n < 8:
+        raise DhfError(f"unsupervised codes need at least 8 images (the shortest code is 8 bits), {n} given: "
+                       f"add images")
+    if bits > n:
+        raise DhfError(f"{bits}-bit unsupervised codes need at least {bits} images ({n} given): "
+                       f"add images or pass --bits {n // 8 * 8}")
 
 
 def default_bits(n_images: int) -> int:

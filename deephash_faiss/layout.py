@@ -88,7 +88,10 @@ def prepare_target(index_dir: str) -> None:
     """
     if os.path.exists(index_dir) and not os.path.isdir(index_dir):
         raise DhfError(f"{index_dir} exists and is not a folder")
-    os.makedirs(index_dir, exist_ok=True)
+    try:
+        os.makedirs(index_dir, exist_ok=True)
+    except OSError as err:  # a parent is a file, not writable, ...
+        raise DhfError(f"cannot create the index folder {index_dir}: {err.strerror or err}") from None
     names = os.listdir(index_dir)
     if MANIFEST in names or LEDGER in names:
         return
@@ -100,6 +103,22 @@ def prepare_target(index_dir: str) -> None:
                        f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
                        f"choose a new or empty folder")
     _ledger_write(index_dir, [])
+
+
+def remove_if_unused(index_dir: str) -> None:
+    """Remove ``index_dir`` if it holds only what :func:`prepare_target` and the lock made
+    (an empty ledger, ``.lock``, an empty ``shards/``): a new folder of a build that failed
+    before it wrote anything. Not while another writer holds its lock."""
+    try:
+        with IndexLock(index_dir):
+            names = set(os.listdir(index_dir))
+            shards = os.path.join(index_dir, "shards")
+            if (not names <= {LOCK, LEDGER, "shards"} or owned_files(index_dir)
+                    or ("shards" in names and (not os.path.isdir(shards) or os.listdir(shards)))):
+                return
+            shutil.rmtree(index_dir, ignore_errors=True)
+    except (OSError, DhfError):
+        return
 
 
 class IndexLock:

@@ -283,8 +283,9 @@ def build_efficientnet_lite2(weights: str | None = "imagenet") -> tuple[nn.Modul
 
 def build_smallcnn(weights: str | None = None) -> tuple[nn.Module, int]:
     """A small CNN for tiny images (MNIST, CIFAR, digits), trained from scratch: (backbone, 512)."""
-    if weights not in (None, "none", "imagenet"):
-        raise DhfError("smallcnn has no pretrained weights; use --weights none")
+    if weights not in (None, "none"):  # "imagenet" too: a frozen random net would be trained silently
+        raise DhfError(f"smallcnn has no pretrained weights (it trains from scratch), not {weights!r}; "
+                       f"use --weights none")
 
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]

@@ -563,7 +563,20 @@ def build(
     train_options: dict[str, Any] | None = None,
 ) -> BuildReport:
     """The build: prepare -> lock -> (train) -> job key -> encode via ``executor`` -> finalize.
-    See :func:`deephash_faiss.api.build_index`."""
+    See :func:`deephash_faiss.api.build_index`. A build that fails before it wrote anything
+    removes the ``index_dir`` it created (an interrupted one keeps its work, to resume)."""
+    created = not os.path.lexists(index_dir)
+    try:
+        return _build(images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, executor,
+                      decoder, progress, log, train_options)
+    except BaseException:
+        if created:
+            layout.remove_if_unused(index_dir)
+        raise
+
+
+def _build(images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, executor, decoder,
+           progress, log, train_options) -> BuildReport:
     from .model import file_sha256, load_model
     from .stream import _trace, start_trace_clock, stop_trace_clock
 
@@ -603,6 +616,11 @@ def build(
         phases["key"] = t2 - t1
         _trace("job key done")
         written, reused = encode(job, executor, progress, log)
+        bad = [b for s in range(job.nshards) for b in layout.read_part_skips(job.part_dir, s)]
+        if job.paths and len(bad) >= len(job.paths):  # an index of no rows would replace the current one
+            shutil.rmtree(job.part_dir, ignore_errors=True)
+            raise DhfError(f"none of the {len(job.paths)} images under {images_dir} could be decoded "
+                           f"({bad[0][0]}: {bad[0][1]}); {index_dir} was not changed")
         t3 = time.perf_counter()
         phases["encode"] = t3 - t2
         _trace("encoded")

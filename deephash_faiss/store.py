@@ -54,6 +54,24 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def check_output_path(path: str, what: str, folder: bool = False) -> None:
+    """Refuse, before any work is done, an output ``path`` that cannot be written: a folder
+    where a file is wanted (or a file where a ``folder`` is), or a path whose nearest existing
+    parent is a file or not writable. ``what`` names it in the message (``"-o"``, ``"--output"``)."""
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise DhfError(f"{what} {path} exists and is not a folder")
+    elif os.path.isdir(path):
+        raise DhfError(f"{what} {path} is a folder; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DhfError(f"cannot write {what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DhfError(f"cannot write {what} {path}: {parent} is not writable")
+
+
 def write_manifest(index_dir: str, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (the commit), after :func:`stamp_files`."""
     stamp_files(index_dir, manifest)

@@ -38,6 +38,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -105,10 +106,23 @@ def prepare_target(index_dir: str) -> None:
     _ledger_write(index_dir, [])
 
 
-def remove_if_unused(index_dir: str) -> None:
-    """Remove ``index_dir`` if it holds only what :func:`prepare_target` and the lock made
-    (an empty ledger, ``.lock``, an empty ``shards/``): a new folder of a build that failed
-    before it wrote anything. Not while another writer holds its lock."""
+@contextlib.contextmanager
+def removed_if_unused_on_failure(index_dir: str):
+    """Around a build: if ``index_dir`` did not exist before and the build fails (any
+    exception, an interrupt too), remove it when it holds only what :func:`prepare_target`
+    and the lock made (an empty ledger, ``.lock``, an empty ``shards/``). A folder with any
+    written work (a partial dir, a shard, a ledger entry) stays, to resume; so does one whose
+    lock another writer holds."""
+    created = not os.path.lexists(index_dir)
+    try:
+        yield
+    except BaseException:
+        if created:
+            _remove_if_unused(index_dir)
+        raise
+
+
+def _remove_if_unused(index_dir: str) -> None:
     try:
         with IndexLock(index_dir):
             names = set(os.listdir(index_dir))

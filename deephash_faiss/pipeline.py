@@ -565,80 +565,69 @@ def build(
     """The build: prepare -> lock -> (train) -> job key -> encode via ``executor`` -> finalize.
     See :func:`deephash_faiss.api.build_index`. A build that fails before it wrote anything
     removes the ``index_dir`` it created (an interrupted one keeps its work, to resume)."""
-    created = not os.path.lexists(index_dir)
-    try:
-        return _build(images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, executor,
-                      decoder, progress, log, train_options)
-    except BaseException:
-        if created:
-            layout.remove_if_unused(index_dir)
-        raise
+    with layout.removed_if_unused_on_failure(index_dir):
+        from .model import file_sha256, load_model
+        from .stream import _trace, start_trace_clock, stop_trace_clock
 
+        t0 = time.perf_counter()
+        start_trace_clock()
+        _trace("build starts")
+        executor = executor or LocalExecutor()
+        if model_path is not None and hasattr(executor, "start"):
+            executor.start(model_path, batch_size)  # CUDA: model onto the GPU, first warm-up, while we scan
+        spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
+        phases = {"prepare": time.perf_counter() - t0}
+        _trace(f"prepared: {len(images.paths)} images")
+        with layout.IndexLock(index_dir):
+            layout.current_manifest(index_dir)  # refuses to overwrite an index of a newer format
+            trained = False
+            if model_path is None:
+                # training is not distributed: it runs here (INDEX/.train-<key>/, resumable); a
+                # frozen-backbone model comes with an encoder reading the fc7 cached while training
+                from .api import _train_for_build
+                from .model import resolve_device
 
-def _build(images_dir, index_dir, model_path, spec, batch_size, shard_size, feature_dtype, executor, decoder,
-           progress, log, train_options) -> BuildReport:
-    from .model import file_sha256, load_model
-    from .stream import _trace, start_trace_clock, stop_trace_clock
-
-    t0 = time.perf_counter()
-    start_trace_clock()
-    _trace("build starts")
-    executor = executor or LocalExecutor()
-    if model_path is not None and hasattr(executor, "start"):
-        executor.start(model_path, batch_size)  # CUDA: model onto the GPU, first warm-up, while we scan
-    spec, images = prepare_build(images_dir, index_dir, spec, feature_dtype, shard_size, batch_size)
-    phases = {"prepare": time.perf_counter() - t0}
-    _trace(f"prepared: {len(images.paths)} images")
-    with layout.IndexLock(index_dir):
-        layout.current_manifest(index_dir)  # refuses to overwrite an index of a newer format
-        trained = False
-        if model_path is None:
-            # training is not distributed: it runs here (INDEX/.train-<key>/, resumable); a
-            # frozen-backbone model comes with an encoder reading the fc7 cached while training
-            from .api import _train_for_build
-            from .model import resolve_device
-
-            dev = getattr(executor, "device", None) or resolve_device("auto")
-            model_path, _, cached = _train_for_build(images, images_dir, index_dir, dev, progress, log,
-                                                     dict(train_options or {}))
-            trained = True
-            if cached is not None:
-                log("encoding from the fc7 cached while training (no second decode)")
-                executor, decoder = LocalExecutor(str(dev), encode=cached), "pil"
-        t1 = time.perf_counter()
-        model = load_model(model_path)  # config and a check that it loads, before any worker starts
-        spec.check(model.config.bits)
-        dec = resolve_decoder(decoder, executor.device_type, images.paths)
-        key = build_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, dec)
-        job = EncodeJob(os.path.abspath(model_path), list(images.paths), np.asarray(images.labels),
-                        layout.partial_dir(index_dir, key), shard_size, batch_size, feature_dtype, dec)
-        t2 = time.perf_counter()
-        phases["key"] = t2 - t1
-        _trace("job key done")
-        written, reused = encode(job, executor, progress, log)
-        bad = [b for s in range(job.nshards) for b in layout.read_part_skips(job.part_dir, s)]
-        if job.paths and len(bad) >= len(job.paths):  # an index of no rows would replace the current one
+                dev = getattr(executor, "device", None) or resolve_device("auto")
+                model_path, _, cached = _train_for_build(images, images_dir, index_dir, dev, progress, log,
+                                                         dict(train_options or {}))
+                trained = True
+                if cached is not None:
+                    log("encoding from the fc7 cached while training (no second decode)")
+                    executor, decoder = LocalExecutor(str(dev), encode=cached), "pil"
+            t1 = time.perf_counter()
+            model = load_model(model_path)  # config and a check that it loads, before any worker starts
+            spec.check(model.config.bits)
+            dec = resolve_decoder(decoder, executor.device_type, images.paths)
+            key = build_key(file_sha256(model_path), images.paths, shard_size, feature_dtype, dec)
+            job = EncodeJob(os.path.abspath(model_path), list(images.paths), np.asarray(images.labels),
+                            layout.partial_dir(index_dir, key), shard_size, batch_size, feature_dtype, dec)
+            t2 = time.perf_counter()
+            phases["key"] = t2 - t1
+            _trace("job key done")
+            written, reused = encode(job, executor, progress, log)
+            bad = [b for s in range(job.nshards) for b in layout.read_part_skips(job.part_dir, s)]
+            if job.paths and len(bad) >= len(job.paths):  # an index of no rows would replace the current one
+                shutil.rmtree(job.part_dir, ignore_errors=True)
+                raise DhfError(f"none of the {len(job.paths)} images under {images_dir} could be decoded "
+                               f"({bad[0][0]}: {bad[0][1]}); {index_dir} was not changed")
+            t3 = time.perf_counter()
+            phases["encode"] = t3 - t2
+            _trace("encoded")
+            if getattr(executor, "first_batch_s", None) is not None:
+                phases["first_batch"] = executor.first_batch_s
+            manifest = layout.finalize_build(index_dir, job.part_dir, job.nshards, model_path, model.config, spec,
+                                             feature_dtype, images.classes, images_dir, images.skipped, decoder=dec)
             shutil.rmtree(job.part_dir, ignore_errors=True)
-            raise DhfError(f"none of the {len(job.paths)} images under {images_dir} could be decoded "
-                           f"({bad[0][0]}: {bad[0][1]}); {index_dir} was not changed")
-        t3 = time.perf_counter()
-        phases["encode"] = t3 - t2
-        _trace("encoded")
-        if getattr(executor, "first_batch_s", None) is not None:
-            phases["first_batch"] = executor.first_batch_s
-        manifest = layout.finalize_build(index_dir, job.part_dir, job.nshards, model_path, model.config, spec,
-                                         feature_dtype, images.classes, images_dir, images.skipped, decoder=dec)
-        shutil.rmtree(job.part_dir, ignore_errors=True)
-        if trained:
-            from .api import _remove_train_dirs
+            if trained:
+                from .api import _remove_train_dirs
 
-            _remove_train_dirs(index_dir)
-        skipped = layout.read_skip_report(index_dir, manifest)
-        phases["finalize"] = time.perf_counter() - t3
-        _trace("finalized")
-    stop_trace_clock()
-    return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained, dec,
-                       phases)
+                _remove_train_dirs(index_dir)
+            skipped = layout.read_skip_report(index_dir, manifest)
+            phases["finalize"] = time.perf_counter() - t3
+            _trace("finalized")
+        stop_trace_clock()
+        return BuildReport(index_dir, manifest["count"], skipped, written, reused, time.perf_counter() - t0, trained,
+                           dec, phases)
 
 
 def build_key(model_sha: str, paths: list[str], shard_size: int, feature_dtype: str, decoder: str) -> str:

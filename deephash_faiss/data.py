@@ -9,6 +9,14 @@ Every image is decoded the same way for training, indexing and querying: PIL dec
 converted to 8-bit RGB, shorter side resized to ``load_size`` and centre-cropped to a
 ``load_size`` x ``load_size`` square. The model then resizes that square to its input
 size on the device (:meth:`deephash_faiss.model.HashNet.preprocess`).
+
+A JPEG already at the load size (shorter side == ``load_size``, e.g. CIFAR-10's 32 px files)
+needs no resampling, only decoding and the crop; where torch is loaded, such files are decoded
+by torchvision's libjpeg-turbo operator instead of PIL (4x faster per image: PIL's per-file
+overhead, not the decode, is most of a 32-px image's time). That path is used only after a
+self-check shows it gives PIL's pixels exactly on this machine, and any file it declines or
+fails on goes through PIL, so the output (and every skip reason) is PIL's either way
+(:func:`as_is_jpeg`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -253,11 +262,20 @@ def decode_image(source: str | bytes, size: int, max_pixels: int | None = None) 
         if isinstance(source, (bytes, bytearray, memoryview)):
             if not len(source):
                 raise ImageDecodeError("empty file")
-            opened = io.BytesIO(source)
+            encoded = source
         else:
-            if os.path.getsize(source) == 0:
+            nbytes = os.path.getsize(source)
+            if nbytes == 0:
                 raise ImageDecodeError("empty file")
-            opened = source
+            encoded = None
+            if nbytes <= _as_is_max_bytes(size) and as_is_jpeg_enabled():  # larger files are not at the load size
+                with open(source, "rb") as f:
+                    encoded = f.read()
+        if encoded is not None and as_is_jpeg_enabled():
+            arr = as_is_jpeg(encoded, size, max_pixels)
+            if arr is not None:
+                return arr
+        opened = io.BytesIO(encoded) if encoded is not None else source
         with Image.open(opened) as raw:
             reduce_while_decoding(raw, size)
             check_pixels(raw, max_pixels)
@@ -291,6 +309,94 @@ def decode_image(source: str | bytes, size: int, max_pixels: int | None = None) 
     if arr.shape != (size, size, 3):
         raise ImageDecodeError(f"unexpected decoded shape {arr.shape}")
     return arr
+
+
+def as_is_jpeg(data: bytes | bytearray | memoryview, size: int, max_pixels: int | None = None) -> np.ndarray | None:
+    """A JPEG already at the load size, decoded by torchvision's libjpeg-turbo operator.
+
+    Takes only what needs no resampling and no EXIF rotation: a baseline, extended or
+    progressive JPEG with 1 or 3 components, ending with its EOI marker, whose shorter side is
+    ``size`` (and longer side at most 16x that), within ``max_pixels`` and PIL's pixel limit.
+    Centre crop as :func:`_square`. Call only where :func:`as_is_jpeg_enabled` is true.
+
+    Returns:
+        uint8 [size, size, 3] (the pixels :func:`decode_image` gets from PIL), or None: the
+        file is not such a JPEG or the operator failed on it -- decode it with PIL.
+    """
+    from PIL import Image
+
+    from .gpudecode import RGB, _SOF_OK, image_ops, jpeg_header
+
+    h = jpeg_header(data)
+    if (h is None or h["sof"] not in _SOF_OK or h["components"] not in (1, 3)
+            or h["orientation"] not in (None, 1) or bytes(data[-2:]) != b"\xff\xd9"):
+        return None
+    w, hh = h["width"], h["height"]
+    limit = Image.MAX_IMAGE_PIXELS
+    if (min(w, hh) != size or max(w, hh) > 16 * size or (max_pixels is not None and w * hh > max_pixels)
+            or (limit and w * hh > limit)):
+        return None
+    import torch
+
+    try:
+        img = image_ops().decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), RGB, False)
+    except Exception:  # noqa: BLE001 - PIL decides what a bad file is
+        return None
+    if tuple(img.shape) != (3, hh, w):
+        return None
+    left, top = (w - size) // 2, (hh - size) // 2
+    return np.ascontiguousarray(img[:, top:top + size, left:left + size].permute(1, 2, 0).numpy())
+
+
+_AS_IS: list[bool] = []  # the self-check's verdict, once per process
+
+
+def _as_is_max_bytes(size: int) -> int:
+    """Files above this many bytes are left to PIL unread: a JPEG with shorter side ``size``
+    and longer side <= 16x that is smaller (3 bytes a pixel, plus 256 KiB of markers and EXIF),
+    and a photo is not read into memory twice."""
+    return 48 * size * size + (256 << 10)
+
+
+def as_is_jpeg_enabled() -> bool:
+    """Whether :func:`as_is_jpeg` is used here: torch is already imported (a spawned decode
+    worker does not pay its import for this), ``DHF_AS_IS_JPEG`` is not ``0``, and a self-check
+    (small colour, 4:4:4, grayscale and progressive JPEGs, made by PIL) decodes them to PIL's
+    pixels exactly -- so a torchvision built with another libjpeg than Pillow's is never used."""
+    if _AS_IS:
+        return _AS_IS[0]
+    if "torch" not in sys.modules:
+        return False  # not decided: a later call, after torch is imported, may enable it
+    ok = os.environ.get("DHF_AS_IS_JPEG", "1") != "0"
+    if ok:
+        try:
+            ok = _as_is_self_check()
+        except Exception:  # noqa: BLE001 - no operator, no torchvision: PIL only
+            ok = False
+    _AS_IS.append(ok)
+    return ok
+
+
+def _as_is_self_check() -> bool:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (40, 33, 3), dtype=np.uint8)
+    base[::3] //= 2  # some structure, some noise
+    cases = [("RGB", {"quality": 90}), ("RGB", {"quality": 75, "subsampling": 0}),
+             ("L", {"quality": 85}), ("RGB", {"quality": 80, "progressive": True})]
+    for mode, opts in cases:
+        buf = io.BytesIO()
+        Image.fromarray(base).convert(mode).save(buf, "JPEG", **opts)
+        data = buf.getvalue()
+        with Image.open(io.BytesIO(data)) as im:
+            ref = _rgb_square(im.convert("RGB") if mode == "RGB" else im, 33)
+        got = as_is_jpeg(data, 33)
+        if got is None or not np.array_equal(got, ref):
+            return False
+    return True
 
 
 def reduce_while_decoding(img, size: int) -> None:

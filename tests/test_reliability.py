@@ -111,7 +111,23 @@ def test_unreadable_file(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", p)
         return real_open(path, *a, **kw)
 
+    from deephash_faiss import data
+
+    monkeypatch.setattr(data, "_AS_IS", [False])  # PIL opens the path itself
     monkeypatch.setattr(Image, "open", deny)
+    with pytest.raises(Exception, match="permission denied"):
+        decode_image(p, 8)
+
+    # where decode_image reads the file itself (the as-is JPEG path), the same message
+    monkeypatch.setattr(data, "_AS_IS", [True])
+    real_builtin_open = open
+
+    def deny_read(path, *a, **kw):
+        if os.fspath(path) == p:
+            raise PermissionError(13, "Permission denied", p)
+        return real_builtin_open(path, *a, **kw)
+
+    monkeypatch.setattr(data, "open", deny_read, raising=False)
     with pytest.raises(Exception, match="permission denied"):
         decode_image(p, 8)
 

@@ -8,23 +8,29 @@
 #   PHASE=start bash benchmarks/device/h200_c1_soup.sh   (setup, three runs in the background,
 #                                                          waits up to LIMIT s, collects)
 #   PHASE=soup  bash benchmarks/device/h200_c1_soup.sh   (waits for the runs, collects, soups)
+# (2026-12-06, eighteenth session, after the second call was lost twice with the machine:)
+#   SEEDS="0 1" PHASE=all bash benchmarks/device/h200_c1_soup.sh   (one call: start, wait up to LIMIT s,
+#   soup; two members, by estimate ~4.4 s an epoch on an H100 where three took 6.6 s: ~450 s of
+#   training, not measured)
 T0=$(date +%s)
-if [ "${PHASE:-start}" = start ]; then
+SEEDS=${SEEDS:-0 1 2}
+if [ "${PHASE:-start}" = start ] || [ "${PHASE}" = all ]; then
   python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /root/site .whlQ/*.whl || exit 1
   rm -rf /root/runs /root/repo && mkdir -p /root/stash /root/runs && cp -r .data /root/stash/ && cp -r "$PWD" /root/repo
   echo "[$(( $(date +%s) - T0 )) s] setup"
   cd /root/repo && export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
   P="--data /root/stash/.data --dataset cifar10 --protocol cifar10-1 --bits 48 --backbone efficientnet_lite2 --mix cutmix --epochs ${EPOCHS:-100} --flip-average --no-plots --no-timing --split-seed 0 --init-seed 0"
-  for s in 0 1 2; do
+  for s in $SEEDS; do
     setsid nohup python3 benchmarks/reproduce.py $P --seed $s --save-model /root/runs/m$s.pt --out /root/runs/soup_s$s \
       > /root/runs/soup_s$s.log 2>&1 < /dev/null &
   done
   bash /root/repo/benchmarks/device/h200_ema_flip_collect.sh $(( ${LIMIT:-570} - ($(date +%s) - T0) ))
-else
+fi
+if [ "${PHASE:-start}" != start ]; then
   cd /root/repo && export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
-  bash /root/repo/benchmarks/device/h200_ema_flip_collect.sh ${WAIT:-300}
+  [ "$PHASE" = all ] || bash /root/repo/benchmarks/device/h200_ema_flip_collect.sh ${WAIT:-300}
   ls -la /root/runs/*.pt
-  python3 benchmarks/soup.py --data /root/stash/.data --models /root/runs/m0.pt /root/runs/m1.pt /root/runs/m2.pt \
+  python3 benchmarks/soup.py --data /root/stash/.data --models $(for s in $SEEDS; do echo /root/runs/m$s.pt; done) \
     --split-seed 0 --flip-average --skip-members --device cuda --json $OUT/soup_c1_lite2_cutmix_48bits_100ep.json 2>&1 \
     | tr '\r' '\n' | grep -v "batch/s\|q/s\|it/s"
   echo "[$(( $(date +%s) - T0 )) s] soup done"

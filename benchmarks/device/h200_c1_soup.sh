@@ -9,11 +9,12 @@
 #                                                          waits up to LIMIT s, collects)
 #   PHASE=soup  bash benchmarks/device/h200_c1_soup.sh   (waits for the runs, collects, soups)
 # (2026-12-06, eighteenth session, after the second call was lost twice with the machine:)
-#   SEEDS="0 1" PHASE=all bash benchmarks/device/h200_c1_soup.sh   (one call: start, wait up to LIMIT s,
+#   SEEDS="0 1" PHASE=all bash benchmarks/device/h200_c1_soup.sh   (one call: start, wait up to LIMIT s (470),
 #   soup; two members, by estimate ~4.4 s an epoch on an H100 where three took 6.6 s: ~450 s of
 #   training, not measured)
 T0=$(date +%s)
 SEEDS=${SEEDS:-0 1 2}
+[ "${PHASE}" = all ] && : ${LIMIT:=470}  # leave the soup ~120 s of a 600 s call
 if [ "${PHASE:-start}" = start ] || [ "${PHASE}" = all ]; then
   python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /root/site .whlQ/*.whl || exit 1
   rm -rf /root/runs /root/repo && mkdir -p /root/stash /root/runs && cp -r .data /root/stash/ && cp -r "$PWD" /root/repo

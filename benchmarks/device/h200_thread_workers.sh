@@ -1,0 +1,45 @@
+#!/bin/bash
+# (2026-12-06, nineteenth session; carry .whl/ + .data/.) Issue 12: why thread decode (the as-is
+# JPEG path) starts slow on a 16-core GPU machine. (1) decode alone: 50,000 CIFAR-10 files through
+# the build's DecodePool + decode_chunk in 1/2/4/8/16 threads and 16 processes (PIL), torch loaded;
+# (2) `dhf build-index --device cuda` with the pool forced to threads at 4 / 8 / 16 workers (16
+# traced), beside the default (16 processes), alternating x2.
+source "$(dirname "$0")/setup_compiled.sh"
+mkdir -p /tmp/data && tar xzf .data/cifar10-jpg.tar.gz -C /tmp/data
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_build as b; b.make_model('/tmp/m32.pt', 'efficientnet_lite0', 48, 32, None)"
+t setup
+python3 - <<'PY' 2>&1 | tee $R/decode_only.txt
+import glob, json, os, time, torch
+from deephash_faiss import stream, data
+paths = sorted(glob.glob('/tmp/data/cifar10/train/*/*.jpg'))
+print(len(paths), 'files; as-is enabled:', data.as_is_jpeg_enabled())
+res = {}
+for kind, w in [('thread', 1), ('thread', 2), ('thread', 4), ('thread', 8), ('thread', 16), ('process', 16), ('thread', 4)]:
+    pool = stream.DecodePool(kind, w)
+    t0 = time.perf_counter()
+    chunk = max(16, -(-256 // w))
+    futs = [stream.submit_chunks(pool, stream.decode_chunk, paths[o:o + 256], 32, chunk) for o in range(0, len(paths), 256)]
+    n = sum(len(f.result()[0]) for f in futs)
+    dt = time.perf_counter() - t0
+    pool.close()
+    res[f'{kind}{w}'] = round(n / dt)
+    print(f'{kind:7s} {w:2d}: {n} in {dt:.2f} s = {n / dt:,.0f} img/s', flush=True)
+json.dump(res, open(os.environ['OUT'] + '/decode_only.json', 'w'))
+PY
+t decode-only
+A="build-index /tmp/data/cifar10/train --model /tmp/m32.pt -o /tmp/ix --device cuda --batch-size 256"
+b() {  # name kind workers [trace]
+  rm -rf /tmp/ix; local s=$(date +%s%N)
+  if [ $2 = process ]; then DHF_TRACE=${4:-0} timeout 90 python3 -m deephash_faiss.cli $A > $R/$1.log 2>&1
+  else DHF_TRACE=${4:-0} timeout 90 python3 -c "import sys; from deephash_faiss import stream, data; stream.PROCESS_MIN_CPUS = 1 << 30
+data.default_workers = lambda: $3
+from deephash_faiss.cli import main; sys.argv = ['dhf'] + '''$A'''.split(); main()" > $R/$1.log 2>&1; fi
+  echo "$1 wall $(( ($(date +%s%N) - s) / 1000000 )) ms" >> $R/$1.log; t "$1"
+  grep -h "indexed\|wall\|decode pool" $R/$1.log | tr '\r' '\n' | grep -v "it/s" | cut -c1-160
+}
+b trace16 thread 16 1; b trace_process process 16 1
+for i in 1 2; do b process$i process 16; b thread4_$i thread 4; b thread8_$i thread 8; b thread16_$i thread 16; done
+tr '\r' '\n' < $R/trace16.log | grep -v "it/s" | grep "dhf-trace" | head -30
+tr '\r' '\n' < $R/thread4_1.log | grep -o "[0-9]*/50000 \[[^]]*\]" | awk 'NR%8==1' | head -30
+nvidia-smi --query-gpu=name --format=csv,noheader
+cd $OUT && tar czf r.tgz r && rm -rf r

@@ -216,3 +216,36 @@ def test_probe_prefix_does_not_change_the_lists_probed(prefix, monkeypatch):
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_array_equal(a[1], b[1])
             assert a[2:] == b[2:]
+
+
+@pytest.mark.parametrize("max_candidates", [None, 320])
+def test_pools_within_the_budget_scan_the_lists_the_probe_picks(max_candidates, monkeypatch):
+    """A query whose reached lists hold at most nprobe x cell_size rows scans all of them,
+    unranked (:meth:`FineIndex._assign`): the same lists, per query, as the centroid-ranked
+    probe (WHOLE_POOL_FACTOR 0 sends every query through it), with and without a safety limit."""
+    import faiss.contrib.ivf_tools as ivf_tools
+
+    codes, feats, qc, qf = _data(seed=4)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    fi = FineIndex.build(idx, feats, cell_size=64, seed=0)
+    fp = FineParams(nprobe=6, refine=40, exact_max=0)
+    real = ivf_tools.search_preassigned
+    seen = []
+
+    def spy(index, x, k, Iq, Dq, *args, **kw):
+        seen.append((Iq.copy(), Dq.copy()))
+        return real(index, x, k, Iq, Dq, *args, **kw)
+
+    monkeypatch.setattr(ivf_tools, "search_preassigned", spy)
+    got = {}
+    for factor in (1.0, 0.0):
+        monkeypatch.setattr(fine_mod, "WHOLE_POOL_FACTOR", factor)
+        res = fi.search(qc, qf, 10, 3, feats, fp, max_candidates)
+        got[factor] = (seen[-1], [r[2:5] for r in res])
+    (Iw, Dw), meta_w = got[1.0]
+    (Ip, Dp), meta_p = got[0.0]
+    assert meta_w == meta_p  # pool rows, rows examined, truncated
+    whole = (Dw == 0).all(1) & (Dp != 0).any(1)
+    assert 0 < whole.sum() < len(Iw)  # both kinds of query in this batch
+    for a, b in zip(Iw, Ip):
+        assert sorted(a[a >= 0]) == sorted(b[b >= 0])

@@ -20,10 +20,10 @@ index instead:
   (``BucketIndex.reach``: real codes collapse, queries share codes); queries ordered by code are
   taken in blocks of codes that share lists: one GEMM (faiss) of their fc7 against the
   centroids of the union of the lists they reach, then each query's reached lists nearest
-  first, cut at ``nprobe x cell_size`` rows (a query whose reached lists hold no more than
-  that scans them all, unranked: the cut would keep every one) (where the reached pairs fill most of the GEMM, a
+  first, cut at ``nprobe x cell_size`` rows (where the reached pairs fill most of the GEMM, a
   partition keeps each query's ``PROBE_PREFIX x nprobe`` nearest and only those are sorted;
-  else one sort of the block's (query, list) pairs). Then one
+  else one sort of the block's (query, list) pairs). A query whose reached lists hold no more
+  than that budget skips the ranking and scans them all: the cut would keep every one. Then one
   ``search_preassigned`` for the whole batch keeps the ``refine`` best by compressed distance,
   and one batched exact re-rank on the stored features (``gather``; faiss
   ``fvec_L2sqr_by_idx``) gives the top k, ties by id. A pool of at most ``exact_max`` live

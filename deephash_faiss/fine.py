@@ -706,7 +706,8 @@ class FineIndex:
         """The lists each query scans, as :meth:`_probe` returns them. A query whose reached
         lists hold at most the probe budget (``nprobe x cell_size`` rows, and at most
         ``max_candidates``) scans them all, in list order: the probe would take every one of
-        them too (each starts under the budget), so its centroid ranking is skipped. Small
+        them too (each starts under the budget), so its centroid ranking is skipped (the scan
+        order differs, which can only change ties of compressed distances). Small
         indexes are mostly such queries (real CIFAR-10 statistics at 1e5 rows: pools of ~1,800
         rows against a budget of 1,536). The others go through :meth:`_probe`."""
         from .index import _ranges
@@ -840,12 +841,13 @@ BLOCK_OVERHEAD_PAIRS = 16384
 
 
 #: :meth:`FineIndex._assign`: a query whose reached lists hold at most this x the probe budget
-#: scans them all, unranked. At 1.0 the lists are exactly those the probe would pick, so the
-#: results keep their recall. Measured (real CIFAR-10 statistics, smallcnn seed, 200 queries,
-#: 2-core Intel host, 8 alternating rounds): at 1e5 rows ``search`` took a median 6.7 ms against
-#: 7.8 ms with 0 (every query ranked), with the same recall@10 against exact HDS (0.973); at 1e6 rows
-#: 30.0-30.6 ms against 31.9-32.4 ms, recall 0.979 both. Factors 2-8 and "all" gave 6.6-7.2 ms at
-#: 1e5 (recall 0.975-0.977): within the noise, so 1.0 (nothing changes but the cost).
+#: scans them all, unranked. At 1.0 the lists are exactly those the probe would pick; only the
+#: order they are scanned in differs, which can change ties of compressed distances at the refine
+#: cut. Measured by ``benchmarks/bench_fine_assign.py`` (real CIFAR-10 statistics, smallcnn seed,
+#: 200 queries, 2-core Intel host, alternating with 0.0 = every query ranked): ``search`` median
+#: 7.33 ms against 8.30 ms at 1e5 rows (recall@10 against exact HDS 0.966 both), 27.9 ms against
+#: 30.3 ms at 1e6 (recall 0.9838 against 0.9844). Factors 2-8 and "all" gave 6.6-7.2 ms at 1e5
+#: (recall 0.975-0.977, an earlier ad-hoc run): within the noise, so 1.0.
 WHOLE_POOL_FACTOR = 1.0
 
 #: :meth:`FineIndex._probe` sorts a query's ``PROBE_PREFIX x nprobe`` nearest lists (a partition

@@ -12,24 +12,10 @@ source "$(dirname "$0")/setup_compiled.sh"
 mkdir -p /tmp/data && tar xzf .data/cifar10-jpg.tar.gz -C /tmp/data
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_build as b; b.make_model('/tmp/m32.pt', 'efficientnet_lite0', 48, 32, None)"
 t setup
-[ "${DECODE_ONLY:-1}" = 1 ] && python3 - <<'PY' 2>&1 | tee $R/decode_only.txt
-import glob, json, os, time, torch
-from deephash_faiss import stream, data
-paths = sorted(glob.glob('/tmp/data/cifar10/train/*/*.jpg'))
-print(len(paths), 'files; as-is enabled:', data.as_is_jpeg_enabled())
-res = {}
-for kind, w in [('thread', 1), ('thread', 2), ('thread', 4), ('thread', 8), ('thread', 16), ('process', 16), ('thread', 4)]:
-    pool = stream.DecodePool(kind, w)
-    t0 = time.perf_counter()
-    chunk = max(16, -(-256 // w))
-    futs = [stream.submit_chunks(pool, stream.decode_chunk, paths[o:o + 256], 32, chunk) for o in range(0, len(paths), 256)]
-    n = sum(len(f.result()[0]) for f in futs)
-    dt = time.perf_counter() - t0
-    pool.close()
-    res[f'{kind}{w}'] = round(n / dt)
-    print(f'{kind:7s} {w:2d}: {n} in {dt:.2f} s = {n / dt:,.0f} img/s', flush=True)
-json.dump(res, open(os.environ['OUT'] + '/decode_only.json', 'w'))
-PY
+# (the decode-alone part ran as an inline script on 2026-12-06; it is now benchmarks/bench_decode_threads.py,
+# the same pool, chunks and files, plus one untimed read of every file first)
+[ "${DECODE_ONLY:-1}" = 1 ] && python3 benchmarks/bench_decode_threads.py --images /tmp/data/cifar10/train --size 32 \
+  --pools thread:1,thread:2,thread:4,thread:8,thread:16,process:16,thread:4 --json $OUT/decode_only.json 2>&1 | tee $R/decode_only.txt
 t decode-only
 A="build-index /tmp/data/cifar10/train --model /tmp/m32.pt -o /tmp/ix --device cuda --batch-size 256"
 b() {  # name kind workers [trace]

@@ -7,9 +7,12 @@ real index grown to N rows as bench_scale.py grows it (issue 15).
 
 Timed in one process, the two factors alternating ``--rounds`` times (fastest of ``--repeat``
 calls a round): ``FineIndex.search`` for the batch, its recall@10 against exact HDS (queries it
-ranks itself), and rows examined. Also timed: the caller's exact path for the small pools
-(``search.hamming_pools`` + ``rerank.rank_pools_cpu``, as bench_scale and the Searcher run it),
-and a cProfile of ``FineIndex.search`` (``profile``: the functions with the most own time).
+ranks itself), and rows examined. Also timed: the exact path of the small pools resolved apart
+(``search.hamming_pools`` + ``rerank.rank_pools_cpu``, as the Searcher ran it before 2026-12-06),
+the whole ivf HDS of the batch that way (``before``) against the product's ``search.hds_ivf``
+(``product``: the small pools from the fine search's own reach), alternating, with a check that
+both return the same ids (``hds_ivf_same_ids``), and a cProfile of ``FineIndex.search``
+(``profile``: the functions with the most own time).
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def main() -> None:
     from deephash_faiss.fine import FineIndex, FineParams, default_cell_size, default_probe
     from deephash_faiss.index import BinaryIndex, IndexSpec
     from deephash_faiss.rerank import rank_pools_cpu
-    from deephash_faiss.search import hamming_pools
+    from deephash_faiss.search import hamming_pools, hds_ivf
 
     n, rng = int(a.n), np.random.default_rng(a.seed)
     seed = realgen.load_seed(a.source)
@@ -111,6 +114,31 @@ def main() -> None:
         pl, s = best_of(lambda: [p for p, _, _ in hamming_pools(bidx, qc[small], a.k, a.radius, None, n)], a.repeat)
         out["exact_path_pools_ms"] = s * 1e3
         out["exact_path_rank_ms"] = best_of(lambda: rank_pools_cpu(qf[small], pl, feats, a.k), a.repeat)[1] * 1e3
+
+    # the whole ivf HDS of a batch, small pools included: the product's (search.hds_ivf: the
+    # small pools from the fine search's own reach) against the earlier composition (the
+    # caller resolving the radius of the small pools again, hamming_pools + rank_pools_cpu)
+    def before():
+        r = search()
+        sm = [i for i, o in enumerate(r) if o[5]]
+        if sm:
+            pools = hamming_pools(bidx, qc[sm], a.k, a.radius, None, n)
+            ranked = rank_pools_cpu(qf[sm], [p for p, _, _ in pools], feats, a.k)
+            for j, i in enumerate(sm):
+                r[i] = (pools[j][0][ranked[j][0]],) + r[i][1:]
+        return [o[0] for o in r]
+
+    def product():
+        return [q.ids for q in hds_ivf(fine, qc, qf, a.k, a.radius, feats, fp, None, n)[0]]
+
+    same = all(np.array_equal(x, y) for x, y in zip(before(), product()))
+    out["hds_ivf_same_ids"] = bool(same)
+    out["hds_ivf_rounds"] = {"before": [], "product": []}
+    for _ in range(a.rounds):
+        for name, fn in (("before", before), ("product", product)):
+            out["hds_ivf_rounds"][name].append(round(best_of(fn, a.repeat)[1] * 1e3, 3))
+    for name, ms in out["hds_ivf_rounds"].items():
+        out[f"hds_ivf_ms_median_{name}"] = float(np.median(ms))
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(20):
@@ -121,7 +149,7 @@ def main() -> None:
     out["profile"] = [{"function": f"{os.path.basename(k[0])}:{k[1]}({k[2]})", "own_ms_per_batch": v[2] / 20 * 1e3,
                        "cum_ms_per_batch": v[3] / 20 * 1e3} for k, v in top]
     write_json(a.json, out)
-    print({k: v for k, v in out.items() if k not in ("machine", "profile", "rounds")})
+    print({k: v for k, v in out.items() if k not in ("machine", "profile", "rounds", "hds_ivf_rounds")})
     for p in out["profile"]:
         print(f"  {p['own_ms_per_batch']:6.2f} ms own  {p['cum_ms_per_batch']:6.2f} cum  {p['function']}")
 

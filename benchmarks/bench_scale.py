@@ -26,7 +26,7 @@ Timed, same queries, batched (ms per query = batch time / queries), one warm-up:
   peers  FAISS HNSW32 (efSearch: the fastest of --hnsw-ef reaching recall 0.95 vs ES) and IVF-PQ (IVF sqrt(n)*4, PQ D/4 x 8 bit, nprobe 16) +
          exact refine of 100, recall@10 against ES; skipped past --peer-max-n (build time)
 Class precision@10 (same label as the query) for every mode (HDS as the Searcher answers: pools of
-fewer than k rows topped up with the Hamming k-NN, search.hamming_pools).
+fewer than k rows topped up with the Hamming k-NN: search.hds_ivf, the Searcher's own).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def main() -> None:
     from deephash_faiss.fine import FineIndex, FineParams
     from deephash_faiss.index import BinaryIndex, IndexSpec, pad_codes, padded_nbytes
     from deephash_faiss.rerank import rank_pools_cpu
-    from deephash_faiss.search import hamming_pools
+    from deephash_faiss.search import hds_ivf as hds_ivf_batch
 
     if a.threads:
         faiss.omp_set_num_threads(a.threads)
@@ -294,24 +294,18 @@ def main() -> None:
     fp = FineParams(nprobe=a.nprobe, refine=a.refine, exact_max=max(a.k, exact_max))
 
     def hds_ivf(fine=fine, fp=fp):
+        # the product's ivf HDS (search.hds_ivf, as Searcher.hds runs it): pools of at most
+        # exact_max rows ranked whole (topped up to k by the Hamming k-NN) from the fine search's reach
         inplace = feats if feats.dtype == np.float32 else gather  # float32 in RAM: read in place
-        res = fine.search(qcodes, qf, a.k, a.radius, inplace, fp)
-        small = [i for i, o in enumerate(res) if o[5]]
-        ids = [o[0] for o in res]
-        if small:  # the exact path for small pools, as Searcher.hds runs it: pools of fewer than
-            # k rows topped up with the Hamming k-NN (search.hamming_pools), ranked by L2
-            pl = [p for p, _, _ in hamming_pools(bidx, qcodes[small], a.k, a.radius, None, n)]
-            r = rank_pools_cpu(qf[small], pl, inplace, a.k)
-            for j, i in enumerate(small):
-                ids[i] = pl[j][r[j][0]]
-        return ids, res
-    (hi, hres), s_h = timed(hds_ivf)
+        res, examined, modes = hds_ivf_batch(fine, qcodes, qf, a.k, a.radius, inplace, fp, None, n)
+        return [r.ids for r in res], (examined, modes)
+    (hi, (h_examined, h_modes)), s_h = timed(hds_ivf)
     out["hds_ms_per_query"] = s_h / nq * 1e3
     out["hds_mode"] = "ivf"
     out["hds_recall_at10_vs_exact"] = recall(ex, hi[:ne])
     out["hds_recall_at10_vs_es"] = recall(list(Ie), hi)
-    out["hds_examined_mean"] = float(np.mean([o[3] for o in hres]))
-    out["hds_exact_path_queries"] = int(sum(o[5] for o in hres))
+    out["hds_examined_mean"] = float(np.mean(h_examined))
+    out["hds_exact_path_queries"] = h_modes.count("exact")
     out["hds_class_p10"] = class_precision(hi, labels, qlabels)
     out["speedup_hds_vs_es"] = out["es_ms_per_query"] / out["hds_ms_per_query"]
     out["rss_gb_after_hds"] = rss_gb()
@@ -338,7 +332,7 @@ def main() -> None:
                               "build_s": bs, "ms_per_query": s2 / nq * 1e3,
                               "recall_at10_vs_exact": recall(ex, hi2[:ne]),
                               "recall_at10_vs_es": recall(list(Ie), hi2),
-                              "examined_mean": float(np.mean([o[3] for o in hres2]))})
+                              "examined_mean": float(np.mean(hres2[0]))})
                 print(sweep[-1], flush=True)
                 out["hds_sweep"] = sweep
                 write_json(a.json, out)

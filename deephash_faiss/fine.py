@@ -628,7 +628,8 @@ class FineIndex:
         return int(self.ivf.ntotal) * per + self.centroids.nbytes + self.list_offsets.nbytes
 
     def search(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather,
-               params: FineParams | None = None, max_candidates: int | None = None, block_elems: int = 1 << 20):
+               params: FineParams | None = None, max_candidates: int | None = None, block_elems: int = 1 << 20,
+               small_pools: bool = False):
         """Approximate HDS, vectorized over the batch: the radius is resolved once per
         distinct query code (queries with one code reach the same lists); queries, ordered by
         code, are taken in blocks of at most about ``block_elems`` (queries x the union of the
@@ -647,7 +648,11 @@ class FineIndex:
             list of m (ids int64 [k'], squared L2 float32 [k'], pool rows int, examined int,
             truncated bool, exact bool); pools of at most ``exact_max`` live rows (and
             queries that reach no code) come back with ``exact=True`` and empty arrays, for
-            the caller's exact path.
+            the caller's exact path. With ``small_pools``: (that list, (queries int64 [s],
+            lims int64 [s + 1], D int32, I int64)), the radius pools of those ``exact``
+            queries as :meth:`BucketIndex.range_search` gives them (rows by (distance, id),
+            cut at ``max_candidates``) from the reach already resolved here, so the exact
+            path need not resolve the radius again.
         """
         from faiss.contrib.ivf_tools import search_preassigned
 
@@ -662,19 +667,27 @@ class FineIndex:
         m = len(qcodes)
         q = np.ascontiguousarray(qfeats, np.float32).reshape(m, -1)
         out: list = [None] * m
+        none = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
         if m == 0:
-            return out
+            return (out, none) if small_pools else out
         qcodes = np.ascontiguousarray(qcodes, np.uint8)
         _, first, inv = np.unique(_row_keys(qcodes), return_index=True, return_inverse=True)
         inv = inv.ravel()
-        lims, _, Ic = b.reach(qcodes[first], radius)  # per distinct code
+        lims, Dc, Ic = b.reach(qcodes[first], radius)  # per distinct code
         cum = np.concatenate([[0], np.cumsum(live[Ic])]) if len(Ic) else np.zeros(1, np.int64)
         pools = (cum[lims[1:]] - cum[lims[:-1]])[inv]  # live rows in each query's radius pool
-        for i in np.flatnonzero(pools <= p.exact_max):
+        small = np.flatnonzero(pools <= p.exact_max)
+        for i in small:
             out[i] = (np.zeros(0, np.int64), np.zeros(0, np.float32), int(pools[i]), int(pools[i]), False, True)
+        if small_pools:  # their rows, from the reach of their distinct codes
+            u = inv[small]
+            cnt = lims[u + 1] - lims[u]
+            at = _ranges(lims[u], cnt)
+            none = (small.astype(np.int64),
+                    *b.pool_rows(np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64), Dc[at], Ic[at], max_candidates))
         todo = np.flatnonzero(pools > p.exact_max)
         if len(todo) == 0:
-            return out
+            return (out, none) if small_pools else out
         todo = todo[np.argsort(inv[todo], kind="stable")]  # by distinct code
         # (distinct code, list) pairs of the lists each distinct code reaches (non-empty ones)
         owner = np.repeat(np.arange(len(first)), np.diff(lims))
@@ -699,7 +712,7 @@ class FineIndex:
         for j, (i, f, pl, ex, tr) in enumerate(zip(todo.tolist(), found, pools[todo].tolist(), examined.tolist(),
                                                     trunc.tolist())):
             out[i] = (ids[j, :f], dist[j, :f], pl, ex, tr, False)
-        return out
+        return (out, none) if small_pools else out
 
     def _assign(self, qt: np.ndarray, qown: np.ndarray, lists: np.ndarray, bounds: np.ndarray, p: FineParams,
                 max_candidates: int | None, block_elems: int):

@@ -865,7 +865,15 @@ class BucketIndex(BinaryIndex):
         within the radius, ordered by (distance, id), deleted rows dropped, cut at
         ``max_candidates`` (each code then contributes at most its first max_candidates live
         rows). Identical to :meth:`BinaryIndex.range_search` over IndexBinaryFlat."""
-        lims_c, Dc, Ic = self.reach(q, radius)  # each query's codes nearest first
+        return self.pool_rows(*self.reach(q, radius), max_candidates)
+
+    def pool_rows(self, lims_c: np.ndarray, Dc: np.ndarray, Ic: np.ndarray, max_candidates: int | None = None):
+        """The rows of reached codes: :meth:`range_search` from a :meth:`reach` result
+        (lims_c int64 [m + 1], Dc int32, Ic int64; each query's codes nearest first), so a
+        caller that already has the reach does not resolve the radius again.
+
+        Returns (lims int64 [m + 1], D int32, I int64), rows by (distance, id), deleted rows
+        dropped, cut at ``max_candidates``."""
         m = len(lims_c) - 1
         owner = np.repeat(np.arange(m, dtype=np.int64), np.diff(lims_c))
         if max_candidates is not None and len(Ic):

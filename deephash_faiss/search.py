@@ -164,7 +164,7 @@ def check_search_args(k: int, radius: int | None, max_candidates: int | None, li
 
 
 def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candidates: int | None,
-                  live: int):
+                  live: int, ranged=None):
     """HDS candidate pools from a code index (:class:`BinaryIndex` or :class:`GpuCodeIndex`).
 
     Each query's pool is every code at Hamming distance < ``radius``, nearest first by
@@ -173,10 +173,12 @@ def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candi
 
     Args:
         qcodes: uint8 [m, B].
+        ranged: the queries' ``range_search(qcodes, radius, max_candidates)`` when the caller
+            has it already (lims int64 [m + 1], D int32, I int64), else None.
     Returns:
         list of m (ids int64 [p], hamming int32 [p], truncated bool).
     """
-    lims, D, I = code_index.range_search(qcodes, radius, max_candidates)
+    lims, D, I = ranged if ranged is not None else code_index.range_search(qcodes, radius, max_candidates)
     out = []
     need_topup = [i for i in range(len(qcodes)) if lims[i + 1] - lims[i] < k]
     top = {}
@@ -214,6 +216,49 @@ def hds_results(pools, ranked) -> list[QueryResult]:
     [(local order, distances)] (:func:`deephash_faiss.rerank.rank_pools_cpu`)."""
     return [QueryResult(ids[order], ham[order].astype(np.int32), dist, len(ids), trunc)
             for (ids, ham, trunc), (order, dist) in zip(pools, ranked)]
+
+
+def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,
+            max_candidates: int | None, live: int, exact=None):
+    """Approximate HDS through a :class:`~deephash_faiss.fine.FineIndex`, its small pools
+    ranked exactly: the one implementation behind :meth:`Searcher.hds` (``ivf``) and the
+    benchmarks.
+
+    Pools of at most ``params.exact_max`` rows are ranked whole, as the exact path ranks them
+    (:func:`hamming_pools` on the fine index's dictionary, topped up to k by the Hamming k-NN,
+    then :func:`~deephash_faiss.rerank.rank_pools_cpu`), from the radius reach the fine
+    search already resolved; or by ``exact`` when given and it answers (indices int64 [s] ->
+    s :class:`QueryResult`, or None for the CPU path here: the Searcher's GPU path).
+
+    Args:
+        qcodes: uint8 [m, B]; qfeats: float32 [m, D]; gather: as :meth:`FineIndex.search`;
+        params: :class:`~deephash_faiss.fine.FineParams`; live: live rows of the index.
+    Returns:
+        (m :class:`QueryResult`, rows examined int list [m], modes list [m]: "ivf" or "exact").
+    """
+    out, (si, sl, sD, sI) = fine.search(qcodes, qfeats, k, radius, gather, params, max_candidates, small_pools=True)
+    qcodes = np.asarray(qcodes, np.uint8)
+    res: list = [None] * len(out)
+    if len(si):
+        got = exact(si) if exact is not None else None
+        if got is None:
+            pools = hamming_pools(fine.buckets, qcodes[si], k, radius, max_candidates, live, ranged=(sl, sD, sI))
+            got = hds_results(pools, rank_pools_cpu(np.asarray(qfeats)[si], [ids for ids, _, _ in pools], gather, k))
+        for i, r in zip(si.tolist(), got):
+            res[i] = r
+    ivf = [i for i in range(len(out)) if res[i] is None]
+    if ivf:  # Hamming distances of every result row, one vectorized pass over the batch
+        d = fine.buckets
+        lens = np.array([len(out[i][0]) for i in ivf], np.int64)
+        rows = np.concatenate([out[i][0] for i in ivf])
+        own = np.repeat(np.asarray(ivf, np.int64), lens)
+        ham = _popcount_rows(qcodes[own], np.asarray(d.dict_codes)[d.bucket_of_rows()[rows]])
+        at = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        for j, i in enumerate(ivf):
+            ids, dist, pool, _, trunc, _ = out[i]
+            res[i] = QueryResult(ids, ham[at[j]:at[j + 1]], dist, pool, trunc)
+    modes = ["exact" if o[5] else "ivf" for o in out]
+    return res, [int(o[3]) for o in out], modes
 
 
 def hds_device(gindex, feats, qcodes: np.ndarray, qfeats, k: int, radius: int,
@@ -627,30 +672,19 @@ class Searcher:
         t1 = time.perf_counter()
         fp = FineParams.for_rows(self.live_count(), p.nprobe, p.refine, max(p.k, FineParams.exact_max))
         feats = self.store.features_in_ram()  # read in place by the refine when loaded
-        out = fine.search(qcodes, qfeats, p.k, p.radius, self.store.gather if feats is None else feats, fp,
-                          p.max_candidates)
-        res: list = [None] * len(qcodes)
-        small = [i for i, o in enumerate(out) if o[5]]
-        if small:  # small pools: the exact path ranks them whole
-            b = self._hds_exact(qcodes[small], np.asarray(qfeats)[small], p.k, p.radius, p.max_candidates)
-            for i, r in zip(small, b.results):
-                res[i] = r
-        qmodes = ["exact" if res[i] is not None else "ivf" for i in range(len(out))]
-        ivf = [i for i in range(len(out)) if res[i] is None]
-        if ivf:  # Hamming distances of every result row, one vectorized pass over the batch
-            d = self.dictionary()
-            lens = np.array([len(out[i][0]) for i in ivf], np.int64)
-            rows = np.concatenate([out[i][0] for i in ivf])
-            own = np.repeat(np.asarray(ivf, np.int64), lens)
-            ham = _popcount_rows(np.asarray(qcodes, np.uint8)[own], np.asarray(d.dict_codes)[d.bucket_of_rows()[rows]])
-            at = np.concatenate([[0], np.cumsum(lens)]).tolist()
-            for j, i in enumerate(ivf):
-                ids, dist, pool, _, trunc, _ = out[i]
-                res[i] = QueryResult(ids, ham[at[j]:at[j + 1]], dist, pool, trunc)
+
+        def exact(idx):  # small pools routed to the GPU: the Searcher's exact path (its kernels)
+            if self.hds_path(len(idx)) != "gpu":
+                return None
+            return self._hds_exact(qcodes[idx], np.asarray(qfeats)[idx], p.k, p.radius, p.max_candidates).results
+
+        res, examined, qmodes = hds_ivf(fine, np.asarray(qcodes, np.uint8), qfeats, p.k, p.radius,
+                                        self.store.gather if feats is None else feats, fp, p.max_candidates,
+                                        self.live_count(), exact)
         t2 = time.perf_counter()
         return SearchBatch("hds", res, (t2 - t0) * 1e3,
-                           {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": len(small),
-                            "examined": [int(o[3]) for o in out], "query_modes": qmodes,
+                           {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": qmodes.count("exact"),
+                            "examined": examined, "query_modes": qmodes,
                             "nprobe": fp.nprobe, "refine": fp.refine})
 
     def _hds_exact(self, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int,

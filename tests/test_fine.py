@@ -249,3 +249,51 @@ def test_pools_within_the_budget_scan_the_lists_the_probe_picks(max_candidates, 
     assert 0 < whole.sum() < len(Iw)  # both kinds of query in this batch
     for a, b in zip(Iw, Ip):
         assert sorted(a[a >= 0]) == sorted(b[b >= 0])
+
+
+@pytest.mark.parametrize("max_candidates", [None, 5])
+def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates):
+    """search.hds_ivf ranks the pools of at most exact_max rows whole, from the fine search's
+    own reach: the same as brute force (pool by (Hamming, id), cut at max_candidates, topped up
+    to k by the Hamming k-NN, ranked by L2), deletions honoured; the others come from the lists."""
+    from deephash_faiss.search import hds_ivf
+
+    rng = np.random.default_rng(5)
+    n, k, radius = 3000, 10, 2
+    common = rng.integers(0, 256, (24, 2), dtype=np.uint8)  # 4 big codes, 20 of ~40 rows
+    codes = common[np.where(rng.random(n) < 0.6, rng.integers(0, 4, n), rng.integers(4, 24, n))]
+    rare = rng.random(n) < 0.15  # a long tail of codes of a few rows
+    codes[rare] = rng.integers(0, 256, (int(rare.sum()), 2), dtype=np.uint8)
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    deleted = np.zeros(n, bool)
+    deleted[::11] = True
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    idx.deleted = deleted
+    fine = FineIndex.build(idx, feats, cell_size=64, storage="fp16")
+    qc = np.concatenate([codes[rng.integers(0, n, 30)], rng.integers(0, 256, (30, 2), dtype=np.uint8)])
+    qf = rng.standard_normal((len(qc), 16)).astype(np.float32)
+    res, _, modes = hds_ivf(fine, qc, qf, k, radius, feats, FineParams(nprobe=4, refine=50, exact_max=128),
+                            max_candidates, int((~deleted).sum()))
+    ham = np.unpackbits(qc[:, None, :] ^ codes[None], axis=2).sum(2)
+    ids = np.arange(n)
+    small = under = mid = 0
+    for i, (r, mode) in enumerate(zip(res, modes)):
+        live = ~deleted
+        order = np.lexsort((ids[live], ham[i][live]))  # by (Hamming, id)
+        by_ham, h = ids[live][order], ham[i][live][order]
+        pool = by_ham[h < radius]
+        if mode == "ivf":
+            assert len(pool) > 128 and not deleted[r.ids].any()
+            continue
+        pool = pool[:max_candidates]
+        small += 1
+        mid += len(pool) > k
+        if len(pool) < k:
+            under += 1
+            pool = np.concatenate([pool, [j for j in by_ham[:k] if j not in pool]]).astype(np.int64)
+        d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
+        want = pool[np.argsort(d, kind="stable")[:k]]
+        np.testing.assert_array_equal(r.ids, want)
+        np.testing.assert_allclose(r.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(r.hamming, ham[i][want])
+    assert small >= 10 and under >= 5 and (mid >= 5 or max_candidates) and modes.count("ivf") >= 10

@@ -11,7 +11,8 @@ ranks itself), and rows examined. Also timed: the exact path of the small pools 
 (``search.hamming_pools`` + ``rerank.rank_pools_cpu``, as the Searcher ran it before 2026-12-06),
 the whole ivf HDS of the batch that way (``before``) against the product's ``search.hds_ivf``
 (``product``: the small pools from the fine search's own reach), alternating, with a check that
-both return the same ids (``hds_ivf_same_ids``), and a cProfile of ``FineIndex.search``
+both return the same ids (``hds_ivf_same_ids``); the refine's top k by packed keys against its
+argsort fallback (``refine_rounds``, ``refine_same_ids``), and a cProfile of ``FineIndex.search``
 (``profile``: the functions with the most own time).
 """
 from __future__ import annotations
@@ -139,6 +140,38 @@ def main() -> None:
             out["hds_ivf_rounds"][name].append(round(best_of(fn, a.repeat)[1] * 1e3, 3))
     for name, ms in out["hds_ivf_rounds"].items():
         out[f"hds_ivf_ms_median_{name}"] = float(np.median(ms))
+
+    # the refine's top k: packed (distance, id) keys, partitioned (the product's), against the
+    # rows sorted by id and argsorted stably (its fallback for ids past 31 bits), whole ivf HDS
+    same = True
+    out["refine_rounds"] = {"packed": [], "argsort": []}
+    for _ in range(a.rounds):
+        for name, bits in (("packed", fine_mod.REFINE_KEY_ID_BITS), ("argsort", 0)):
+            saved, fine_mod.REFINE_KEY_ID_BITS = fine_mod.REFINE_KEY_ID_BITS, bits
+            try:
+                got, s = best_of(product, a.repeat)
+            finally:
+                fine_mod.REFINE_KEY_ID_BITS = saved
+            out["refine_rounds"][name].append(round(s * 1e3, 3))
+            if name == "packed":
+                ref = got
+            else:
+                same = same and all(np.array_equal(x, y) for x, y in zip(ref, got))
+    out["refine_same_ids"] = bool(same)
+    # the refine alone (less noise than the whole batch): the batch's ranked queries x refine
+    # random candidate ids, the features in RAM
+    cand = np.stack([rng.choice(n, refine, replace=False) for _ in range(len(qc) - len(small))]).astype(np.int64)
+    qr = qf[:len(cand)]
+    out["refine_alone_rows"] = list(cand.shape)
+    for name, bits in (("packed", fine_mod.REFINE_KEY_ID_BITS), ("argsort", 0)) * 3:
+        saved, fine_mod.REFINE_KEY_ID_BITS = fine_mod.REFINE_KEY_ID_BITS, bits
+        try:
+            ms = best_of(lambda: fine_mod._refine(qr, cand, feats, a.k), 4 * a.repeat)[1] * 1e3
+        finally:
+            fine_mod.REFINE_KEY_ID_BITS = saved
+        out.setdefault(f"refine_alone_ms_{name}", []).append(round(ms, 3))
+    for name, ms in out["refine_rounds"].items():
+        out[f"refine_hds_ivf_ms_median_{name}"] = float(np.median(ms))
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(20):
@@ -149,7 +182,7 @@ def main() -> None:
     out["profile"] = [{"function": f"{os.path.basename(k[0])}:{k[1]}({k[2]})", "own_ms_per_batch": v[2] / 20 * 1e3,
                        "cum_ms_per_batch": v[3] / 20 * 1e3} for k, v in top]
     write_json(a.json, out)
-    print({k: v for k, v in out.items() if k not in ("machine", "profile", "rounds", "hds_ivf_rounds")})
+    print({k: v for k, v in out.items() if k not in ("machine", "profile", "rounds", "hds_ivf_rounds", "refine_rounds")})
     for p in out["profile"]:
         print(f"  {p['own_ms_per_batch']:6.2f} ms own  {p['cum_ms_per_batch']:6.2f} cum  {p['function']}")
 

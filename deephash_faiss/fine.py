@@ -959,6 +959,11 @@ def _ranges_of(list_offsets: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return _ranges(list_offsets[codes], list_offsets[codes + 1] - list_offsets[codes])
 
 
+#: :func:`_refine` packs (distance, id) in one int64 key for ids of at most this many bits (the
+#: most :func:`_order_keys` can hold), else it sorts each row by id and argsorts it stably.
+REFINE_KEY_ID_BITS = 31
+
+
 def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int):
     """Exact top k of each query among its candidates (squared L2 on the stored features,
     :func:`~deephash_faiss.rerank.l2_by_ids`), ties by id.
@@ -972,9 +977,24 @@ def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int):
         a query's candidates; k' = min(k, R)."""
     from .rerank import l2_by_ids
 
+    kk = min(k, cand.shape[1])
+    ib = max(1, int(cand.max()).bit_length()) if cand.size else 1
+    if ib <= REFINE_KEY_ID_BITS:
+        # one packed key a candidate, (distance in float order, id) (:func:`_order_keys`): a
+        # partition to the k best and a sort of those (a stable argsort of every row took ~9%
+        # of a batch of HDS at 1e5 rows)
+        d = l2_by_ids(q, cand, gather)
+        keys = _order_keys(d, np.maximum(cand, 0), ib)
+        keys[cand < 0] = _NO_KEY
+        if kk < keys.shape[1]:
+            keys = np.partition(keys, kk - 1, axis=1)[:, :kk]
+        keys.sort(axis=1)
+        none = keys == _NO_KEY
+        ids = np.where(none, -1, keys & ((1 << ib) - 1))
+        return ids, np.where(none, np.float32(np.inf), _key_distance(keys, ib))
     big = np.iinfo(np.int64).max
     c = np.sort(np.where(cand < 0, big, cand), axis=1)  # id order: the stable sort keeps ties by id
     c[c == big] = -1
     d = l2_by_ids(q, c, gather)
-    o = np.argsort(d, axis=1, kind="stable")[:, :min(k, cand.shape[1])]
+    o = np.argsort(d, axis=1, kind="stable")[:, :kk]
     return np.take_along_axis(c, o, 1), np.take_along_axis(d, o, 1)

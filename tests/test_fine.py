@@ -297,3 +297,31 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates):
         np.testing.assert_allclose(r.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(r.hamming, ham[i][want])
     assert small >= 10 and under >= 5 and (mid >= 5 or max_candidates) and modes.count("ivf") >= 10
+
+
+@pytest.mark.parametrize("big_ids", [False, True])
+def test_refine_is_top_k_by_distance_then_id(big_ids):
+    """fine._refine: each query's k best candidates by (squared L2, id), -1 / inf past its
+    candidates; ties (duplicate rows) by id; the packed-key path and the wide-id fallback."""
+    from deephash_faiss.fine import _refine
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((50, 8)).astype(np.float32)
+    feats = base[rng.integers(0, 50, 400)]  # duplicate rows: equal distances
+    off = 1 << 40 if big_ids else 0
+    gather = (lambda ids: feats[ids - off]) if big_ids else feats
+    q = rng.standard_normal((30, 8)).astype(np.float32)
+    cand = np.stack([rng.permutation(400)[:25] for _ in range(30)]).astype(np.int64)
+    cand[rng.random(cand.shape) < 0.3] = -1
+    cand[0] = -1  # a query with no candidate
+    cand[1, 3:] = -1  # one with fewer than k
+    cand = np.where(cand >= 0, cand + off, -1)
+    ids, dist = _refine(q, cand, gather, 10)
+    assert ids.shape == dist.shape == (30, 10)
+    for i in range(30):
+        c = cand[i][cand[i] >= 0]
+        d = ((feats[c - off] - q[i]) ** 2).sum(1)
+        o = np.lexsort((c, d))[:10]
+        np.testing.assert_array_equal(ids[i, :len(o)], c[o])
+        np.testing.assert_allclose(dist[i, :len(o)], d[o], rtol=1e-5, atol=1e-5)
+        assert (ids[i, len(o):] == -1).all() and np.isinf(dist[i, len(o):]).all()

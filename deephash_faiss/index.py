@@ -657,6 +657,13 @@ class BucketIndex(BinaryIndex):
     #: the per-query scan and faiss: 1 query 134 / 203 us, 8 queries 37 / 30 us a query (1e5 rows).
     KNN_FAISS_MIN_QUERIES = 8
     KNN_BALL_MIN_CODES = 75_000
+    #: _knn_codes: codes asked of faiss's k-NN in its first round (then x 8 a round). Measured
+    #: (``benchmarks/bench_knn_first_codes.py``, real-statistics smallcnn codes, 200 queries,
+    #: k = 10, 2 cores; ``knn_first_codes_smallcnn.json``), batch ms for 16 / 32 / 64: 1e5 rows
+    #: 4.03 / 3.48 / 2.78 (an earlier run 2.96 / 2.46 / 2.82), 2e5 3.80 / 3.20 / 3.73, 1e6 5.45 /
+    #: 4.60 / 4.87, 1e7 26.0 / 26.5 / 26.0; the queries whose radius-3 pool is under k (the ones
+    #: HDS tops up) 1.32 / 0.60 / 0.77 ms at 1e5 (17 queries), 2.23 / 1.50 / 1.55 at 1e6 (8).
+    KNN_FIRST_CODES = 32
     #: reach() of a batch of at least REACH_FAISS_MIN_QUERIES queries takes faiss's range
     #: search over dictionaries of fewer than REACH_BALL_MIN_CODES codes even where k-NN probes
     #: the Hamming ball (``dict_ball_min_codes``): 200 queries x 60,963 / 154,878 codes 6.2 /
@@ -766,7 +773,7 @@ class BucketIndex(BinaryIndex):
             todo = np.arange(m)
         # the nearest kc codes of each query (faiss k-NN over the padded dictionary), kc x 8
         # until the level of the need-th live row is complete below the last code's distance
-        kc = min(U, 16)
+        kc = min(U, self.KNN_FIRST_CODES)
         while len(todo):
             Dd, Id = self.index.search(q[todo], kc)
             Id = Id.astype(np.int64)

@@ -64,15 +64,17 @@ def _live_brute(q, db, deleted):
 
 
 @SETTINGS
-@given(tied_codes(), st.integers(1, 130), st.booleans(), st.booleans())
-def test_dictionary_knn_equals_stable_brute_force(data, k, ball, batched):
+@given(tied_codes(), st.integers(1, 130), st.booleans(), st.booleans(), st.sampled_from([1, 2, 32]))
+def test_dictionary_knn_equals_stable_brute_force(data, k, ball, batched, first):
     """``batched``: the batch path (faiss k-NN over the dictionary, one merge for all queries)
-    even for these few queries; else the per-query scan and merge."""
+    even for these few queries; else the per-query scan and merge. ``first``: codes of its
+    first faiss round (small values take several rounds)."""
     bits, db, q, deleted = data
     idx = BinaryIndex.build(db, IndexSpec("buckets"))
     assert isinstance(idx, BucketIndex) and idx.ntotal == len(db)
     idx.deleted = deleted
     idx.KNN_FAISS_MIN_QUERIES = 0 if batched else 1 << 30
+    idx.KNN_FIRST_CODES = first
     with _Ball(ball):
         D, I = idx.search(q, k)
     d, live = _live_brute(q, db, deleted)

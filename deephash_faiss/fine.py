@@ -656,7 +656,7 @@ class FineIndex:
         """
         from faiss.contrib.ivf_tools import search_preassigned
 
-        from .index import _ranges, _row_keys
+        from .index import _ranges, _row_keys, sort_and_cap
 
         p = params or FineParams()
         p.check()
@@ -673,7 +673,7 @@ class FineIndex:
         qcodes = np.ascontiguousarray(qcodes, np.uint8)
         _, first, inv = np.unique(_row_keys(qcodes), return_index=True, return_inverse=True)
         inv = inv.ravel()
-        lims, Dc, Ic = b.reach(qcodes[first], radius)  # per distinct code
+        lims, Dc, Ic = b.reach(qcodes[first], radius, ordered=False)  # per distinct code, any order
         cum = np.concatenate([[0], np.cumsum(live[Ic])]) if len(Ic) else np.zeros(1, np.int64)
         pools = (cum[lims[1:]] - cum[lims[:-1]])[inv]  # live rows in each query's radius pool
         small = np.flatnonzero(pools <= p.exact_max)
@@ -683,8 +683,9 @@ class FineIndex:
             u = inv[small]
             cnt = lims[u + 1] - lims[u]
             at = _ranges(lims[u], cnt)
-            none = (small.astype(np.int64),
-                    *b.pool_rows(np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64), Dc[at], Ic[at], max_candidates))
+            # (pool_rows wants each query's codes nearest first)
+            none = (small.astype(np.int64), *b.pool_rows(*sort_and_cap(np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64),
+                                                                       Dc[at], Ic[at]), max_candidates))
         todo = np.flatnonzero(pools > p.exact_max)
         if len(todo) == 0:
             return (out, none) if small_pools else out

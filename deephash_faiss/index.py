@@ -827,11 +827,12 @@ class BucketIndex(BinaryIndex):
         outD[qid, rank], outI[qid, rank] = D, I
         return outD, outI
 
-    def reach(self, q: np.ndarray, radius: int):
+    def reach(self, q: np.ndarray, radius: int, ordered: bool = True):
         """The dictionary codes at Hamming distance < ``radius`` of each query.
 
         Returns (lims int64 [m + 1], D int32, codes int64) in FAISS CSR layout, each query's
-        codes ordered by (distance, code number)."""
+        codes ordered by (distance, code number), or in any order with ``ordered=False``
+        (callers that rank the codes themselves skip the sort)."""
         q = self._check_queries(q)
         if radius < 0:
             raise DhfError("radius must be >= 0")
@@ -857,7 +858,8 @@ class BucketIndex(BinaryIndex):
                 D = np.concatenate([d for _, d in per])
         else:
             lims, D, I = self.index.range_search(q, int(radius))
-        return sort_and_cap(lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64))
+        lims, D, I = lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64)
+        return sort_and_cap(lims, D, I) if ordered else (lims, D, I)
 
     def pool_sizes(self, q: np.ndarray, radius: int) -> np.ndarray:
         """int64 [m]: live rows at Hamming distance < ``radius`` of each query (the radius pool

@@ -328,14 +328,9 @@ def as_is_jpeg(data: bytes | bytearray | memoryview, size: int, max_pixels: int 
     from .gpudecode import RGB, _SOF_OK, image_ops, jpeg_header
 
     h = jpeg_header(data)
-    if (h is None or h["sof"] not in _SOF_OK or h["components"] not in (1, 3)
-            or h["orientation"] not in (None, 1) or bytes(data[-2:]) != b"\xff\xd9"):
+    if not _as_is_header(h, size, max_pixels) or bytes(data[-2:]) != b"\xff\xd9":
         return None
     w, hh = h["width"], h["height"]
-    limit = Image.MAX_IMAGE_PIXELS
-    if (min(w, hh) != size or max(w, hh) > 16 * size or (max_pixels is not None and w * hh > max_pixels)
-            or (limit and w * hh > limit)):
-        return None
     import torch
 
     try:
@@ -346,6 +341,49 @@ def as_is_jpeg(data: bytes | bytearray | memoryview, size: int, max_pixels: int 
         return None
     left, top = (w - size) // 2, (hh - size) // 2
     return np.ascontiguousarray(img[:, top:top + size, left:left + size].permute(1, 2, 0).numpy())
+
+
+def _as_is_header(h: dict | None, size: int, max_pixels: int | None = None) -> bool:
+    """Whether a JPEG header (:func:`~deephash_faiss.gpudecode.jpeg_header`) is one
+    :func:`as_is_jpeg` takes: a supported frame, 1 or 3 components, no rotation, shorter side
+    ``size``, longer side at most 16x that, within ``max_pixels`` and PIL's pixel limit."""
+    from PIL import Image
+
+    from .gpudecode import _SOF_OK
+
+    if h is None or h["sof"] not in _SOF_OK or h["components"] not in (1, 3) or h["orientation"] not in (None, 1):
+        return False
+    w, hh = h["width"], h["height"]
+    limit = Image.MAX_IMAGE_PIXELS
+    return not (min(w, hh) != size or max(w, hh) > 16 * size or (max_pixels is not None and w * hh > max_pixels)
+                or (limit and w * hh > limit))
+
+
+AT_SIZE_SAMPLE = 32  # files looked at by at_load_size
+AT_SIZE_SHARE = 0.9  # the share of them that must be at the load size
+AT_SIZE_HEAD_BYTES = 1 << 16  # bytes read of each (the header; EXIF can take most of 64 KiB)
+
+
+def at_load_size(paths: Sequence[str], size: int) -> bool:
+    """Whether the images are mostly JPEGs already at the load size, i.e. ones
+    :func:`as_is_jpeg` decodes without resampling (CIFAR-10 at 32 px): judged from the headers
+    of :data:`AT_SIZE_SAMPLE` files spread over ``paths`` (at least :data:`AT_SIZE_SHARE` of
+    them), false where the as-is path is off here (:func:`as_is_jpeg_enabled`). Unreadable
+    files count as not at the size."""
+    from .gpudecode import jpeg_header
+
+    if not len(paths) or not as_is_jpeg_enabled():
+        return False
+    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(AT_SIZE_SAMPLE, len(paths)))})
+    ok = 0
+    for i in picks:
+        try:
+            with open(paths[i], "rb") as f:
+                head = f.read(AT_SIZE_HEAD_BYTES)
+        except OSError:
+            continue
+        ok += _as_is_header(jpeg_header(head), size)
+    return ok >= AT_SIZE_SHARE * len(picks)
 
 
 _AS_IS: list[bool] = []  # the self-check's verdict, once per process

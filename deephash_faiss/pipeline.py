@@ -334,18 +334,23 @@ class _ShardWorker:
             share = max(1, decode_share or 1)
             self._decode = (pick_decode_kind("auto", 1 << 30), max(1, min(16, (os.cpu_count() or 1) // share)))
 
-    def _pool(self, decoder: str):
-        from .stream import DecodePool, pool_workers
+    def _pool(self, decoder: str, paths=()):
+        from .data import at_load_size
+        from .stream import AT_SIZE_THREADS, DecodePool, pool_workers
 
         kind = "thread" if decoder == "nvjpeg" else self._decode[0]  # nvjpeg: threads only read files
         key = (kind, pool_workers(decoder, self._decode[1]))  # a PIL thread pool is not nvjpeg's 2 readers
+        if decoder != "nvjpeg" and at_load_size(paths, self.model.config.load_size):
+            key = ("thread", AT_SIZE_THREADS)  # as stream.decode_pool_plan decides for a local build
         if key not in self._pools:
             self._pools[key] = DecodePool(*key)
         return self._pools[key]
 
     def encode(self, job: EncodeJob, shard: int):
         t0 = time.perf_counter()
-        written, reused = encode_local(self.model, job, [shard], self.device, pool=self._pool(job.decoder))
+        lo, hi = job.bounds(shard)
+        written, reused = encode_local(self.model, job, [shard], self.device,
+                                       pool=self._pool(job.decoder, job.paths[lo:hi]))
         marker = self.fail_once_marker
         if marker and written and not os.path.exists(marker):
             with open(marker, "w") as f:  # die once, after the shard is in place, before replying

@@ -141,6 +141,32 @@ def submit_chunks(pool: "DecodePool", fn, paths: Sequence[str], size: int, chunk
                    fn is read_screen_chunk)
 
 
+#: "auto" decodes images already at the load size (:func:`deephash_faiss.data.at_load_size`:
+#: JPEGs the as-is path decodes without resampling, e.g. CIFAR-10 at 32 px) in this many
+#: threads. Measured (CIFAR-10 train, 50,000 files, Lite0 at 32 px, ``dhf build-index``): on an
+#: H100 host of 16 cores (benchmarks/device/h200_thread_workers.sh, 2026-12-06) one thread gave
+#: 7.4-9.1 s a build against 8.6-11.5 s with the 16 processes, 7 of 7 pairs, either order (a
+#: spawned worker does not import torch, so it decodes with PIL: 16 of them 44,051 img/s, one
+#: as-is thread 20,577, more threads slower under the GIL); on 2 cores 26.3-28.6 s against
+#: 27.7-29.3 s with 2 threads (bench_decode_threads.py, ``cpu_decode_threads_cifar50k.json``).
+AT_SIZE_THREADS = 1
+
+
+def decode_pool_plan(decoder: str, kind: str, workers: int | None, n: int, paths: Sequence[str] = (),
+                     size: int | None = None) -> tuple[str, int]:
+    """(kind, workers) of the decode pool for ``n`` images: "nvjpeg" reads in threads
+    (:func:`pool_workers`); with ``kind`` "auto" and no ``workers`` given, images at the load
+    size (``paths`` sampled, ``size`` the model's) get :data:`AT_SIZE_THREADS` thread(s);
+    otherwise :func:`pick_decode_kind` and one worker a core (at most 16)."""
+    from .data import at_load_size, default_workers
+
+    if decoder == "nvjpeg":
+        return "thread", workers or pool_workers(decoder, default_workers())
+    if kind == "auto" and workers is None and size is not None and at_load_size(paths, size):
+        return "thread", AT_SIZE_THREADS
+    return pick_decode_kind(kind, n), workers or pool_workers(decoder, default_workers())
+
+
 def pick_decode_kind(kind: str, n: int) -> str:
     if kind not in ("auto", "thread", "process"):
         raise ValueError(f"decode workers must be auto, thread or process, not {kind!r}")
@@ -531,7 +557,8 @@ def encode_stream(
     Args:
         device: torch.device the model is on. ``decoder``: "pil" (CPU) or "nvjpeg"
             (torchvision ``decode_jpeg`` on ``device``, CPU fallback for what it can't decode).
-        workers: decode workers (default: the CPU count, at most 16; for "nvjpeg" :data:`NVJPEG_READERS`).
+        workers: decode workers (default: :func:`decode_pool_plan`: the CPU count, at most 16;
+            one thread for images already at the load size; for "nvjpeg" :data:`NVJPEG_READERS`).
         segments: [(lo, hi)] position ranges to encode (default: all); batches never cross one.
         prefetch: batches decoded ahead (default: 2 x workers + 2).
         pool: a :class:`DecodePool` to use (and leave open), e.g. one kept by a Ray actor
@@ -545,8 +572,6 @@ def encode_stream(
         bad [(position, reason)] of files that could not be decoded).
     """
     import torch
-
-    from .data import default_workers
 
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
@@ -579,8 +604,7 @@ def encode_stream(
     if pool is None:
         # nvjpeg: the workers only read files and parse headers (the GIL is released on reads):
         # threads, no pickling of the encoded bytes, and few of them (NVJPEG_READERS)
-        workers = workers or pool_workers(decoder, default_workers())
-        pool = DecodePool("thread" if decoder == "nvjpeg" else pick_decode_kind(decode_kind, total), workers)
+        pool = DecodePool(*decode_pool_plan(decoder, decode_kind, workers, total, paths, size))
     _trace(f"decode pool ready: {pool.workers} {pool.kind} workers")
     prefetch = prefetch or (2 * pool.workers + 2)
     # a batch is split over the workers (at least DECODE_CHUNK_MIN images a task)

@@ -133,3 +133,38 @@ def test_switch_off(monkeypatch):
     monkeypatch.setattr(data, "_AS_IS", [])
     monkeypatch.setenv("DHF_AS_IS_JPEG", "0")
     assert not data.as_is_jpeg_enabled()
+
+
+def test_images_at_the_load_size_decode_in_one_thread(tmp_path, monkeypatch):
+    """stream.decode_pool_plan: JPEGs already at the load size (data.at_load_size, a header
+    sample) get AT_SIZE_THREADS thread(s); larger JPEGs, PNGs, a given worker count or kind,
+    nvjpeg and a switched-off as-is path keep the usual pool."""
+    from deephash_faiss import stream
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    if not data.as_is_jpeg_enabled():
+        pytest.skip("the as-is path is off on this machine (its self-check failed)")
+    small, big, png = [], [], []
+    for i in range(40):
+        p = tmp_path / f"s{i}.jpg"
+        p.write_bytes(_jpeg(32, 32 + i % 3, seed=i))
+        small.append(str(p))
+        q = tmp_path / f"b{i}.jpg"
+        q.write_bytes(_jpeg(96, 64, seed=i))
+        big.append(str(q))
+        r = tmp_path / f"p{i}.png"
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(r)
+        png.append(str(r))
+    n = 50_000
+    assert data.at_load_size(small, 32) and not data.at_load_size(big, 32) and not data.at_load_size(png, 32)
+    assert data.at_load_size(big, 64) and not data.at_load_size([], 32)
+    assert stream.decode_pool_plan("pil", "auto", None, n, small, 32) == ("thread", stream.AT_SIZE_THREADS)
+    assert stream.decode_pool_plan("pil", "auto", None, n, big, 32) == ("process", 16)
+    assert stream.decode_pool_plan("pil", "auto", None, n, png, 32) == ("process", 16)
+    assert stream.decode_pool_plan("pil", "auto", 4, n, small, 32) == ("process", 4)  # --workers given
+    assert stream.decode_pool_plan("pil", "process", None, n, small, 32) == ("process", 16)
+    assert stream.decode_pool_plan("nvjpeg", "auto", None, n, small, 32) == ("thread", stream.NVJPEG_READERS)
+    # a mix: under AT_SIZE_SHARE at the size
+    assert not data.at_load_size(small[:20] + big[:20], 32)
+    monkeypatch.setattr(data, "_AS_IS", [False])
+    assert stream.decode_pool_plan("pil", "auto", None, n, small, 32) == ("process", 16)

@@ -8,6 +8,9 @@
 #   DECODE_ONLY=0 TRACE=0 THREADS="1 2" ROUNDS=3 bash benchmarks/device/h200_thread_workers.sh
 # (on an H200 that is also the H200 goal's check: three process builds, the default)
 # (one decode thread decoded alone at 20,577 img/s against ~8,300 with 4-16: builds with 1 and 2).
+# Ran on an H100 (2026-12-06 23:35 UTC, twentieth session: no H200 came). THREADS_FIRST=1 runs the
+# thread builds of a round before the process build (the order check):
+#   DECODE_ONLY=0 TRACE=0 THREADS="1" ROUNDS=4 THREADS_FIRST=1 bash benchmarks/device/h200_thread_workers.sh
 source "$(dirname "$0")/setup_compiled.sh"
 mkdir -p /tmp/data && tar xzf .data/cifar10-jpg.tar.gz -C /tmp/data
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_build as b; b.make_model('/tmp/m32.pt', 'efficientnet_lite0', 48, 32, None)"
@@ -28,8 +31,12 @@ from deephash_faiss.cli import main; sys.argv = ['dhf'] + '''$A'''.split(); main
   grep -h "indexed\|wall\|decode pool" $R/$1.log | tr '\r' '\n' | grep -v "it/s" | cut -c1-160
 }
 [ "${TRACE:-1}" = 1 ] && { b trace16 thread 16 1; b trace_process process 16 1; }
-for i in $(seq ${ROUNDS:-2}); do b process$i process 16; for w in ${THREADS:-4 8 16}; do b thread${w}_$i thread $w; done; done
-tr '\r' '\n' < $R/trace16.log | grep -v "it/s" | grep "dhf-trace" | head -30
+for i in $(seq ${ROUNDS:-2}); do
+  if [ "${THREADS_FIRST:-0}" != 1 ]; then b process$i process 16; fi
+  for w in ${THREADS:-4 8 16}; do b thread${w}_$i thread $w; done
+  if [ "${THREADS_FIRST:-0}" = 1 ]; then b process$i process 16; fi
+done
+[ "${TRACE:-1}" = 1 ] && tr '\r' '\n' < $R/trace16.log | grep -v "it/s" | grep "dhf-trace" | head -30
 tr '\r' '\n' < $R/thread$(echo ${THREADS:-4} | cut -d' ' -f1)_1.log | grep -o "[0-9]*/50000 \[[^]]*\]" | awk 'NR%8==1' | head -30
 nvidia-smi --query-gpu=name --format=csv,noheader
 cd $OUT && tar czf r.tgz r && rm -rf r

@@ -24,17 +24,8 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import realgen  # noqa: E402
+from bench_fine_assign import best_of as fastest  # noqa: E402  (result and fastest time)
 from common import machine_basics, write_json  # noqa: E402
-
-
-def fastest(fn, repeat: int) -> tuple[object, float]:
-    out = fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t)
-    return out, min(ts)
 
 
 def main() -> None:

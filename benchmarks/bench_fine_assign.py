@@ -69,15 +69,7 @@ def main() -> None:
     from deephash_faiss.search import hamming_pools, hds_ivf
 
     n, rng = int(a.n), np.random.default_rng(a.seed)
-    seed = realgen.load_seed(a.source)
-    codes, labels, parent, _ = realgen.grow_codes(seed, n, rng)
-    qc = np.ascontiguousarray(seed.q_codes[:a.queries])
-    sf, qf = np.asarray(seed.feats, np.float32), np.asarray(seed.q_feats[:a.queries], np.float32)
-    if sf.shape[1] > a.dim:
-        mu, comp = realgen.pca(sf[: min(len(sf), 50_000)], a.dim)
-        sf, qf = (sf - mu) @ comp, (qf - mu) @ comp
-    feats = realgen.grow_features(sf, labels, parent, a.noise, rng, np.dtype("float32"))
-    qf = np.ascontiguousarray(qf, np.float32)
+    codes, feats, qc, qf = realgen.grow_real(realgen.load_seed(a.source), n, a.dim, rng, a.noise, a.queries)
     bidx = BinaryIndex.build(codes, IndexSpec("buckets"))
     fine = FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=a.seed)
     nprobe, refine = default_probe(n)

@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import realgen  # noqa: E402
-from common import machine_basics, write_json  # noqa: E402
+from common import hnsw32, machine_basics, write_json  # noqa: E402
 
 
 def rss_gb() -> float:
@@ -354,19 +354,7 @@ def main() -> None:
     peers = {}
     key = f"{os.path.basename(os.path.normpath(a.source))}-n{n}-d{out['dim']}-{a.feature_dtype}-s{a.seed}"
     if n <= a.peer_max_n:
-        cpath = os.path.join(a.cache_dir, f"hnsw32-{key}.faiss") if a.cache_dir else None
-        t = time.perf_counter()
-        if cpath and os.path.exists(cpath):
-            h = faiss.read_index(cpath)
-            bt = None
-        else:
-            h = faiss.IndexHNSWFlat(x32.shape[1], 32)
-            h.hnsw.efConstruction = 40
-            h.add(x32)
-            bt = round(time.perf_counter() - t, 1)
-            if cpath:
-                os.makedirs(a.cache_dir, exist_ok=True)
-                faiss.write_index(h, cpath)
+        h, bt = hnsw32(x32, os.path.join(a.cache_dir, f"hnsw32-{key}.faiss") if a.cache_dir else None)
         sweep_h = []
         for ef in [int(x) for x in a.hnsw_ef.split(",")]:
             h.hnsw.efSearch = ef

@@ -35,3 +35,22 @@ def best_ms(fn, repeat: int, warmup: int = 0) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return min(ts) * 1e3
+
+
+def hnsw32(x, cache_path: str | None = None, ef_construction: int = 40):
+    """(faiss IndexHNSWFlat with 32 links over x float32 [n, D], build seconds or None when read
+    from ``cache_path``): the HNSW32 peer of the scale benchmarks, written to ``cache_path``
+    (when given) after a build."""
+    import faiss
+
+    if cache_path and os.path.exists(cache_path):
+        return faiss.read_index(cache_path), None
+    t = time.perf_counter()
+    h = faiss.IndexHNSWFlat(x.shape[1], 32)
+    h.hnsw.efConstruction = ef_construction
+    h.add(x)
+    bt = round(time.perf_counter() - t, 1)
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        faiss.write_index(h, cache_path)
+    return h, bt

@@ -246,6 +246,23 @@ def grow_index(seed: Seed, n: int, rng: np.random.Generator, noise: float = 0.3)
     return codes, grow_features(np.asarray(seed.feats, np.float32), labels, parent, noise, rng, np.dtype("float32"))
 
 
+def grow_real(seed: Seed, n: int, dim: int, rng: np.random.Generator, noise: float = 0.3,
+              queries: int | None = None):
+    """The seed grown to n rows as bench_scale.py grows it (same draws from ``rng``: the same
+    rows for the same seed), features PCA-reduced to ``dim`` when wider.
+
+    Returns:
+        (codes uint8 [n, B], features float32 [n, D], query codes uint8 [q, B], query features
+        float32 [q, D]): the seed's first ``queries`` real queries (all by default)."""
+    codes, labels, parent, _ = grow_codes(seed, n, rng)
+    sf, qf = np.asarray(seed.feats, np.float32), np.asarray(seed.q_feats[:queries], np.float32)
+    if sf.shape[1] > dim:
+        mu, comp = pca(sf[: min(len(sf), 50_000)], dim)
+        sf, qf = (sf - mu) @ comp, (qf - mu) @ comp
+    feats = grow_features(sf, labels, parent, noise, rng, np.dtype("float32"))
+    return codes, feats, np.ascontiguousarray(seed.q_codes[:queries]), np.ascontiguousarray(qf, np.float32)
+
+
 def pca(train: np.ndarray, dim: int):
     """(mean float32 [D], components float32 [D, dim]) of the top ``dim`` principal axes."""
     x = np.asarray(train, np.float64)

@@ -475,6 +475,16 @@ class FineIndex:
         self._dict2fine = m
         return self
 
+    def warm(self) -> None:
+        """Compute the tables :meth:`search` builds on first use (list sizes; the dictionary's
+        live counts, row buckets and code keys), so that threads searching at once share them."""
+        self._list_sizes()
+        b = self.buckets
+        if b is not None:
+            b._counts()
+            b.bucket_of_rows()
+            b._keys()
+
     # -- lists as arrays (for updates and saving) -------------------------------------
     def export_lists(self):
         """(sizes int64 [L], ids int64 [N], codes uint8 [N, code_size]) in list order (codes
@@ -654,8 +664,6 @@ class FineIndex:
             cut at ``max_candidates``) from the reach already resolved here, so the exact
             path need not resolve the radius again.
         """
-        from faiss.contrib.ivf_tools import search_preassigned
-
         from .index import _ranges, _row_keys, sort_and_cap
 
         p = params or FineParams()
@@ -700,12 +708,7 @@ class FineIndex:
         lists, owner = lists[keep], owner[keep]
         bounds = np.searchsorted(owner, np.arange(len(first) + 1))
         Iq, Dq, examined, trunc = self._assign(q[todo], inv[todo], lists, bounds, p, max_candidates, block_elems)
-        self.ivf.nprobe = Iq.shape[1]
-        if _is_blocked(self.ivf):
-            # faiss fast-scan kernel 11 (one query at a time, reservoir of the best): at 1e5 / 1e6
-            # rows ~5-10% faster than the default (12/13, queries grouped per list), recall as high
-            self.ivf.implem = 11
-        _, I = search_preassigned(self.ivf, q[todo], max(k, p.refine), Iq, Dq)
+        I = _scan_lists(self.ivf, q[todo], max(k, p.refine), Iq, Dq)
         if b.deleted is not None and b.deleted.any():  # rows removed after the build
             I = np.where((I >= 0) & b.deleted[np.maximum(I, 0)], -1, I)
         ids, dist = _refine(q[todo], I, gather, k)
@@ -846,6 +849,12 @@ class FineIndex:
         return self._lsizes
 
 
+#: faiss fast-scan kernel of :meth:`FineIndex.search` (11: one query at a time, a reservoir of
+#: the best; 12 / 13: queries grouped per list): at 1e5 / 1e6 rows ~5-10% faster than the
+#: default, recall as high; at 1e5 rows, batches of 200 and 2,000, still the fastest or within
+#: the noise of 13 (ad hoc, 2026-12-07).
+FAST_SCAN_IMPLEM = 11
+
 #: A block's fixed cost in (query, list) pairs of GEMM: :func:`_blocks` starts a new block where
 #: adding the next distinct code to the current one would grow the GEMM by more than ranking
 #: the code apart plus this. Measured (real CIFAR-10 statistics, 256-d), time of
@@ -952,6 +961,27 @@ def _blocks(qown: np.ndarray, lists: np.ndarray, bounds: np.ndarray, n_lists: in
         mark[ls] = True
         nq, nl = nq + c, nl + new
     yield int(start[b0]), len(qown), np.flatnonzero(mark)
+
+
+def _scan_lists(ivf, q: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> np.ndarray:
+    """Ids int64 [m, k] (-1 for none) of the k best rows by the lists' compressed distances
+    among the lists Iq int64 [m, w] (-1: none; centroid distances Dq float32 [m, w]) of each
+    query q float32 [m, D]: faiss ``search_preassigned``, with the probe width passed in
+    ``SearchParametersIVF`` instead of set on the index, so that threads can scan one index at
+    once (:func:`~deephash_faiss.search.hds_ivf` splits large batches)."""
+    import faiss
+
+    m = len(q)
+    q, Iq, Dq = (np.ascontiguousarray(a, t) for a, t in ((q, np.float32), (Iq, np.int64), (Dq, np.float32)))
+    if _is_blocked(ivf) and ivf.implem != FAST_SCAN_IMPLEM:
+        ivf.implem = FAST_SCAN_IMPLEM
+    params = faiss.SearchParametersIVF()
+    params.nprobe = int(Iq.shape[1])
+    D, I = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
+    # (the SWIG method under faiss's numpy wrapper, which accepts no params)
+    ivf.search_preassigned_c(m, faiss.swig_ptr(q), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
+                             faiss.swig_ptr(I), False, params)
+    return I
 
 
 def _ranges_of(list_offsets: np.ndarray, codes: np.ndarray) -> np.ndarray:

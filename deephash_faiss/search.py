@@ -218,8 +218,15 @@ def hds_results(pools, ranked) -> list[QueryResult]:
             for (ids, ham, trunc), (order, dist) in zip(pools, ranked)]
 
 
+#: :func:`hds_ivf` splits a batch over threads, one part of at least this many queries each
+#: (so from twice this many), when the features are in RAM and no ``exact`` callback is given.
+#: Measured by ``benchmarks/bench_hds_batches.py`` (docs/benchmarks.md, "HDS batches over
+#: threads").
+HDS_THREAD_MIN_QUERIES = 500
+
+
 def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,
-            max_candidates: int | None, live: int, exact=None):
+            max_candidates: int | None, live: int, exact=None, threads: int | None = None):
     """Approximate HDS through a :class:`~deephash_faiss.fine.FineIndex`, its small pools
     ranked exactly: the one implementation behind :meth:`Searcher.hds` (``ivf``) and the
     benchmarks.
@@ -230,14 +237,67 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
     search already resolved; or by ``exact`` when given and it answers (indices int64 [s] ->
     s :class:`QueryResult`, or None for the CPU path here: the Searcher's GPU path).
 
+    A batch of at least ``2 x HDS_THREAD_MIN_QUERIES`` queries, features in RAM (``gather`` an
+    array) and no ``exact`` is split by query code into ``threads`` parts (default: faiss's
+    OpenMP threads), each searched in a thread of its own with one OpenMP thread: the numpy
+    work between faiss's kernels runs in parallel too. Each query's result is computed as
+    in one call for the whole batch, up to the float rounding of the centroid GEMMs.
+
     Args:
         qcodes: uint8 [m, B]; qfeats: float32 [m, D]; gather: as :meth:`FineIndex.search`;
         params: :class:`~deephash_faiss.fine.FineParams`; live: live rows of the index.
     Returns:
         (m :class:`QueryResult`, rows examined int list [m], modes list [m]: "ivf" or "exact").
     """
+    qcodes = np.ascontiguousarray(qcodes, np.uint8)
+    parts = _thread_parts(qcodes, threads) if exact is None and isinstance(gather, np.ndarray) else []
+    if len(parts) < 2:
+        return _hds_ivf_one(fine, qcodes, qfeats, k, radius, gather, params, max_candidates, live, exact)
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    qfeats = np.ascontiguousarray(qfeats, np.float32)
+    fine.warm()
+
+    def part(ix):
+        faiss.omp_set_num_threads(1)  # this thread's OpenMP regions (the others run beside it)
+        return _hds_ivf_one(fine, qcodes[ix], qfeats[ix], k, radius, gather, params, max_candidates, live, None)
+
+    res: list = [None] * len(qcodes)
+    examined, modes = [0] * len(qcodes), [""] * len(qcodes)
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="dhf-hds") as ex:
+        for ix, (r, e, md) in zip(parts, ex.map(part, parts)):
+            for j, i in enumerate(ix.tolist()):
+                res[i], examined[i], modes[i] = r[j], e[j], md[j]
+    return res, examined, modes
+
+
+def _thread_parts(qcodes: np.ndarray, threads: int | None) -> list:
+    """The parts :func:`hds_ivf` splits a batch into: query indices int64 arrays, queries of
+    one code in one part (the fine search resolves a code's radius once), about equal; one
+    part (or none) below ``2 x HDS_THREAD_MIN_QUERIES`` queries or with one thread."""
+    from .index import _row_keys
+
+    if threads is None:
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+    t = min(int(threads), len(qcodes) // HDS_THREAD_MIN_QUERIES)
+    if t < 2:
+        return []
+    code = np.unique(_row_keys(qcodes), return_inverse=True)[1].ravel()  # each query's code number
+    order = np.argsort(code, kind="stable")
+    cuts = [int(c) for c in np.linspace(0, len(order), t + 1)[1:-1]]
+    sk = code[order]
+    cuts = sorted({int(np.searchsorted(sk, sk[c])) for c in cuts} - {0})  # at a code's first query
+    return [p for p in np.split(order, cuts) if len(p)]
+
+
+def _hds_ivf_one(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,
+                 max_candidates: int | None, live: int, exact=None):
+    """:func:`hds_ivf` of one batch in this thread."""
     out, (si, sl, sD, sI) = fine.search(qcodes, qfeats, k, radius, gather, params, max_candidates, small_pools=True)
-    qcodes = np.asarray(qcodes, np.uint8)
     res: list = [None] * len(out)
     if len(si):
         got = exact(si) if exact is not None else None
@@ -678,9 +738,10 @@ class Searcher:
                 return None
             return self._hds_exact(qcodes[idx], np.asarray(qfeats)[idx], p.k, p.radius, p.max_candidates).results
 
+        # (on a CPU Searcher no exact callback: hds_ivf may then split large batches over threads)
         res, examined, qmodes = hds_ivf(fine, np.asarray(qcodes, np.uint8), qfeats, p.k, p.radius,
                                         self.store.gather if feats is None else feats, fp, p.max_candidates,
-                                        self.live_count(), exact)
+                                        self.live_count(), exact if self.device.type == "cuda" else None)
         t2 = time.perf_counter()
         return SearchBatch("hds", res, (t2 - t0) * 1e3,
                            {"hds_mode": "ivf", "fine_build_ms": (t1 - t0) * 1e3, "exact_queries": qmodes.count("exact"),

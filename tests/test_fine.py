@@ -223,20 +223,18 @@ def test_pools_within_the_budget_scan_the_lists_the_probe_picks(max_candidates, 
     """A query whose reached lists hold at most nprobe x cell_size rows scans all of them,
     unranked (:meth:`FineIndex._assign`): the same lists, per query, as the centroid-ranked
     probe (WHOLE_POOL_FACTOR 0 sends every query through it), with and without a safety limit."""
-    import faiss.contrib.ivf_tools as ivf_tools
-
     codes, feats, qc, qf = _data(seed=4)
     idx = BinaryIndex.build(codes, IndexSpec("buckets"))
     fi = FineIndex.build(idx, feats, cell_size=64, seed=0)
     fp = FineParams(nprobe=6, refine=40, exact_max=0)
-    real = ivf_tools.search_preassigned
+    real = fine_mod._scan_lists
     seen = []
 
-    def spy(index, x, k, Iq, Dq, *args, **kw):
+    def spy(index, x, k, Iq, Dq):
         seen.append((Iq.copy(), Dq.copy()))
-        return real(index, x, k, Iq, Dq, *args, **kw)
+        return real(index, x, k, Iq, Dq)
 
-    monkeypatch.setattr(ivf_tools, "search_preassigned", spy)
+    monkeypatch.setattr(fine_mod, "_scan_lists", spy)
     got = {}
     for factor in (1.0, 0.0):
         monkeypatch.setattr(fine_mod, "WHOLE_POOL_FACTOR", factor)
@@ -251,19 +249,30 @@ def test_pools_within_the_budget_scan_the_lists_the_probe_picks(max_candidates, 
         assert sorted(a[a >= 0]) == sorted(b[b >= 0])
 
 
+def _tail_data(rng, n=3000):
+    """Codes of 2 bytes: 4 big codes, 20 of ~40 rows and a long tail of a few rows each."""
+    common = rng.integers(0, 256, (24, 2), dtype=np.uint8)
+    codes = common[np.where(rng.random(n) < 0.6, rng.integers(0, 4, n), rng.integers(4, 24, n))]
+    rare = rng.random(n) < 0.15
+    codes[rare] = rng.integers(0, 256, (int(rare.sum()), 2), dtype=np.uint8)
+    return codes
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("max_candidates", [None, 5])
-def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates):
+def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, monkeypatch):
     """search.hds_ivf ranks the pools of at most exact_max rows whole, from the fine search's
     own reach: the same as brute force (pool by (Hamming, id), cut at max_candidates, topped up
-    to k by the Hamming k-NN, ranked by L2), deletions honoured; the others come from the lists."""
+    to k by the Hamming k-NN, ranked by L2), deletions honoured; the others come from the lists.
+    The same with the batch split over two threads."""
+    from deephash_faiss import search as search_mod
     from deephash_faiss.search import hds_ivf
+
+    monkeypatch.setattr(search_mod, "HDS_THREAD_MIN_QUERIES", 8)
 
     rng = np.random.default_rng(5)
     n, k, radius = 3000, 10, 2
-    common = rng.integers(0, 256, (24, 2), dtype=np.uint8)  # 4 big codes, 20 of ~40 rows
-    codes = common[np.where(rng.random(n) < 0.6, rng.integers(0, 4, n), rng.integers(4, 24, n))]
-    rare = rng.random(n) < 0.15  # a long tail of codes of a few rows
-    codes[rare] = rng.integers(0, 256, (int(rare.sum()), 2), dtype=np.uint8)
+    codes = _tail_data(rng, n)
     feats = rng.standard_normal((n, 16)).astype(np.float32)
     deleted = np.zeros(n, bool)
     deleted[::11] = True
@@ -273,7 +282,7 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates):
     qc = np.concatenate([codes[rng.integers(0, n, 30)], rng.integers(0, 256, (30, 2), dtype=np.uint8)])
     qf = rng.standard_normal((len(qc), 16)).astype(np.float32)
     res, _, modes = hds_ivf(fine, qc, qf, k, radius, feats, FineParams(nprobe=4, refine=50, exact_max=128),
-                            max_candidates, int((~deleted).sum()))
+                            max_candidates, int((~deleted).sum()), threads=threads)
     ham = np.unpackbits(qc[:, None, :] ^ codes[None], axis=2).sum(2)
     ids = np.arange(n)
     small = under = mid = 0
@@ -297,6 +306,48 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates):
         np.testing.assert_allclose(r.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(r.hamming, ham[i][want])
     assert small >= 10 and under >= 5 and (mid >= 5 or max_candidates) and modes.count("ivf") >= 10
+
+
+def test_hds_ivf_over_threads_equals_one_call(monkeypatch):
+    """A batch split over threads (search.hds_ivf, from 2 x HDS_THREAD_MIN_QUERIES queries)
+    gives each query what one call for the whole batch gives: ids, distances, Hamming
+    distances, pool sizes, rows examined and modes. (Every pool within the probe budget here:
+    no centroid GEMM, whose float rounding could depend on the batch.) The parts keep the
+    queries of a code together and the work is really split."""
+    from deephash_faiss import search as search_mod
+    from deephash_faiss.search import _thread_parts, hds_ivf
+
+    rng = np.random.default_rng(8)
+    n = 3000
+    codes = _tail_data(rng, n)
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    fine = FineIndex.build(idx, feats, cell_size=64, storage="pq4")
+    qc = np.concatenate([codes[rng.integers(0, n, 90)], rng.integers(0, 256, (30, 2), dtype=np.uint8)])
+    qf = rng.standard_normal((len(qc), 16)).astype(np.float32)
+    fp = FineParams(nprobe=1000, refine=50, exact_max=32)
+    monkeypatch.setattr(search_mod, "HDS_THREAD_MIN_QUERIES", 20)
+    parts = _thread_parts(qc, 3)
+    assert len(parts) == 3 and sorted(np.concatenate(parts).tolist()) == list(range(len(qc)))
+    keys = [set(map(bytes, qc[p])) for p in parts]
+    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1:])  # a code in one part
+    assert _thread_parts(qc, 1) == [] and _thread_parts(qc[:39], 3) == []
+    seen = []
+    one = search_mod._hds_ivf_one
+    monkeypatch.setattr(search_mod, "_hds_ivf_one", lambda f, c, *a: seen.append(len(c)) or one(f, c, *a))
+    r1, e1, m1 = hds_ivf(fine, qc, qf, 10, 2, feats, fp, None, n, threads=1)
+    r3, e3, m3 = hds_ivf(fine, qc, qf, 10, 2, feats, fp, None, n, threads=3)
+    assert seen[0] == len(qc) and sorted(seen[1:]) == sorted(len(p) for p in parts)
+    assert e1 == e3 and m1 == m3 and "ivf" in m1 and "exact" in m1
+    for a, b in zip(r1, r3):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distance, b.distance)
+        np.testing.assert_array_equal(a.hamming, b.hamming)
+        assert (a.candidates, a.truncated) == (b.candidates, b.truncated)
+    # an exact callback (the Searcher's GPU path) or features read through a function: one call
+    seen.clear()
+    hds_ivf(fine, qc, qf, 10, 2, lambda ids: feats[ids], fp, None, n, threads=3)
+    assert seen == [len(qc)]
 
 
 @pytest.mark.parametrize("big_ids", [False, True])

@@ -320,6 +320,40 @@ def test_ivf_small_pools_equal_the_exact_path(tmp_path):
             assert len(a.ids) == k  # topped up where the pool held fewer than k rows
 
 
+def test_cpu_searcher_splits_large_ivf_batches_over_threads(tmp_path, monkeypatch):
+    """A CPU Searcher with its features in RAM hands large ivf HDS batches to search.hds_ivf
+    without the GPU callback, so they are split over threads; the results are those of one call."""
+    from deephash_faiss import search as search_mod
+
+    rng = np.random.default_rng(4)
+    n, dim = 4000, 16
+    base = rng.integers(0, 256, (40, 2), dtype=np.uint8)
+    codes = base[rng.integers(0, 40, n)]
+    feats = rng.standard_normal((n, dim)).astype(np.float32)
+    d = str(tmp_path / "idx")
+    api.index_from_arrays(d, codes, feats, shard_size=1500)
+    build_fine(d, cell_size=16)
+    qi = rng.integers(0, n, 80)
+    qc, qf = codes[qi], feats[qi] + 0.1 * rng.standard_normal((80, dim)).astype(np.float32)
+    s = Searcher(d, device="cpu", features_in_memory=True)
+    calls = []
+    one = search_mod._hds_ivf_one
+    monkeypatch.setattr(search_mod, "_hds_ivf_one", lambda f, c, *a: calls.append(len(c)) or one(f, c, *a))
+    monkeypatch.setattr(search_mod, "HDS_THREAD_MIN_QUERIES", 10 ** 9)
+    whole = s.hds(qc, qf, 10, 2, hds_mode="ivf", nprobe=ALL)
+    assert calls == [80]
+    monkeypatch.setattr(search_mod, "HDS_THREAD_MIN_QUERIES", 20)
+    import faiss
+
+    monkeypatch.setattr(faiss, "omp_get_max_threads", lambda: 2)  # two threads on any machine
+    split = s.hds(qc, qf, 10, 2, hds_mode="ivf", nprobe=ALL)
+    assert len(calls) == 3 and sum(calls[1:]) == 80
+    assert whole.extra["query_modes"] == split.extra["query_modes"]
+    for a, b in zip(whole.results, split.results):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distance, b.distance)
+
+
 @pytest.mark.parametrize("max_candidates", [None, 40])
 def test_fine_search_of_a_batch_equals_single_query_searches(max_candidates):
     """FineIndex.search of a batch (queries sharing collapsed codes, a GEMM per block of codes,

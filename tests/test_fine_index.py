@@ -291,19 +291,25 @@ def test_service_hds_parameters(two_class_index, tmp_path):
             assert r.status_code == 422 and r.json()["detail"].startswith(msg), r.json()
 
 
-def test_ivf_small_pools_equal_the_exact_path(tmp_path):
-    """In ivf mode, pools of at most exact_max rows are ranked whole (reported as exact): the
-    same ids, Hamming and L2 as exact HDS, pools of fewer than k rows topped up to k."""
-    rng = np.random.default_rng(3)
+def _small_pools_index(tmp_path, seed, n_codes, nq):
+    """An index of 4,000 rows over ``n_codes`` distinct 16-bit codes with a fine index of 16-row
+    cells, and ``nq`` queries near its rows: (index dir, codes (nq, 2) uint8, features (nq, 16) float32)."""
+    rng = np.random.default_rng(seed)
     n, dim = 4000, 16
-    base = rng.integers(0, 256, (400, 2), dtype=np.uint8)  # many codes: pools of a few dozen rows
-    codes = base[rng.integers(0, 400, n)]
+    base = rng.integers(0, 256, (n_codes, 2), dtype=np.uint8)
+    codes = base[rng.integers(0, n_codes, n)]
     feats = rng.standard_normal((n, dim)).astype(np.float32)
     d = str(tmp_path / "idx")
     api.index_from_arrays(d, codes, feats, shard_size=1500)
     build_fine(d, cell_size=16)
-    qi = rng.integers(0, n, 60)
-    qc, qf = codes[qi], feats[qi] + 0.1 * rng.standard_normal((60, dim)).astype(np.float32)
+    qi = rng.integers(0, n, nq)
+    return d, codes[qi], feats[qi] + 0.1 * rng.standard_normal((nq, dim)).astype(np.float32)
+
+
+def test_ivf_small_pools_equal_the_exact_path(tmp_path):
+    """In ivf mode, pools of at most exact_max rows are ranked whole (reported as exact): the
+    same ids, Hamming and L2 as exact HDS, pools of fewer than k rows topped up to k."""
+    d, qc, qf = _small_pools_index(tmp_path, 3, 400, 60)  # many codes: pools of a few dozen rows
     s = Searcher(d, features_in_memory=True)
     k = 8
     raw = s.fine_index().search(qc, qf, k, 2, s.store.features_in_ram())
@@ -325,16 +331,7 @@ def test_cpu_searcher_splits_large_ivf_batches_over_threads(tmp_path, monkeypatc
     without the GPU callback, so they are split over threads; the results are those of one call."""
     from deephash_faiss import search as search_mod
 
-    rng = np.random.default_rng(4)
-    n, dim = 4000, 16
-    base = rng.integers(0, 256, (40, 2), dtype=np.uint8)
-    codes = base[rng.integers(0, 40, n)]
-    feats = rng.standard_normal((n, dim)).astype(np.float32)
-    d = str(tmp_path / "idx")
-    api.index_from_arrays(d, codes, feats, shard_size=1500)
-    build_fine(d, cell_size=16)
-    qi = rng.integers(0, n, 80)
-    qc, qf = codes[qi], feats[qi] + 0.1 * rng.standard_normal((80, dim)).astype(np.float32)
+    d, qc, qf = _small_pools_index(tmp_path, 4, 40, 80)
     s = Searcher(d, device="cpu", features_in_memory=True)
     calls = []
     one = search_mod._hds_ivf_one

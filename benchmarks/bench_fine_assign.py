@@ -63,15 +63,12 @@ def main() -> None:
     import faiss
 
     from deephash_faiss import fine as fine_mod
-    from deephash_faiss.fine import FineIndex, FineParams, default_cell_size, default_probe
-    from deephash_faiss.index import BinaryIndex, IndexSpec
+    from deephash_faiss.fine import FineParams, default_probe
     from deephash_faiss.rerank import rank_pools_cpu
     from deephash_faiss.search import hamming_pools, hds_ivf
 
     n, rng = int(a.n), np.random.default_rng(a.seed)
-    codes, feats, qc, qf = realgen.grow_real(realgen.load_seed(a.source), n, a.dim, rng, a.noise, a.queries)
-    bidx = BinaryIndex.build(codes, IndexSpec("buckets"))
-    fine = FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=a.seed)
+    codes, feats, qc, qf, bidx, fine = realgen.grow_fine_index(a.source, n, a.dim, rng, a.noise, a.queries, a.seed)
     nprobe, refine = default_probe(n)
     fp = FineParams(nprobe=nprobe, refine=refine, exact_max=max(a.k, FineParams.exact_max))
 

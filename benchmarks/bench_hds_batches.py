@@ -53,16 +53,12 @@ def main() -> None:
     import faiss
 
     from deephash_faiss import search as search_mod
-    from deephash_faiss.fine import FineIndex, FineParams, default_cell_size, default_probe
-    from deephash_faiss.index import BinaryIndex, IndexSpec
+    from deephash_faiss.fine import FineParams
     from deephash_faiss.rerank import rank_pools_cpu
     from deephash_faiss.search import hds_ivf
 
     n = int(a.n)
-    seed = realgen.load_seed(a.source)
-    codes, feats, qc, qf = realgen.grow_real(seed, n, a.dim, np.random.default_rng(a.seed), a.noise, a.queries)
-    bidx = BinaryIndex.build(codes, IndexSpec("buckets"))
-    fine = FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=a.seed)
+    codes, feats, qc, qf, bidx, fine = realgen.grow_fine_index(a.source, n, a.dim, np.random.default_rng(a.seed), a.noise, a.queries, a.seed)
     fp = FineParams.for_rows(n, exact_max=max(a.k, FineParams.exact_max))
     key = f"{os.path.basename(os.path.normpath(a.source))}-n{n}-d{feats.shape[1]}-float32-s{a.seed}"
     h, build_s = hnsw32(feats, os.path.join(a.cache_dir, f"hnsw32-{key}.faiss") if a.cache_dir else None)

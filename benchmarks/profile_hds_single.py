@@ -30,14 +30,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
 
-    from deephash_faiss.fine import FineIndex, FineParams, default_cell_size
-    from deephash_faiss.index import BinaryIndex, IndexSpec
+    from deephash_faiss.fine import FineParams
     from deephash_faiss.search import hds_ivf
 
     n = int(a.n)
-    seed = realgen.load_seed(a.source)
-    codes, feats, qc, qf = realgen.grow_real(seed, n, a.dim, np.random.default_rng(0), 0.3, None)
-    fine = FineIndex.build(BinaryIndex.build(codes, IndexSpec("buckets")), feats, cell_size=default_cell_size(n))
+    _, feats, qc, qf, _, fine = realgen.grow_fine_index(a.source, n, a.dim, np.random.default_rng(0))
     fine.warm()
     fp = FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))
     m = min(a.queries, len(qc))

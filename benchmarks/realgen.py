@@ -263,6 +263,23 @@ def grow_real(seed: Seed, n: int, dim: int, rng: np.random.Generator, noise: flo
     return codes, feats, np.ascontiguousarray(seed.q_codes[:queries]), np.ascontiguousarray(qf, np.float32)
 
 
+def grow_fine_index(source: str, n: int, dim: int, rng: np.random.Generator, noise: float = 0.3,
+                    queries: int | None = None, seed: int = 0):
+    """:func:`grow_real` of the seed at ``source`` (draws from ``rng``), its codes in a code
+    dictionary and its features in a fine index at the default cell size for n rows (k-means
+    ``seed``).
+
+    Returns:
+        (codes uint8 [n, B], features float32 [n, D], query codes uint8 [q, B], query features
+        float32 [q, D], the BinaryIndex ("buckets"), the FineIndex)."""
+    from deephash_faiss.fine import FineIndex, default_cell_size
+    from deephash_faiss.index import BinaryIndex, IndexSpec
+
+    codes, feats, qc, qf = grow_real(load_seed(source), n, dim, rng, noise, queries)
+    bidx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    return codes, feats, qc, qf, bidx, FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=seed)
+
+
 def pca(train: np.ndarray, dim: int):
     """(mean float32 [D], components float32 [D, dim]) of the top ``dim`` principal axes."""
     x = np.asarray(train, np.float64)

@@ -316,6 +316,8 @@ class FineIndex:
         self.list_offsets = np.asarray(list_offsets, np.int64)
         self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.ivf = ivf
+        if _is_blocked(ivf):
+            ivf.implem = FAST_SCAN_IMPLEM  # once here: searches only read the index
         self.cell_size = int(cell_size)
         self.storage = storage
         self.dim = int(ivf.d)
@@ -973,8 +975,6 @@ def _scan_lists(ivf, q: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> n
 
     m = len(q)
     q, Iq, Dq = (np.ascontiguousarray(a, t) for a, t in ((q, np.float32), (Iq, np.int64), (Dq, np.float32)))
-    if _is_blocked(ivf) and ivf.implem != FAST_SCAN_IMPLEM:
-        ivf.implem = FAST_SCAN_IMPLEM
     params = faiss.SearchParametersIVF()
     params.nprobe = int(Iq.shape[1])
     D, I = np.empty((m, k), np.float32), np.empty((m, k), np.int64)

@@ -13,7 +13,10 @@ as the product calls it (``threads=None``: split from 2 x HDS_THREAD_MIN_QUERIES
 faiss HNSW32 at ``--ef`` (read from bench_scale.py's ``--cache-dir`` cache when there). Reported:
 microseconds per query (each round, the median), HDS over HNSW32, recall@10 of HDS against exact
 HDS and of HNSW32 against ES on the first ``--recall-queries`` queries, and whether the two HDS
-calls returned the same ids.
+calls returned the same ids. At batch 1 a fourth arm, ``hds_batch_path``, searches the single
+queries through the batch machinery (``fine.SINGLE_QUERY_PATH`` off), against the product's
+single-query path (``single_path_speedup``; ``single_path_same_ids_share``: the share of the
+first queries whose ids the two paths agree on).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def main() -> None:
 
     import faiss
 
+    from deephash_faiss import fine as fine_mod
     from deephash_faiss import search as search_mod
     from deephash_faiss.fine import FineParams
     from deephash_faiss.rerank import rank_pools_cpu
@@ -86,18 +90,31 @@ def main() -> None:
            "hds_recall_at10_vs_exact": float(np.mean(rec)),
            "hnsw_recall_at10_vs_es": float(np.mean([len(set(x) & set(y)) / a.k for x, y in zip(Ies, Ih)])),
            "hds_threads_same_ids": bool(same), "batches": {}}
+    def batch_path(c, f):  # single queries through the batch machinery (fine.SINGLE_QUERY_PATH off)
+        fine_mod.SINGLE_QUERY_PATH = False
+        try:
+            return hds(c, f, None)
+        finally:
+            fine_mod.SINGLE_QUERY_PATH = True
+
+    # single queries: the single-query path against the batch machinery, ids equal (share of queries)
+    one = [hds(qc[i:i + 1], qf[i:i + 1], None)[0] for i in range(r)]
+    out["single_path_same_ids_share"] = float(np.mean([
+        np.array_equal(o.ids, batch_path(qc[i:i + 1], qf[i:i + 1])[0].ids) for i, o in enumerate(one)]))
+    out["hds_single_recall_at10_vs_exact"] = float(np.mean(
+        [len(set(e[:a.k]) & set(g.ids[:a.k])) / min(a.k, len(e)) for e, g in zip(exact, one) if len(e)]))
     arms = {"hds_one_thread": lambda c, f: hds(c, f, 1), "hds_product": lambda c, f: hds(c, f, None),
-            "hnsw32": lambda c, f: h.search(f, a.k)}
-    names = list(arms)
+            "hnsw32": lambda c, f: h.search(f, a.k), "hds_batch_path": batch_path}
     for fn in arms.values():  # warm-up
         fn(qc[:200], qf[:200])
     for B in [int(x) for x in a.batches.split(",")]:
         m = len(qc) // B * B
         if m == 0:
             continue
+        names = list(arms) if B == 1 else list(arms)[:3]  # the batch path differs at batch 1 only
         us = {name: [] for name in names}
         for rnd in range(a.rounds):
-            for name in names[rnd % 3:] + names[:rnd % 3]:
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
                 tot = 0.0
                 for i in range(0, m, B):
                     t = time.perf_counter()
@@ -109,6 +126,8 @@ def main() -> None:
                                   "hds_product_over_hnsw": med["hds_product"] / med["hnsw32"],
                                   "hds_one_thread_over_hnsw": med["hds_one_thread"] / med["hnsw32"],
                                   "threads_speedup": med["hds_one_thread"] / med["hds_product"]}
+        if "hds_batch_path" in med:
+            out["batches"][str(B)]["single_path_speedup"] = med["hds_batch_path"] / med["hds_product"]
         print(B, {k: round(v, 1) for k, v in med.items()},
               "hds/hnsw %.2f" % out["batches"][str(B)]["hds_product_over_hnsw"], flush=True)
         write_json(a.json, out)

@@ -681,6 +681,8 @@ class FineIndex:
         if m == 0:
             return (out, none) if small_pools else out
         qcodes = np.ascontiguousarray(qcodes, np.uint8)
+        if m == 1 and SINGLE_QUERY_PATH:
+            return self._search_one(qcodes, q, k, radius, gather, p, max_candidates, small_pools)
         _, first, inv = np.unique(_row_keys(qcodes), return_index=True, return_inverse=True)
         inv = inv.ravel()
         lims, Dc, Ic = b.reach(qcodes[first], radius, ordered=False)  # per distinct code, any order
@@ -718,6 +720,62 @@ class FineIndex:
         for j, (i, f, pl, ex, tr) in enumerate(zip(todo.tolist(), found, pools[todo].tolist(), examined.tolist(),
                                                     trunc.tolist())):
             out[i] = (ids[j, :f], dist[j, :f], pl, ex, tr, False)
+        return (out, none) if small_pools else out
+
+    def _search_one(self, qcode: np.ndarray, q: np.ndarray, k: int, radius: int, gather, p: FineParams,
+                    max_candidates: int | None, small_pools: bool):
+        """:meth:`search` of one query (qcode uint8 [1, B], q float32 [1, D]), same result
+        layout: the batch machinery's few hundred small numpy calls (blocks, keys over a GEMM,
+        prefix sorts) are a fixed cost that dominates a single query, so here the lists its
+        code reaches are ranked directly. The lists probed are the batch path's (nearest
+        centroid first, ties by list number, cut at the same row budget), up to the float
+        rounding of the centroid distances: here a direct sum of squared differences over the
+        reached centroids (faiss ``fvec_L2sqr_by_idx``), in the batch one GEMM per block."""
+        import faiss
+
+        from .index import _ranges, sort_and_cap
+
+        b = self.buckets
+        live, _ = b._counts()
+        lims, Dc, Ic = b.reach(qcode, radius, ordered=False)
+        pool = int(live[Ic].sum()) if len(Ic) else 0
+        none = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
+        if pool <= p.exact_max:  # for the caller's exact path, with its pool rows when asked
+            out = [(np.zeros(0, np.int64), np.zeros(0, np.float32), pool, pool, False, True)]
+            if small_pools:
+                none = (np.zeros(1, np.int64), *b.pool_rows(*sort_and_cap(lims, Dc, Ic), max_candidates))
+            return (out, none) if small_pools else out
+        fc = self._dict2fine[Ic[live[Ic] > 0]]
+        lists = _ranges(self.list_offsets[fc], self.list_offsets[fc + 1] - self.list_offsets[fc])
+        sizes = self._list_sizes()
+        lists = lists[sizes[lists] > 0]
+        rows = int(sizes[lists].sum())
+        budget = p.nprobe * self.cell_size
+        limit = int(WHOLE_POOL_FACTOR * budget)
+        trunc = False
+        if rows <= (limit if max_candidates is None else min(limit, max_candidates)):
+            Iq, examined = lists, rows  # every reached list, in reach order (as :meth:`_assign`)
+            Dq = np.zeros(len(lists), np.float32)
+        else:  # nearest centroid first, ties by list number; lists that start under the budget
+            Dq = np.empty(len(lists), np.float32)
+            faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(Dq), faiss.swig_ptr(q), faiss.swig_ptr(self.centroids),
+                                    faiss.swig_ptr(lists), self.dim, 1, len(lists))
+            o = np.lexsort((lists, Dq))
+            Iq, Dq = lists[o], Dq[o]
+            R = np.concatenate([[0], np.cumsum(sizes[Iq])])
+            cut = min(int(np.searchsorted(R, budget)), len(Iq))
+            if max_candidates is not None and R[cut] > max_candidates:
+                trunc = True
+                cut = max(1, int(np.searchsorted(R, max_candidates, side="right")) - 1)
+            Iq, Dq, examined = Iq[:cut], Dq[:cut], int(R[cut])
+        if not len(Iq):  # (lists of deleted rows only)
+            Iq, Dq = np.full(1, -1, np.int64), np.zeros(1, np.float32)
+        I = _scan_lists(self.ivf, q, max(k, p.refine), Iq[None], Dq[None])
+        if b.deleted is not None and b.deleted.any():
+            I = np.where((I >= 0) & b.deleted[np.maximum(I, 0)], -1, I)
+        ids, dist = _refine(q, I, gather, k)
+        f = int((ids >= 0).sum())
+        out = [(ids[0, :f], dist[0, :f], pool, examined, trunc, False)]
         return (out, none) if small_pools else out
 
     def _assign(self, qt: np.ndarray, qown: np.ndarray, lists: np.ndarray, bounds: np.ndarray, p: FineParams,
@@ -850,6 +908,11 @@ class FineIndex:
             self._lsizes = np.array([inv.list_size(i) for i in range(self.ivf.nlist)], np.int64)
         return self._lsizes
 
+
+#: :meth:`FineIndex.search` of one query takes :meth:`FineIndex._search_one` (False: the batch
+#: path, as before). Measured by ``benchmarks/bench_hds_batches.py`` (its arm
+#: ``hds_batch_path`` at batch 1; docs/benchmarks.md, "Single queries").
+SINGLE_QUERY_PATH = True
 
 #: faiss fast-scan kernel of :meth:`FineIndex.search` (11: one query at a time, a reservoir of
 #: the best; 12 / 13: queries grouped per list): at 1e5 / 1e6 rows ~5-10% faster than the

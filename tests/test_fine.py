@@ -90,7 +90,7 @@ def _assert_exact(ref, out):
 
 @pytest.mark.parametrize("storage", ["pq4", "sq8"])
 def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storage, tmp_path):
-    """Batched search (queries sharing codes, blocks of queries) against brute force, on the
+    """Batched search (queries sharing codes, blocks of queries) and single queries against brute force, on the
     lists as built, after adding rows (a known and a new code), after compacting and after a
     save/load: probing every list and refining every candidate gives exact HDS."""
     codes, feats, qc, qf = _data(2, n=6000)
@@ -104,7 +104,10 @@ def test_ivf_hds_probing_everything_is_exact_hds_through_add_compact_save(storag
     def check(fine, codes, feats, deleted, gather_feats, block=1 << 19, in_place=False):
         gather = gather_feats if in_place else (lambda ids: gather_feats[ids])
         out = fine.search(qc, qf, 10, 3, gather, full, block_elems=block)
-        _assert_exact(exact_hds(codes, feats, deleted, qc, qf, 3, k=10), out)
+        ref = exact_hds(codes, feats, deleted, qc, qf, 3, k=10)
+        _assert_exact(ref, out)
+        # each query alone (FineIndex._search_one) too
+        _assert_exact(ref, [fine.search(qc[i:i + 1], qf[i:i + 1], 10, 3, gather, full)[0] for i in range(len(qc))])
 
     check(fine, codes, feats, none, feats)
     check(fine, codes, feats, none, feats, block=1)  # one distinct code a block
@@ -376,3 +379,40 @@ def test_refine_is_top_k_by_distance_then_id(big_ids):
         np.testing.assert_array_equal(ids[i, :len(o)], c[o])
         np.testing.assert_allclose(dist[i, :len(o)], d[o], rtol=1e-5, atol=1e-5)
         assert (ids[i, len(o):] == -1).all() and np.isinf(dist[i, len(o):]).all()
+
+
+@pytest.mark.parametrize("max_candidates", [None, 300])
+def test_single_query_path_equals_the_batch_path(max_candidates, monkeypatch):
+    """A single query (FineIndex._search_one) gets what the batch machinery gives it: the same
+    ids, distances, pool, examined rows and flags, with deleted rows and the safety limit, and
+    the same small-pool rows for the exact path (``small_pools``)."""
+    codes, feats, qc, qf = _data(4, n=8000)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    gone = np.zeros(len(codes), bool)
+    gone[::9] = True
+    idx.deleted = gone
+    fine = FineIndex.build(idx, feats, cell_size=64)
+    qc = np.concatenate([qc, qc[:3] ^ np.uint8(0xF0)])  # codes far from every row: empty pools
+    qf = np.concatenate([qf, qf[:3]])
+    sizes = np.sort(idx.pool_sizes(qc, 2))
+    p = FineParams(nprobe=4, refine=40, exact_max=int(sizes[len(sizes) // 5]))  # a fifth of the pools small
+    calls = []
+    orig = FineIndex._search_one
+    monkeypatch.setattr(FineIndex, "_search_one", lambda self, *a: calls.append(1) or orig(self, *a))
+
+    def one(i, single):
+        monkeypatch.setattr(fine_mod, "SINGLE_QUERY_PATH", single)
+        return fine.search(qc[i:i + 1], qf[i:i + 1], 10, 2, feats, p, max_candidates, small_pools=True)
+
+    kinds = set()
+    for i in range(len(qc)):
+        (a,), pa = one(i, True)
+        (b,), pb = one(i, False)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert a[2:] == b[2:]
+        assert all(np.array_equal(x, y) for x, y in zip(pa, pb))
+        assert not gone[a[0]].any()
+        kinds.add((a[5], a[3] < a[2], a[4]))
+    assert len(calls) == len(qc)  # every single query took the single-query path
+    assert (True, False, False) in kinds and (False, True, max_candidates is not None) in kinds

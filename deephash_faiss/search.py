@@ -191,7 +191,9 @@ def hamming_pools(code_index, qcodes: np.ndarray, k: int, radius: int, max_candi
         if i in top:
             d2, i2 = top[i]
             ok = i2 >= 0
-            extra = ~np.isin(i2[ok], ids)
+            # a whole pool holds every live row at distance < radius, so the k-NN rows it lacks
+            # are those at radius or beyond; a cut pool is checked row by row
+            extra = d2[ok] >= radius if not truncated else ~np.isin(i2[ok], ids)
             ids = np.concatenate([ids, i2[ok][extra]])
             ham = np.concatenate([ham, d2[ok][extra]])
         out.append((ids, ham.astype(np.int32), truncated))
@@ -221,8 +223,11 @@ def hds_results(pools, ranked) -> list[QueryResult]:
 #: :func:`hds_ivf` splits a batch over threads, one part of at least this many queries each
 #: (so from twice this many), when the features are in RAM and no ``exact`` callback is given.
 #: Measured by ``benchmarks/bench_hds_batches.py`` (docs/benchmarks.md, "HDS batches over
-#: threads").
-HDS_THREAD_MIN_QUERIES = 500
+#: threads"); 250 against 500 (ad hoc, 2026-12-07, 2-core AMD EPYC host, real smallcnn statistics,
+#: 10,000 queries, medians of 3 alternating rounds): batches of 500 / 800 queries 39.2 / 32.5
+#: against 41.3 / 34.6 us a query at 1e5 rows, 50.7 / 47.9 against 53.4 / 50.8 at 2e5; parts of
+#: 100 were no faster than one call at batches of 200 (51.2 against 52.4 us).
+HDS_THREAD_MIN_QUERIES = 250
 
 
 def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,

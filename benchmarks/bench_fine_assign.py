@@ -47,9 +47,7 @@ def best_of(fn, repeat: int) -> tuple[object, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="real arrays (reproduce.py --export) or index dir")
-    ap.add_argument("--n", type=float, default=1e5)
-    ap.add_argument("--dim", type=int, default=256)
+    realgen.add_grow_args(ap)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--radius", type=int, default=3)
     ap.add_argument("--k", type=int, default=10)

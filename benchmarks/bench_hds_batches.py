@@ -37,9 +37,7 @@ from common import hnsw32, machine_basics, write_json  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="real arrays (reproduce.py --export) or index dir")
-    ap.add_argument("--n", type=float, default=1e5)
-    ap.add_argument("--dim", type=int, default=256)
+    realgen.add_grow_args(ap)
     ap.add_argument("--queries", type=int, default=None, help="default: all of the seed's")
     ap.add_argument("--batches", default="1,16,200,500,1000,2000,5000")
     ap.add_argument("--rounds", type=int, default=3)

@@ -23,9 +23,7 @@ import realgen  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="real arrays (reproduce.py --export) or index dir")
-    ap.add_argument("--n", type=float, default=1e5)
-    ap.add_argument("--dim", type=int, default=256)
+    realgen.add_grow_args(ap)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()

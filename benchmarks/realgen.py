@@ -280,6 +280,14 @@ def grow_fine_index(source: str, n: int, dim: int, rng: np.random.Generator, noi
     return codes, feats, qc, qf, bidx, FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=seed)
 
 
+def add_grow_args(ap, n: float = 1e5, dim: int = 256) -> None:
+    """The arguments of the benchmarks that grow a real index with :func:`grow_fine_index`:
+    ``--source`` (a real index's export or directory), ``--n`` rows, ``--dim`` (PCA)."""
+    ap.add_argument("--source", required=True, help="real arrays (reproduce.py --export) or index dir")
+    ap.add_argument("--n", type=float, default=n)
+    ap.add_argument("--dim", type=int, default=dim)
+
+
 def pca(train: np.ndarray, dim: int):
     """(mean float32 [D], components float32 [D, dim]) of the top ``dim`` principal axes."""
     x = np.asarray(train, np.float64)

@@ -713,8 +713,7 @@ class FineIndex:
         bounds = np.searchsorted(owner, np.arange(len(first) + 1))
         Iq, Dq, examined, trunc = self._assign(q[todo], inv[todo], lists, bounds, p, max_candidates, block_elems)
         I = _scan_lists(self.ivf, q[todo], max(k, p.refine), Iq, Dq)
-        if b.deleted is not None and b.deleted.any():  # rows removed after the build
-            I = np.where((I >= 0) & b.deleted[np.maximum(I, 0)], -1, I)
+        I = _drop_deleted(I, b.deleted)  # rows removed after the build
         ids, dist = _refine(q[todo], I, gather, k)
         found = (ids >= 0).sum(1).tolist()  # the valid ones come first
         for j, (i, f, pl, ex, tr) in enumerate(zip(todo.tolist(), found, pools[todo].tolist(), examined.tolist(),
@@ -771,8 +770,7 @@ class FineIndex:
         if not len(Iq):  # (lists of deleted rows only)
             Iq, Dq = np.full(1, -1, np.int64), np.zeros(1, np.float32)
         I = _scan_lists(self.ivf, q, max(k, p.refine), Iq[None], Dq[None])
-        if b.deleted is not None and b.deleted.any():
-            I = np.where((I >= 0) & b.deleted[np.maximum(I, 0)], -1, I)
+        I = _drop_deleted(I, b.deleted)
         ids, dist = _refine(q, I, gather, k)
         f = int((ids >= 0).sum())
         out = [(ids[0, :f], dist[0, :f], pool, examined, trunc, False)]
@@ -1045,6 +1043,14 @@ def _scan_lists(ivf, q: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> n
     ivf.search_preassigned_c(m, faiss.swig_ptr(q), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
                              faiss.swig_ptr(I), False, params)
     return I
+
+
+def _drop_deleted(I: np.ndarray, deleted: np.ndarray | None) -> np.ndarray:
+    """Candidate ids I int64 [m, R] with the rows marked in ``deleted`` (bool [n], or None)
+    replaced by -1."""
+    if deleted is None or not deleted.any():
+        return I
+    return np.where((I >= 0) & deleted[np.maximum(I, 0)], -1, I)
 
 
 def _ranges_of(list_offsets: np.ndarray, codes: np.ndarray) -> np.ndarray:

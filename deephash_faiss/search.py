@@ -255,8 +255,7 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
         (m :class:`QueryResult`, rows examined int list [m], modes list [m]: "ivf" or "exact").
     """
     qcodes = np.ascontiguousarray(qcodes, np.uint8)
-    parts = (_thread_parts(qcodes, threads) if exact is None and isinstance(gather, np.ndarray)
-             and len(qcodes) >= 2 * HDS_THREAD_MIN_QUERIES else [])
+    parts = _thread_parts(qcodes, threads) if exact is None and isinstance(gather, np.ndarray) else []
     if len(parts) < 2:
         return _hds_ivf_one(fine, qcodes, qfeats, k, radius, gather, params, max_candidates, live, exact)
     from concurrent.futures import ThreadPoolExecutor

@@ -1026,6 +1026,24 @@ def _blocks(qown: np.ndarray, lists: np.ndarray, bounds: np.ndarray, n_lists: in
     yield int(start[b0]), len(qown), np.flatnonzero(mark)
 
 
+_IVF_PARAMS: dict = {}
+
+
+def _ivf_params(nprobe: int):
+    """A ``faiss.SearchParametersIVF`` of this probe width, made once (8 us a call otherwise,
+    a few percent of a single query) and never changed after: threads share it read-only."""
+    import faiss
+
+    p = _IVF_PARAMS.get(nprobe)
+    if p is None:
+        if len(_IVF_PARAMS) >= 1024:
+            _IVF_PARAMS.clear()
+        p = faiss.SearchParametersIVF()
+        p.nprobe = nprobe
+        _IVF_PARAMS[nprobe] = p
+    return p
+
+
 def _scan_lists(ivf, q: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> np.ndarray:
     """Ids int64 [m, k] (-1 for none) of the k best rows by the lists' compressed distances
     among the lists Iq int64 [m, w] (-1: none; centroid distances Dq float32 [m, w]) of each
@@ -1036,8 +1054,7 @@ def _scan_lists(ivf, q: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> n
 
     m = len(q)
     q, Iq, Dq = (np.ascontiguousarray(a, t) for a, t in ((q, np.float32), (Iq, np.int64), (Dq, np.float32)))
-    params = faiss.SearchParametersIVF()
-    params.nprobe = int(Iq.shape[1])
+    params = _ivf_params(int(Iq.shape[1]))
     D, I = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
     # (the SWIG method under faiss's numpy wrapper, which accepts no params)
     ivf.search_preassigned_c(m, faiss.swig_ptr(q), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
@@ -1078,6 +1095,14 @@ def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int):
     from .rerank import l2_by_ids
 
     kk = min(k, cand.shape[1])
+    if len(cand) == 1:  # one query: a lexsort of its row (the keys' dozen calls cost more)
+        c = cand[0]
+        ok = c >= 0
+        c, d = c[ok], l2_by_ids(q, cand, gather)[0][ok]
+        o = np.lexsort((c, d))[:kk]
+        ids, dist = np.full((1, kk), -1, np.int64), np.full((1, kk), np.inf, np.float32)
+        ids[0, :len(o)], dist[0, :len(o)] = c[o], d[o]
+        return ids, dist
     ib = max(1, int(cand.max()).bit_length()) if cand.size else 1
     if ib <= REFINE_KEY_ID_BITS:
         # one packed key a candidate, (distance in float order, id) (:func:`_order_keys`): a

@@ -498,6 +498,7 @@ class BucketIndex(BinaryIndex):
         self._dkeys: np.ndarray | None = None
         self._masks: dict = {}
         self._live: np.ndarray | None = None
+        self._live_f: np.ndarray | None = None
         self._del_counts: np.ndarray | None = None
 
     # -- deletions ----------------------------------------------------------------------
@@ -508,7 +509,7 @@ class BucketIndex(BinaryIndex):
     @deleted.setter
     def deleted(self, mask) -> None:
         self._deleted = mask
-        self._live = self._del_counts = None
+        self._live = self._live_f = self._del_counts = None
 
     def bucket_of_rows(self) -> np.ndarray:
         """int32 [n]: the dictionary code of each row (computed once)."""
@@ -529,6 +530,13 @@ class BucketIndex(BinaryIndex):
                                                minlength=self.n_codes).astype(np.int64)
             self._live = self.sizes - self._del_counts
         return self._live, self._del_counts
+
+    def _live_weights(self) -> np.ndarray:
+        """float64 [U]: the live rows of each code as ``np.bincount`` weights (integer weights
+        are converted on every call: 157 against 32 us for 25,000 codes)."""
+        if self._live is None or self._live_f is None:
+            self._live_f = self._counts()[0].astype(np.float64)
+        return self._live_f
 
     # -- building, saving ---------------------------------------------------------------
     @property
@@ -756,7 +764,8 @@ class BucketIndex(BinaryIndex):
                 R = self.BALL_RADIUS
                 qi, c, d = self._ball_batch(qkeys[todo], R)
                 qi = todo[qi]
-                hist = np.bincount(qi * (R + 1) + d, weights=live[c], minlength=m * (R + 1)).reshape(m, R + 1)
+                hist = np.bincount(qi * (R + 1) + d, weights=self._live_weights()[c],
+                                   minlength=m * (R + 1)).reshape(m, R + 1)
                 cum = np.cumsum(hist, axis=1)
                 done = cum[:, -1] >= need
                 level = (cum < need).sum(1)  # searchsorted(cum, need) per query
@@ -765,7 +774,7 @@ class BucketIndex(BinaryIndex):
                 todo = todo[~done[todo]]
             if len(todo) < self.KNN_FAISS_MIN_QUERIES:  # few queries: the scan, one query at a time
                 for qi, d in zip(todo.tolist(), self._scan(q[todo])):
-                    cum = np.cumsum(np.bincount(d, weights=live, minlength=self.bits + 1))
+                    cum = np.cumsum(np.bincount(d, weights=self._live_weights(), minlength=self.bits + 1))
                     c = np.flatnonzero(d <= int(np.searchsorted(cum, need)))
                     parts.append((np.full(len(c), qi, np.int64), c, d[c]))
                 todo = todo[:0]
@@ -853,12 +862,15 @@ class BucketIndex(BinaryIndex):
                 for d in self._scan(q):
                     c = np.flatnonzero(d < radius)
                     per.append((c, d[c]))
-                lims = np.concatenate([[0], np.cumsum([len(c) for c, _ in per])])
-                I = np.concatenate([c for c, _ in per])
-                D = np.concatenate([d for _, d in per])
+                if m == 1:  # (a single query: its arrays as they are)
+                    (I, D), lims = per[0], np.array([0, len(per[0][0])], np.int64)
+                else:
+                    lims = np.concatenate([[0], np.cumsum([len(c) for c, _ in per])])
+                    I = np.concatenate([c for c, _ in per])
+                    D = np.concatenate([d for _, d in per])
         else:
             lims, D, I = self.index.range_search(q, int(radius))
-        lims, D, I = lims.astype(np.int64), D.astype(np.int32), I.astype(np.int64)
+        lims, D, I = lims.astype(np.int64, copy=False), D.astype(np.int32, copy=False), I.astype(np.int64, copy=False)
         return sort_and_cap(lims, D, I) if ordered else (lims, D, I)
 
     def pool_sizes(self, q: np.ndarray, radius: int) -> np.ndarray:

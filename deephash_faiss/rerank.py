@@ -169,17 +169,20 @@ def l2_by_ids(q: np.ndarray, ids: np.ndarray, gather, block_bytes: int = 1 << 25
     q = np.ascontiguousarray(q, np.float32)
     m, R = ids.shape
     D = q.shape[1]
-    d = np.full((m, R), np.inf, np.float32)
     valid = ids >= 0
-    if not valid.any():
+    full = bool(valid.all())
+    d = np.empty((m, R), np.float32) if full else np.full((m, R), np.inf, np.float32)
+    if ids.size == 0 or not (full or valid.any()):
         return d
-    safe = np.where(valid, ids, ids[valid][0])  # a real row in the empty slots (masked below)
+    # a real row in the empty slots (masked below)
+    safe = ids if full else np.where(valid, ids, ids[valid][0])
     if isinstance(gather, np.ndarray):
         if gather.dtype != np.float32 or not gather.flags.c_contiguous or gather.ndim != 2 or gather.shape[1] != D:
             raise DhfError("features given in place must be a C-contiguous float32 [n, D] array")
         faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d), faiss.swig_ptr(q), faiss.swig_ptr(gather),
-                                faiss.swig_ptr(np.ascontiguousarray(safe)), D, m, R)
-        d[~valid] = np.inf
+                                faiss.swig_ptr(np.ascontiguousarray(safe, np.int64)), D, m, R)
+        if not full:
+            d[~valid] = np.inf
         return d
     step = max(1, block_bytes // max(1, R * D * 4))
     for s in range(0, m, step):
@@ -188,7 +191,8 @@ def l2_by_ids(q: np.ndarray, ids: np.ndarray, gather, block_bytes: int = 1 << 25
         pos = np.arange((e - s) * R, dtype=np.int64)
         faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(d[s:e]), faiss.swig_ptr(q[s:e]), faiss.swig_ptr(x),
                                 faiss.swig_ptr(pos), D, e - s, R)
-    d[~valid] = np.inf
+    if not full:
+        d[~valid] = np.inf
     return d
 
 

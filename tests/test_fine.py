@@ -370,6 +370,7 @@ def test_refine_is_top_k_by_distance_then_id(big_ids):
     cand[0] = -1  # a query with no candidate
     cand[1, 3:] = -1  # one with fewer than k
     cand = np.where(cand >= 0, cand + off, -1)
+    cand[2] = np.where(cand[2] >= 0, cand[2], cand[2].max())  # one with no empty slot (repeats)
     ids, dist = _refine(q, cand, gather, 10)
     assert ids.shape == dist.shape == (30, 10)
     for i in range(30):
@@ -379,6 +380,10 @@ def test_refine_is_top_k_by_distance_then_id(big_ids):
         np.testing.assert_array_equal(ids[i, :len(o)], c[o])
         np.testing.assert_allclose(dist[i, :len(o)], d[o], rtol=1e-5, atol=1e-5)
         assert (ids[i, len(o):] == -1).all() and np.isinf(dist[i, len(o):]).all()
+        # one query alone (its own path) gives its row of the batch
+        i1, d1 = _refine(q[i:i + 1], cand[i:i + 1], gather, 10)
+        np.testing.assert_array_equal(i1[0], ids[i])
+        np.testing.assert_array_equal(d1[0], dist[i])
 
 
 @pytest.mark.parametrize("max_candidates", [None, 300])

@@ -1,0 +1,65 @@
+"""Single-query ivf HDS of two checkouts, A/B (issue 15): ``search.hds_ivf`` of one query at a
+time, ``--queries`` real-statistics queries on a real index grown to N rows as bench_scale.py
+grows it, timed ``--rounds`` times; prints one JSON line (microseconds per query each round, and
+an md5 of every result's ids and Hamming distances, so two checkouts can be shown to agree).
+Run it alternately on two checkouts (separate processes: one package each), e.g. a worktree of
+the older commit:
+
+    git worktree add /tmp/base <older commit>
+    for i in 1 2 3 4 5 6; do
+      python benchmarks/ab_hds_single.py --repo /tmp/base --source /work/harvest/cifar10_smallcnn_48 --n 1e5
+      python benchmarks/ab_hds_single.py --repo . --source /work/harvest/cifar10_smallcnn_48 --n 1e5
+    done
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
+                    help="the checkout whose deephash_faiss (and benchmarks/realgen.py) to time")
+    ap.add_argument("--source", required=True, help="real arrays (reproduce.py --export) or index dir")
+    ap.add_argument("--n", type=float, default=1e5)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    repo = os.path.abspath(a.repo)
+    sys.path[:0] = [os.path.join(repo, "benchmarks"), repo]
+    import numpy as np
+    import realgen
+
+    from deephash_faiss.fine import FineParams
+    from deephash_faiss.search import hds_ivf
+
+    n = int(a.n)
+    _, feats, qc, qf, _, fine = realgen.grow_fine_index(a.source, n, a.dim, np.random.default_rng(0))
+    fine.warm()
+    fp = FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))
+    m = min(a.queries, len(qc))
+
+    def run():
+        return [hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], 10, 3, feats, fp, None, n, threads=1)[0][0] for i in range(m)]
+
+    res = run()  # warm-up, and the results compared
+    us = []
+    for _ in range(a.rounds):
+        t = time.perf_counter()
+        run()
+        us.append(round((time.perf_counter() - t) / m * 1e6, 1))
+    h = hashlib.md5()
+    for r in res:
+        h.update(np.asarray(r.ids, np.int64).tobytes())
+        h.update(np.asarray(r.hamming, np.int32).tobytes())
+    print(json.dumps({"repo": repo, "n": n, "queries": m, "us_per_query": us, "results_md5": h.hexdigest()}))
+
+
+if __name__ == "__main__":
+    main()

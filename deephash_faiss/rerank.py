@@ -172,10 +172,9 @@ def l2_by_ids(q: np.ndarray, ids: np.ndarray, gather, block_bytes: int = 1 << 25
     valid = ids >= 0
     full = bool(valid.all())
     d = np.empty((m, R), np.float32) if full else np.full((m, R), np.inf, np.float32)
-    if ids.size == 0 or not (full or valid.any()):
+    if ids.size == 0 or not valid.any():
         return d
-    # a real row in the empty slots (masked below)
-    safe = ids if full else np.where(valid, ids, ids[valid][0])
+    safe = ids if full else np.where(valid, ids, ids[valid][0])  # a real row in the empty slots (masked below)
     if isinstance(gather, np.ndarray):
         if gather.dtype != np.float32 or not gather.flags.c_contiguous or gather.ndim != 2 or gather.shape[1] != D:
             raise DhfError("features given in place must be a C-contiguous float32 [n, D] array")

@@ -297,6 +297,76 @@ def _cells(x: np.ndarray, k: int, cell_size: int, niter: int, seed: int, max_tra
     return np.vstack(cents), assign
 
 
+#: :class:`CodeMemo`'s bound on the bytes of the arrays it keeps (it is emptied past it) and on
+#: the entries, and the largest array kept (bigger ones are recomputed each call).
+MEMO_BYTES = 64 << 20
+MEMO_ENTRIES = 1 << 16
+MEMO_ARRAY_BYTES = 1 << 20
+
+
+class CodeMemo:
+    """Per-code memos of single-query searches, shared by the threads that search one index.
+
+    Real codes collapse: queries repeat codes (the first 2,000 CIFAR-10 test queries hold 631
+    distinct codes), and most of a single query's Hamming work (the radius reach, the pool
+    size, the lists reached, a small pool's rows) depends on the code alone. Each entry is a
+    dict tagged with the index state it was made for (a tuple of the objects that state is
+    made of: the dictionary, its live counts, the list sizes, the code-to-list map, compared by
+    identity; every mutation replaces one of them), so an entry of an older state is never
+    used. Bounded: emptied past ``MEMO_ENTRIES`` entries or ``MEMO_BYTES`` of arrays; values
+    larger than ``MEMO_ARRAY_BYTES`` are not kept.
+    """
+
+    def __init__(self):
+        self._d: dict = {}
+        self._bytes = 0
+
+    def clear(self) -> None:
+        self._d, self._bytes = {}, 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def entry(self, key, state: tuple) -> dict:
+        """The memo dict of ``key`` made for ``state`` (a new, empty one when there is none)."""
+        got = self._d.get(key)
+        if got is not None and len(got[0]) == len(state) and all(a is b for a, b in zip(got[0], state)):
+            return got[1]
+        if got is not None:  # an older state: every entry is stale
+            self.clear()
+        if len(self._d) >= MEMO_ENTRIES or self._bytes >= MEMO_BYTES:
+            self.clear()
+        memo = _Memo(self)
+        self._d[key] = (state, memo)
+        return memo
+
+
+class _Memo(dict):
+    """One code's memo (:class:`CodeMemo`): a dict that counts the bytes of the arrays it is
+    given and drops the ones past ``MEMO_ARRAY_BYTES``."""
+
+    def __init__(self, owner: CodeMemo):
+        super().__init__()
+        self._owner = owner
+
+    def __setitem__(self, key, value) -> None:
+        n = _nbytes(value)
+        if n <= MEMO_ARRAY_BYTES:
+            self._owner._bytes += n
+            super().__setitem__(key, value)
+
+
+def _nbytes(value) -> int:
+    """Bytes of the numpy arrays in value (an array, or tuples / lists of them and scalars),
+    each made read-only."""
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False  # (kept for later calls: nobody may write to it)
+        return int(value.nbytes)
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 class FineIndex:
     """IVF lists keyed by (dictionary code, k-means cell of fc7 within the code).
 
@@ -326,6 +396,7 @@ class FineIndex:
         self._lsizes = None
         self.buckets = None
         self._dict2fine = None
+        self._memo = CodeMemo()
         if buckets is not None:
             self.attach(buckets)
 
@@ -735,19 +806,30 @@ class FineIndex:
         from .index import _ranges, sort_and_cap
 
         b = self.buckets
-        live, _ = b._counts()
-        lims, Dc, Ic = b.reach(qcode, radius, ordered=False)
-        pool = int(live[Ic].sum()) if len(Ic) else 0
+        sizes = self._list_sizes()
+        memo = self.code_memo(qcode, radius)  # what depends on the code alone, kept across calls
+        reach = memo.get("reach")
+        if reach is None or "pool" not in memo:
+            live, _ = b._counts()
+            reach = b.reach(qcode, radius, ordered=False)
+            memo["pool"] = int(live[reach[2]].sum()) if len(reach[2]) else 0
+            memo["reach"] = reach
+        pool = memo["pool"]
         none = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
         if pool <= p.exact_max:  # for the caller's exact path, with its pool rows when asked
             out = [(np.zeros(0, np.int64), np.zeros(0, np.float32), pool, pool, False, True)]
             if small_pools:
-                none = (np.zeros(1, np.int64), *b.pool_rows(*sort_and_cap(lims, Dc, Ic), max_candidates))
+                rows_ = memo.get(("pool_rows", max_candidates))
+                if rows_ is None:
+                    rows_ = memo[("pool_rows", max_candidates)] = b.pool_rows(*sort_and_cap(*reach), max_candidates)
+                none = (np.zeros(1, np.int64), *rows_)
             return (out, none) if small_pools else out
-        fc = self._dict2fine[Ic[live[Ic] > 0]]
-        lists = _ranges(self.list_offsets[fc], self.list_offsets[fc + 1] - self.list_offsets[fc])
-        sizes = self._list_sizes()
-        lists = lists[sizes[lists] > 0]
+        lists = memo.get("lists")
+        if lists is None:
+            live, _ = b._counts()
+            fc = self._dict2fine[reach[2][live[reach[2]] > 0]]
+            lists = _ranges(self.list_offsets[fc], self.list_offsets[fc + 1] - self.list_offsets[fc])
+            lists = memo["lists"] = lists[sizes[lists] > 0]
         rows = int(sizes[lists].sum())
         budget = p.nprobe * self.cell_size
         limit = int(WHOLE_POOL_FACTOR * budget)
@@ -905,6 +987,17 @@ class FineIndex:
             inv = self.ivf.invlists
             self._lsizes = np.array([inv.list_size(i) for i in range(self.ivf.nlist)], np.int64)
         return self._lsizes
+
+    def code_memo(self, qcode: np.ndarray, radius: int) -> dict:
+        """The memo of one query code (uint8 [1, B] or [B]) at this radius: a dict that
+        :meth:`search` of a single query (and the caller's exact path) fills with what depends
+        on the code alone (its radius reach, pool size, reached lists, small-pool rows), so a
+        later query of the same code skips that work. It is valid for the current state of the
+        index only (:class:`CodeMemo`): an add, a deletion, a compact or an attach gives fresh
+        memos."""
+        b = self.buckets
+        return self._memo.entry((np.ascontiguousarray(qcode, np.uint8).tobytes(), int(radius)),
+                                (b, b._counts()[0], self._list_sizes(), self._dict2fine))
 
 
 #: :meth:`FineIndex.search` of one query takes :meth:`FineIndex._search_one` (False: the batch

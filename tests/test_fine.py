@@ -421,3 +421,66 @@ def test_single_query_path_equals_the_batch_path(max_candidates, monkeypatch):
         kinds.add((a[5], a[3] < a[2], a[4]))
     assert len(calls) == len(qc)  # every single query took the single-query path
     assert (True, False, False) in kinds and (False, True, max_candidates is not None) in kinds
+
+
+def test_single_query_memo_follows_the_index_state(monkeypatch):
+    """Single queries keep what depends on their code alone (fine.CodeMemo: reach, pool, lists,
+    small-pool rows) across calls: the results are those of a search with no memo, repeated
+    codes included, and stay so after rows are deleted, added (fine.add + attach) and with the
+    memo bounded to two entries; deleted rows never come back, added ones are found."""
+    from deephash_faiss.search import hds_ivf
+
+    rng = np.random.default_rng(8)
+    n, k, radius = 4000, 10, 2
+    codes = _tail_data(rng, n)
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    fine = FineIndex.build(idx, feats, cell_size=64, storage="fp16")
+    pick = rng.integers(0, n, 40)
+    qc = np.concatenate([codes[pick], codes[pick[:10]]])  # every code of the first ten twice
+    qf = np.concatenate([feats[pick], feats[pick[:10]]]) + 0.1 * rng.standard_normal((50, 16)).astype(np.float32)
+    p = FineParams(nprobe=4, refine=50, exact_max=128)
+
+    def single(memo=True):
+        live = int(idx.ntotal - (0 if idx.deleted is None else idx.deleted.sum()))
+        with monkeypatch.context() as mp:
+            if not memo:  # a fresh, empty memo each call
+                mp.setattr(fine_mod.CodeMemo, "entry", lambda self, key, state: {})
+            return [hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], k, radius, feats_now, p, None, live)[0][0]
+                    for i in range(len(qc))]
+
+    def same(a, b):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.ids, y.ids)
+            np.testing.assert_array_equal(x.hamming, y.hamming)
+            np.testing.assert_array_equal(x.distance, y.distance)
+            assert (x.candidates, x.truncated) == (y.candidates, y.truncated)
+
+    feats_now = feats
+    first = single()
+    assert len(fine._memo) == len(np.unique(qc, axis=0))
+    same(first, single(memo=False))
+    same(first, single())  # every code from the memo now
+    pools = {r.candidates for r in first}
+    assert min(pools) <= 128 < max(pools)  # small pools and listed ones
+
+    gone = np.zeros(n, bool)
+    gone[np.concatenate([r.ids[:3] for r in first])] = True
+    idx.deleted = gone
+    after = single()
+    same(after, single(memo=False))
+    assert not any(gone[r.ids].any() for r in after)
+
+    new_codes, new_feats = qc[:5].copy(), qf[:5].copy()  # rows equal to five queries
+    idx.add(new_codes)
+    fine.add(new_codes, new_feats)
+    fine.attach(idx)
+    feats_now = np.ascontiguousarray(np.vstack([feats, new_feats]))
+    grown = single()
+    same(grown, single(memo=False))
+    assert all(grown[i].ids[0] == n + i for i in range(5))
+
+    monkeypatch.setattr(fine_mod, "MEMO_ENTRIES", 2)
+    fine._memo.clear()
+    same(single(), grown)
+    assert len(fine._memo) <= 2

@@ -2,8 +2,10 @@
 time, ``--queries`` real-statistics queries on a real index grown to N rows as bench_scale.py
 grows it, timed ``--rounds`` times; prints one JSON line (microseconds per query each round, and
 an md5 of every result's ids and Hamming distances, so two checkouts can be shown to agree).
-Run it alternately on two checkouts (separate processes: one package each), e.g. a worktree of
-the older commit:
+With ``--memo off,cold,warm`` it times the arms of the single-query memo (fine.CodeMemo) in one
+process instead, and checks that every arm returns the first pass's results. Run it
+alternately on two checkouts (separate processes: one package each), e.g. a worktree of the
+older commit:
 
     git worktree add /tmp/base <older commit>
     for i in 1 2 3 4 5 6; do
@@ -30,10 +32,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--memo", choices=("cold", "warm"), default="cold",
-                    help="cold: the fine index's per-code memo (fine.CodeMemo, where the checkout has one) "
-                         "emptied before each round, so a round gains only from codes repeated within it; "
-                         "warm: kept from the warm-up pass over the same queries")
+    ap.add_argument("--memo", default="cold",
+                    help="comma list of arms, timed in one process, in an order that turns each round: cold "
+                         "(the fine index's per-code memo, fine.CodeMemo where the checkout has one, emptied "
+                         "before each round: a round gains only from codes repeated within it), warm (kept "
+                         "from a pass over the same queries: a service that has seen these codes), off (no "
+                         "memo: every call a fresh one)")
     a = ap.parse_args()
     repo = os.path.abspath(a.repo)
     sys.path[:0] = [os.path.join(repo, "benchmarks"), repo]
@@ -52,19 +56,40 @@ def main() -> None:
     def run():
         return [hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], 10, 3, feats, fp, None, n, threads=1)[0][0] for i in range(m)]
 
+    arms = a.memo.split(",")
+    if not set(arms) <= {"cold", "warm", "off"}:
+        ap.error("--memo takes cold, warm and off")
+    memo = getattr(fine, "_memo", None)
+
+    class NoMemo:  # every code a fresh, empty memo
+        def entry(self, key, state):
+            return {}
+
+        def clear(self):
+            pass
+
     res = run()  # warm-up, and the results compared
-    us = []
-    for _ in range(a.rounds):
-        if a.memo == "cold" and hasattr(fine, "_memo"):
-            fine._memo.clear()
-        t = time.perf_counter()
-        run()
-        us.append(round((time.perf_counter() - t) / m * 1e6, 1))
+    us: dict = {arm: [] for arm in arms}
+    for rnd in range(a.rounds):
+        for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
+            if memo is not None:
+                fine._memo = NoMemo() if arm == "off" else memo
+                if arm == "cold":
+                    memo.clear()
+                elif arm == "warm":
+                    run()
+            t = time.perf_counter()
+            got = run()
+            us[arm].append(round((time.perf_counter() - t) / m * 1e6, 1))
+            assert all(np.array_equal(x.ids, y.ids) and np.array_equal(x.distance, y.distance)
+                       for x, y in zip(got, res)), f"{arm}: results differ from the first pass"
     h = hashlib.md5()
     for r in res:
         h.update(np.asarray(r.ids, np.int64).tobytes())
         h.update(np.asarray(r.hamming, np.int32).tobytes())
-    print(json.dumps({"repo": repo, "n": n, "queries": m, "memo": a.memo, "us_per_query": us,
+    print(json.dumps({"repo": repo, "n": n, "queries": m, "us_per_query": us[arms[0]] if len(arms) == 1 else us,
+                      "median_us_per_query": {arm: float(np.median(v)) for arm, v in us.items()},
+                      "distinct_query_codes": int(len(np.unique(qc[:m], axis=0))),
                       "results_md5": h.hexdigest()}))
 
 

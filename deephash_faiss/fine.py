@@ -800,7 +800,10 @@ class FineIndex:
         code reaches are ranked directly. The lists probed are the batch path's (nearest
         centroid first, ties by list number, cut at the same row budget), up to the float
         rounding of the centroid distances: here a direct sum of squared differences over the
-        reached centroids (faiss ``fvec_L2sqr_by_idx``), in the batch one GEMM per block."""
+        reached centroids (faiss ``fvec_L2sqr_by_idx``), in the batch one GEMM per block. As in
+        :meth:`_probe`, only the ``PROBE_PREFIX x nprobe`` nearest lists are sorted (a partition
+        first) unless their rows fall short of the budget. What depends on the code alone comes
+        from :meth:`code_memo`."""
         import faiss
 
         from .index import _ranges, sort_and_cap
@@ -841,9 +844,18 @@ class FineIndex:
             Dq = np.empty(len(lists), np.float32)
             faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(Dq), faiss.swig_ptr(q), faiss.swig_ptr(self.centroids),
                                     faiss.swig_ptr(lists), self.dim, 1, len(lists))
-            o = np.lexsort((lists, Dq))
+            t = max(8, PROBE_PREFIX * p.nprobe)
+            o = None
+            if t < len(lists):  # the nearest t lists (every tie of the t-th) sorted, if their rows reach the budget
+                sel = np.flatnonzero(Dq <= np.partition(Dq, t - 1)[t - 1])
+                o = sel[np.lexsort((lists[sel], Dq[sel]))]
+                R = np.concatenate([[0], np.cumsum(sizes[lists[o]])])
+                if R[-1] < budget:  # (they do not: the whole row, as below)
+                    o = None
+            if o is None:
+                o = np.lexsort((lists, Dq))
+                R = np.concatenate([[0], np.cumsum(sizes[lists[o]])])
             Iq, Dq = lists[o], Dq[o]
-            R = np.concatenate([[0], np.cumsum(sizes[Iq])])
             cut = min(int(np.searchsorted(R, budget)), len(Iq))
             if max_candidates is not None and R[cut] > max_candidates:
                 trunc = True

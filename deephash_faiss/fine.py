@@ -812,7 +812,7 @@ class FineIndex:
         sizes = self._list_sizes()
         memo = self.code_memo(qcode, radius)  # what depends on the code alone, kept across calls
         reach = memo.get("reach")
-        if reach is None or "pool" not in memo:
+        if reach is None:  # (set with the pool; absent too where it was too big to keep)
             live, _ = b._counts()
             reach = b.reach(qcode, radius, ordered=False)
             memo["pool"] = int(live[reach[2]].sum()) if len(reach[2]) else 0

@@ -310,9 +310,8 @@ def _hds_ivf_one(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: i
             memo = fine.code_memo(qcodes[0], radius) if len(qcodes) == 1 else {}  # (the code's pool, kept)
             pools = memo.get(("pools", k, max_candidates, live))
             if pools is None:
-                pools = hamming_pools(fine.buckets, qcodes[si], k, radius, max_candidates, live, ranged=(sl, sD, sI))
-                if len(qcodes) == 1:
-                    memo[("pools", k, max_candidates, live)] = pools
+                pools = memo[("pools", k, max_candidates, live)] = hamming_pools(
+                    fine.buckets, qcodes[si], k, radius, max_candidates, live, ranged=(sl, sD, sI))
             got = hds_results(pools, rank_pools_cpu(np.asarray(qfeats)[si], [ids for ids, _, _ in pools], gather, k))
         for i, r in zip(si.tolist(), got):
             res[i] = r

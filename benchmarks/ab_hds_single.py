@@ -3,9 +3,9 @@ time, ``--queries`` real-statistics queries on a real index grown to N rows as b
 grows it, timed ``--rounds`` times; prints one JSON line (microseconds per query each round, and
 an md5 of every result's ids and Hamming distances, so two checkouts can be shown to agree).
 With ``--memo off,cold,warm`` it times the arms of the single-query memo (fine.CodeMemo) in one
-process instead, and checks that every arm returns the first pass's results. Run it
-alternately on two checkouts (separate processes: one package each), e.g. a worktree of the
-older commit:
+process instead (``fullsort``: the lists sorted whole, against the prefix sort of ``cold``), and
+checks that every arm returns the first pass's results. Run it alternately on two checkouts
+(separate processes: one package each), e.g. a worktree of the older commit:
 
     git worktree add /tmp/base <older commit>
     for i in 1 2 3 4 5 6; do
@@ -37,7 +37,8 @@ def main() -> None:
                          "(the fine index's per-code memo, fine.CodeMemo where the checkout has one, emptied "
                          "before each round: a round gains only from codes repeated within it), warm (kept "
                          "from a pass over the same queries: a service that has seen these codes), off (no "
-                         "memo: every call a fresh one)")
+                         "memo: every call a fresh one), fullsort (cold, and every reached list sorted: "
+                         "fine.PROBE_PREFIX out of reach)")
     a = ap.parse_args()
     repo = os.path.abspath(a.repo)
     sys.path[:0] = [os.path.join(repo, "benchmarks"), repo]
@@ -57,9 +58,12 @@ def main() -> None:
         return [hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], 10, 3, feats, fp, None, n, threads=1)[0][0] for i in range(m)]
 
     arms = a.memo.split(",")
-    if not set(arms) <= {"cold", "warm", "off"}:
-        ap.error("--memo takes cold, warm and off")
+    if not set(arms) <= {"cold", "warm", "off", "fullsort"}:
+        ap.error("--memo takes cold, warm, off and fullsort")
     memo = getattr(fine, "_memo", None)
+    import deephash_faiss.fine as fine_mod
+
+    prefix = fine_mod.PROBE_PREFIX
 
     class NoMemo:  # every code a fresh, empty memo
         def entry(self, key, state):
@@ -72,9 +76,10 @@ def main() -> None:
     us: dict = {arm: [] for arm in arms}
     for rnd in range(a.rounds):
         for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
+            fine_mod.PROBE_PREFIX = 1 << 40 if arm == "fullsort" else prefix
             if memo is not None:
                 fine._memo = NoMemo() if arm == "off" else memo
-                if arm == "cold":
+                if arm in ("cold", "fullsort"):
                     memo.clear()
                 elif arm == "warm":
                     run()

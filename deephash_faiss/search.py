@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -229,6 +230,15 @@ def hds_results(pools, ranked) -> list[QueryResult]:
 #: 100 were no faster than one call at batches of 200 (51.2 against 52.4 us).
 HDS_THREAD_MIN_QUERIES = 250
 
+#: :func:`hds_ivf` runs a batch of at most this many queries on one OpenMP thread: the package
+#: sets OMP_WAIT_POLICY=PASSIVE (torch and faiss pools), so each of a small query's many short
+#: faiss regions (list scan, centroid and refine distances, Hamming scans) would wake a sleeping
+#: worker for little work. Measured (ad hoc then ``benchmarks/ab_hds_single.py``, 2-core AMD EPYC
+#: host, real smallcnn statistics at 1e5 rows, 2,000 queries, medians of 4 alternating rounds):
+#: one / two threads 222 / 369 us a query at batch 1, 217 / 333 at 4, 99 / 117 at 16, but 75 / 65
+#: at 64.
+HDS_ONE_THREAD_MAX_QUERIES = 16
+
 
 def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,
             max_candidates: int | None, live: int, exact=None, threads: int | None = None):
@@ -242,11 +252,13 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
     search already resolved; or by ``exact`` when given and it answers (indices int64 [s] ->
     s :class:`QueryResult`, or None for the CPU path here: the Searcher's GPU path).
 
-    A batch of at least ``2 x HDS_THREAD_MIN_QUERIES`` queries, features in RAM (``gather`` an
-    array) and no ``exact`` is split by query code into ``threads`` parts (default: faiss's
-    OpenMP threads), each searched in a thread of its own with one OpenMP thread: the numpy
-    work between faiss's kernels runs in parallel too. Each query's result is computed as
-    in one call for the whole batch, up to the float rounding of the centroid GEMMs.
+    A batch of at most ``HDS_ONE_THREAD_MAX_QUERIES`` queries runs on one OpenMP thread (the
+    caller's setting restored after). A batch of at least ``2 x HDS_THREAD_MIN_QUERIES``
+    queries, features in RAM (``gather`` an array) and no ``exact`` is split by query code into
+    ``threads`` parts (default: faiss's OpenMP threads), each searched in a thread of its own
+    with one OpenMP thread: the numpy work between faiss's kernels runs in parallel too. Each
+    query's result is computed as in one call for the whole batch, up to the float rounding of
+    the centroid GEMMs.
 
     Args:
         qcodes: uint8 [m, B]; qfeats: float32 [m, D]; gather: as :meth:`FineIndex.search`;
@@ -255,6 +267,9 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
         (m :class:`QueryResult`, rows examined int list [m], modes list [m]: "ivf" or "exact").
     """
     qcodes = np.ascontiguousarray(qcodes, np.uint8)
+    if len(qcodes) <= HDS_ONE_THREAD_MAX_QUERIES:
+        with _omp_threads(1):
+            return _hds_ivf_one(fine, qcodes, qfeats, k, radius, gather, params, max_candidates, live, exact)
     parts = _thread_parts(qcodes, threads) if exact is None and isinstance(gather, np.ndarray) else []
     if len(parts) < 2:
         return _hds_ivf_one(fine, qcodes, qfeats, k, radius, gather, params, max_candidates, live, exact)
@@ -276,6 +291,20 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
             for j, i in enumerate(ix.tolist()):
                 res[i], examined[i], modes[i] = r[j], e[j], md[j]
     return res, examined, modes
+
+
+@contextmanager
+def _omp_threads(n: int):
+    """faiss's OpenMP regions started by this thread run on ``n`` threads inside the block (the
+    setting is the calling thread's own; restored after)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _thread_parts(qcodes: np.ndarray, threads: int | None) -> list:

@@ -484,3 +484,40 @@ def test_single_query_memo_follows_the_index_state(monkeypatch):
     fine._memo.clear()
     same(single(), grown)
     assert len(fine._memo) <= 2
+
+
+def test_small_batches_run_on_one_openmp_thread_and_restore_it(monkeypatch):
+    """search.hds_ivf runs batches of at most HDS_ONE_THREAD_MAX_QUERIES on one OpenMP thread:
+    the kernels see one thread, the caller's setting comes back, and the results equal the
+    same batch searched on the caller's threads."""
+    import faiss
+
+    from deephash_faiss import search as search_mod
+    from deephash_faiss.search import hds_ivf
+
+    rng = np.random.default_rng(9)
+    n = 3000
+    codes = _tail_data(rng, n)
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    fine = FineIndex.build(idx, feats, cell_size=64, storage="fp16")
+    qc, qf = codes[rng.integers(0, n, 8)], rng.standard_normal((8, 16)).astype(np.float32)
+    p = FineParams(nprobe=4, refine=50, exact_max=128)
+    seen = []
+    orig = fine_mod._scan_lists
+    monkeypatch.setattr(fine_mod, "_scan_lists", lambda *a: seen.append(faiss.omp_get_max_threads()) or orig(*a))
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        small = hds_ivf(fine, qc, qf, 10, 2, feats, p, None, n)[0]
+        assert faiss.omp_get_max_threads() == 2 and seen and set(seen) == {1}
+        seen.clear()
+        monkeypatch.setattr(search_mod, "HDS_ONE_THREAD_MAX_QUERIES", 0)
+        fine._memo.clear()
+        wide = hds_ivf(fine, qc, qf, 10, 2, feats, p, None, n)[0]
+        assert set(seen) == {2}
+    finally:
+        faiss.omp_set_num_threads(before)
+    for x, y in zip(small, wide):
+        np.testing.assert_array_equal(x.ids, y.ids)
+        np.testing.assert_array_equal(x.distance, y.distance)

@@ -261,6 +261,15 @@ def _tail_data(rng, n=3000):
     return codes
 
 
+def _tail_fine(seed: int, storage: str, n: int = 3000):
+    """(rng, codes, feats float32 [n, 16], bucket index, fine index of cells of 64) on _tail_data."""
+    rng = np.random.default_rng(seed)
+    codes = _tail_data(rng, n)
+    feats = rng.standard_normal((n, 16)).astype(np.float32)
+    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
+    return rng, codes, feats, idx, FineIndex.build(idx, feats, cell_size=64, storage=storage)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("max_candidates", [None, 5])
 def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, monkeypatch):
@@ -320,12 +329,8 @@ def test_hds_ivf_over_threads_equals_one_call(monkeypatch):
     from deephash_faiss import search as search_mod
     from deephash_faiss.search import _thread_parts, hds_ivf
 
-    rng = np.random.default_rng(8)
     n = 3000
-    codes = _tail_data(rng, n)
-    feats = rng.standard_normal((n, 16)).astype(np.float32)
-    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
-    fine = FineIndex.build(idx, feats, cell_size=64, storage="pq4")
+    rng, codes, feats, idx, fine = _tail_fine(8, "pq4", n)
     qc = np.concatenate([codes[rng.integers(0, n, 90)], rng.integers(0, 256, (30, 2), dtype=np.uint8)])
     qf = rng.standard_normal((len(qc), 16)).astype(np.float32)
     fp = FineParams(nprobe=1000, refine=50, exact_max=32)
@@ -430,12 +435,8 @@ def test_single_query_memo_follows_the_index_state(monkeypatch):
     memo bounded to two entries; deleted rows never come back, added ones are found."""
     from deephash_faiss.search import hds_ivf
 
-    rng = np.random.default_rng(8)
     n, k, radius = 4000, 10, 2
-    codes = _tail_data(rng, n)
-    feats = rng.standard_normal((n, 16)).astype(np.float32)
-    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
-    fine = FineIndex.build(idx, feats, cell_size=64, storage="fp16")
+    rng, codes, feats, idx, fine = _tail_fine(8, "fp16", n)
     pick = rng.integers(0, n, 40)
     qc = np.concatenate([codes[pick], codes[pick[:10]]])  # every code of the first ten twice
     qf = np.concatenate([feats[pick], feats[pick[:10]]]) + 0.1 * rng.standard_normal((50, 16)).astype(np.float32)
@@ -495,12 +496,8 @@ def test_small_batches_run_on_one_openmp_thread_and_restore_it(monkeypatch):
     from deephash_faiss import search as search_mod
     from deephash_faiss.search import hds_ivf
 
-    rng = np.random.default_rng(9)
     n = 3000
-    codes = _tail_data(rng, n)
-    feats = rng.standard_normal((n, 16)).astype(np.float32)
-    idx = BinaryIndex.build(codes, IndexSpec("buckets"))
-    fine = FineIndex.build(idx, feats, cell_size=64, storage="fp16")
+    rng, codes, feats, idx, fine = _tail_fine(9, "fp16", n)
     qc, qf = codes[rng.integers(0, n, 8)], rng.standard_normal((8, 16)).astype(np.float32)
     p = FineParams(nprobe=4, refine=50, exact_max=128)
     seen = []

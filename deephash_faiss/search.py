@@ -230,14 +230,26 @@ def hds_results(pools, ranked) -> list[QueryResult]:
 #: 100 were no faster than one call at batches of 200 (51.2 against 52.4 us).
 HDS_THREAD_MIN_QUERIES = 250
 
-#: :func:`hds_ivf` runs a batch of at most this many queries on one OpenMP thread: the package
-#: sets OMP_WAIT_POLICY=PASSIVE (torch and faiss pools), so each of a small query's many short
-#: faiss regions (list scan, centroid and refine distances, Hamming scans) would wake a sleeping
-#: worker for little work. Measured (ad hoc then ``benchmarks/ab_hds_single.py``, 2-core AMD EPYC
-#: host, real smallcnn statistics at 1e5 rows, 2,000 queries, medians of 4 alternating rounds):
-#: one / two threads 222 / 369 us a query at batch 1, 217 / 333 at 4, 99 / 117 at 16, but 75 / 65
-#: at 64.
-HDS_ONE_THREAD_MAX_QUERIES = 16
+#: :func:`hds_ivf` runs a batch whose probe budget (queries x ``nprobe`` x the fine index's
+#: ``cell_size`` rows) is at most this many rows on one OpenMP thread: the package sets
+#: OMP_WAIT_POLICY=PASSIVE (torch and faiss pools), so each of a small batch's many short faiss
+#: regions (list scan, centroid and refine distances, Hamming scans) would wake a sleeping worker
+#: for little work; the work of a region grows with the rows probed. Measured by
+#: ``benchmarks/bench_hds_small_batches.py`` (2-core AMD EPYC host, real smallcnn statistics,
+#: 2,000 queries, medians of 4 rounds; ``results/scale/hds_small_batches_smallcnn_n1e{5,6}_*.json``),
+#: us a query in one batch call on one / two threads: 1e5 rows (1,536 rows a query) batch 8
+#: 186 / 241, 16 134 / 170, 24 113 / 123, 32 103 / 103, 48 96 / 94; 1e6 rows (4,096 a query)
+#: batch 4 595 / 610, 8 478 / 443, 12 426 / 376, 16 412 / 370. (Before: at most 16 queries,
+#: whatever the index's size.)
+HDS_ONE_THREAD_MAX_ROWS = 24576
+
+#: :func:`hds_ivf` searches a batch of at most this many queries one query at a time through
+#: the fine index's single-query path (and its per-code memo) instead of the batch machinery,
+#: whose fixed cost (~0.4 ms a call) is more than a few single queries. Measured (same script,
+#: host and runs), us a query, one query at a time / the best batch call: 1e5 rows batch 2
+#: 213 / 388, 4 202 / 271, 8 209 / 186; 1e6 rows batch 2 426 / 811, 4 407 / 595, 8 415 / 443,
+#: 12 419 / 376.
+HDS_SINGLE_LOOP_MAX_QUERIES = 4
 
 
 def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,
@@ -252,13 +264,15 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
     search already resolved; or by ``exact`` when given and it answers (indices int64 [s] ->
     s :class:`QueryResult`, or None for the CPU path here: the Searcher's GPU path).
 
-    A batch of at most ``HDS_ONE_THREAD_MAX_QUERIES`` queries runs on one OpenMP thread (the
-    caller's setting restored after). A batch of at least ``2 x HDS_THREAD_MIN_QUERIES``
-    queries, features in RAM (``gather`` an array) and no ``exact`` is split by query code into
-    ``threads`` parts (default: faiss's OpenMP threads), each searched in a thread of its own
-    with one OpenMP thread: the numpy work between faiss's kernels runs in parallel too. Each
-    query's result is computed as in one call for the whole batch, up to the float rounding of
-    the centroid GEMMs.
+    A batch of 2 to ``HDS_SINGLE_LOOP_MAX_QUERIES`` queries is searched one query at a time
+    (the single-query path, whose lists are the batch path's up to the float rounding of the
+    centroid distances). A batch whose probe budget (queries x ``nprobe`` x ``cell_size`` rows)
+    is at most ``HDS_ONE_THREAD_MAX_ROWS`` runs on one OpenMP thread (the caller's setting
+    restored after). A batch of at least ``2 x HDS_THREAD_MIN_QUERIES`` queries, features in
+    RAM (``gather`` an array) and no ``exact`` is split by query code into ``threads`` parts
+    (default: faiss's OpenMP threads), each searched in a thread of its own with one OpenMP
+    thread: the numpy work between faiss's kernels runs in parallel too. Each query's result is
+    computed as in one call for the whole batch, up to the float rounding of the centroid GEMMs.
 
     Args:
         qcodes: uint8 [m, B]; qfeats: float32 [m, D]; gather: as :meth:`FineIndex.search`;
@@ -267,7 +281,13 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
         (m :class:`QueryResult`, rows examined int list [m], modes list [m]: "ivf" or "exact").
     """
     qcodes = np.ascontiguousarray(qcodes, np.uint8)
-    if len(qcodes) <= HDS_ONE_THREAD_MAX_QUERIES:
+    m = len(qcodes)
+    if 1 < m <= HDS_SINGLE_LOOP_MAX_QUERIES:
+        return _hds_ivf_loop(fine, qcodes, qfeats, k, radius, gather, params, max_candidates, live, exact)
+    from .fine import FineParams
+
+    nprobe = (params or FineParams()).nprobe
+    if m * nprobe * fine.cell_size <= HDS_ONE_THREAD_MAX_ROWS:
         with _omp_threads(1):
             return _hds_ivf_one(fine, qcodes, qfeats, k, radius, gather, params, max_candidates, live, exact)
     parts = _thread_parts(qcodes, threads) if exact is None and isinstance(gather, np.ndarray) else []
@@ -290,6 +310,23 @@ def hds_ivf(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, g
         for ix, (r, e, md) in zip(parts, ex.map(part, parts)):
             for j, i in enumerate(ix.tolist()):
                 res[i], examined[i], modes[i] = r[j], e[j], md[j]
+    return res, examined, modes
+
+
+def _hds_ivf_loop(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: int, gather, params,
+                  max_candidates: int | None, live: int, exact=None):
+    """:func:`hds_ivf` of a few queries, one at a time on one OpenMP thread (each the single
+    query's search, its ``exact`` indices mapped back to the batch's)."""
+    qfeats = np.asarray(qfeats)
+    res, examined, modes = [], [], []
+    with _omp_threads(1):
+        for i in range(len(qcodes)):
+            ex = None if exact is None else (lambda si, i=i: exact(np.asarray(si, np.int64) + i))
+            r, e, md = _hds_ivf_one(fine, qcodes[i:i + 1], qfeats[i:i + 1], k, radius, gather, params,
+                                    max_candidates, live, ex)
+            res += r
+            examined += e
+            modes += md
     return res, examined, modes
 
 

@@ -488,9 +488,9 @@ def test_single_query_memo_follows_the_index_state(monkeypatch):
 
 
 def test_small_batches_run_on_one_openmp_thread_and_restore_it(monkeypatch):
-    """search.hds_ivf runs batches of at most HDS_ONE_THREAD_MAX_QUERIES on one OpenMP thread:
-    the kernels see one thread, the caller's setting comes back, and the results equal the
-    same batch searched on the caller's threads."""
+    """search.hds_ivf runs a batch whose probe budget (queries x nprobe x cell_size rows) is at
+    most HDS_ONE_THREAD_MAX_ROWS on one OpenMP thread: the kernels see one thread, the caller's
+    setting comes back, and the results equal the same batch searched on the caller's threads."""
     import faiss
 
     from deephash_faiss import search as search_mod
@@ -505,11 +505,12 @@ def test_small_batches_run_on_one_openmp_thread_and_restore_it(monkeypatch):
     monkeypatch.setattr(fine_mod, "_scan_lists", lambda *a: seen.append(faiss.omp_get_max_threads()) or orig(*a))
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(2)
+    assert 8 * p.nprobe * fine.cell_size <= search_mod.HDS_ONE_THREAD_MAX_ROWS
     try:
         small = hds_ivf(fine, qc, qf, 10, 2, feats, p, None, n)[0]
         assert faiss.omp_get_max_threads() == 2 and seen and set(seen) == {1}
         seen.clear()
-        monkeypatch.setattr(search_mod, "HDS_ONE_THREAD_MAX_QUERIES", 0)
+        monkeypatch.setattr(search_mod, "HDS_ONE_THREAD_MAX_ROWS", 0)
         fine._memo.clear()
         wide = hds_ivf(fine, qc, qf, 10, 2, feats, p, None, n)[0]
         assert set(seen) == {2}
@@ -518,3 +519,48 @@ def test_small_batches_run_on_one_openmp_thread_and_restore_it(monkeypatch):
     for x, y in zip(small, wide):
         np.testing.assert_array_equal(x.ids, y.ids)
         np.testing.assert_array_equal(x.distance, y.distance)
+
+
+def test_a_few_queries_are_searched_one_at_a_time(monkeypatch):
+    """search.hds_ivf searches a batch of 2 to HDS_SINGLE_LOOP_MAX_QUERIES queries one query at
+    a time: each result is the one that query gets alone (exact small pools included), the
+    ``exact`` callback sees the batch's own indices, the single-query path runs on one OpenMP
+    thread and the caller's setting comes back."""
+    import faiss
+
+    from deephash_faiss import search as search_mod
+    from deephash_faiss.search import hds_ivf
+
+    n = 3000
+    rng, codes, feats, idx, fine = _tail_fine(11, "fp16", n)
+    m = search_mod.HDS_SINGLE_LOOP_MAX_QUERIES
+    assert m >= 2
+    qc, qf = codes[rng.integers(0, n, m)], rng.standard_normal((m, 16)).astype(np.float32)
+    qc[-1] = rng.integers(0, 256, qc.shape[1], dtype=np.uint8)  # (a code far from the index's: a small pool)
+    p = FineParams(nprobe=4, refine=50, exact_max=128)
+    alone = [hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], 10, 2, feats, p, None, n) for i in range(m)]
+    assert {a[2][0] for a in alone} == {"ivf", "exact"}
+    paths = []
+    for name in ("_search_one", "search"):
+        orig = getattr(fine_mod.FineIndex, name)
+        monkeypatch.setattr(fine_mod.FineIndex, name,
+                            lambda self, qcodes, *a, _o=orig, _n=name, **kw: paths.append((_n, len(qcodes))) or _o(self, qcodes, *a, **kw))
+    seen = []
+    orig_scan = fine_mod._scan_lists
+    monkeypatch.setattr(fine_mod, "_scan_lists", lambda *a: seen.append(faiss.omp_get_max_threads()) or orig_scan(*a))
+    asked = []
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        res, examined, modes = hds_ivf(fine, qc, qf, 10, 2, feats, p, None, n,
+                                       exact=lambda si: asked.append(np.asarray(si).tolist()))
+        assert faiss.omp_get_max_threads() == 2 and set(seen) == {1}
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert all(k == 1 for _, k in paths) and ("_search_one", 1) in paths  # never a batch call
+    assert asked == [[i] for i in range(m) if alone[i][2][0] == "exact"]
+    assert modes == [a[2][0] for a in alone] and examined == [a[1][0] for a in alone]
+    for r, a in zip(res, alone):
+        np.testing.assert_array_equal(r.ids, a[0][0].ids)
+        np.testing.assert_array_equal(r.distance, a[0][0].distance)
+        np.testing.assert_array_equal(r.hamming, a[0][0].hamming)

@@ -276,7 +276,8 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, mo
     """search.hds_ivf ranks the pools of at most exact_max rows whole, from the fine search's
     own reach: the same as brute force (pool by (Hamming, id), cut at max_candidates, topped up
     to k by the Hamming k-NN, ranked by L2), deletions honoured; the others come from the lists.
-    The same with the batch split over two threads."""
+    The same with the batch split over two threads, searched again, and after other rows are
+    deleted (as many: the live count unchanged)."""
     from deephash_faiss import search as search_mod
     from deephash_faiss.search import hds_ivf
 
@@ -292,32 +293,44 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, mo
     idx.deleted = deleted
     fine = FineIndex.build(idx, feats, cell_size=64, storage="fp16")
     qc = np.concatenate([codes[rng.integers(0, n, 30)], rng.integers(0, 256, (30, 2), dtype=np.uint8)])
+    qc[45:50] = qc[40:45]  # (repeated small-pool codes)
     qf = rng.standard_normal((len(qc), 16)).astype(np.float32)
-    res, _, modes = hds_ivf(fine, qc, qf, k, radius, feats, FineParams(nprobe=4, refine=50, exact_max=128),
-                            max_candidates, int((~deleted).sum()), threads=threads)
     ham = np.unpackbits(qc[:, None, :] ^ codes[None], axis=2).sum(2)
     ids = np.arange(n)
-    small = under = mid = 0
-    for i, (r, mode) in enumerate(zip(res, modes)):
-        live = ~deleted
-        order = np.lexsort((ids[live], ham[i][live]))  # by (Hamming, id)
-        by_ham, h = ids[live][order], ham[i][live][order]
-        pool = by_ham[h < radius]
-        if mode == "ivf":
-            assert len(pool) > 128 and not deleted[r.ids].any()
-            continue
-        pool = pool[:max_candidates]
-        small += 1
-        mid += len(pool) > k
-        if len(pool) < k:
-            under += 1
-            pool = np.concatenate([pool, [j for j in by_ham[:k] if j not in pool]]).astype(np.int64)
-        d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
-        want = pool[np.argsort(d, kind="stable")[:k]]
-        np.testing.assert_array_equal(r.ids, want)
-        np.testing.assert_allclose(r.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(r.hamming, ham[i][want])
-    assert small >= 10 and under >= 5 and (mid >= 5 or max_candidates) and modes.count("ivf") >= 10
+
+    def check():
+        res, _, modes = hds_ivf(fine, qc, qf, k, radius, feats, FineParams(nprobe=4, refine=50, exact_max=128),
+                                max_candidates, int((~deleted).sum()), threads=threads)
+        small = under = mid = 0
+        for i, (r, mode) in enumerate(zip(res, modes)):
+            live = ~deleted
+            order = np.lexsort((ids[live], ham[i][live]))  # by (Hamming, id)
+            by_ham, h = ids[live][order], ham[i][live][order]
+            pool = by_ham[h < radius]
+            if mode == "ivf":
+                assert len(pool) > 128 and not deleted[r.ids].any()
+                continue
+            pool = pool[:max_candidates]
+            small += 1
+            mid += len(pool) > k
+            if len(pool) < k:
+                under += 1
+                pool = np.concatenate([pool, [j for j in by_ham[:k] if j not in pool]]).astype(np.int64)
+            d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
+            want = pool[np.argsort(d, kind="stable")[:k]]
+            np.testing.assert_array_equal(r.ids, want)
+            np.testing.assert_allclose(r.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(r.hamming, ham[i][want])
+        assert small >= 10 and under >= 5 and (mid >= 5 or max_candidates) and modes.count("ivf") >= 10
+
+    check()
+    check()
+    deleted = deleted.copy()  # as many rows deleted as before, other ones: a new index state (whose
+    swap = rng.permutation(n)  # live count, part of the memo's keys, is the old one's)
+    back, gone = swap[deleted[swap]][:200], swap[~deleted[swap]][:200]
+    deleted[back], deleted[gone] = False, True
+    idx.deleted = deleted
+    check()
 
 
 def test_hds_ivf_over_threads_equals_one_call(monkeypatch):

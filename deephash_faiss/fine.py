@@ -1200,11 +1200,13 @@ def _refine(q: np.ndarray, cand: np.ndarray, gather, k: int):
     from .rerank import l2_by_ids
 
     kk = min(k, cand.shape[1])
-    if len(cand) == 1:  # one query: a lexsort of its row (the keys' dozen calls cost more)
+    if len(cand) == 1:  # one query: a lexsort of its valid candidates (the keys' dozen calls cost more)
         c = cand[0]
-        ok = c >= 0
-        c, d = c[ok], l2_by_ids(q, cand, gather)[0][ok]
+        c = c[c >= 0]
+        d = l2_by_ids(q, c[None], gather)[0]
         o = np.lexsort((c, d))[:kk]
+        if len(o) == kk:
+            return c[o][None], d[o][None]
         ids, dist = np.full((1, kk), -1, np.int64), np.full((1, kk), np.inf, np.float32)
         ids[0, :len(o)], dist[0, :len(o)] = c[o], d[o]
         return ids, dist

@@ -382,7 +382,12 @@ def _hds_ivf_one(fine, qcodes: np.ndarray, qfeats: np.ndarray, k: int, radius: i
         for i, r in zip(si.tolist(), got):
             res[i] = r
     ivf = [i for i in range(len(out)) if res[i] is None]
-    if ivf:  # Hamming distances of every result row, one vectorized pass over the batch
+    if len(out) == 1 and ivf:  # one query (the per-row pass below costs it a dozen calls)
+        ids, dist, pool, _, trunc, _ = out[0]
+        d = fine.buckets
+        res[0] = QueryResult(ids, _popcount_rows(qcodes[0], np.asarray(d.dict_codes)[d.bucket_of_rows()[ids]]),
+                             dist, pool, trunc)
+    elif ivf:  # Hamming distances of every result row, one vectorized pass over the batch
         d = fine.buckets
         lens = np.array([len(out[i][0]) for i in ivf], np.int64)
         rows = np.concatenate([out[i][0] for i in ivf])

@@ -2,7 +2,8 @@
 time, ``--queries`` real-statistics queries on a real index grown to N rows as bench_scale.py
 grows it, timed ``--rounds`` times; prints one JSON line (microseconds per query each round, and
 an md5 of every result's ids and Hamming distances, so two checkouts can be shown to agree).
-With ``--memo off,cold,warm`` it times the arms of the single-query memo (fine.CodeMemo) in one
+Also each mode's queries apart (``median_us_per_query_by_mode``: ivf, the lists; exact, a small
+pool ranked whole). With ``--memo off,cold,warm`` it times the arms of the single-query memo (fine.CodeMemo) in one
 process instead (``fullsort``: the lists sorted whole, against the prefix sort of ``cold``), and
 checks that every arm returns the first pass's results. Run it alternately on two checkouts
 (separate processes: one package each), e.g. a worktree of the older commit:
@@ -54,8 +55,18 @@ def main() -> None:
     fp = FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))
     m = min(a.queries, len(qc))
 
+    spent: dict = {}  # mode ("ivf" / "exact") -> seconds of the last run, and its queries
+
     def run():
-        return [hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], 10, 3, feats, fp, None, n, threads=1)[0][0] for i in range(m)]
+        out = []
+        spent.clear()
+        for i in range(m):
+            t = time.perf_counter()
+            r, _, md = hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], 10, 3, feats, fp, None, n, threads=1)
+            s, c = spent.get(md[0], (0.0, 0))
+            spent[md[0]] = (s + time.perf_counter() - t, c + 1)
+            out.append(r[0])
+        return out
 
     arms = a.memo.split(",")
     if not set(arms) <= {"cold", "warm", "off", "fullsort"}:
@@ -74,6 +85,7 @@ def main() -> None:
 
     res = run()  # warm-up, and the results compared
     us: dict = {arm: [] for arm in arms}
+    by_mode: dict = {arm: {} for arm in arms}  # arm -> mode -> mean us of its queries, each round
     for rnd in range(a.rounds):
         for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
             fine_mod.PROBE_PREFIX = 1 << 40 if arm == "fullsort" else prefix
@@ -86,6 +98,8 @@ def main() -> None:
             t = time.perf_counter()
             got = run()
             us[arm].append(round((time.perf_counter() - t) / m * 1e6, 1))
+            for md, (sec, c) in spent.items():
+                by_mode[arm].setdefault(md, []).append(round(sec / c * 1e6, 1))
             assert all(np.array_equal(x.ids, y.ids) and np.array_equal(x.distance, y.distance)
                        for x, y in zip(got, res)), f"{arm}: results differ from the first pass"
     h = hashlib.md5()
@@ -94,6 +108,10 @@ def main() -> None:
         h.update(np.asarray(r.hamming, np.int32).tobytes())
     print(json.dumps({"repo": repo, "n": n, "queries": m, "us_per_query": us[arms[0]] if len(arms) == 1 else us,
                       "median_us_per_query": {arm: float(np.median(v)) for arm, v in us.items()},
+                      # (each mode's queries timed one by one: ivf = the lists, exact = a small pool)
+                      "median_us_per_query_by_mode": {arm: {md: float(np.median(v)) for md, v in d.items()}
+                                                      for arm, d in by_mode.items()},
+                      "queries_by_mode": {md: c for md, (_, c) in spent.items()},
                       "distinct_query_codes": int(len(np.unique(qc[:m], axis=0))),
                       "results_md5": h.hexdigest()}))
 

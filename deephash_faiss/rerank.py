@@ -102,6 +102,10 @@ def rank_pools_cpu(qfeats: np.ndarray, ids_list, gather, k: int | None = None):
     if feats is not None:
         gather = feats.__getitem__
     P = int(sizes.max())
+    if m == 1 and P <= SMALL_POOL:  # one small pool: as below, without the padding
+        d = l2_by_ids(q, np.asarray(ids_list[0], np.int64)[None], gather if feats is None else feats)[0]
+        order = np.argsort(d, kind="stable")[:P if k is None else min(k, P)]
+        return [(order.astype(np.int64, copy=False), d[order])]
     if P <= SMALL_POOL and m * P <= 4 * int(sizes.sum()):
         # small pools (the fine index's exact path): one padded batch, no per-pool loop
         pad = np.full((m, P), -1, np.int64)

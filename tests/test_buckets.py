@@ -105,6 +105,12 @@ def test_dictionary_pools_equal_brute_force(data, radius, cap, ball):
         want = want[np.argsort(d[i][want], kind="stable")][:cap]
         np.testing.assert_array_equal(I[lims[i]:lims[i + 1]], live[want])
         np.testing.assert_array_equal(D[lims[i]:lims[i + 1]], d[i][want])
+        with _Ball(ball):  # the query alone (pool_rows' one-query path for small pools)
+            l1, D1, I1 = idx.range_search(q[i:i + 1], radius, cap)
+        np.testing.assert_array_equal(l1, [0, len(want)])
+        np.testing.assert_array_equal(I1, live[want])
+        np.testing.assert_array_equal(D1, d[i][want])
+        assert D1.dtype == np.int32 and I1.dtype == np.int64
 
 
 def test_big_buckets_and_widening():
@@ -127,6 +133,9 @@ def test_big_buckets_and_widening():
             for r, cap in ((3, None), (3, 100), (8, 7000), (49, 10)):
                 for x, y in zip(a.range_search(q, r, cap), b.range_search(q, r, cap)):
                     np.testing.assert_array_equal(x, y)
+                for i in range(len(q)):  # one query at a time: small pools and huge ones
+                    for x, y in zip(a.range_search(q[i:i + 1], r, cap), b.range_search(q[i:i + 1], r, cap)):
+                        np.testing.assert_array_equal(x, y)
 
 
 def test_save_load_memory_mapped_add_and_auto(tmp_path):

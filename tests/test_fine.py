@@ -276,8 +276,9 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, mo
     """search.hds_ivf ranks the pools of at most exact_max rows whole, from the fine search's
     own reach: the same as brute force (pool by (Hamming, id), cut at max_candidates, topped up
     to k by the Hamming k-NN, ranked by L2), deletions honoured; the others come from the lists.
-    The same with the batch split over two threads, searched again, and after other rows are
-    deleted (as many: the live count unchanged)."""
+    The same with the batch split over two threads, for each query searched alone (the
+    single-query path), searched again, and after other rows are deleted (as many: the live
+    count unchanged)."""
     from deephash_faiss import search as search_mod
     from deephash_faiss.search import hds_ivf
 
@@ -318,9 +319,13 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, mo
                 pool = np.concatenate([pool, [j for j in by_ham[:k] if j not in pool]]).astype(np.int64)
             d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
             want = pool[np.argsort(d, kind="stable")[:k]]
-            np.testing.assert_array_equal(r.ids, want)
-            np.testing.assert_allclose(r.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
-            np.testing.assert_array_equal(r.hamming, ham[i][want])
+            alone = hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], k, radius, feats, FineParams(nprobe=4, refine=50, exact_max=128),
+                            max_candidates, int((~deleted).sum()))  # (the single-query path)
+            assert alone[2] == ["exact"]
+            for got in (r, alone[0][0]):
+                np.testing.assert_array_equal(got.ids, want)
+                np.testing.assert_allclose(got.distance, ((feats[want] - qf[i]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+                np.testing.assert_array_equal(got.hamming, ham[i][want])
         assert small >= 10 and under >= 5 and (mid >= 5 or max_candidates) and modes.count("ivf") >= 10
 
     check()

@@ -806,7 +806,7 @@ class FineIndex:
         from :meth:`code_memo`."""
         import faiss
 
-        from .index import _ranges, sort_and_cap
+        from .index import _ranges
 
         b = self.buckets
         sizes = self._list_sizes()
@@ -824,9 +824,8 @@ class FineIndex:
             if small_pools:
                 rows_ = memo.get(("pool_rows", max_candidates))
                 if rows_ is None:
-                    # (a pool this small takes pool_rows' one-query path, which wants no code order)
-                    rows_ = memo[("pool_rows", max_candidates)] = b.pool_rows(
-                        *(reach if pool <= b.POOL_ROWS_ONE_MAX else sort_and_cap(*reach)), max_candidates)
+                    # (one query's codes in any order)
+                    rows_ = memo[("pool_rows", max_candidates)] = b.pool_rows(*reach, max_candidates)
                 none = (np.zeros(1, np.int64), *rows_)
             return (out, none) if small_pools else out
         lists = memo.get("lists")

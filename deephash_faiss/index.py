@@ -888,7 +888,7 @@ class BucketIndex(BinaryIndex):
         rows). Identical to :meth:`BinaryIndex.range_search` over IndexBinaryFlat."""
         return self.pool_rows(*self.reach(q, radius), max_candidates)
 
-    #: :meth:`pool_rows` of one query over at most this many live rows: one lexsort of its rows
+    #: :meth:`pool_rows` of one query over at most this many rows: one lexsort of its rows
     #: (the batch machinery's few dozen numpy calls cost a small pool's single query ~0.1 ms).
     POOL_ROWS_ONE_MAX = 4096
 
@@ -897,16 +897,19 @@ class BucketIndex(BinaryIndex):
         (lims_c int64 [m + 1], Dc int32, Ic int64; each query's codes nearest first), so a
         caller that already has the reach does not resolve the radius again.
 
-        A single query whose reached codes hold at most ``POOL_ROWS_ONE_MAX`` live rows may
-        give its codes in any order (its rows are sorted in one lexsort).
+        A single query may give its codes in any order; where they hold at most
+        ``POOL_ROWS_ONE_MAX`` rows (deleted ones included) its rows are sorted in one lexsort.
 
         Returns (lims int64 [m + 1], D int32, I int64), rows by (distance, id), deleted rows
         dropped, cut at ``max_candidates``."""
         m = len(lims_c) - 1
-        if m == 1 and int(self._counts()[0][Ic].sum()) <= self.POOL_ROWS_ONE_MAX:
-            D, I = self._prefix_rows(Ic, Dc, None)
-            o = np.lexsort((I, D))[:max_candidates]
-            return np.array([0, len(o)], np.int64), D[o].astype(np.int32, copy=False), I[o]
+        if m == 1:
+            if int(self.sizes[Ic].sum()) <= self.POOL_ROWS_ONE_MAX:
+                D, I = self._prefix_rows(Ic, Dc, None)
+                o = np.lexsort((I, D))[:max_candidates]
+                return np.array([0, len(o)], np.int64), D[o].astype(np.int32, copy=False), I[o]
+            o = np.lexsort((Ic, Dc))  # (its codes nearest first, as below)
+            Dc, Ic = Dc[o], Ic[o]
         owner = np.repeat(np.arange(m, dtype=np.int64), np.diff(lims_c))
         if max_candidates is not None and len(Ic):
             # levels past the one where the cap is reached cannot contribute: per query, the

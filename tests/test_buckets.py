@@ -134,8 +134,12 @@ def test_big_buckets_and_widening():
                 for x, y in zip(a.range_search(q, r, cap), b.range_search(q, r, cap)):
                     np.testing.assert_array_equal(x, y)
                 for i in range(len(q)):  # one query at a time: small pools and huge ones
-                    for x, y in zip(a.range_search(q[i:i + 1], r, cap), b.range_search(q[i:i + 1], r, cap)):
-                        np.testing.assert_array_equal(x, y)
+                    want = a.range_search(q[i:i + 1], r, cap)
+                    lims_c, Dc, Ic = b.reach(q[i:i + 1], r, ordered=False)
+                    o = rng.permutation(len(Ic))  # (one query's codes may come in any order)
+                    for got in (b.range_search(q[i:i + 1], r, cap), b.pool_rows(lims_c, Dc[o], Ic[o], cap)):
+                        for x, y in zip(want, got):
+                            np.testing.assert_array_equal(x, y)
 
 
 def test_save_load_memory_mapped_add_and_auto(tmp_path):
@@ -228,3 +232,25 @@ def test_maintenance_and_shards_with_buckets(tmp_path):
     assert maintain.verify(dirs["buckets"], check_model=False) == []
     assert Searcher(dirs["buckets"], device="cpu").bcs(q, 5).results[0].ids.size == 5
     assert os.path.exists(os.path.join(dirs["buckets"], m["index"]["file"]))
+
+
+def test_one_query_codes_in_any_order():
+    """pool_rows of one query takes its codes in any order, on both of its paths: a small pool
+    (one lexsort) and a large one (the cap's level cut, which needs the codes nearest first:
+    here a farther code comes first and the cap is reached at a nearer one)."""
+    a = np.zeros(48, np.uint8)
+    b, c = a.copy(), a.copy()
+    b[0], c[[1, 2]] = 1, 1  # at distance 1 and 2 from a
+    for nb in (50, 5000):  # small pool, large pool
+        rows = np.vstack([np.repeat(c[None], 8, 0), np.repeat(a[None], 5, 0), np.repeat(b[None], nb, 0)])
+        db = pack_codes(rows[np.random.default_rng(nb).permutation(len(rows))])
+        idx = BinaryIndex.build(db, IndexSpec("buckets"))
+        flat = BinaryIndex.build(db, IndexSpec("flat"))
+        q = pack_codes(a[None])
+        lims_c, Dc, Ic = idx.reach(q, 3)
+        o = np.argsort(-Dc, kind="stable")  # the farthest code first
+        assert list(Dc[o]) == [2, 1, 0]
+        o = o[[0, 2, 1]]  # c (8 rows), a (5), b: the running count passes 10 at a
+        for cap in (None, 10):
+            for x, y in zip(flat.range_search(q, 3, cap), idx.pool_rows(lims_c, Dc[o], Ic[o], cap)):
+                np.testing.assert_array_equal(x, y)

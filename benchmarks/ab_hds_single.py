@@ -50,6 +50,7 @@ def main() -> None:
     from deephash_faiss.search import hds_ivf
 
     n = int(a.n)
+    # (as realgen.grow_for_search, written out: the checkout under test may predate it)
     _, feats, qc, qf, _, fine = realgen.grow_fine_index(a.source, n, a.dim, np.random.default_rng(0))
     fine.warm()
     fp = FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))

@@ -52,12 +52,9 @@ def main() -> None:
     import faiss
 
     from deephash_faiss import search as sm
-    from deephash_faiss.fine import FineParams
 
     n = int(a.n)
-    _, feats, qc, qf, _, fine = realgen.grow_fine_index(a.source, n, a.dim, np.random.default_rng(0))
-    fine.warm()
-    fp = FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))
+    feats, qc, qf, fine, fp = realgen.grow_for_search(a.source, n, a.dim)
     Q = min(a.queries, len(qc))
     arms = [x for x in a.arms.split(",") if x]
     shipped = (sm.HDS_SINGLE_LOOP_MAX_QUERIES, sm.HDS_ONE_THREAD_MAX_ROWS)

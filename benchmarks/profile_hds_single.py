@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-import numpy as np  # noqa: E402
 
 import realgen  # noqa: E402
 from common import hnsw32  # noqa: E402
@@ -43,13 +42,10 @@ def main() -> None:
     import faiss
 
     from deephash_faiss import fine as fine_mod
-    from deephash_faiss.fine import FineParams
     from deephash_faiss.search import hds_ivf
 
     n = int(a.n)
-    _, feats, qc, qf, _, fine = realgen.grow_fine_index(a.source, n, a.dim, np.random.default_rng(0))
-    fine.warm()
-    fp = FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))
+    feats, qc, qf, fine, fp = realgen.grow_for_search(a.source, n, a.dim)
     m = min(a.queries, len(qc))
     spent = {"reach": 0.0, "centroids": 0.0, "scan": 0.0, "refine": 0.0}
     inside = []  # the stage running now (the refine's own L2 is the refine's)

@@ -280,6 +280,18 @@ def grow_fine_index(source: str, n: int, dim: int, rng: np.random.Generator, noi
     return codes, feats, qc, qf, bidx, FineIndex.build(bidx, feats, cell_size=default_cell_size(n), seed=seed)
 
 
+def grow_for_search(source: str, n: int, dim: int):
+    """:func:`grow_fine_index` of the seed at ``source`` (rng seed 0), its fine index warmed,
+    and the fine parameters the product uses at n rows (k = 10): the setup of the single-query
+    benchmarks. Returns (features float32 [n, D], query codes uint8 [q, B], query features
+    float32 [q, D], the FineIndex, its FineParams)."""
+    from deephash_faiss.fine import FineParams
+
+    _, feats, qc, qf, _, fine = grow_fine_index(source, n, dim, np.random.default_rng(0))
+    fine.warm()
+    return feats, qc, qf, fine, FineParams.for_rows(n, exact_max=max(10, FineParams.exact_max))
+
+
 def add_grow_args(ap, n: float = 1e5, dim: int = 256) -> None:
     """The arguments of the benchmarks that grow a real index with :func:`grow_fine_index`:
     ``--source`` (a real index's export or directory), ``--n`` rows, ``--dim`` (PCA)."""

@@ -319,8 +319,8 @@ def test_hds_ivf_small_pools_ranked_like_brute_force(max_candidates, threads, mo
                 pool = np.concatenate([pool, [j for j in by_ham[:k] if j not in pool]]).astype(np.int64)
             d = ((feats[pool].astype(np.float64) - qf[i]) ** 2).sum(1)
             want = pool[np.argsort(d, kind="stable")[:k]]
-            alone = hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], k, radius, feats, FineParams(nprobe=4, refine=50, exact_max=128),
-                            max_candidates, int((~deleted).sum()))  # (the single-query path)
+            alone = hds_ivf(fine, qc[i:i + 1], qf[i:i + 1], k, radius, feats,  # (the single-query path)
+                            FineParams(nprobe=4, refine=50, exact_max=128), max_candidates, int((~deleted).sum()))
             assert alone[2] == ["exact"]
             for got in (r, alone[0][0]):
                 np.testing.assert_array_equal(got.ids, want)
@@ -561,8 +561,11 @@ def test_a_few_queries_are_searched_one_at_a_time(monkeypatch):
     paths = []
     for name in ("_search_one", "search"):
         orig = getattr(fine_mod.FineIndex, name)
-        monkeypatch.setattr(fine_mod.FineIndex, name,
-                            lambda self, qcodes, *a, _o=orig, _n=name, **kw: paths.append((_n, len(qcodes))) or _o(self, qcodes, *a, **kw))
+        def spy(self, qcodes, *a, _o=orig, _n=name, **kw):
+            paths.append((_n, len(qcodes)))
+            return _o(self, qcodes, *a, **kw)
+
+        monkeypatch.setattr(fine_mod.FineIndex, name, spy)
     seen = []
     orig_scan = fine_mod._scan_lists
     monkeypatch.setattr(fine_mod, "_scan_lists", lambda *a: seen.append(faiss.omp_get_max_threads()) or orig_scan(*a))

@@ -14,7 +14,9 @@ query, the median of ``--rounds``):
 * ``loop``: every query its own ``hds_ivf`` call (the single-query path, one OpenMP thread);
 * ``batch_1thread`` / ``batch_threads``: one ``hds_ivf`` call a batch through the batch
   machinery on one OpenMP thread / on faiss's threads (the two constants forced);
-* ``product``: ``hds_ivf`` as shipped.
+* ``product``: ``hds_ivf`` as shipped;
+* ``loop_2threads`` (only when asked in ``--arms``): the batch's queries one at a time in two
+  Python threads (half each, one OpenMP thread each).
 
 It also reports whether ``product`` returned the ids of ``loop`` (``product_same_ids_share``: the
 share of queries whose ids agree; the batch machinery ranks centroids with a GEMM, the
@@ -59,6 +61,10 @@ def main() -> None:
     arms = [x for x in a.arms.split(",") if x]
     shipped = (sm.HDS_SINGLE_LOOP_MAX_QUERIES, sm.HDS_ONE_THREAD_MAX_ROWS)
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2, initializer=lambda: faiss.omp_set_num_threads(1))
+
     def call(c, f):
         return sm.hds_ivf(fine, c, f, 10, 3, feats, fp, None, n)[0]
 
@@ -73,7 +79,11 @@ def main() -> None:
         try:
             t = time.perf_counter()
             for i in range(0, Q, bs):
-                if arm == "loop":
+                if arm == "loop_2threads":
+                    halves = [list(range(i, min(Q, i + bs)))[h::2] for h in (0, 1)]
+                    for got in pool.map(lambda ix: [call(qc[j:j + 1], qf[j:j + 1])[0] for j in ix], halves):
+                        ids += [r.ids for r in got]  # (kept per half: only the timing is compared)
+                elif arm == "loop":
                     for j in range(i, min(Q, i + bs)):
                         ids += [r.ids for r in call(qc[j:j + 1], qf[j:j + 1])]
                 else:
@@ -96,7 +106,7 @@ def main() -> None:
         row = {"batch": bs, "rows_probed_per_batch": bs * fp.nprobe * fine.cell_size,
                "us_per_query": {arm: float(np.median(v)) for arm, v in times.items()},
                "us_per_query_rounds": times}
-        if "loop" in ids and "product" in ids:
+        if "loop" in ids and "product" in ids:  # (loop_2threads keeps its halves' order: not compared)
             row["product_same_ids_share"] = float(np.mean([np.array_equal(x, y)
                                                            for x, y in zip(ids["loop"], ids["product"])]))
         rows.append(row)

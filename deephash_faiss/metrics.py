@@ -447,6 +447,14 @@ def pr_curve(
     return _pr_from_counts(ret, relret, nrel)
 
 
+def _accumulators(m: int, nk: int, nb: int):
+    """Zeroed per-query outputs of the ranking metrics for m queries, nk cut-offs and nb
+    radii: (ap_k float64 [m], ap_full float64 [m], hits int64 [m, nk], ret int64 [m, nb],
+    relret int64 [m, nb], nrel int64 [m])."""
+    return (np.zeros(m), np.zeros(m), np.zeros((m, nk), np.int64), np.zeros((m, nb), np.int64),
+            np.zeros((m, nb), np.int64), np.zeros(m, np.int64))
+
+
 def _pr_from_counts(ret: np.ndarray, relret: np.ndarray, nrel: np.ndarray) -> dict[str, np.ndarray]:
     nb = ret.shape[1]
     if ret.shape[0] == 0:
@@ -496,12 +504,7 @@ def _eval_block(
     comb |= db_labels[None, :] == q_labels[:, None]
     # comb < 2(r+1)  <=>  dist <= r; same dtype as comb so searchsorted does not cast
     bounds = (2 * np.arange(1, nb + 1, dtype=np.int64)).astype(comb_dtype)
-    ap_k = np.zeros(c)
-    ap_full = np.zeros(c)
-    hits = np.zeros((c, ks.size), dtype=np.int64)
-    ret = np.zeros((c, nb), dtype=np.int64)
-    relret = np.zeros((c, nb), dtype=np.int64)
-    nrel = np.zeros(c, dtype=np.int64)
+    ap_k, ap_full, hits, ret, relret, nrel = _accumulators(c, ks.size, nb)
     for i in range(c):
         order = np.argsort(d[i], kind="stable")
         cs = comb[i][order]  # grouped by distance (ascending), db order within a distance
@@ -578,12 +581,7 @@ def evaluate_codes(
     K = n if top_k is None else int(top_k)
     nb = nbits + 1
 
-    ap_k = np.zeros(m)
-    ap_full = np.zeros(m)
-    hits = np.zeros((m, ks_arr.size), dtype=np.int64)
-    ret = np.zeros((m, nb), dtype=np.int64)
-    relret = np.zeros((m, nb), dtype=np.int64)
-    nrel = np.zeros(m, dtype=np.int64)
+    ap_k, ap_full, hits, ret, relret, nrel = _accumulators(m, ks_arr.size, nb)
 
     if m and n:
         kernel = _HammingKernel(db_codes, nbits)

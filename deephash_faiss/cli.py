@@ -17,6 +17,7 @@ Conventions (docs/reliability.md, "CLI conventions"):
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -909,7 +910,11 @@ def demo(out, epochs, bits, device, quiet):
               help="Largest upload in decoded pixels (after a JPEG's DCT reduction); 413 above, from the header.")
 @click.option("--max-decodes", default=2, show_default=True, type=click.IntRange(1),
               help="Uploads and thumbnails decoded at once (bounds decode memory).")
-def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level, allow_hosts, max_pixels, max_decodes):
+@click.option("--max-uploads", default=8, show_default=True, type=click.IntRange(1),
+              help="Upload bodies received at once; the others wait unread (bounds upload memory: about "
+                   "3x the upload's size each).")
+def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level, allow_hosts, max_pixels, max_decodes,
+          max_uploads):
     """Serve an index over HTTP: a search page at /, the JSON API at /search, docs at /docs.
 
     The model, codes and features load once at start; searches run one at a time on a
@@ -917,15 +922,15 @@ def serve(index_opt, host, port, device, max_upload_mb, timeout_s, log_level, al
     by itself. Needs the serve extra: pip install "deephash-faiss[serve]".
     """
     index_dir = _index_dir(None, index_opt)
-    if max_upload_mb <= 0:
-        raise DhfError("--max-upload-mb must be positive")
-    if timeout_s <= 0:
-        raise DhfError("--timeout must be positive")
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise DhfError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise DhfError(f"--timeout must be a positive number of seconds, got {timeout_s}")
     _require_extra("fastapi", "uvicorn")
     from . import serve as serve_mod
 
     serve_mod.run(index_dir, host, port, device, int(max_upload_mb * 2**20), timeout_s, log_level, on_ready=_log,
-                  allow_hosts=allow_hosts, max_pixels=max_pixels, max_decodes=max_decodes)
+                  allow_hosts=allow_hosts, max_pixels=max_pixels, max_decodes=max_decodes, max_uploads=max_uploads)
 
 
 if __name__ == "__main__":  # pragma: no cover

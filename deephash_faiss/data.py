@@ -44,6 +44,11 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
      ".ico", ".icns", ".cur", ".psd", ".xcf", ".kra", ".tga", ".pcx", ".dds", ".exr", ".hdr", ".raw", ".dng",
      ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"}
 )
+# The only PIL decoders dhf runs, whatever a file's name or first bytes claim: the raster formats
+# of IMAGE_EXTENSIONS (JPEG also opens multi-picture MPO files). PIL would otherwise sniff any of its plugins,
+# EPS among them, which runs Ghostscript on the file's PostScript.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+NOT_AN_IMAGE = "not an image dhf reads (JPEG, PNG, BMP, GIF, WebP, TIFF, PPM)"
 
 
 class ImageDecodeError(Exception):
@@ -276,7 +281,7 @@ def decode_image(source: str | bytes, size: int, max_pixels: int | None = None) 
             if arr is not None:
                 return arr
         opened = io.BytesIO(encoded) if encoded is not None else source
-        with Image.open(opened) as raw:
+        with Image.open(opened, formats=PIL_FORMATS) as raw:
             reduce_while_decoding(raw, size)
             check_pixels(raw, max_pixels)
             pixels = raw.size[0] * raw.size[1]
@@ -293,7 +298,7 @@ def decode_image(source: str | bytes, size: int, max_pixels: int | None = None) 
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(f"image too large (decompression bomb limit): {err}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image PIL can read") from None
+        raise ImageDecodeError(NOT_AN_IMAGE) from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
     except FileNotFoundError:
@@ -578,7 +583,7 @@ def probe_load_size(paths: Sequence[str], max_size: int, sample: int = 16) -> in
     best = 0
     for path in paths[:sample]:
         try:
-            with Image.open(path) as img:
+            with Image.open(path, formats=PIL_FORMATS) as img:
                 best = max(best, min(img.size))
         except Exception:  # noqa: BLE001 - unreadable files are dealt with at decode time
             continue

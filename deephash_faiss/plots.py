@@ -125,7 +125,9 @@ def _load_image(img: ImageLike) -> np.ndarray:
     if isinstance(img, (str, Path)):
         from PIL import Image
 
-        with Image.open(img) as im:
+        from .data import PIL_FORMATS
+
+        with Image.open(img, formats=PIL_FORMATS) as im:
             return np.asarray(im.convert("RGB"))
     arr = np.asarray(img)
     if arr.dtype != np.uint8:

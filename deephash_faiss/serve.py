@@ -31,10 +31,13 @@ reopened in the background when its manifest changes (``dhf add`` / ``remove`` /
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import io
 import json
 import mimetypes
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -44,8 +47,8 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from .data import (ImageDecodeError, ImageTooLargeError, _to_rgb, check_pixels, decode_image, exif_oriented,
-                   one_line, reduce_while_decoding, release_memory)
+from .data import (PIL_FORMATS, ImageDecodeError, ImageTooLargeError, _to_rgb, check_pixels, decode_image,
+                   exif_oriented, one_line, reduce_while_decoding, release_memory)
 from .errors import DhfError
 from .fine import default_probe
 from .search import (DEFAULT_MAX_CANDIDATES, DEFAULT_RADIUS, MODES, Searcher, SearchParams,
@@ -67,6 +70,10 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_PENDING = 64
 DEFAULT_MAX_PIXELS = 25_000_000  # decoded pixels of an upload (after a JPEG's DCT reduction)
 DEFAULT_MAX_DECODES = 2  # uploads / thumbnails decoded at once
+DEFAULT_MAX_UPLOADS = 8  # request bodies received at once
+BODY_IDLE_S = 30.0  # a request body that sends nothing for this long gets 408
+RELEASE_AFTER_BYTES = 4 * 2**20  # uploads from this size hand their memory back to the OS after decoding
+GRACEFUL_SHUTDOWN_S = 5.0  # on SIGINT/SIGTERM, connections still open after this are closed
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 DEFAULT_RELOAD_CHECK_S = 1.0  # at most one stat of manifest.json per this many seconds
 K_LIMIT = 1000
@@ -301,7 +308,7 @@ class IndexView:
             return hit
         from PIL import Image
 
-        with Image.open(self.image_path(image_id)) as raw:
+        with Image.open(self.image_path(image_id), formats=PIL_FORMATS) as raw:
             reduce_while_decoding(raw, THUMB_PX)
             check_pixels(raw)
             big = raw.size[0] * raw.size[1] >= 4_000_000
@@ -325,7 +332,7 @@ class IndexView:
         from PIL import Image
 
         path = self.image_path(image_id)
-        with Image.open(path) as img:
+        with Image.open(path, formats=PIL_FORMATS) as img:
             media = _WEB_FORMATS.get(img.format or "")
             if media:
                 return None, media, path
@@ -365,6 +372,38 @@ class IndexView:
         }
 
 
+class _Slots:
+    """At most ``n`` holders at once, at most ``max_waiting`` waiting, each at most
+    ``timeout`` s: an asyncio semaphore of the running loop (a test client may start a
+    new loop, so it is made again when the loop changes)."""
+
+    def __init__(self, n: int, max_waiting: int, timeout: float):
+        self.n, self.max_waiting, self.timeout = int(n), int(max_waiting), float(timeout)
+        self._sem: asyncio.Semaphore | None = None
+        self._loop = None
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, what_waits: str, slot: str):
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._sem, self._loop = asyncio.Semaphore(self.n), loop
+        sem = self._sem
+        if self.waiting >= self.max_waiting:
+            raise Busy(f"too many {what_waits}")
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(sem.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            raise Busy(f"no {slot} became free within the request timeout") from None
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            sem.release()
+
+
 class SearchEngine:
     """The served index (an :class:`IndexView`, replaced when the index changes on disk)
     behind a single search thread, plus the bounded decode slots.
@@ -378,16 +417,20 @@ class SearchEngine:
         reload_check_s: look at the manifest at most this often (on requests) and reopen
             the index in the background when it changed; None: never.
         device: where a reopened index runs (default: where ``searcher`` runs).
+        max_uploads: request bodies received at once (bounds upload memory: each takes up
+            to about 3x its size while it is read and parsed).
     """
 
     def __init__(self, searcher: Searcher, request_timeout_s: float = DEFAULT_TIMEOUT_S,
                  max_pending: int = DEFAULT_MAX_PENDING, max_decodes: int = DEFAULT_MAX_DECODES,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 reload_check_s: float | None = DEFAULT_RELOAD_CHECK_S, device: str | None = None):
+                 reload_check_s: float | None = DEFAULT_RELOAD_CHECK_S, device: str | None = None,
+                 max_uploads: int = DEFAULT_MAX_UPLOADS):
         self.index_dir = searcher.index_dir
         self.timeout = float(request_timeout_s)
         self.max_pending = int(max_pending)
         self.max_decodes = int(max_decodes)
+        self.max_uploads = int(max_uploads)
         self.max_pixels = max_pixels
         self.reload_check_s = reload_check_s
         self.device = device if device is not None else str(searcher.device)
@@ -396,10 +439,8 @@ class SearchEngine:
         self._worker: ThreadPoolExecutor | None = None
         self.open()
         self.view = IndexView(searcher, _manifest_stamp(self.index_dir))
-        # decode slots: an asyncio semaphore of the running loop (a test client may start a new loop)
-        self._decode_sem: asyncio.Semaphore | None = None
-        self._decode_loop = None
-        self._decode_waiting = 0
+        self._decode_slots = _Slots(self.max_decodes, self.max_pending, self.timeout)
+        self._upload_slots = _Slots(self.max_uploads, self.max_pending, self.timeout)
         self.decodes_active = 0
         self.decodes_peak = 0
         # reloading
@@ -444,26 +485,19 @@ class SearchEngine:
         none frees up within the request timeout."""
         from starlette.concurrency import run_in_threadpool
 
-        loop = asyncio.get_running_loop()
-        if self._decode_loop is not loop:
-            self._decode_sem, self._decode_loop = asyncio.Semaphore(self.max_decodes), loop
-        sem = self._decode_sem
-        if self._decode_waiting >= self.max_pending:
-            raise Busy("too many images waiting to be decoded")
-        self._decode_waiting += 1
-        try:
-            await asyncio.wait_for(sem.acquire(), self.timeout)
-        except asyncio.TimeoutError:
-            raise Busy("no decode slot became free within the request timeout") from None
-        finally:
-            self._decode_waiting -= 1
-        self.decodes_active += 1
-        self.decodes_peak = max(self.decodes_peak, self.decodes_active)
-        try:
-            return await run_in_threadpool(fn, *args)
-        finally:
-            self.decodes_active -= 1
-            sem.release()
+        async with self._decode_slots.hold("images waiting to be decoded", "decode slot"):
+            self.decodes_active += 1
+            self.decodes_peak = max(self.decodes_peak, self.decodes_active)
+            try:
+                return await run_in_threadpool(fn, *args)
+            finally:
+                self.decodes_active -= 1
+
+    def upload_slot(self):
+        """``async with engine.upload_slot():`` around reading a request body: at most
+        ``max_uploads`` bodies are received at once (the others wait, unread, in the
+        socket); :class:`Busy` as for decodes."""
+        return self._upload_slots.hold("uploads waiting to be received", "upload slot")
 
     # -- reloading ---------------------------------------------------------------------------
     def check_reload(self) -> None:
@@ -496,6 +530,7 @@ class SearchEngine:
             manifest = read_manifest(self.index_dir)
             if manifest == old.s.manifest:  # touched or rewritten identically: nothing to reopen
                 old.stamp = stamp
+                self.reload_error, self._failed = None, None  # back to the served generation: nothing is wrong
                 return
             searcher = open_index(self.index_dir, device=self.device, features_in_memory=True)
             self.view = IndexView(searcher, stamp)  # one reference swap; requests in flight keep `old`
@@ -515,6 +550,16 @@ class SearchEngine:
 
 # ---------------------------------------------------------------- request parsing
 
+_INT_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: no "1_0", no "+1", no full-width or Arabic digits
+
+
+def parse_int_text(text: str) -> int | None:
+    """The integer written in ``text`` (ASCII digits, an optional leading "-", spaces around
+    allowed), else None."""
+    t = text.strip(" \t")
+    return int(t) if _INT_TEXT.fullmatch(t) else None
+
+
 def _int_param(params: dict[str, Any], name: str, default: int | None) -> int | None:
     v = params.get(name)
     if v is None or v == "":
@@ -526,11 +571,28 @@ def _int_param(params: dict[str, Any], name: str, default: int | None) -> int | 
     if isinstance(v, float) and v.is_integer():
         return int(v)
     if isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
+        n = parse_int_text(v)
+        if n is not None:
+            return n
     raise _bad(f"{name} must be an integer, got {str(v)[:40]!r}")
+
+
+def _str_param(params: dict[str, Any], name: str, default: str) -> str:
+    v = params.get(name)
+    if v is None or v == "":
+        return default
+    if not isinstance(v, str):
+        raise _bad(f"{name} must be a string, got {json.dumps(v)[:40]}")
+    return v.strip().lower()
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """One line from FastAPI's validation errors: "thumb: Input should be a valid boolean"."""
+    parts = []
+    for e in errors[:3]:
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("path", "query", "body")]
+        parts.append(f"{'.'.join(loc) or 'request'}: {e.get('msg', 'invalid')}")
+    return one_line("; ".join(parts) or "invalid request")
 
 
 def _bad(msg: str, status: int = 422):
@@ -544,21 +606,19 @@ def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, i
     """(mode, k, radius, max_candidates, {hds_mode, nprobe, refine}) from request fields, or
     422 with one line: the bounds of :class:`deephash_faiss.search.SearchParams` (the CLI's
     and the API's), plus k <= min(K_LIMIT, live images)."""
-    mode = str(params.get("mode") or "hds").lower()
+    mode = _str_param(params, "mode", "hds")
     if mode not in MODES:
         raise _bad(f"mode must be one of {', '.join(MODES)}, got {mode[:20]!r}")
     k = _int_param(params, "k", min(10, view.k_max))
     radius = _int_param(params, "radius", DEFAULT_RADIUS)
     maxc = _int_param(params, "max_candidates", DEFAULT_MAX_CANDIDATES)
-    hds = {"hds_mode": str(params.get("hds_mode") or "auto").lower(),
+    hds = {"hds_mode": _str_param(params, "hds_mode", "auto"),
            "nprobe": _int_param(params, "nprobe", None),
            "refine": _int_param(params, "refine", None)}
     try:
         SearchParams(k, radius, maxc, mode, **hds).check(view.s.live_count(), bits=view.s.bits)
     except DhfError as err:
-        msg = str(err)
-        for opt in ("max-candidates", "hds-mode", "nprobe", "refine", "radius"):
-            msg = msg.replace(f" (--{opt})", "")
+        msg = re.sub(r" \(--?[a-z-]+\)", "", str(err))  # the CLI's option names: not this API's
         raise _bad(msg.replace("max-candidates", "max_candidates").replace("HDS mode", "hds_mode")) from None
     if k > view.k_max:
         raise _bad(f"k must be between 1 and {view.k_max} (the index holds {view.s.live_count()} images)")
@@ -568,22 +628,39 @@ def _search_params(view: IndexView, params: dict[str, Any]) -> tuple[str, int, i
     return mode, k, radius, maxc, hds
 
 
-async def _read_body_limited(request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it passes ``limit`` bytes."""
+async def _read_body_limited(request, limit: int, what: str = "upload", shown_limit: int | None = None,
+                             idle_s: float = BODY_IDLE_S) -> bytes:
+    """The request body, or 413 as soon as it passes ``limit`` bytes (``shown_limit``: the
+    limit the message names), 408 when the client sends nothing for ``idle_s`` seconds.
+    A client that goes away mid-body raises :class:`ClientGone`."""
+    from starlette.requests import ClientDisconnect
+
+    shown = limit if shown_limit is None else shown_limit
     cl = request.headers.get("content-length")
     if cl is not None:
+        n_declared = parse_int_text(cl)
+        if n_declared is None or n_declared < 0:
+            raise _bad("bad Content-Length header", 400)
+        if n_declared > limit:
+            raise _bad(f"{what} too large: {n_declared} bytes, the limit is {shown} bytes", 413)
+    buf, stream = bytearray(), request.stream().__aiter__()
+    while True:
         try:
-            if int(cl) > limit:
-                raise _bad(f"upload too large: {int(cl)} bytes, the limit is {limit} bytes", 413)
-        except ValueError:
-            raise _bad("bad Content-Length header", 400) from None
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise _bad(f"upload too large: more than {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise _bad(f"the request body stalled: nothing received for {idle_s:g} s", 408) from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        buf += chunk
+        if len(buf) > limit:
+            raise _bad(f"{what} too large: more than {shown} bytes", 413)
+    return bytes(buf)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request body was complete."""
 
 
 # ---------------------------------------------------------------- the app
@@ -638,7 +715,7 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
                request_timeout_s: float = DEFAULT_TIMEOUT_S, max_pending: int = DEFAULT_MAX_PENDING,
                searcher: Searcher | None = None, allowed_hosts: tuple[str, ...] | list[str] = DEFAULT_ALLOWED_HOSTS,
                max_pixels: int | None = DEFAULT_MAX_PIXELS, max_decodes: int = DEFAULT_MAX_DECODES,
-               reload_check_s: float | None = DEFAULT_RELOAD_CHECK_S):
+               reload_check_s: float | None = DEFAULT_RELOAD_CHECK_S, max_uploads: int = DEFAULT_MAX_UPLOADS):
     """Build the FastAPI app for one index directory (model and index load now).
 
     Args:
@@ -653,6 +730,7 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         max_decodes: uploads and thumbnails decoded at once (the others wait for a slot).
         reload_check_s: how often (at most, on requests) to look for a new index generation;
             None: serve the opened generation until restarted.
+        max_uploads: request bodies (uploads) received at once; the others wait unread.
     Raises:
         DhfError: the index cannot be opened, or a setting is out of range.
     """
@@ -666,6 +744,8 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         raise DhfError("--max-pixels must be positive")
     if max_decodes < 1:
         raise DhfError("--max-decodes must be at least 1")
+    if max_uploads < 1:
+        raise DhfError("--max-uploads must be at least 1")
     hosts = [str(h).strip() for h in allowed_hosts if str(h).strip()]
     if not hosts:
         raise DhfError("no allowed host names (give --allow-host NAME, or '*' for any)")
@@ -673,12 +753,12 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         from .api import open_index
 
         searcher = open_index(index_dir, device=device, features_in_memory=True)
-    engine = SearchEngine(searcher, request_timeout_s, max_pending, max_decodes, max_pixels, reload_check_s)
+    engine = SearchEngine(searcher, request_timeout_s, max_pending, max_decodes, max_pixels, reload_check_s,
+                          max_uploads=max_uploads)
 
     from contextlib import asynccontextmanager
 
     from fastapi.exceptions import RequestValidationError
-    from fastapi.encoders import jsonable_encoder
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
@@ -707,7 +787,11 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, 422)
+        return SafeJSONResponse({"detail": validation_message(exc.errors())}, 422)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, exc):  # nobody is listening: no traceback in the log, no body
+        return Response(status_code=400)
 
     async def _run(fn):
         try:
@@ -725,6 +809,49 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         except Busy as err:
             raise HTTPException(503, f"server busy: {err}, try again") from None
 
+    def _upload_slot():
+        @contextlib.asynccontextmanager
+        async def slot():
+            try:
+                async with engine.upload_slot():
+                    yield
+            except Busy as err:
+                raise HTTPException(503, f"server busy: {err}, try again") from None
+        return slot()
+
+    async def _read_form(request, params: dict[str, Any], limit: int) -> tuple[bytes | None, str]:
+        """(upload bytes or None, its base name) from a multipart/form body; form fields go to ``params``."""
+        body = await _read_body_limited(request, limit + 64 * 1024, shown_limit=limit)
+        request._body = body  # starlette re-reads a cached body when parsing the form
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except StarletteHTTPException as err:  # starlette's own 400s (too many files or fields, ...)
+            raise _bad(f"cannot parse the multipart body: {str(err.detail)[:120]} (only 'image' may be a file)"
+                       if "files" in str(err.detail) else f"cannot parse the multipart body: {str(err.detail)[:120]}",
+                       400) from None
+        except Exception as err:  # noqa: BLE001 - malformed multipart
+            raise _bad(f"cannot parse the multipart body: {str(err)[:120]}", 400) from None
+        del body
+        try:
+            for key in ("mode", "k", "radius", "max_candidates", "id", *HDS_PARAMS):
+                v = form.get(key)
+                if isinstance(v, str):
+                    params[key] = v
+            image = form.get("image")
+            if image is None:
+                if params.get("id") in (None, ""):
+                    raise _bad("send an image file in the multipart field 'image' (or JSON {\"id\": N})")
+                return None, "upload"
+            if not isinstance(image, UploadFile):
+                raise _bad("the multipart field 'image' must be a file")
+            upload = await image.read()
+            if len(upload) > limit:
+                raise _bad(f"upload too large: {len(upload)} bytes, the limit is {limit} bytes", 413)
+            return upload, os.path.basename(image.filename or "") or "upload"
+        finally:
+            await form.close()
+            request._body = b""
+
     @app.post("/search", openapi_extra=_SEARCH_OPENAPI, summary="Search by uploaded image or database id")
     async def search(request: Request):
         """Multipart (field ``image``) or JSON ``{"id": N}``; parameters in the body or the query string.
@@ -738,32 +865,10 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         query_id: int | None = None
         limit = app.state.max_upload_bytes
         if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            body = await _read_body_limited(request, limit + 64 * 1024)
-            request._body = body  # starlette re-reads a cached body when parsing the form
-            try:
-                form = await request.form(max_files=1, max_fields=16)
-            except HTTPException:
-                raise
-            except Exception as err:  # noqa: BLE001 - malformed multipart
-                raise _bad(f"cannot parse the multipart body: {str(err)[:120]}", 400) from None
-            for key in ("mode", "k", "radius", "max_candidates", "id", *HDS_PARAMS):
-                v = form.get(key)
-                if isinstance(v, str):
-                    params[key] = v
-            image = form.get("image")
-            if image is None:
-                if params.get("id") in (None, ""):
-                    raise _bad("send an image file in the multipart field 'image' (or JSON {\"id\": N})")
-            elif not isinstance(image, UploadFile):
-                raise _bad("the multipart field 'image' must be a file")
-            else:
-                upload = await image.read()
-                query_name = os.path.basename(image.filename or "") or "upload"
-                await form.close()
-                if len(upload) > limit:
-                    raise _bad(f"upload too large: {len(upload)} bytes, the limit is {limit} bytes", 413)
+            async with _upload_slot():
+                upload, query_name = await _read_form(request, params, limit)
         elif ctype == "application/json":
-            body = await _read_body_limited(request, 64 * 1024)
+            body = await _read_body_limited(request, 64 * 1024, what="JSON body")
             try:
                 data = json.loads(body or b"null")
             except RecursionError:
@@ -786,13 +891,17 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
 
         t0 = time.perf_counter()
         if upload is not None:
+            big = len(upload) >= RELEASE_AFTER_BYTES
             try:
                 img = await _decode(decode_image_bytes, upload, view.load_size, engine.max_pixels)
             except ImageTooLargeError as err:
                 raise _bad(f"the upload is too large to decode: {err}", 413) from None
             except ImageDecodeError as err:
                 raise _bad(f"the upload is not a usable image: {err}", 415) from None
-            del upload
+            finally:
+                del upload
+                if big:  # hand the body's copies back to the OS, not to glibc's arenas
+                    release_memory()
 
             def job():
                 t = time.perf_counter()
@@ -820,9 +929,13 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
     @app.get("/images/{image_id}", summary="A database image (or its thumbnail) by id",
              responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
                         404: {"description": "no such image"}})
-    async def image(image_id: int = Path(..., ge=0, le=2**62, description="database id (row number)"),
+    async def image(image_id: str = Path(..., description="database id (row number)"),
                     thumb: bool = Query(False, description=f"a JPEG of at most {THUMB_PX} px instead of the original")):
         view = engine.view
+        n = parse_int_text(image_id)
+        if n is None or n < 0 or image_id != image_id.strip():
+            raise _bad(f"the image id must be a non-negative integer, got {image_id[:40]!r}")
+        image_id = n
         if not view.is_live(image_id):
             raise HTTPException(404, f"no database image with id {image_id}")
         cache = {"Cache-Control": "public, max-age=3600"}
@@ -857,6 +970,8 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
     def page():
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html")
 
+    for path, fn in (("/healthz", healthz), ("/", page)):  # monitors that probe with HEAD
+        app.add_api_route(path, fn, methods=["HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -870,7 +985,7 @@ def serve_hosts(host: str, allow_hosts=()) -> list[str]:
     hosts = list(DEFAULT_ALLOWED_HOSTS)
     if host.strip().lower() not in _WILDCARD_HOSTS:
         hosts.append(host.strip())
-    hosts.extend(str(h) for h in allow_hosts)
+    hosts.extend(str(h).strip() for h in allow_hosts if str(h).strip())
     return list(dict.fromkeys(hosts))
 
 
@@ -878,23 +993,54 @@ def run(index_dir: str, host: str = "127.0.0.1", port: int = 8000, device: str =
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, request_timeout_s: float = DEFAULT_TIMEOUT_S,
         log_level: str = "info", on_ready: Callable[[str], None] | None = None,
         allow_hosts: tuple[str, ...] | list[str] = (), max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        max_decodes: int = DEFAULT_MAX_DECODES) -> None:
+        max_decodes: int = DEFAULT_MAX_DECODES, max_uploads: int = DEFAULT_MAX_UPLOADS) -> None:
     """Serve ``index_dir`` with uvicorn until interrupted (one process, one search thread).
 
     The allowed ``Host`` names are the loopback names, the address listened on (unless a
-    wildcard such as 0.0.0.0) and ``allow_hosts``."""
+    wildcard such as 0.0.0.0) and ``allow_hosts``. The port is bound before the index
+    loads (:func:`listen_socket`); on SIGINT/SIGTERM connections still open after
+    ``GRACEFUL_SHUTDOWN_S`` are closed."""
     import uvicorn
 
     hosts = serve_hosts(host, allow_hosts)
-    app = create_app(index_dir, device, max_upload_bytes, request_timeout_s, allowed_hosts=hosts,
-                     max_pixels=max_pixels, max_decodes=max_decodes)
-    if on_ready:
-        n = app.state.engine.view.s.count
-        extra = [h for h in hosts if h not in DEFAULT_ALLOWED_HOSTS]
-        names = "any host name" if "*" in hosts else ", ".join(dict.fromkeys(list(DEFAULT_ALLOWED_HOSTS) + extra))
-        on_ready(f"serving {n} images from {index_dir} at http://{host}:{port}/ (API docs at /docs; "
-                 f"answering to {names})")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = listen_socket(host, port)  # before the index loads: a busy port is one line, at once
+    try:
+        app = create_app(index_dir, device, max_upload_bytes, request_timeout_s, allowed_hosts=hosts,
+                         max_pixels=max_pixels, max_decodes=max_decodes, max_uploads=max_uploads)
+        if on_ready:
+            n = app.state.engine.view.s.count
+            extra = [h for h in hosts if h not in DEFAULT_ALLOWED_HOSTS]
+            names = "any host name" if "*" in hosts else ", ".join(dict.fromkeys(list(DEFAULT_ALLOWED_HOSTS) + extra))
+            on_ready(f"serving {n} images from {index_dir} at http://{host}:{port}/ (API docs at /docs; "
+                     f"answering to {names})")
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int):
+    """A TCP socket bound to ``host``:``port`` (the first address ``host`` resolves to), or
+    :class:`DhfError` with one line (a port in use, an unknown host name, no permission)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise DhfError(f"cannot listen on {host}:{port}: unknown host ({getattr(err, 'strerror', None) or err})") from None
+    family, stype, proto, _, addr = infos[0]
+    sock = socket.socket(family, stype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart without waiting
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.set_inheritable(True)
+    except OSError as err:
+        sock.close()
+        reason = "the port is in use" if err.errno == errno.EADDRINUSE else (err.strerror or str(err)).lower()
+        raise DhfError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
 
 
 mimetypes.add_type("text/javascript", ".js")

@@ -112,6 +112,8 @@ def read_manifest(index_dir: str) -> dict[str, Any]:
             version, a missing or malformed field (the message names it).
     """
     if not os.path.isdir(index_dir):
+        if os.path.exists(index_dir):
+            raise DhfError(f"{index_dir} is a file, not an index directory")
         raise DhfError(f"no such index directory: {index_dir}")
     path = os.path.join(index_dir, MANIFEST)
     if not os.path.exists(path):

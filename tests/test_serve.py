@@ -758,3 +758,278 @@ def test_a_broken_new_generation_keeps_the_old_one_serving(own_index):
         assert health["status"] == "ok" and health["live_count"] == 60
         assert "reload_error" in health and "\n" not in health["reload_error"]
         assert c.post("/search", json={"id": 1}).status_code == 200
+
+
+# ---------------------------------------------------------------- tryout findings (twenty-eighth session)
+
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def _no_eps(monkeypatch):
+    """Record any attempt of PIL's EPS plugin (which runs Ghostscript) to open a file."""
+    from PIL import EpsImagePlugin
+
+    tried = []
+    real = EpsImagePlugin.EpsImageFile._open
+
+    def spy(self):
+        tried.append(True)
+        return real(self)
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
+    return tried
+
+
+def test_postscript_upload_is_415_and_never_reaches_ghostscript(client, monkeypatch):
+    tried = _no_eps(monkeypatch)
+    resp = client.post("/search", files={"image": ("x.eps", _EPS, "application/postscript")})
+    assert resp.status_code == 415 and "not an image dhf reads" in resp.json()["detail"]
+    assert "gs" not in resp.json()["detail"] and "/tmp" not in resp.json()["detail"]
+    assert tried == []
+
+
+def test_postscript_named_jpg_is_skipped_at_decode_without_ghostscript(tmp_path, monkeypatch):
+    from deephash_faiss.data import ImageDecodeError, decode_image, probe_load_size
+
+    tried = _no_eps(monkeypatch)
+    p = tmp_path / "photo.jpg"
+    p.write_bytes(_EPS)
+    with pytest.raises(ImageDecodeError, match="not an image dhf reads"):
+        decode_image(str(p), 32)
+    assert probe_load_size([str(p)], 64) == 64
+    assert tried == []
+
+
+@pytest.mark.parametrize("url", ["/images/1_0", "/images/+1", "/images/%201", "/images/1.0",
+                                 "/images/\u0661", "/images/\uff11", "/images/-0x1", "/images/-1?thumb=abc",
+                                 "/images/1?thumb=abc"])
+def test_image_ids_are_plain_integers_with_a_one_line_422(client, url):
+    resp = client.get(url)
+    assert resp.status_code == 422, (url, resp.status_code)
+    assert isinstance(resp.json()["detail"], str) and "\n" not in resp.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [{"id": "1_0"}, {"id": "\uff11"}, {"id": 1, "k": "\u0663"}, {"id": 1, "k": "1_0"},
+                                  {"id": 1, "mode": 0}, {"id": 1, "mode": False}, {"id": 1, "mode": []},
+                                  {"id": 1, "hds_mode": 3}])
+def test_json_fields_of_the_wrong_kind_are_422(client, body):
+    resp = client.post("/search", json=body)
+    assert resp.status_code == 422, (body, resp.text)
+    assert isinstance(resp.json()["detail"], str)
+
+
+def test_integers_with_spaces_around_are_accepted(client):
+    resp = client.post("/search?k=%203%20", json={"id": 2, "mode": "bcs"})
+    assert resp.status_code == 200 and len(resp.json()["results"]) == 3
+
+
+def test_error_messages_name_this_api_not_the_cli(client):
+    detail = client.post("/search", json={"id": 1, "k": 0}).json()["detail"]
+    assert "k must be" in detail and "(-k)" not in detail and "--" not in detail
+
+
+def test_413_names_the_configured_limit(client):
+    big = b"\0" * (UPLOAD_LIMIT + 1000)
+    detail = client.post("/search", files={"image": ("big.png", big, "image/png")}).json()["detail"]
+    assert f"the limit is {UPLOAD_LIMIT} bytes" in detail or f"more than {UPLOAD_LIMIT} bytes" in detail
+    resp = client.post("/search", content=b"{\"id\": 1, \"pad\": \"" + b"x" * 100_000 + b"\"}",
+                       headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["detail"].startswith("JSON body too large")
+
+
+def test_a_second_file_part_is_a_clear_400(client):
+    resp = client.post("/search", files=[("image", ("q.png", _png_bytes(), "image/png")),
+                                         ("k", ("k.txt", b"3", "text/plain"))])
+    assert resp.status_code == 400
+    detail = resp.json()["detail"]
+    assert "400:" not in detail and "only 'image' may be a file" in detail
+
+
+def test_head_requests_for_monitors(client):
+    assert client.head("/healthz").status_code == 200
+    assert client.head("/").status_code == 200
+
+
+def test_reload_error_clears_when_the_served_manifest_is_back(own_index):
+    from deephash_faiss.serve import create_app
+
+    app = create_app(own_index, device="cpu", reload_check_s=0)
+    engine = app.state.engine
+    mpath = os.path.join(own_index, "manifest.json")
+    with open(mpath, "rb") as f:
+        good = f.read()
+    with _client(app) as c:
+        with open(mpath + ".tmp", "wb") as f:
+            f.write(b'{"broken":')
+        os.replace(mpath + ".tmp", mpath)
+        c.get("/healthz")
+        engine.wait_reloaded()
+        assert "reload_error" in c.get("/healthz").json()
+        engine._failed = None  # skip the 10 s retry pause
+        with open(mpath + ".tmp", "wb") as f:
+            f.write(good)
+        os.replace(mpath + ".tmp", mpath)
+        c.get("/healthz")
+        engine.wait_reloaded()
+        assert c.get("/healthz").json() == {"status": "ok", "count": 60, "live_count": 60}
+
+
+def test_slots_bound_holders_and_time_out():
+    import asyncio
+
+    from deephash_faiss.serve import Busy, _Slots
+
+    async def scenario():
+        slots, active, peak = _Slots(2, 10, 5.0), [0], [0]
+
+        async def holder():
+            async with slots.hold("uploads waiting", "upload slot"):
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                await asyncio.sleep(0.05)
+                active[0] -= 1
+
+        await asyncio.gather(*(holder() for _ in range(7)))
+        assert peak[0] == 2
+        short = _Slots(1, 10, 0.1)
+        async with short.hold("uploads waiting", "upload slot"):
+            with pytest.raises(Busy, match="no upload slot"):
+                async with short.hold("uploads waiting", "upload slot"):
+                    pass
+        full = _Slots(1, 0, 1.0)
+        with pytest.raises(Busy, match="too many uploads waiting"):
+            async with full.hold("uploads waiting", "upload slot"):
+                pass
+
+    asyncio.run(scenario())
+
+
+class _FakeRequest:
+    def __init__(self, chunks, headers=None):
+        self.headers, self._chunks = headers or {}, chunks
+
+    def stream(self):
+        return self._chunks()
+
+
+def test_a_stalled_body_is_408_and_a_vanished_client_is_quiet():
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    from deephash_faiss.serve import ClientGone, _read_body_limited
+
+    async def stalls():
+        yield b"--XX\r\n"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    async def vanishes():
+        yield b"--XX\r\n"
+        raise ClientDisconnect()
+
+    async def whole():
+        yield b"ab"
+        yield b"cd"
+
+    async def scenario():
+        with pytest.raises(HTTPException) as err:
+            await _read_body_limited(_FakeRequest(stalls), 1000, idle_s=0.1)
+        assert err.value.status_code == 408
+        with pytest.raises(ClientGone):
+            await _read_body_limited(_FakeRequest(vanishes), 1000)
+        assert await _read_body_limited(_FakeRequest(whole, {"content-length": "4"}), 1000) == b"abcd"
+        for bad in ("x", "-1", "1_0"):
+            with pytest.raises(HTTPException) as err:
+                await _read_body_limited(_FakeRequest(whole, {"content-length": bad}), 1000)
+            assert err.value.status_code == 400
+
+    asyncio.run(scenario())
+
+
+def test_listen_socket_errors_are_one_line():
+    import socket
+
+    from deephash_faiss.errors import DhfError
+    from deephash_faiss.serve import listen_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DhfError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            listen_socket("127.0.0.1", port)
+    with pytest.raises(DhfError, match="unknown host"):
+        listen_socket("999.1.1.1", 8000)
+    s = listen_socket("127.0.0.1", 0)
+    s.close()
+
+
+def test_cli_serve_busy_port_and_bad_numbers(serve_index):
+    import socket
+
+    from click.testing import CliRunner
+
+    from deephash_faiss.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        out = CliRunner().invoke(main, ["serve", "--index", serve_index, "--device", "cpu", "--port", str(port)])
+        assert out.exit_code == 1 and out.output.strip() == f"Error: cannot listen on 127.0.0.1:{port}: the port is in use"
+        assert time.monotonic() - t0 < 5  # refused before the index loads
+    for opt, value in (("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"), ("--timeout", "nan"),
+                       ("--timeout", "-inf")):
+        out = CliRunner().invoke(main, ["serve", "--index", serve_index, opt, value])
+        assert out.exit_code == 1 and out.output.count("\n") == 1 and "unexpected" not in out.output, out.output
+    out = CliRunner().invoke(main, ["serve", "--index", os.path.join(serve_index, "manifest.json")])
+    assert out.exit_code == 1 and "is a file, not an index directory" in out.output
+
+
+def test_serve_hosts_ignore_empty_names():
+    from deephash_faiss.serve import serve_hosts
+
+    assert "" not in serve_hosts("127.0.0.1", ["", " "])
+
+
+def test_sigterm_closes_a_stalled_upload_within_the_grace_period(serve_index):
+    """A client that stops mid-body does not keep `dhf serve` alive after SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from serve_helpers import free_port
+
+    from deephash_faiss.serve import GRACEFUL_SHUTDOWN_S
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deephash_faiss.cli", "serve", "--index", serve_index,
+                             "--device", "cpu", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("dhf serve did not start")
+                time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as stall:
+            stall.sendall(b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+                          b"boundary=XX\r\nContent-Length: 100000\r\n\r\n--XX\r\n")
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(GRACEFUL_SHUTDOWN_S + 10)
+            assert time.monotonic() - t0 < GRACEFUL_SHUTDOWN_S + 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -111,7 +111,8 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
         if backbone not in BACKBONES:
             raise DhfError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
         w = BACKBONES[backbone].default_weights if weights == "default" else weights
-        method, reason = plan or featurecache.choose_method(method, labelled, dev, w not in (None, "none"))
+        method, reason = plan or featurecache.choose_method(method, labelled, dev, w not in (None, "none"),
+                                                            images.unlabelled_reason())
         if bits is None:
             bits = itq.default_bits(len(images)) if method == "itq" else 48
             if method == "itq" and bits < itq.DEFAULT_UNSUPERVISED_BITS:
@@ -129,7 +130,7 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
     cfg = TrainConfig(**kw)
     cfg.check()
     what = {"finetune": "fine-tuning the whole network", "frozen": "frozen backbone, training H and the classifier "
-            "on cached fc7", "itq": "no labels: PCA + ITQ codes on the pretrained backbone's fc7"}[method]
+            "on cached fc7", "itq": "no labels: PCA + ITQ codes on the backbone's fc7"}[method]
     log(f"training mode: {what} ({reason})")
     log(f"{model.config.backbone}, {model.config.bits} bits, "
         + (f"{len(images.classes)} classes, " if method != "itq" else "")
@@ -283,7 +284,7 @@ def _train_for_build(images: ImageList, images_dir: str, index_dir: str, dev, pr
     weights = opts.get("weights", "default")
     w = BACKBONES[backbone].default_weights if backbone in BACKBONES and weights == "default" else weights
     labelled = images.labelled and len(images.classes) >= 2
-    plan = featurecache.choose_method(requested, labelled, dev, w not in (None, "none"))
+    plan = featurecache.choose_method(requested, labelled, dev, w not in (None, "none"), images.unlabelled_reason())
     method = plan[0]
     h = hashlib.sha256(json.dumps({"method": method, "backbone": backbone, **opts}, sort_keys=True,
                                   default=str).encode())

@@ -124,6 +124,7 @@ class _Group(click.Group):
             _leave(done.code)
 
     def _main(self, args, prog_name, complete_var, **extra):
+        args = _debug_anywhere(list(sys.argv[1:] if args is None else args))
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NoArgsIsHelp as err:  # bare `dhf` / `dhf GROUP`: the help
@@ -175,6 +176,16 @@ class _Group(click.Group):
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             click.echo(f"Error: unexpected {type(err).__name__}: {msg} (run with --debug for details)", err=True)
             ctx.exit(1)
+
+
+def _debug_anywhere(args: list[str]) -> list[str]:
+    """``dhf search ... --debug`` means ``dhf --debug search ...`` (the error lines say "run
+    with --debug"; users add it at the end): moved before the subcommand, up to a ``--``."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[1:end]:
+        return args
+    rest = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return ["--debug", *rest]
 
 
 def _debug(ctx) -> bool:
@@ -271,12 +282,12 @@ def _train_options(f):
                      help="alexnet, vgg16, resnet50, efficientnet_lite0/1/2 or smallcnn."),
         click.option("--bits", default=None, type=int,
                      help="Code length (multiple of 8); default 48, 128 for unsupervised codes."),
-        click.option("--finetune", "method", flag_value="finetune",
+        click.option("--finetune", "m_finetune", is_flag=True,
                      help="Fine-tune the whole network (the paper's method; the default on a GPU)."),
-        click.option("--frozen", "method", flag_value="frozen",
+        click.option("--frozen", "m_frozen", is_flag=True,
                      help="Keep the backbone frozen: fc7 computed once, H and the classifier trained on it "
                           "(the default on a CPU; minutes instead of hours)."),
-        click.option("--unsupervised", "method", flag_value="itq",
+        click.option("--unsupervised", "m_itq", is_flag=True,
                      help="Learn codes without labels: PCA + ITQ on the pretrained backbone's fc7 (the "
                           "default for a folder without class subfolders)."),
         click.option("--weights", default="default", show_default=True,
@@ -313,7 +324,18 @@ def _train_options(f):
 
 
 _TRAIN_PARAMS = ("backbone", "bits", "weights", "epochs", "lr", "optimizer", "schedule", "input_size", "load_size",
-                 "no_flip", "mix", "ema_epochs", "flip_average", "val_fraction", "seed", "method")
+                 "no_flip", "mix", "ema_epochs", "flip_average", "val_fraction", "seed", "m_finetune", "m_frozen",
+                 "m_itq")
+_METHOD_FLAGS = {"m_finetune": ("--finetune", "finetune"), "m_frozen": ("--frozen", "frozen"),
+                 "m_itq": ("--unsupervised", "itq")}
+
+
+def _method(kw) -> str:
+    """The training method of --finetune / --frozen / --unsupervised ("auto" for none); two is an error."""
+    given = [flag for name, (flag, _) in _METHOD_FLAGS.items() if kw.pop(name)]
+    if len(given) > 1:
+        raise DhfError(f"{' and '.join(given)} exclude each other: give one")
+    return next((m for flag, m in _METHOD_FLAGS.values() if flag in given), "auto")
 
 
 def _collect_train(kw) -> dict:
@@ -322,7 +344,7 @@ def _collect_train(kw) -> dict:
         lr=kw.pop("lr"), optimizer=kw.pop("optimizer"), schedule=kw.pop("schedule"),
         input_size=kw.pop("input_size"), load_size=kw.pop("load_size"), hflip=not kw.pop("no_flip"),
         mix=kw.pop("mix"), ema_epochs=kw.pop("ema_epochs"), flip_average=kw.pop("flip_average"),
-        val_fraction=kw.pop("val_fraction"), seed=kw.pop("seed"), method=kw.pop("method") or "auto",
+        val_fraction=kw.pop("val_fraction"), seed=kw.pop("seed"), method=_method(kw),
     )
 
 
@@ -332,8 +354,7 @@ def _given(ctx: click.Context, names) -> list[str]:
 
     given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT,
                                                                      ParameterSource.DEFAULT_MAP)]
-    flags = {"method": "finetune/--frozen/--unsupervised"}
-    return ["--" + flags.get(n, n.replace("_", "-")) for n in given]
+    return [_METHOD_FLAGS[n][0] if n in _METHOD_FLAGS else "--" + n.replace("_", "-") for n in given]
 
 
 _device_opt = click.option("--device", default="auto", show_default=True,
@@ -364,6 +385,12 @@ def train(data_dir, out, batch_size, resume, device, quiet, **kw):
     """
     from . import api
 
+    if resume:
+        fixed = _given(click.get_current_context(), ("backbone", "bits", "weights", "input_size", "load_size",
+                                                     "flip_average"))
+        if fixed:
+            raise DhfError(f"--resume continues the model in {resume}, which fixes {', '.join(fixed)}: drop "
+                           f"{'it' if len(fixed) == 1 else 'them'}")
     opts = _collect_train(kw)
     t0 = time.perf_counter()
     model, history = api.train_model(data_dir, out, device=device, resume=resume, batch_size=batch_size,
@@ -376,7 +403,8 @@ def train(data_dir, out, batch_size, resume, device, quiet, **kw):
     click.echo(f"saved {out}: {model.config.backbone}, {model.config.bits} bits, "
                f"{_plural(model.config.num_classes, 'class', 'classes')}, {_plural(len(history), 'epoch')} "
                f"({model.config.method}), "
-               f"val acc {last.get('val_acc', float('nan')):.4f}, {time.perf_counter() - t0:.1f} s")
+               + (f"val acc {last['val_acc']:.4f}" if "val_acc" in last else "no validation split")
+               + f", {time.perf_counter() - t0:.1f} s")
 
 
 # ---------------------------------------------------------------- build-index
@@ -776,6 +804,10 @@ def info(index_pos, index_opt, as_json):
         click.echo(f"{key:<10} {value}")
     for rel, size in inf["sizes"].items():
         click.echo(f"  {_cell(rel):<40} {'MISSING' if size is None else f'{size / 2**20:.2f} MiB'}")
+    missing = [rel for rel, size in inf["sizes"].items() if size is None]
+    if missing:
+        _log(f"warning: {_plural(len(missing), 'file')} of the index missing ({_cell(missing[0])}"
+             f"{' ...' if len(missing) > 1 else ''}): searches will refuse it; `dhf verify` checks everything")
 
 
 # ---------------------------------------------------------------- evaluate
@@ -819,7 +851,7 @@ def evaluate(index_opt, query_dir, mode, top_k, radius, max_candidates, json_arg
         output = json_arg
     if top_k < 1:
         raise DhfError("--top-k must be at least 1")
-    if output:
+    if output is not None:
         from .store import check_output_path
 
         check_output_path(output, "--output")  # before the evaluation, not after it
@@ -834,9 +866,22 @@ def evaluate(index_opt, query_dir, mode, top_k, radius, max_candidates, json_arg
     q_labels = lut[q.labels]
     if (q_labels < 0).all():
         raise DhfError(f"none of the query classes of {query_dir} is a class of the index")
+    unknown = sorted({q.classes[c] for c in np.unique(q.labels[q_labels < 0])})
+    if unknown:  # no relevant image in the database: an AP of 0 that says nothing about the codes
+        _log(f"skipped {_plural(int((q_labels < 0).sum()), 'query', 'queries')} of "
+             f"{_plural(len(unknown), 'class', 'classes')} the index does not have: {', '.join(unknown[:5])}"
+             f"{' ...' if len(unknown) > 5 else ''}")
+    keep = np.flatnonzero(q_labels >= 0)
+    q_paths, q_labels = [q.paths[i] for i in keep], q_labels[keep]
     t0 = time.perf_counter()
-    codes, feats, _ = s.encode(q.paths, progress=not quiet)
+    codes, feats, bad = s.encode(q_paths, progress=not quiet, skip_bad=True)
     enc = time.perf_counter() - t0
+    if bad:  # as `dhf search` does: a bad file among the queries is reported, not fatal
+        for i, reason in bad[:5]:
+            _log(f"skipped query {_cell(q_paths[i])}: {reason}")
+        if len(bad) > 5:
+            _log(f"skipped {_plural(len(bad), 'query file')} that could not be decoded")
+        q_labels = np.delete(q_labels, [i for i, _ in bad])
     t0 = time.perf_counter()
     ks = [k for k in range(100, 1001, 100) if k <= s.count] or [min(10, s.count)]
     res = evaluate_arrays(s.codes(), s.store.load_features(), s.store.labels(), codes, feats, q_labels, modes,
@@ -846,6 +891,7 @@ def evaluate(index_opt, query_dir, mode, top_k, radius, max_candidates, json_arg
     res["query_ms"] = time_modes(s, codes, feats, modes, k=min(100, s.count), radius=radius,
                                  max_candidates=max_candidates)
     res.update(index=index_dir, queries=query_dir, n_queries=len(codes), n_database=s.count, bits=s.bits,
+               skipped_queries=len(q.paths) - len(codes),
                encode_seconds=round(enc, 3), top_k=min(top_k, s.count))
     say = _log if as_json else click.echo
     for m in modes:

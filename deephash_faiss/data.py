@@ -86,6 +86,19 @@ class ImageList:
     def labelled(self) -> bool:
         return bool(self.classes) and bool(len(self.labels)) and bool((self.labels >= 0).all())
 
+    def unlabelled_reason(self) -> str:
+        """Why these images cannot train with labels (a phrase), or "" when they can (two or
+        more classes, every image in one)."""
+        loose = int((self.labels < 0).sum()) if len(self.labels) else 0
+        if not self.classes:
+            return "the folder has no class subfolders"
+        if loose:
+            return (f"{loose} of its {len(self.labels)} images lie directly in the folder, outside the class "
+                    f"subfolders: move them into one to train with labels")
+        if len(self.classes) < 2:
+            return f"the folder has one class subfolder, {self.classes[0]}: labels need at least two"
+        return ""
+
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS

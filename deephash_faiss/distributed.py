@@ -53,6 +53,8 @@ or more queries are exact (tested). Everything here is about the CPU backend.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import time
@@ -178,23 +180,68 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
     whose rows have local ids 0..rows-1; its manifest's ``id_offset`` is the global id of
     its first row (global id = local id + id_offset) and ``split`` records the source.
     Deleted ids carry over. Memory: one source shard's rows at a time.
+
+    All or nothing: the parts are written into ``.tmp-split-<name>`` beside ``out_dir`` and
+    renamed to ``out_dir`` when all are complete (a killed split leaves no ``out_dir``, and
+    its rerun starts afresh); the source's writer lock is held throughout, so no ``add`` or
+    ``compact`` changes it meanwhile.
     """
+    from .store import check_output_path, read_manifest
+
+    if n < 1:
+        raise DhfError("-n must be at least 1")
+    read_manifest(index_dir)  # a clear error for a folder that is not an index
+    check_output_path(out_dir, "-o", folder=True)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise DhfError(f"{out_dir} exists and is not empty")
+    out_dir = os.path.normpath(out_dir)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".tmp-split-{os.path.basename(out_dir)}")
+    with _source_lock(index_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed split's leftovers
+        os.makedirs(tmp)
+        try:
+            names = _write_split(index_dir, tmp, n, log)
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty (checked above)
+            os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return [os.path.join(out_dir, name) for name in names]
+
+
+@contextlib.contextmanager
+def _source_lock(index_dir: str):
+    """Hold the source index's writer lock; none when its folder is read-only (no dhf writes it then)."""
+    from .layout import IndexLock
+
+    try:
+        lock = IndexLock(index_dir, probe=False).__enter__()
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _write_split(index_dir: str, tmp: str, n: int, log: Log) -> list[str]:
+    """Write the ``n`` parts of :func:`split_index` under ``tmp``; their folder names."""
     import h5py
 
     from .index import BinaryIndex, IndexSpec
-    from .store import (FeatureStore, _decode_path, atomic_write_bytes, check_output_path, read_manifest,
-                        write_manifest, write_shard)
+    from .layout import crash_point
+    from .store import FeatureStore, _decode_path, atomic_write_bytes, read_manifest, write_manifest, write_shard
 
     m = read_manifest(index_dir)
     store = FeatureStore(index_dir, m)
     count = store.count
-    if n < 1:
-        raise DhfError("-n must be at least 1")
     if n > max(1, count):
         raise DhfError(f"cannot split {count} images into {n} shards")
-    check_output_path(out_dir, "-o", folder=True)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise DhfError(f"{out_dir} exists and is not empty")
+    out_dir = tmp
     spec = IndexSpec.from_dict(m["index"])
     if m.get("fine"):
         log("the fine index is not split: build one per shard with `dhf fine-index` if wanted")
@@ -242,8 +289,9 @@ def split_index(index_dir: str, out_dir: str, n: int, log: Log = _quiet) -> list
                "split": {"source": os.path.abspath(index_dir), "part": i, "parts": n, "total_count": count}}
         man.pop("fine", None)  # not split: each shard can build its own (`dhf fine-index`)
         write_manifest(d, man)
-        log(f"{d}: ids {lo}..{hi - 1} ({hi - lo} rows)")
-        out.append(d)
+        crash_point(f"split-part-{i}")
+        log(f"shard-{i:03d}: ids {lo}..{hi - 1} ({hi - lo} rows)")
+        out.append(os.path.basename(d))
     return out
 
 
@@ -300,7 +348,8 @@ class ShardWorker:
         m = self.searcher.manifest
         return {"dir": self.searcher.index_dir, "count": self.searcher.count, "live": self.searcher.live_count(),
                 "offset": self.offset, "bits": self.searcher.bits, "feature_dim": int(m["feature_dim"]),
-                "model_sha256": m["model"]["sha256"], "node": _node_ip(), "pid": os.getpid()}
+                "model_sha256": m["model"]["sha256"], "split": m.get("split"), "node": _node_ip(),
+                "pid": os.getpid()}
 
     def knn(self, qcodes: np.ndarray, k: int):
         """Hamming k-NN: (D int32 [m, k'], global ids int64 [m, k']), by (Hamming, id)."""
@@ -459,6 +508,13 @@ class ShardedSearcher:
                 raise DhfError(f"shard {inf['dir']} starts at id {inf['offset']}, expected {expect} "
                                f"(a shard is missing or repeated)")
             expect += inf["count"]
+        splits = [inf.get("split") for inf in self.infos]
+        if all(splits) and len({(sp.get("source"), sp.get("parts")) for sp in splits}) == 1:
+            parts, have = int(splits[0]["parts"]), sorted(int(sp["part"]) for sp in splits)
+            if have != list(range(parts)):  # `dhf shard` wrote `parts`: a set without all of them is not the index
+                missing = sorted(set(range(parts)) - set(have))
+                raise DhfError(f"the shards are parts {have} of a split into {parts}; part(s) {missing} missing "
+                               f"(a search over them would miss those rows)")
 
     def _call(self, method: str, *args, per_shard: Sequence[tuple] | None = None) -> list:
         """Call ``method`` on every shard (same args, or ``per_shard[i]``) and gather the replies."""

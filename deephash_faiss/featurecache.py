@@ -42,7 +42,8 @@ class CachedFeatures:
     bad: list[tuple[int, str]] = field(default_factory=list)
 
 
-def choose_method(requested: str, labelled: bool, device: torch.device, pretrained: bool) -> tuple[str, str]:
+def choose_method(requested: str, labelled: bool, device: torch.device, pretrained: bool,
+                  why_unlabelled: str = "the folder has no class subfolders") -> tuple[str, str]:
     """Pick how H is learned: (method, the reason, one phrase for the user).
 
     Args:
@@ -50,6 +51,7 @@ def choose_method(requested: str, labelled: bool, device: torch.device, pretrain
         labelled: the folder has class subfolders (at least two classes).
         device: where training runs.
         pretrained: the backbone has pretrained weights (a frozen random net is useless).
+        why_unlabelled: the reason given when ``labelled`` is false.
     """
     if requested not in ("auto", "finetune", "frozen", "itq"):
         raise DhfError(f"unknown training mode {requested!r} (auto, finetune, frozen or unsupervised)")
@@ -59,7 +61,8 @@ def choose_method(requested: str, labelled: bool, device: torch.device, pretrain
         if requested != "auto":
             raise DhfError(f"--{requested} needs a folder with one subfolder per class (at least two); "
                            f"use --unsupervised (or no option) to learn codes without labels")
-        return "itq", "the folder has no class subfolders"
+        return "itq", why_unlabelled + ("" if pretrained else "; the backbone has no pretrained weights, so its "
+                                        "fc7 is of a random network")
     if requested != "auto":
         return requested, f"--{requested} asked for"
     if device.type == "cuda":

@@ -99,6 +99,9 @@ def _train_encoder(ivf, storage: str, x: np.ndarray) -> None:
     """Train the list encoding on sample rows x float32 [s, D] (the coarse quantizer is not
     trained: it holds the list centroids)."""
     if storage == "pq4":
+        # faiss prints a warning per sub-quantizer when fewer than 39 rows per level train it
+        # (hundreds of lines for a small index); the levels are the same either way.
+        ivf.pq.cp.min_points_per_centroid = 1
         ivf.pq.train(x)
     elif storage == "sq8":
         ivf.sq.train(x)

@@ -57,6 +57,7 @@ LEDGER = ".dhf-files"
 LOCK = ".lock"
 PARTIAL_PREFIX = ".partial-"
 CRASH_ENV = "DHF_TEST_CRASH_AT"
+INTERRUPT_ENV = "DHF_TEST_INTERRUPT_AT"
 _GEN_RE = re.compile(r"-g(\d+)\.(?:h5|index|tsv)$")
 # leftovers a killed dhf may leave in a folder before it has a manifest or ledger
 _LEFTOVER_RE = re.compile(r"^(?:\.lock|\.partial-.*|\.train-.*|\.tmp-.*|\.trained-model\.pt)$")
@@ -71,11 +72,43 @@ def crash_point(name: str) -> None:
     list written, its HDF5 file not yet), ``finalize-shard-<s>`` (shard s copied into the
     index), ``before-manifest`` (all files written, manifest not yet renamed),
     ``after-manifest`` (committed, before garbage collection and partial-dir cleanup).
+    ``split-part-<i>`` (``dhf shard``: part i written in the temporary folder).
     """
     if os.environ.get(CRASH_ENV) == name:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(INTERRUPT_ENV) == name:  # Ctrl-C at this point (tests of the commit's deferral)
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(note: str):
+    """Ctrl-C (SIGINT) inside the block waits for the block to finish, then is dropped with
+    ``note`` on stderr: the block's work (a commit) is then complete, so the command ends
+    as it would have, exit 0, instead of reporting an interruption of a change it made.
+    Only in the main thread (elsewhere signals cannot be handled; the block just runs)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda *_: got.append(1))
+    except (ValueError, OSError):  # pragma: no cover - no signal handling here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            sys.stderr.write(note + "\n")
 
 
 # ---------------------------------------------------------------- the target folder and the lock
@@ -87,6 +120,8 @@ def prepare_target(index_dir: str) -> None:
     leftovers of a killed dhf: ``.lock``, ``.partial-*``, ``.train-*``, ``.tmp-*``, an empty ``shards/``)
     is refused: a build never writes into (or collects garbage in) someone else's folder.
     """
+    if not str(index_dir).strip():
+        raise DhfError("-o is empty; give a folder path")
     if os.path.exists(index_dir) and not os.path.isdir(index_dir):
         raise DhfError(f"{index_dir} exists and is not a folder")
     try:
@@ -136,15 +171,26 @@ def _remove_if_unused(index_dir: str) -> None:
 
 
 class IndexLock:
-    """An exclusive writer lock on ``INDEX/.lock`` (flock; released by the OS if the process dies)."""
+    """An exclusive writer lock on ``INDEX/.lock`` (flock; released by the OS if the process dies).
 
-    def __init__(self, index_dir: str):
+    With ``probe`` (default) it also checks, before any work, that the folder and its
+    ``shards/`` can take new files (a read-only mount, an immutable folder): DhfError
+    "cannot write ..." instead of a failure after the encoding."""
+
+    def __init__(self, index_dir: str, probe: bool = True):
         self.path = os.path.join(index_dir, LOCK)
         self.fd: int | None = None
+        self.probe = probe
 
     def __enter__(self) -> "IndexLock":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        index_dir = os.path.dirname(self.path)
+        try:
+            os.makedirs(index_dir, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if not self.probe:
+                raise
+            raise DhfError(f"cannot write {index_dir}: {(err.strerror or str(err)).lower()}") from None
         try:
             import fcntl
 
@@ -156,12 +202,34 @@ class IndexLock:
             self.fd = None
             raise DhfError(f"another dhf command is writing {os.path.dirname(self.path)} (lock held); "
                            f"wait for it to finish") from None
+        if self.probe:
+            try:
+                _probe_writable(index_dir)
+            except DhfError:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+
+
+def _probe_writable(index_dir: str) -> None:
+    """DhfError unless a file can be created (and removed) in ``index_dir`` and in its ``shards/``."""
+    for d in (index_dir, os.path.join(index_dir, "shards")):
+        if not os.path.isdir(d):
+            continue
+        probe = os.path.join(d, f".tmp-writable-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(probe)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        except OSError as err:
+            raise DhfError(f"cannot write {d}: {(err.strerror or str(err)).lower()}") from None
 
 
 # ---------------------------------------------------------------- the ledger
@@ -547,12 +615,14 @@ def store_model(index_dir: str, model_path: str) -> tuple[str, str]:
 def commit_manifest(index_dir: str, manifest: dict[str, Any], old: dict[str, Any] | None,
                     keep_partial: str | None = None) -> None:
     """The one atomic step: rename the new manifest into place, then collect garbage.
-    Call with the writer lock held."""
+    Call with the writer lock held. Ctrl-C from the rename on waits until garbage is
+    collected and is then ignored (:func:`interrupts_deferred`): the change is made."""
     own(index_dir, sorted(manifest_files(manifest) - owned_files(index_dir)))
     crash_point("before-manifest")
-    write_manifest(index_dir, manifest)
-    crash_point("after-manifest")
-    collect_garbage(index_dir, manifest, old, keep_partial)
+    with interrupts_deferred("interrupted after the commit: the change is saved; finishing normally"):
+        write_manifest(index_dir, manifest)
+        crash_point("after-manifest")
+        collect_garbage(index_dir, manifest, old, keep_partial)
 
 
 def collect_garbage(index_dir: str, new: dict[str, Any], old: dict[str, Any] | None,

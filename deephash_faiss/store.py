@@ -58,6 +58,8 @@ def check_output_path(path: str, what: str, folder: bool = False) -> None:
     """Refuse, before any work is done, an output ``path`` that cannot be written: a folder
     where a file is wanted (or a file where a ``folder`` is), or a path whose nearest existing
     parent is a file or not writable. ``what`` names it in the message (``"-o"``, ``"--output"``)."""
+    if not str(path).strip():
+        raise DhfError(f"{what} is empty; give a {'folder' if folder else 'file'} path")
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
             raise DhfError(f"{what} {path} exists and is not a folder")

@@ -72,21 +72,23 @@ class TrainConfig:
             raise DhfError("--epochs must be at least 1")
         if self.batch_size < 1:
             raise DhfError("--batch-size must be at least 1")
-        if not self.lr > 0:
-            raise DhfError("--lr must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DhfError(f"--lr must be a positive number, got {self.lr}")
         if self.optimizer not in ("sgd", "adamw"):
             raise DhfError(f"unknown optimizer {self.optimizer!r} (sgd or adamw)")
         if self.schedule not in ("cosine", "step", "constant"):
             raise DhfError(f"unknown schedule {self.schedule!r} (cosine, step or constant)")
         if not 0 <= self.val_fraction < 1:
             raise DhfError("--val-fraction must be in [0, 1)")
+        if self.seed < 0:
+            raise DhfError("--seed must be zero or positive")
         if self.mix not in ("none", "cutmix", "mixup"):
             raise DhfError(f"unknown mix {self.mix!r} (none, cutmix or mixup)")
         if self.mix != "none" and not (self.mix_alpha > 0 and 0 <= self.mix_prob <= 1):
             raise DhfError("--mix-alpha must be positive and --mix-prob in [0, 1]")
         if not 0 <= self.erase_prob <= 1:
             raise DhfError("--erase-prob must be in [0, 1]")
-        if not self.ema_epochs >= 0:
+        if not (self.ema_epochs >= 0 and math.isfinite(self.ema_epochs)):
             raise DhfError("--ema-epochs must be zero (off) or positive")
         if not (self.binary_weight >= 0 and self.balance_weight >= 0):
             raise DhfError("--binary-weight and --balance-weight must be zero (off) or positive")
@@ -140,7 +142,18 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         n_val = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
         val.append(idx[:n_val])
         train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    tr = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
+    if len(labels) and not len(tr):
+        raise DhfError(f"--val-fraction {fraction:g} leaves no training images (of {len(labels)})")
+    return tr, np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+
+
+def check_finite_loss(rec: dict) -> None:
+    """DhfError when an epoch's mean loss is nan or infinite: the weights diverged, and a
+    model saved from them would give every image the same code."""
+    if not math.isfinite(rec["loss"]):
+        raise DhfError(f"training diverged at epoch {rec['epoch']}: the loss is {rec['loss']} (try a lower --lr); "
+                       f"this epoch is not saved")
 
 
 def augment_batch(x: torch.Tensor, pad_frac: float, hflip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -414,6 +427,7 @@ def fit_head(
                     rec["val_acc"] = float((model.head(val_x)[1].argmax(1) == val_y).float().mean())
             history.append(rec)
             _log_epoch(rec, cfg, progress, log)
+            check_finite_loss(rec)
             if checkpoint_path and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= cfg.checkpoint_every_s):
                 last_save = time.perf_counter()
                 save_checkpoint(model, checkpoint_path,
@@ -573,6 +587,7 @@ def fit(
             rec["val_acc"] = float((pred == np.asarray(val_labels)).mean())
         history.append(rec)
         _log_epoch(rec, cfg, progress, log)
+        check_finite_loss(rec)
         if checkpoint_path:
             ts = {"epoch": epoch, "optimizer": opt.state_dict(), "history": history, "config": asdict(cfg),
                   "method": "finetune"}

@@ -142,3 +142,121 @@ def test_demo_bad_arguments_write_nothing(tmp_path, a_file):
     one_error(run("demo", "-o", str(out), "--bits", "12", *CPU), "multiple of 8")
     assert not out.exists()  # before: the 1,797 digit PNGs were written first
     one_error(run("demo", "-o", a_file, *CPU), "not a folder")
+
+
+# ---------------------------------------------------------------- tryout findings (twenty-eighth session)
+
+@pytest.mark.parametrize("cmd", [
+    ("shard", "{idx}", "-n", "2", "-o", ""),
+    ("train", "{imgs}", "-o", "", "--backbone", "smallcnn", "--epochs", "1", *CPU),
+    ("build-index", "{imgs}", "--model", "{model}", "-o", "", *CPU),
+    ("evaluate", "--index", "{idx}", "--queries", "{imgs}", "--output", "", *CPU),
+])
+def test_an_empty_output_path_is_refused(built, image_folder, trained_model, tmp_path, monkeypatch, cmd):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(idx=built, imgs=image_folder, model=trained_model) for a in cmd]
+    one_error(run(*args), "is empty")
+    assert os.listdir(tmp_path) == []  # nothing written into the current folder
+
+
+@pytest.mark.parametrize("flags", [("--finetune", "--frozen"), ("--unsupervised", "--frozen"),
+                                   ("--finetune", "--unsupervised")])
+def test_training_methods_exclude_each_other(image_folder, tmp_path, flags):
+    out = str(tmp_path / "m.pt")
+    one_error(run("train", image_folder, "-o", out, "--backbone", "smallcnn", "--epochs", "1", *flags, *CPU),
+              "exclude each other")
+    assert not os.path.exists(out)
+
+
+def test_resume_refuses_options_its_checkpoint_fixes(image_folder, trained_model, tmp_path):
+    one_error(run("train", image_folder, "-o", str(tmp_path / "r.pt"), "--resume", trained_model, "--bits", "32",
+                  "--backbone", "alexnet", *CPU), "--resume", "--bits", "--backbone")
+
+
+@pytest.mark.parametrize("args, needle", [(("--lr", "inf"), "--lr"), (("--lr", "nan"), "--lr"),
+                                          (("--seed", "-1"), "--seed"), (("--ema-epochs", "inf"), "--ema-epochs"),
+                                          (("--val-fraction", "0.99"), "leaves no training images")])
+def test_training_numbers_are_checked_before_training(image_folder, tmp_path, args, needle):
+    out = str(tmp_path / "m.pt")
+    last_error(run("train", image_folder, "-o", out, "--backbone", "smallcnn", "--epochs", "1", *args, *CPU), needle)
+    assert not os.path.exists(out)
+
+
+def test_a_diverged_training_is_an_error_not_a_model(image_folder, tmp_path):
+    from deephash_faiss.errors import DhfError
+    from deephash_faiss.train import check_finite_loss
+
+    check_finite_loss({"epoch": 1, "loss": 2.3})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(DhfError, match="diverged at epoch 3"):
+            check_finite_loss({"epoch": 3, "loss": bad})
+    out = str(tmp_path / "m.pt")
+    r = run("train", image_folder, "-o", out, "--backbone", "smallcnn", "--epochs", "3", "--lr", "1e30",
+            "--val-fraction", "0", *CPU)
+    last_error(r, "diverged", "lower --lr")
+
+
+def test_evaluate_skips_unknown_classes_and_bad_files(built, image_folder, tmp_path):
+    """Queries of a class the index lacks are left out (their AP of 0 would only dilute the
+    mean), and an undecodable query is skipped with a note, as in `dhf search`."""
+    q = tmp_path / "q"
+    shutil.copytree(os.path.join(image_folder, "red"), q / "red")
+    ref = json.loads(run("evaluate", "--index", built, "--queries", str(q), "--json", "--no-plots", *CPU,
+                         ok=True).stdout)
+    shutil.copytree(os.path.join(image_folder, "green"), q / "purple")  # not a class of the index
+    (q / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n trunc")
+    r = run("evaluate", "--index", built, "--queries", str(q), "--json", "--no-plots", *CPU, ok=True)
+    got = json.loads(r.stdout)
+    assert "purple" in r.stderr and "broken.png" in r.stderr
+    assert got["n_queries"] == ref["n_queries"] and got["skipped_queries"] == ref["n_queries"] + 1
+    for m in ("bcs", "hds", "es"):
+        assert got[m]["map_at_k"] == pytest.approx(ref[m]["map_at_k"])
+
+
+def _read_only(path):
+    """Make ``path`` refuse new files (chmod for a user, chattr +i for root); None if impossible."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return lambda: os.chmod(path, 0o755)
+    r = subprocess.run(["chattr", "+i", path], capture_output=True)
+    if r.returncode != 0:
+        return None
+    return lambda: subprocess.run(["chattr", "-i", path], check=True)
+
+
+def test_a_read_only_index_is_refused_before_the_work(built, image_folder, tmp_path):
+    idx = str(tmp_path / "ro")
+    shutil.copytree(built, idx)
+    undo = _read_only(idx)
+    if undo is None:
+        pytest.skip("cannot make a folder read-only here (root without chattr)")
+    try:
+        for cmd in (("add", idx, image_folder, *CPU), ("remove", idx, "--ids", "1"), ("compact", idx),
+                    ("fine-index", idx)):
+            one_error(run(*cmd), "cannot write")
+    finally:
+        undo()
+    from deephash_faiss import maintain
+
+    assert maintain.verify(idx) == []
+
+
+def test_the_training_mode_says_why_labels_are_not_used(image_folder, tmp_path):
+    one = tmp_path / "one"
+    shutil.copytree(os.path.join(image_folder, "red"), one / "red")
+    r = run("train", str(one), "-o", str(tmp_path / "a.pt"), "--backbone", "smallcnn", *CPU, ok=True)
+    assert "one class subfolder, red" in r.stderr and "random network" in r.stderr
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(image_folder, "red"), mixed / "red")
+    shutil.copytree(os.path.join(image_folder, "green"), mixed / "green")
+    for name in sorted(os.listdir(mixed / "green"))[:3]:
+        shutil.copy(mixed / "green" / name, mixed / f"loose-{name}")
+    r = run("train", str(mixed), "-o", str(tmp_path / "b.pt"), "--backbone", "smallcnn", *CPU, ok=True)
+    assert "3 of its 51 images lie directly in the folder" in r.stderr
+
+
+def test_debug_after_the_subcommand(tmp_path):
+    r = run("search", "--index", str(tmp_path / "nope"), "--query", "q.jpg", "--debug")
+    assert r.exit_code == 1 and "Traceback" in r.output and "No such option" not in r.output

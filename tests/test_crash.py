@@ -218,3 +218,50 @@ def test_readers_see_old_or_new_during_add(env, tmp_path):
     live = api.manifest_files(json.load(open(os.path.join(d, "manifest.json"))))
     for f in old_files - live:
         assert not os.path.exists(os.path.join(d, f)), f
+
+
+# ---------------------------------------------------------------- Ctrl-C at the commit; a killed `dhf shard`
+
+def _interrupted_at(point, args):
+    from deephash_faiss.layout import INTERRUPT_ENV
+
+    env = dict(os.environ, **{INTERRUPT_ENV: point})
+    env.pop(api.CRASH_ENV, None)
+    return subprocess.run([sys.executable, "-m", "deephash_faiss.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ctrl_c_after_the_manifest_rename_finishes_the_command(env, tmp_path):
+    """SIGINT once the manifest is renamed: the change is made, so the command says so and
+    exits 0 (a retry on 130 would find the row already removed); before the rename: 130, old index."""
+    idx = str(tmp_path / "idx")
+    shutil.copytree(env["ref"], idx)
+    r = _interrupted_at("before-manifest", ["remove", idx, "--ids", "1"])
+    assert r.returncode == 130 and "Interrupted" in r.stderr
+    assert corpus.read_index(idx)["deleted"] == []
+    r = _interrupted_at("after-manifest", ["remove", idx, "--ids", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "interrupted after the commit: the change is saved" in r.stderr
+    assert corpus.read_index(idx)["deleted"] == [1]
+    assert maintain.verify(idx) == []
+    assert_clean_dir(idx)
+
+
+def test_killed_shard_leaves_nothing_and_reruns(env, tmp_path):
+    from deephash_faiss.distributed import ShardedSearcher, split_index
+    from deephash_faiss.errors import DhfError
+
+    out = tmp_path / "parts"
+    r = dhf_subprocess(["shard", env["ref"], "-n", "3", "-o", out], crash_at="split-part-1")
+    assert r.returncode == -signal.SIGKILL
+    assert not out.exists()  # the parts went to a temporary folder, renamed only when all were written
+    r = dhf_subprocess(["shard", env["ref"], "-n", "3", "-o", out])
+    assert r.returncode == 0, r.stderr
+    parts = sorted(str(p) for p in out.iterdir())
+    assert [os.path.basename(p) for p in parts] == ["shard-000", "shard-001", "shard-002"]
+    assert all(maintain.verify(p) == [] for p in parts)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-split")]
+    with pytest.raises(DhfError, match=r"part\(s\) \[2\] missing"):
+        ShardedSearcher(parts[:2], use_ray=False)
+    with pytest.raises(DhfError, match="not empty"):
+        split_index(env["ref"], str(out), 2)

@@ -126,7 +126,7 @@ def add_images(
         DhfError: no index, another writer holds the lock, ``model_path`` differs from
             the index's model, no images found.
     """
-    from . import api, pipeline
+    from . import api, layout, pipeline
     from .data import scan_images
     from .index import BinaryIndex, IndexSpec
     from .model import file_sha256
@@ -186,6 +186,11 @@ def add_images(
         part_dir, nshards = job.part_dir, job.nshards
         log(f"adding {len(new_paths)} image(s) in {nshards} shard(s) to {index_dir} ({old['count']} rows)")
         written, reused = pipeline.encode(job, executor, progress, log)
+        bad_now = [b for sh in range(nshards) for b in layout.read_part_skips(part_dir, sh)]
+        if len(bad_now) >= len(new_paths) and not already:  # as a build: a folder of nothing usable is an error
+            shutil.rmtree(part_dir, ignore_errors=True)
+            raise DhfError(f"none of the {len(new_paths)} new images under {images_dir} could be decoded "
+                           f"({bad_now[0][0]}: {bad_now[0][1]}); {index_dir} was not changed")
         gen = api.next_generation(index_dir, old)
         shards, codes, bad, count = api.publish_shards(index_dir, part_dir, range(nshards), int(old["count"]), gen,
                                                        name_offset=len(old["shards"]))

@@ -260,3 +260,12 @@ def test_the_training_mode_says_why_labels_are_not_used(image_folder, tmp_path):
 def test_debug_after_the_subcommand(tmp_path):
     r = run("search", "--index", str(tmp_path / "nope"), "--query", "q.jpg", "--debug")
     assert r.exit_code == 1 and "Traceback" in r.output and "No such option" not in r.output
+
+
+def test_add_of_only_undecodable_images_keeps_the_index(built, tmp_path):
+    idx = str(tmp_path / "idx")
+    shutil.copytree(built, idx)
+    before = json.load(open(os.path.join(idx, "manifest.json")))
+    last_error(run("add", idx, _bad_folder(str(tmp_path / "bad")), *CPU), "could be decoded", "was not changed")
+    assert json.load(open(os.path.join(idx, "manifest.json"))) == before
+    assert not [n for n in os.listdir(idx) if n.startswith(".partial-")]

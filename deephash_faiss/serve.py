@@ -99,6 +99,19 @@ def decode_image_bytes(data: bytes, size: int, max_pixels: int | None = None) ->
 
 # ---------------------------------------------------------------- safe responses
 
+def decode_upload(data: bytes, size: int, max_pixels: int | None = None):
+    """(uint8 [size, size, 3], None), or (None, (HTTP status, message)) for an upload that is
+    too large (413) or not a usable image (415). Never raises those: an exception carried out
+    of the decode thread kept the upload's bytes alive (in its frames) until the next
+    garbage collection, i.e. a server's memory grew by every refused upload."""
+    try:
+        return decode_image_bytes(data, size, max_pixels), None
+    except ImageTooLargeError as err:
+        return None, (413, f"the upload is too large to decode: {err}")
+    except ImageDecodeError as err:
+        return None, (415, f"the upload is not a usable image: {err}")
+
+
 def public_text(s: str) -> str:
     """``s`` as text that encodes to UTF-8: the surrogate escapes Python uses for the
     undecodable bytes of a file name (``os.fsdecode(b"\\xff.png")``) become ``\\xff``."""
@@ -643,19 +656,47 @@ async def _read_body_limited(request, limit: int, what: str = "upload", shown_li
             raise _bad("bad Content-Length header", 400)
         if n_declared > limit:
             raise _bad(f"{what} too large: {n_declared} bytes, the limit is {shown} bytes", 413)
-    buf, stream = bytearray(), request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise _bad(f"the request body stalled: nothing received for {idle_s:g} s", 408) from None
-        except ClientDisconnect:
-            raise ClientGone() from None
-        buf += chunk
-        if len(buf) > limit:
-            raise _bad(f"{what} too large: more than {shown} bytes", 413)
+    # The idle limit is a timer that cancels this task, not asyncio.wait_for around each chunk:
+    # wait_for's task and the StopAsyncIteration at the end make a reference cycle that kept
+    # each body (this frame's buffer) alive until the next garbage collection.
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    state = {"last": loop.time(), "stalled": False, "timer": None}
+
+    def watch() -> None:
+        idle = loop.time() - state["last"]
+        if idle >= idle_s:
+            state["stalled"] = True
+            task.cancel()
+        else:
+            state["timer"] = loop.call_later(idle_s - idle, watch)
+
+    state["timer"] = loop.call_later(idle_s, watch)
+    buf = bytearray()
+    stalled = gone = too_large = False
+    try:
+        async for chunk in request.stream():
+            state["last"] = loop.time()
+            buf += chunk
+            if len(buf) > limit:
+                too_large = True
+                break
+    except asyncio.CancelledError:
+        if not state["stalled"]:
+            raise
+        if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
+            task.uncancel()
+        stalled = True
+    except ClientDisconnect:
+        gone = True
+    finally:
+        state["timer"].cancel()
+    # raised outside the except blocks: no exception context that would keep this frame alive
+    if stalled:
+        raise _bad(f"the request body stalled: nothing received for {idle_s:g} s", 408)
+    if gone:
+        raise ClientGone()
+    if too_large:
+        raise _bad(f"{what} too large: more than {shown} bytes", 413)
     return bytes(buf)
 
 
@@ -893,15 +934,13 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
         if upload is not None:
             big = len(upload) >= RELEASE_AFTER_BYTES
             try:
-                img = await _decode(decode_image_bytes, upload, view.load_size, engine.max_pixels)
-            except ImageTooLargeError as err:
-                raise _bad(f"the upload is too large to decode: {err}", 413) from None
-            except ImageDecodeError as err:
-                raise _bad(f"the upload is not a usable image: {err}", 415) from None
+                img, problem = await _decode(decode_upload, upload, view.load_size, engine.max_pixels)
             finally:
                 del upload
-                if big:  # hand the body's copies back to the OS, not to glibc's arenas
-                    release_memory()
+            if big:  # hand the body's copies back to the OS, not to glibc's arenas
+                release_memory()
+            if problem:  # raised outside the except block: the decode's frames (and the upload) are freed now
+                raise _bad(problem[1], problem[0])
 
             def job():
                 t = time.perf_counter()

@@ -500,7 +500,8 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
               help="bcs: Hamming ranking; hds: Hamming pool + fc7 L2 rerank; es: exhaustive fc7 L2.")
 @click.option("-k", "k", default=10, show_default=True, type=int, help="Results per query.")
 @click.option("--radius", default=3, show_default=True, type=int,
-              help="HDS pools codes at Hamming distance < RADIUS (0 to bits + 1, which pools all).")
+              help="HDS pools codes at Hamming distance < RADIUS (0 to bits + 1, which pools all); a pool "
+                   "smaller than k is topped up with the nearest codes beyond it, so every query gets k results.")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int,
               help="HDS pool cap (nearest codes first).")
 @click.option("--hds-mode", default="auto", show_default=True, type=click.Choice(["exact", "ivf", "auto"]),
@@ -727,7 +728,8 @@ def fine_index(index_pos, index_opt, cell_size, storage, drop):
         click.echo(f"dropped the fine index of {index_dir}")
         return
     click.echo(f"built the fine index of {index_dir}: {_plural(rep.lists, 'list')} over "
-               f"{_plural(rep.rows, 'row')}, {storage}, cell size {rep.cell_size}, {rep.bytes / 2**20:.1f} MiB "
+               f"{_plural(rep.rows, 'row')}, {rep.storage}{' (auto)' if storage == 'auto' else ''}, "
+               f"cell size {rep.cell_size}, {rep.bytes / 2**20:.1f} MiB "
                f"({rep.file}) in {rep.seconds:.1f} s")
 
 
@@ -819,7 +821,7 @@ def info(index_pos, index_opt, as_json):
 @click.option("--mode", default="all", show_default=True, type=click.Choice(["bcs", "hds", "es", "all"]),
               help="Ranking(s) to measure.")
 @click.option("--top-k", default=1000, show_default=True, type=int, help="K of mAP@K.")
-@click.option("--radius", default=3, show_default=True, type=int, help="HDS pool: Hamming distance < RADIUS.")
+@click.option("--radius", default=3, show_default=True, type=int, help="HDS pool: Hamming distance < RADIUS (topped up to k with the nearest codes beyond it).")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int, help="HDS pool cap.")
 @click.option("--json", "json_arg", is_flag=False, flag_value="-", default=None, metavar="",
               help="Print all metrics as JSON on stdout (the summary goes to stderr). "
@@ -920,7 +922,7 @@ def evaluate(index_opt, query_dir, mode, top_k, radius, max_candidates, json_arg
 
 @main.command()
 @click.option("-o", "--out", "out", default="dhf-demo", show_default=True,
-              help="Working folder (digits, model, index, results).")
+              help="Working folder (the digits as PNG folders, the model, the index).")
 @click.option("--epochs", default=8, show_default=True, type=int, help="Training epochs of the small CNN.")
 @click.option("--bits", default=48, show_default=True, type=int, help="Code length (multiple of 8).")
 @_device_opt

@@ -20,7 +20,10 @@ Index types (``kind``):
   the codes are few enough distinct ones for the dictionary to win, else ``flat``.
 
 Search results are always ordered by (Hamming distance, database id), so ties are
-deterministic and equal a stable sort of the distances.
+deterministic and equal a stable sort of the distances. ``hash`` and ``multihash`` k-NN are
+approximate: faiss probes only ``nflip`` bit flips, so a list may miss nearer codes or come
+back short (the :class:`~deephash_faiss.search.Searcher` completes short lists with an exact
+flat scan); ``flat`` and ``buckets`` are exact.
 
 Padding: FAISS has specialised Hamming kernels for 4, 8, 16, 20, 32 and 64-byte codes;
 other widths (e.g. 48-bit = 6-byte codes) take a generic, several times slower path

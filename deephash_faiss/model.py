@@ -364,10 +364,31 @@ def build_model(
 # ---------------------------------------------------------------- checkpoints
 
 
+_FILE_MODE: int | None = None
+
+
+def temp_file(d: str, suffix: str = "") -> tuple[int, str]:
+    """(fd, path) of a new ``.tmp-*`` file in folder ``d``, for an atomic write (renamed into
+    place later), with the mode an ordinary new file gets (0666 less the umask):
+    ``tempfile.mkstemp`` makes it 0600, so an index or model written by one account could not
+    be read by another (a service user) after the rename."""
+    global _FILE_MODE
+    if _FILE_MODE is None:
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        _FILE_MODE = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    except OSError:  # pragma: no cover - a file system without modes
+        pass
+    return fd, tmp
+
+
 def _atomic_torch_save(obj: Any, path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+    fd, tmp = temp_file(d, ".pt")
     os.close(fd)
     try:
         torch.save(obj, tmp)

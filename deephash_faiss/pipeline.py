@@ -597,7 +597,9 @@ def build(
                                                          dict(train_options or {}))
                 trained = True
                 if cached is not None:
-                    log("encoding from the fc7 cached while training (no second decode)")
+                    log("encoding from the fc7 cached while training (no second decode)"
+                        + ("; --ray is not used: no images are left to decode or encode"
+                           if not isinstance(executor, LocalExecutor) else ""))
                     executor, decoder = LocalExecutor(str(dev), encode=cached), "pil"
             t1 = time.perf_counter()
             model = load_model(model_path)  # config and a check that it loads, before any worker starts

@@ -29,7 +29,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -456,6 +456,41 @@ def hds_device(gindex, feats, qcodes: np.ndarray, qfeats, k: int, radius: int,
              int(lens_np[i]), bool(trunc_np[i])) for i in range(m)]
 
 
+class CompletedHashIndex:
+    """The saved hash / multihash index, whose k-NN (faiss's IndexBinaryHash / MultiHash)
+    probes only ``nflip`` bit flips and may find fewer than k rows, or none: a query that
+    comes back short gets its k-NN from the exact flat scan (``flat()``, built on first
+    need) instead, so a list is never short while live rows exist. Full lists stay the hash
+    index's (approximate: it may miss nearer codes). Everything else passes through.
+
+    Args:
+        index: the :class:`BinaryIndex` of kind hash or multihash.
+        flat: returns the exact :class:`BinaryIndex` over the same codes and deletions.
+    """
+
+    def __init__(self, index: BinaryIndex, flat: Callable[[], BinaryIndex]):
+        self.index, self._flat = index, flat
+        self.completed = 0  # queries answered by the flat scan so far
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D int32 [m, k], I int64 [m, k]), as :meth:`BinaryIndex.search`."""
+        D, I = self.index.search(q, k)
+        deleted = self.index.deleted
+        live = self.index.ntotal - (int(deleted.sum()) if deleted is not None else 0)
+        short = np.flatnonzero((I >= 0).sum(1) < min(k, live))
+        if len(short):
+            flat = self._flat()
+            flat.deleted = deleted
+            D2, I2 = flat.search(np.asarray(q)[short], k)
+            D, I = D.copy(), I.copy()
+            D[short], I[short] = D2, I2
+            self.completed += len(short)
+        return D, I
+
+
 class GpuCodeIndex:
     """The database codes on a torch device (:class:`deephash_faiss.gpu.GpuBinaryIndex`:
     Triton int8 tensor-core kernels on CUDA), with :class:`BinaryIndex`'s semantics:
@@ -552,7 +587,9 @@ class Searcher:
         self._gpu_norms_t = None
         self._gpu_index = None
         self._dict = self.index if isinstance(self.index, BucketIndex) else None
-        self._flat = None if isinstance(self.index, BucketIndex) else self.index
+        # the saved index is the flat scan when it is one; a dictionary or a hash index gets one built on need
+        self._flat = self.index if not isinstance(self.index, BucketIndex) and self.index.spec.kind == "flat" else None
+        self._hash_index: CompletedHashIndex | None = None
         self.backend = pick_backend(str(self.device))
         if code_backend not in self.CODE_BACKENDS:
             raise DhfError(f"unknown code backend {code_backend!r} ({', '.join(self.CODE_BACKENDS)})")
@@ -636,7 +673,9 @@ class Searcher:
             return self.dictionary()
         if path == "flat":
             return self.flat()
-        return self.index  # "faiss": the saved hash / multihash index
+        if self._hash_index is None or self._hash_index.index is not self.index:
+            self._hash_index = CompletedHashIndex(self.index, self.flat)
+        return self._hash_index  # "faiss": the saved hash / multihash index, short lists completed
 
     @property
     def _codes_index(self):  # the index the CPU/GPU choice of the constructor used to fix

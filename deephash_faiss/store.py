@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import DhfError
-from .model import file_sha256
+from .model import file_sha256, temp_file
 
 MANIFEST = "manifest.json"
 FORMAT = "dhf-index"
@@ -41,7 +40,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file, fsync, and rename."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    fd, tmp = temp_file(d)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -263,7 +262,7 @@ class ShardFile:
         self.path, self.rows, self.n = path, int(rows), 0
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=d)
+        fd, self.tmp = temp_file(d, ".h5")
         os.close(fd)
         try:
             self.f = h5py.File(self.tmp, "w")

@@ -209,3 +209,28 @@ def test_torch_l2_backend_matches_faiss(synth_index):
                 assert x.ids.tolist() == y.ids.tolist() and x.candidates == y.candidates
                 assert x.truncated == y.truncated and x.hamming.tolist() == y.hamming.tolist()
                 np.testing.assert_allclose(x.distance, y.distance, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [IndexSpec("hash", hash_bits=24, nflip=0), IndexSpec("multihash", hash_bits=16,
+                                                                                       nhash=2, nflip=0)])
+def test_hash_index_lists_are_never_short(tmp_path, spec):
+    """faiss's hash k-NN probes nflip flips only: queries far from every code came back with
+    no rows (BCS) and HDS pools were not topped up. Short lists are completed by the exact
+    flat scan; they then equal brute force."""
+    codes, feats, lab = _data(nbytes=4, seed=5)
+    d = str(tmp_path / "idx")
+    api.index_from_arrays(d, codes, feats, lab, spec=spec)
+    s = api.open_index(d, device="cpu")
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 256, (30, codes.shape[1]), dtype=np.uint8)  # random codes: most hash buckets empty
+    raw_D, raw_I = s.index.search(q, 10)
+    short = [i for i in range(len(q)) if (raw_I[i] >= 0).sum() < 10]
+    assert short, "the test needs queries the hash probe leaves short"
+    b = s.bcs(q, 10)
+    for i, r in enumerate(b.results):
+        assert len(r.ids) == 10
+        if i in short:
+            ham = _popcount_ref(q[i], codes)
+            assert r.ids.tolist() == np.argsort(ham, kind="stable")[:10].tolist()
+    h = s.hds(q, rng.normal(size=(len(q), feats.shape[1])).astype(np.float32), 10, 2, None)
+    assert all(len(r.ids) == 10 for r in h.results)

@@ -165,3 +165,29 @@ def test_shard_file_refuses_extra_rows_and_abort_leaves_nothing(tmp_path):
         sf.commit(np.arange(3), ["a", "b", "c"], np.zeros(3, np.int32))
     sf.abort()
     assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_ordinary_mode(tmp_path):
+    """mkstemp makes 0600 files: an index or model renamed from one could not be read by
+    another account (a service user). They get 0666 less the umask, like any new file."""
+    import stat
+
+    import torch
+
+    from deephash_faiss.model import _atomic_torch_save
+    from deephash_faiss.store import atomic_write_bytes, write_shard
+
+    old = os.umask(0o022)
+    try:
+        import deephash_faiss.model as model_mod
+
+        model_mod._FILE_MODE = None
+        atomic_write_bytes(str(tmp_path / "a.json"), b"{}")
+        write_shard(str(tmp_path / "s.h5"), np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.float32),
+                    np.arange(2), ["a", "b"], np.zeros(2, np.int32))
+        _atomic_torch_save({"x": torch.zeros(1)}, str(tmp_path / "m.pt"))
+    finally:
+        os.umask(old)
+        model_mod._FILE_MODE = None
+    for name in ("a.json", "s.h5", "m.pt"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name

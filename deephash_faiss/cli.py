@@ -821,7 +821,8 @@ def info(index_pos, index_opt, as_json):
 @click.option("--mode", default="all", show_default=True, type=click.Choice(["bcs", "hds", "es", "all"]),
               help="Ranking(s) to measure.")
 @click.option("--top-k", default=1000, show_default=True, type=int, help="K of mAP@K.")
-@click.option("--radius", default=3, show_default=True, type=int, help="HDS pool: Hamming distance < RADIUS (topped up to k with the nearest codes beyond it).")
+@click.option("--radius", default=3, show_default=True, type=int,
+              help="HDS pool: Hamming distance < RADIUS (topped up to k with the nearest codes beyond it).")
 @click.option("--max-candidates", default=10_000, show_default=True, type=int, help="HDS pool cap.")
 @click.option("--json", "json_arg", is_flag=False, flag_value="-", default=None, metavar="",
               help="Print all metrics as JSON on stdout (the summary goes to stderr). "

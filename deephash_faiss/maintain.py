@@ -442,8 +442,8 @@ def build_fine(index_dir: str, cell_size: int | None = None, storage: str = "aut
         manifest["fine"] = entry
         api.commit_manifest(index_dir, manifest, old)
     size = os.path.getsize(os.path.join(index_dir, entry["file"]))
-    return FineReport(index_dir, fine.cell_size, fine.n_lists, fine.rows, entry["file"], size, gen, time.perf_counter() - t0,
-                      fine.storage)
+    return FineReport(index_dir, fine.cell_size, fine.n_lists, fine.rows, entry["file"], size, gen,
+                      time.perf_counter() - t0, fine.storage)
 
 
 def _verify_fine(index_dir: str, m: dict[str, Any], shard_codes: list) -> list[str]:

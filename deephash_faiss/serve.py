@@ -1066,7 +1066,8 @@ def listen_socket(host: str, port: int):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as err:
-        raise DhfError(f"cannot listen on {host}:{port}: unknown host ({getattr(err, 'strerror', None) or err})") from None
+        reason = getattr(err, "strerror", None) or err
+        raise DhfError(f"cannot listen on {host}:{port}: unknown host ({reason})") from None
     family, stype, proto, _, addr = infos[0]
     sock = socket.socket(family, stype, proto)
     try:

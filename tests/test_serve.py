@@ -979,7 +979,8 @@ def test_cli_serve_busy_port_and_bad_numbers(serve_index):
         port = taken.getsockname()[1]
         t0 = time.monotonic()
         out = CliRunner().invoke(main, ["serve", "--index", serve_index, "--device", "cpu", "--port", str(port)])
-        assert out.exit_code == 1 and out.output.strip() == f"Error: cannot listen on 127.0.0.1:{port}: the port is in use"
+        assert out.exit_code == 1
+        assert out.output.strip() == f"Error: cannot listen on 127.0.0.1:{port}: the port is in use"
         assert time.monotonic() - t0 < 5  # refused before the index loads
     for opt, value in (("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"), ("--timeout", "nan"),
                        ("--timeout", "-inf")):

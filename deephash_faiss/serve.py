@@ -97,8 +97,6 @@ def decode_image_bytes(data: bytes, size: int, max_pixels: int | None = None) ->
     return np.array(decode_image(data, size, max_pixels), dtype=np.uint8)
 
 
-# ---------------------------------------------------------------- safe responses
-
 def decode_upload(data: bytes, size: int, max_pixels: int | None = None):
     """(uint8 [size, size, 3], None), or (None, (HTTP status, message)) for an upload that is
     too large (413) or not a usable image (415). Never raises those: an exception carried out
@@ -111,6 +109,8 @@ def decode_upload(data: bytes, size: int, max_pixels: int | None = None):
     except ImageDecodeError as err:
         return None, (415, f"the upload is not a usable image: {err}")
 
+
+# ---------------------------------------------------------------- safe responses
 
 def public_text(s: str) -> str:
     """``s`` as text that encodes to UTF-8: the surrogate escapes Python uses for the
@@ -862,17 +862,18 @@ def create_app(index_dir: str, device: str = "auto", max_upload_bytes: int = DEF
 
     async def _read_form(request, params: dict[str, Any], limit: int) -> tuple[bytes | None, str]:
         """(upload bytes or None, its base name) from a multipart/form body; form fields go to ``params``."""
-        body = await _read_body_limited(request, limit + 64 * 1024, shown_limit=limit)
-        request._body = body  # starlette re-reads a cached body when parsing the form
+        request._body = await _read_body_limited(request, limit + 64 * 1024, shown_limit=limit)
+        problem = None  # starlette re-reads the cached body (request._body) when parsing the form
         try:
             form = await request.form(max_files=1, max_fields=16)
         except StarletteHTTPException as err:  # starlette's own 400s (too many files or fields, ...)
-            raise _bad(f"cannot parse the multipart body: {str(err.detail)[:120]} (only 'image' may be a file)"
-                       if "files" in str(err.detail) else f"cannot parse the multipart body: {str(err.detail)[:120]}",
-                       400) from None
+            detail = str(err.detail)[:120]
+            problem = detail + (" (only 'image' may be a file)" if "files" in detail else "")
         except Exception as err:  # noqa: BLE001 - malformed multipart
-            raise _bad(f"cannot parse the multipart body: {str(err)[:120]}", 400) from None
-        del body
+            problem = str(err)[:120]
+        if problem is not None:  # raised outside the except blocks, the body dropped first (no frames keep it)
+            request._body = b""
+            raise _bad(f"cannot parse the multipart body: {problem}", 400)
         try:
             for key in ("mode", "k", "radius", "max_candidates", "id", *HDS_PARAMS):
                 v = form.get(key)

@@ -125,6 +125,8 @@ def _train(images: ImageList, data_dir: str, out: str, backbone: str, bits: int 
                             seed=int(train_kwargs.get("seed", 0)), method=method)
         model.config.flip_average = bool(flip_average)
     kw = dict(train_kwargs)
+    if method == "itq" and kw.get("epochs") is not None:
+        log("note: --epochs has no effect on unsupervised codes (PCA + ITQ is fitted in one pass)")
     if kw.get("epochs") is None:
         kw["epochs"] = DEFAULT_EPOCHS.get(method, 1)
     cfg = TrainConfig(**kw)

@@ -357,6 +357,14 @@ def _given(ctx: click.Context, names) -> list[str]:
     return [_METHOD_FLAGS[n][0] if n in _METHOD_FLAGS else "--" + n.replace("_", "-") for n in given]
 
 
+def _note_unused(ctx: click.Context, names, why: str) -> None:
+    """A line on stderr for options among ``names`` the user gave that ``why`` makes unused
+    (a note, not an error: the command still does what the rest asks)."""
+    given = _given(ctx, names)
+    if given:
+        _log(f"note: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with {why}")
+
+
 _device_opt = click.option("--device", default="auto", show_default=True,
                            type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run the network.")
 _quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -471,6 +479,9 @@ def build_index(ctx, images, model_path, out, index_type, hash_bits, nhash, nfli
                                    f"when build-index trains a model; "
                                    f"--model {model_path} is used as it is (drop them, or drop --model)")
     train_opts = _collect_train(kw)
+    if index_type not in ("hash", "multihash"):
+        _note_unused(ctx, ("hash_bits", "nhash", "nflip"), f"--index-type {index_type}"
+                     + (" (auto picks buckets or flat)" if index_type == "auto" else ""))
     spec = IndexSpec(kind=index_type, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
     if ray_address is not None or workers is not None:
         _require_extra("ray")
@@ -556,6 +567,9 @@ def search(queries, index_opt, mode, k, radius, max_candidates, hds_mode, nprobe
         device, why = oneshot_device(device, len(paths), torch.cuda.is_available())
         if why and not quiet:
             _log(why)
+    if mode != "hds" or hds_mode == "exact":
+        _note_unused(click.get_current_context(), ("nprobe", "refine"),
+                     f"--mode {mode}" if mode != "hds" else "--hds-mode exact")
     s = api.open_index(index_dir, device=device)
     SearchParams(k, radius, max_candidates, mode, hds_mode, nprobe, refine).check(s.live_count(), s.bits)
     if mode == "hds" and hds_mode == "ivf" and s.fine_index() is None:
@@ -722,6 +736,8 @@ def fine_index(index_pos, index_opt, cell_size, storage, drop):
     """
     from .maintain import build_fine
 
+    if drop:
+        _note_unused(click.get_current_context(), ("cell_size", "storage"), "--drop")
     index_dir = _index_dir(index_pos, index_opt)
     rep = build_fine(index_dir, cell_size, storage, drop=drop, log=_log)
     if drop:

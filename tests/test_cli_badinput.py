@@ -269,3 +269,17 @@ def test_add_of_only_undecodable_images_keeps_the_index(built, tmp_path):
     last_error(run("add", idx, _bad_folder(str(tmp_path / "bad")), *CPU), "could be decoded", "was not changed")
     assert json.load(open(os.path.join(idx, "manifest.json"))) == before
     assert not [n for n in os.listdir(idx) if n.startswith(".partial-")]
+
+
+def test_options_without_effect_get_a_note(built, image_folder, trained_model, tmp_path):
+    q = os.path.join(image_folder, "red", sorted(os.listdir(os.path.join(image_folder, "red")))[0])
+    r = run("search", "--index", built, "--query", q, "--mode", "bcs", "--nprobe", "4", "-k", "2", *CPU, ok=True)
+    assert "note: --nprobe has no effect with --mode bcs" in r.stderr
+    r = run("search", "--index", built, "--query", q, "--hds-mode", "exact", "--refine", "8", "-k", "2", *CPU,
+            ok=True)
+    assert "note: --refine has no effect with --hds-mode exact" in r.stderr
+    r = run("build-index", image_folder, "--model", trained_model, "-o", str(tmp_path / "i"), "--index-type",
+            "flat", "--nhash", "4", *CPU, ok=True)
+    assert "note: --nhash has no effect with --index-type flat" in r.stderr
+    r = run("search", "--index", built, "--query", q, "-k", "2", *CPU, ok=True)
+    assert "note:" not in r.stderr

@@ -478,6 +478,8 @@ class CompletedHashIndex:
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D int32 [m, k], I int64 [m, k]), as :meth:`BinaryIndex.search`."""
         D, I = self.index.search(q, k)
+        if not (I < 0).any():  # every list full: nothing to complete (the common case, no O(n) count)
+            return D, I
         deleted = self.index.deleted
         live = self.index.ntotal - (int(deleted.sum()) if deleted is not None else 0)
         short = np.flatnonzero((I >= 0).sum(1) < min(k, live))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -93,3 +94,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_in_thread(app, limit_s: float = 20.0):
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a daemon thread; yields the port.
+    Raises RuntimeError when it does not start within ``limit_s``."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + limit_s
+    while not srv.started:
+        if time.monotonic() > deadline or not t.is_alive():
+            srv.should_exit = True
+            raise RuntimeError(f"the server did not start within {limit_s:g} s")
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        t.join(10)

@@ -7,8 +7,6 @@ Set ``DHF_UPDATE_SCREENSHOT=1`` to rewrite ``docs/serve-screenshot.png``.
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 
@@ -16,7 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import build_tiny_index, free_port, write_query  # noqa: E402
+from serve_helpers import build_tiny_index, server_in_thread, write_query  # noqa: E402
 
 CHROMIUM = os.environ.get("DHF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,24 +38,13 @@ def serve_index(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(serve_index):
     """A uvicorn server on 127.0.0.1 (free port) in a thread; yields its base URL."""
-    import uvicorn
-
     from deephash_faiss.serve import create_app
 
-    app = create_app(serve_index, device="cpu")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        if time.monotonic() > deadline or not t.is_alive():
-            pytest.fail("the server did not start within 20 s")
-        time.sleep(0.05)
-    yield base
-    srv.should_exit = True
-    t.join(10)
+    try:
+        with server_in_thread(create_app(serve_index, device="cpu")) as port:
+            yield f"http://127.0.0.1:{port}"
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")

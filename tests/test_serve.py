@@ -1043,46 +1043,36 @@ def test_refused_uploads_are_freed_without_waiting_for_the_garbage_collector(ser
     with the collector off: what the server allocated for 20 refused uploads and still holds."""
     import gc
     import http.client
-    import threading
     import tracemalloc
 
-    import uvicorn
-    from serve_helpers import free_port
+    from serve_helpers import server_in_thread
 
     from deephash_faiss.serve import create_app
 
     app = create_app(serve_index, searcher=searcher, max_upload_bytes=2_000_000)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     blob = os.urandom(1_000_000)  # not an image: 415 after decoding was tried
     body = (b"--XX\r\nContent-Disposition: form-data; name=\"image\"; filename=\"r.bin\"\r\n"
             b"Content-Type: application/octet-stream\r\n\r\n" + blob + b"\r\n--XX--\r\n")
 
-    def post() -> int:
+    def post(port: int) -> int:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         c.request("POST", "/search", body, {"Content-Type": "multipart/form-data; boundary=XX", "Host": "localhost"})
         status = c.getresponse().status
         c.close()
         return status
 
-    try:
-        assert post() == 415
-        gc.collect()
-        gc.disable()
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(20):
-            assert post() == 415
-        time.sleep(0.2)
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-        gc.enable()
-        srv.should_exit = True
-        t.join(10)
+    with server_in_thread(app) as port:
+        try:
+            assert post(port) == 415
+            gc.collect()
+            gc.disable()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(20):
+                assert post(port) == 415
+            time.sleep(0.2)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            gc.enable()
     assert held < 5 * len(blob), held  # 20 uploads kept would be >= 20 MB (each is held 2-3 times)
